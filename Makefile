@@ -1,0 +1,63 @@
+# Stages as files: make rebuilds only what changed. `make help` lists the targets.
+SHELL := bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+DATA ?= data/fashion-mnist-mini
+BACKBONE ?= efficientnet_lite0
+WEIGHTS ?= default
+IMAGE_SIZE ?=
+CACHE_DIR ?= cache
+RESULTS ?= results
+
+RUN := $(RESULTS)/$(notdir $(patsubst %/,%,$(DATA)))/$(subst /,_,$(BACKBONE))
+FEATURES := $(RUN)/features.json
+DATA_FILES := $(shell find $(DATA) -type f 2>/dev/null)
+EXTRACT_ARGS := --backbone $(BACKBONE) --weights $(WEIGHTS) --cache-dir $(CACHE_DIR) \
+	$(if $(IMAGE_SIZE),--image-size $(IMAGE_SIZE))
+
+.PHONY: help install demo features test lint bench demo-data clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 14
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# The CUDA build of torch that pip takes from this machine's disk; see README.
+	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+install: $(BIN)/.installed ## create .venv and install the package with its test tools
+
+features: $(FEATURES) ## stage 1: bottleneck features of DATA with BACKBONE, cached in CACHE_DIR
+
+$(FEATURES): $(BIN)/.installed $(DATA_FILES)
+	@mkdir -p $(@D)
+	$(BIN)/pipeline extract $(DATA) $(EXTRACT_ARGS) --write-json $@
+
+demo: $(FEATURES) ## run every stage on the bundled demo data and say where the results are
+	@echo
+	@echo "features: $$($(BIN)/python -c 'import json,sys; print(json.load(open(sys.argv[1]))["cache_path"])' $(FEATURES))"
+	@echo "summary:  $(FEATURES)"
+	@echo "inspect:  $(BIN)/pipeline cache info <key prefix> --cache-dir $(CACHE_DIR)"
+
+test: $(BIN)/.installed ## run the test suite (installs first if needed)
+	$(BIN)/ruff check pipeline tests scripts
+	$(BIN)/pytest -q
+
+lint: $(BIN)/.installed ## ruff over the code
+	$(BIN)/ruff check pipeline tests scripts
+
+bench: $(BIN)/.installed ## extraction throughput against forward-only, cache-hit time, memory
+	$(BIN)/python -m pipeline.bench --data $(DATA) --out bench
+
+demo-data: ## regenerate data/fashion-mnist-mini from Debian's dataset-fashion-mnist
+	$(PYTHON) scripts/make_demo_data.py
+
+clean: ## remove caches and results (not the venv)
+	rm -rf $(CACHE_DIR) $(RESULTS) bench

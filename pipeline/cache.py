@@ -1,0 +1,260 @@
+"""The HDF5 feature store: one file per cache key, written atomically, resumable.
+
+Layout of ``<backbone>-<key>.h5`` (readable with h5py, ``h5ls``, ``h5dump``)::
+
+    /features         (N, D) float32|float16, chunked by rows; NaN rows for unreadable images
+    /valid            (N,)   bool, False where the image could not be read
+    /labels           (N,)   int64 index into /classes
+    /paths            (N,)   str, relative to the data root
+    /split            (N,)   str, train | val | test
+    /classes          (C,)   str
+    /failed_index     (M,)   int64 rows that could not be read
+    /failed_reason    (M,)   str, why
+    attrs: format, format_version, key, spec (JSON of the whole key), complete, rows_done,
+           data_root, versions (JSON), timings (JSON), created
+
+Until it is complete the file is named ``<name>.partial``; only a finished file is renamed
+(``os.replace``) to its final name, so an interrupted run never passes for a complete cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from pipeline.errors import CacheError
+
+FORMAT = "pipeline-features"
+FORMAT_VERSION = 1
+SUFFIX = ".h5"
+PARTIAL = ".partial"
+_CHUNK_BYTES = 1 << 20  # HDF5 chunks of at most 1 MiB (h5py's guidance: 10 KiB to 1 MiB)
+_STR = h5py.string_dtype()
+
+
+def cache_key(spec: dict) -> str:
+    """A stable hash of a key spec: same spec, same key; any change, another key."""
+    canonical = json.dumps(spec, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:20]
+
+
+def cache_path(cache_dir: str | os.PathLike, backbone: str, key: str) -> Path:
+    safe = backbone.replace("/", "_")
+    return Path(cache_dir) / f"{safe}-{key}{SUFFIX}"
+
+
+@dataclass
+class FeatureSplit:
+    """Features of one split, as one contiguous float32 array, with their labels and paths."""
+
+    X: np.ndarray
+    y: np.ndarray
+    paths: list[str]
+
+
+class FeatureWriter:
+    """Streams feature rows into the partial file of a cache key, resuming where it stopped.
+
+    Rows are written in data-set order; after each block the file is flushed and only then is
+    ``rows_done`` advanced, so a kill at any moment leaves a file whose ``rows_done`` rows are
+    all on disk.
+    """
+
+    def __init__(self, final: Path, spec: dict, key: str, dim: int, dtype: str, meta: dict):
+        self.final = final
+        self.partial = final.with_name(final.name + PARTIAL)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        self.file = self._open_partial(spec, key) or self._create(spec, key, dim, dtype, meta)
+        self.rows_done = int(self.file.attrs["rows_done"])
+
+    def _open_partial(self, spec: dict, key: str) -> h5py.File | None:
+        if not self.partial.exists():
+            return None
+        try:
+            f = h5py.File(self.partial, "r+")
+        except BlockingIOError:
+            raise CacheError(f"{self.partial} is being written by another run; wait for it "
+                             "or remove the file") from None
+        except OSError:
+            # Killed while HDF5 was writing its own metadata: nothing in it can be trusted.
+            self.partial.unlink()
+            return None
+        if f.attrs.get("key") != key or f.attrs.get("format_version") != FORMAT_VERSION:
+            f.close()
+            self.partial.unlink()
+            return None
+        return f
+
+    def _create(self, spec: dict, key: str, dim: int, dtype: str, meta: dict) -> h5py.File:
+        n = len(meta["paths"])
+        f = h5py.File(self.partial, "w")
+        f.attrs.update({
+            "format": FORMAT, "format_version": FORMAT_VERSION, "key": key,
+            "spec": json.dumps(spec, sort_keys=True), "complete": False, "rows_done": 0,
+            "data_root": meta["data_root"], "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        })
+        rows = max(1, min(n, _CHUNK_BYTES // (dim * np.dtype(dtype).itemsize)))
+        f.create_dataset("features", shape=(n, dim), maxshape=(None, dim), dtype=dtype,
+                         chunks=(rows, dim), fillvalue=np.nan)
+        f.create_dataset("valid", shape=(n,), maxshape=(None,), dtype=bool, fillvalue=False)
+        f.create_dataset("labels", data=meta["labels"].astype(np.int64), maxshape=(None,))
+        f.create_dataset("paths", data=np.array(meta["paths"], dtype=object), dtype=_STR,
+                         maxshape=(None,))
+        f.create_dataset("split", data=np.array(meta["split"], dtype=object), dtype=_STR,
+                         maxshape=(None,))
+        f.create_dataset("classes", data=np.array(meta["classes"], dtype=object), dtype=_STR)
+        f.create_dataset("failed_index", shape=(0,), maxshape=(None,), dtype=np.int64)
+        f.create_dataset("failed_reason", shape=(0,), maxshape=(None,), dtype=_STR)
+        f.flush()
+        return f
+
+    def write(self, start: int, features: np.ndarray, valid: np.ndarray,
+              failures: list[tuple[int, str]]) -> None:
+        """Write rows ``start:start+len(features)`` and make them durable."""
+        if start != self.rows_done:
+            raise ValueError(f"rows must arrive in order: expected {self.rows_done}, got {start}")
+        stop = start + len(features)
+        self.file["features"][start:stop] = features
+        self.file["valid"][start:stop] = valid
+        if failures:
+            for name, values in (("failed_index", [i for i, _ in failures]),
+                                 ("failed_reason", [r for _, r in failures])):
+                ds = self.file[name]
+                ds.resize((len(ds) + len(values),))
+                ds[-len(values):] = values
+        self.file.flush()
+        self.file.attrs["rows_done"] = stop
+        self.file.flush()
+        self.rows_done = stop
+
+    def failures(self) -> list[tuple[str, str]]:
+        return _failures(self.file)
+
+    def finish(self, attrs: dict) -> Path:
+        """Mark the file complete and give it its final name."""
+        if self.rows_done != len(self.file["features"]):
+            raise ValueError("finish() before every row was written")
+        self.file.attrs.update({k: json.dumps(v) for k, v in attrs.items()})
+        self.file.attrs["complete"] = True
+        self.file.close()
+        os.replace(self.partial, self.final)
+        return self.final
+
+    def close(self) -> None:
+        if self.file.id.valid:
+            self.file.close()
+
+
+def open_cache(path: str | os.PathLike) -> h5py.File:
+    """Open a complete cache file of ours for reading, or say clearly why it cannot be used."""
+    path = Path(path)
+    if path.name.endswith(PARTIAL):
+        raise CacheError(f"{path} is an interrupted extraction; run the same extract command "
+                         "again to finish it")
+    if not path.is_file():
+        raise CacheError(f"{path}: no such cache file")
+    try:
+        f = h5py.File(path, "r")
+    except OSError:
+        raise CacheError(f"{path} is not an HDF5 file") from None
+    if f.attrs.get("format") != FORMAT:
+        f.close()
+        raise CacheError(f"{path} is not a feature cache written by pipeline")
+    if not f.attrs.get("complete"):
+        f.close()
+        raise CacheError(f"{path} is incomplete; run the extract command again to finish it")
+    return f
+
+
+def _failures(f: h5py.File) -> list[tuple[str, str]]:
+    paths = f["paths"].asstr()
+    return [(paths[int(i)], r) for i, r in zip(f["failed_index"][:], f["failed_reason"].asstr()[:])]
+
+
+def stored_summary(path: Path) -> tuple[int, int, list[tuple[str, str]]]:
+    """Images, feature dimension and failures of a complete cache, from one open."""
+    with open_cache(path) as f:
+        return len(f["valid"]), int(f["features"].shape[1]), _failures(f)
+
+
+def read_split(path: str | os.PathLike, split: str) -> FeatureSplit:
+    """The readable images of one split, straight from HDF5 into one float32 array."""
+    with open_cache(path) as f:
+        keep = (f["split"].asstr()[:] == split) & f["valid"][:]
+        rows = np.flatnonzero(keep)
+        X = np.empty((len(rows), f["features"].shape[1]), dtype=np.float32)
+        if len(rows):
+            # One contiguous read, cast into the preallocated array: no intermediate copy of N x D.
+            lo, hi = rows[0], rows[-1] + 1
+            if hi - lo == len(rows):
+                f["features"].read_direct(X, np.s_[lo:hi])
+            else:
+                X[:] = f["features"][rows]
+        paths = f["paths"].asstr()[:][rows].tolist()
+        return FeatureSplit(X, f["labels"][:][rows], paths)
+
+
+def cache_info(path: str | os.PathLike) -> dict:
+    """What a cache holds: its key spec, sizes, failures and timings."""
+    with open_cache(path) as f:
+        split = f["split"].asstr()[:]
+        valid = f["valid"][:]
+        return {
+            "path": str(path),
+            "key": f.attrs["key"],
+            "images": int(len(valid)),
+            "failed": int((~valid).sum()),
+            "dim": int(f["features"].shape[1]),
+            "dtype": str(f["features"].dtype),
+            "classes": f["classes"].asstr()[:].tolist(),
+            "splits": {s: int(((split == s) & valid).sum()) for s in ("train", "val", "test")},
+            "spec": json.loads(f.attrs["spec"]),
+            "data_root": f.attrs["data_root"],
+            "created": f.attrs["created"],
+            "timings": json.loads(f.attrs.get("timings", "{}")),
+            "versions": json.loads(f.attrs.get("versions", "{}")),
+            "bytes": Path(path).stat().st_size,
+        }
+
+
+def list_caches(cache_dir: str | os.PathLike) -> list[dict]:
+    """One row per cache file in ``cache_dir``, complete ones and interrupted ones."""
+    rows = []
+    for path in sorted(Path(cache_dir).glob(f"*{SUFFIX}*")):
+        if path.name.endswith(SUFFIX):
+            try:
+                info = cache_info(path)
+            except CacheError as err:
+                rows.append({"path": str(path), "status": str(err)})
+                continue
+            rows.append({"path": str(path), "status": "complete", "backbone":
+                         info["spec"]["backbone"], "images": info["images"], "dim": info["dim"],
+                         "bytes": info["bytes"], "created": info["created"]})
+        elif path.name.endswith(SUFFIX + PARTIAL):
+            rows.append({"path": str(path), "status": "partial", "bytes": path.stat().st_size})
+    return rows
+
+
+def find_cache(cache_dir: str | os.PathLike, name: str) -> Path:
+    """A cache file by path, file name, or (a prefix of) its key."""
+    as_path = Path(name)
+    if as_path.exists():
+        return as_path
+    matches = [p for p in Path(cache_dir).glob(f"*{SUFFIX}*") if name in p.name]
+    if len(matches) != 1:
+        what = "no cache" if not matches else f"{len(matches)} caches"
+        raise CacheError(f"{what} in {cache_dir} match {name!r}; `pipeline cache list` shows them")
+    return matches[0]
+
+
+def remove_cache(path: Path) -> None:
+    if not path.name.endswith((SUFFIX, SUFFIX + PARTIAL)):
+        raise CacheError(f"{path} is not a cache file")
+    path.unlink()

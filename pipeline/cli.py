@@ -1,0 +1,178 @@
+"""The ``pipeline`` command: one thin click command per stage over the library functions."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from pipeline import backbones, cache
+from pipeline.devices import DEVICES
+from pipeline.errors import PipelineError
+from pipeline.extract import DEFAULT_CACHE_DIR, DTYPES, extract_features
+
+
+class _Group(click.Group):
+    """Turns our own errors into one line and exit code 1; anything else is a bug and raises."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except PipelineError as err:
+            raise click.ClickException(str(err)) from None
+
+
+def _fractions(_ctx, _param, value: str) -> tuple[float, float, float]:
+    try:
+        parts = tuple(float(v) for v in value.split(","))
+    except ValueError:
+        parts = ()
+    if len(parts) != 3:
+        raise click.BadParameter("give three fractions, train,val,test, such as 0.8,0.1,0.1")
+    return parts
+
+
+def _emit_json(obj) -> None:
+    click.echo(json.dumps(obj, indent=None, default=str))
+
+
+cache_dir_option = click.option(
+    "--cache-dir", default=DEFAULT_CACHE_DIR, show_default=True, type=click.Path(),
+    help="Folder of the HDF5 feature caches (env PIPELINE_CACHE_DIR).")
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="pipeline")
+def main() -> None:
+    """Bottleneck features from pretrained CNNs, cached once, reused by every experiment."""
+
+
+@main.command()
+@click.argument("data", type=click.Path())
+@click.option("--backbone", default=backbones.DEFAULT_BACKBONE, show_default=True,
+              help="efficientnet_lite0, any torchvision model name, or timm/<arch>.")
+@click.option("--weights", default="default", show_default=True,
+              help="default, a weights enum name, a state-dict PATH, or none (random init).")
+@click.option("--layer", default=None, help="Graph node to take instead of the bottleneck.")
+@click.option("--pool", type=click.Choice(backbones.POOLS), default="avg", show_default=True)
+@click.option("--image-size", type=int, default=None,
+              help="Crop size instead of the weights' recipe (e.g. 96 for small images).")
+@click.option("--dtype", type=click.Choice(DTYPES), default="float32", show_default=True)
+@cache_dir_option
+@click.option("--batch-size", type=click.IntRange(min=1), default=None,
+              help="Images per forward pass [default: 8 on CPU, 64 on GPU].")
+@click.option("--workers", type=click.IntRange(min=0), default=None,
+              help="DataLoader processes [default: half the cores].")
+@click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
+@click.option("--strict", is_flag=True, help="Stop at the first unreadable image.")
+@click.option("--hash-contents", is_flag=True,
+              help="Fingerprint images by content hash, not size and mtime.")
+@click.option("--split", "split_fractions", default="0.8,0.1,0.1", show_default=True,
+              callback=_fractions, help="train,val,test fractions when the data has no splits.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object, nothing else.")
+@click.option("--write-json", type=click.Path(dir_okay=False), default=None,
+              help="Also write the JSON summary to this file.")
+def extract(data, as_json, write_json, **options) -> None:
+    """Extract bottleneck features of the images in DATA once and cache them in HDF5.
+
+    DATA is a folder root/<class>/<image>, a split folder root/{train,val,test}/<class>/<image>,
+    or a CSV manifest path,label[,split].
+    """
+    try:
+        result = extract_features(data, progress=False if as_json else None, **options)
+    except KeyboardInterrupt:
+        click.echo("interrupted: the features written so far are kept; run the same command "
+                   "again to resume", err=True)
+        sys.exit(130)
+    summary = result.to_json()
+    if write_json:
+        Path(write_json).parent.mkdir(parents=True, exist_ok=True)
+        Path(write_json).write_text(json.dumps(summary, indent=2) + "\n")
+    if as_json:
+        _emit_json(summary)
+        return
+    if result.hit:
+        click.echo(f"cache hit: {result.cache_path} ({result.images} images, {result.dim}-d); "
+                   "no model was run")
+    else:
+        rate = (result.images - result.resumed_from) / max(result.seconds, 1e-9)
+        resumed = f", resumed at {result.resumed_from}" if result.resumed_from else ""
+        click.echo(f"extracted {result.images} images ({result.dim}-d) in {result.seconds:.1f} s "
+                   f"({rate:.0f} img/s{resumed}) -> {result.cache_path}")
+    for path, reason in result.failures:
+        click.echo(f"skipped unreadable {path}: {reason}", err=True)
+    if result.failed:
+        click.echo(f"{result.failed} unreadable image(s) skipped and listed in the cache",
+                   err=True)
+
+
+@main.group(name="cache", cls=_Group)
+def cache_group() -> None:
+    """List, inspect and remove feature caches."""
+
+
+@cache_group.command(name="list")
+@cache_dir_option
+@click.option("--json", "as_json", is_flag=True)
+def cache_list(cache_dir, as_json) -> None:
+    """One line per cache file."""
+    rows = cache.list_caches(cache_dir)
+    if as_json:
+        _emit_json(rows)
+        return
+    if not rows:
+        click.echo(f"no caches in {cache_dir}")
+    for row in rows:
+        if row["status"] == "complete":
+            click.echo(f"{row['path']}  {row['backbone']}  {row['images']} images  "
+                       f"{row['dim']}-d  {row['bytes'] / 1e6:.1f} MB  {row['created']}")
+        else:
+            click.echo(f"{row['path']}  {row['status']}")
+
+
+@cache_group.command(name="info")
+@click.argument("name")
+@cache_dir_option
+@click.option("--json", "as_json", is_flag=True)
+def cache_info(name, cache_dir, as_json) -> None:
+    """Key spec, sizes and failures of one cache (NAME: a path, file name or key prefix)."""
+    info = cache.cache_info(cache.find_cache(cache_dir, name))
+    if as_json:
+        _emit_json(info)
+        return
+    for field in ("path", "key", "images", "failed", "dim", "dtype", "splits", "classes",
+                  "data_root", "created", "timings", "versions"):
+        click.echo(f"{field:10s} {info[field]}")
+    click.echo("spec")
+    click.echo(json.dumps(info["spec"], indent=2, sort_keys=True))
+
+
+@cache_group.command(name="rm")
+@click.argument("names", nargs=-1, required=True)
+@cache_dir_option
+def cache_rm(names, cache_dir) -> None:
+    """Remove caches (NAMES: paths, file names or key prefixes)."""
+    for name in names:
+        path = cache.find_cache(cache_dir, name)
+        cache.remove_cache(path)
+        click.echo(f"removed {path}")
+
+
+@main.command(name="backbones")
+def list_backbones() -> None:
+    """Backbone names that --backbone accepts (plus timm/<arch>)."""
+    for name in backbones.list_backbones():
+        click.echo(name)
+
+
+@main.command()
+@click.argument("backbone")
+@click.option("--weights", default="none", show_default=True,
+              help="Weights to build the model with (names do not depend on them).")
+def layers(backbone, weights) -> None:
+    """Graph node names of BACKBONE that --layer accepts, in execution order."""
+    for name in backbones.layer_names(backbones.resolve_backbone(backbone, weights)):
+        click.echo(name)

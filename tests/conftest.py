@@ -1,0 +1,50 @@
+"""Fixtures: tiny image sets written to a temporary folder, and a tiny random backbone."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+# A random-init torchvision model at a tiny input size keeps the suite fast and offline.
+TINY = {"backbone": "resnet18", "weights": "none", "image_size": 32, "workers": 0}
+
+
+def write_image(path: Path, seed: int, size: tuple[int, int] = (40, 36)) -> Path:
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+def make_folder(root: Path, classes=("cat", "dog", "fox"), per_class: int = 10) -> Path:
+    """``root/<class>/<i>.png`` with distinct random pictures."""
+    for c, name in enumerate(classes):
+        for i in range(per_class):
+            write_image(root / name / f"{i:03d}.png", seed=100 * c + i)
+    return root
+
+
+def make_split_folder(root: Path, counts=None, classes=("cat", "dog")) -> Path:
+    """``root/{train,val,test}/<class>/<i>.png``."""
+    counts = counts or {"train": 6, "val": 2, "test": 3}
+    seed = 0
+    for split, n in counts.items():
+        for name in classes:
+            for i in range(n):
+                seed += 1
+                write_image(root / split / name / f"{i:03d}.png", seed=seed)
+    return root
+
+
+@pytest.fixture
+def image_folder(tmp_path: Path) -> Path:
+    return make_folder(tmp_path / "images")
+
+
+@pytest.fixture
+def split_folder(tmp_path: Path) -> Path:
+    return make_split_folder(tmp_path / "split")
