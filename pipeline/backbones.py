@@ -56,15 +56,22 @@ class Preprocessing:
 
 @dataclass(frozen=True)
 class Weights:
-    """Which weights a backbone carries; ``identity`` is "none" for random initialisation."""
+    """Which weights a backbone carries; ``identity`` is "none(seed=S)" for random init."""
 
     identity: str
     path: Path | None = None
     sha256: str | None = None
+    # Random init is seeded, so the "from scratch" baseline is reproducible and a resumed
+    # extraction continues with the very same network.
+    init_seed: int | None = None
 
     @property
     def pretrained(self) -> bool:
-        return self.identity != "none"
+        return self.init_seed is None
+
+
+def random_init(seed: int) -> Weights:
+    return Weights(f"none(seed={seed})", init_seed=seed)
 
 
 @dataclass(frozen=True)
@@ -94,7 +101,11 @@ class BackboneSpec:
 
     def build_classifier(self) -> nn.Module:
         """The whole network, with its weights, in eval mode."""
-        return self._build(self).eval()
+        if self.weights.pretrained:
+            return self._build(self).eval()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.weights.init_seed)
+            return self._build(self).eval()
 
     def build(self) -> FeatureModel:
         """The network cut at the bottleneck (or ``layer``), in eval mode."""
@@ -139,6 +150,7 @@ def resolve_backbone(
     layer: str | None = None,
     pool: str = "avg",
     image_size: int | None = None,
+    seed: int = 0,
 ) -> BackboneSpec:
     """Find a backbone by name and the weights, preprocessing and layer it will use.
 
@@ -156,6 +168,8 @@ def resolve_backbone(
         ``avg`` or ``max`` over the spatial positions of a 4-D layer output.
     image_size
         Crop size to use instead of the recipe's (the resize keeps the recipe's ratio).
+    seed
+        Seed of the random initialisation when ``weights`` is ``none``.
     """
     if pool not in POOLS:
         raise BackboneError(f"pool must be one of {', '.join(POOLS)}, not {pool!r}")
@@ -167,6 +181,8 @@ def resolve_backbone(
         spec = _timm_spec(name, name[len(TIMM_PREFIX):], weights, None)
     else:
         spec = _torchvision_spec(name, weights)
+    if not spec.weights.pretrained:
+        spec = replace(spec, weights=random_init(seed))
     if image_size is not None:
         spec = replace(spec, preprocessing=spec.preprocessing.with_image_size(image_size))
     return replace(spec, layer=layer, pool=pool)
@@ -206,7 +222,7 @@ def _torchvision_spec(name: str, weights: str) -> BackboneSpec:
 
 def _torchvision_weights(name: str, chosen, requested: str) -> Weights:
     if requested == "none":
-        return Weights("none")
+        return random_init(0)
     if Path(requested).suffix or "/" in requested:
         return _weights_file(requested, f"file:{Path(requested).name}")
     cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(chosen.url).name
@@ -233,7 +249,7 @@ def _build_torchvision(spec: BackboneSpec) -> nn.Module:
         _load_state_dict(model, _read_state_dict(spec.weights.path), spec.weights.path.name)
         return model
     if not spec.weights.pretrained:
-        return torchvision.models.get_model(spec.name, weights=None)
+        return torchvision.models.get_model(spec.name, weights=None)  # seeded by the caller
     # Through the enum, torchvision applies each family's key quirks (DenseNet's old names);
     # the file is already in the hub cache, so nothing is downloaded.
     return torchvision.models.get_model(spec.name, weights=spec.weights.identity)
@@ -249,7 +265,7 @@ def _timm_spec(name: str, arch: str, weights: str, default: Callable[[], Weights
         raise BackboneError(f"unknown timm architecture {arch!r}")
     cfg = timm.models.get_pretrained_cfg(arch)
     if weights == "none":
-        source = Weights("none")
+        source = random_init(0)
     elif weights == "default":
         if default is None:
             raise WeightsError(f"no offline weights are bundled for {name}: pass --weights PATH "
@@ -388,7 +404,8 @@ def _extractor(spec: BackboneSpec, model: nn.Module, node: str) -> nn.Module:
     else:
         create_feature_extractor = tv_fx.create_feature_extractor
     names = _graph_node_names(spec.family, model)
-    if node not in names:
+    # A module's name stands for its last node, as in torchvision's feature_extraction.
+    if node not in names and not any(n.startswith(node + ".") for n in names):
         raise BackboneError(f"{spec.name} has no layer {node!r}; `pipeline layers "
                             f"{spec.name}` lists them")
     return create_feature_extractor(model, return_nodes={node: "features"})

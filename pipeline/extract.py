@@ -95,7 +95,7 @@ def extract_features(
     hash_contents
         Fingerprint images by content hash instead of size and modification time.
     split_fractions, seed
-        The stratified split made when the data gives none.
+        The stratified split made when the data gives none; ``seed`` also seeds a random init.
     progress
         Show a progress bar; by default only when stderr is a terminal.
     on_batch
@@ -110,7 +110,7 @@ def extract_features(
     if dtype not in DTYPES:
         raise DataError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
     images = load_image_set(data, split_fractions, seed)
-    spec = resolve_backbone(backbone, weights, layer, pool, image_size)
+    spec = resolve_backbone(backbone, weights, layer, pool, image_size, seed)
     run_on = resolve_device(device)
     key_spec = feature_key_spec(spec, images, dtype, hash_contents, autocast_dtype(run_on))
     key = cache_key(key_spec)

@@ -1,0 +1,105 @@
+"""The HDF5 feature store: keys, layout, atomic completion, resume and the readers."""
+
+from __future__ import annotations
+
+import h5py
+import numpy as np
+import pytest
+
+from pipeline import cache
+from pipeline.errors import CacheError
+
+
+def _meta(n=5):
+    return {"paths": [f"c{i % 2}/{i}.png" for i in range(n)], "labels": np.arange(n) % 2,
+            "split": ["train", "train", "val", "test", "train"][:n], "classes": ["c0", "c1"],
+            "data_root": "/data"}
+
+
+def _writer(tmp_path, key="k1", dim=4, dtype="float32"):
+    final = cache.cache_path(tmp_path, "net", key)
+    return cache.FeatureWriter(final, {"backbone": "net"}, key, dim, dtype, _meta())
+
+
+def test_key_is_stable_and_sensitive_to_every_field():
+    spec = {"backbone": "a", "preprocessing": {"crop": 224}, "dataset": {"n": 3}}
+    assert cache.cache_key(spec) == cache.cache_key(dict(reversed(list(spec.items()))))
+    changed = {**spec, "preprocessing": {"crop": 225}}
+    assert cache.cache_key(changed) != cache.cache_key(spec)
+
+
+def test_writer_completes_atomically_and_readers_see_only_complete_files(tmp_path):
+    writer = _writer(tmp_path)
+    writer.write(0, np.ones((3, 4), np.float32), np.array([True, False, True]), [(1, "bad")])
+    assert not writer.final.exists() and writer.partial.exists()
+    with pytest.raises(CacheError, match="interrupted"):
+        cache.open_cache(writer.partial)
+    writer.write(3, np.full((2, 4), 2, np.float32), np.ones(2, bool), [])
+    path = writer.finish({"timings": {"seconds": 1.0}})
+    assert path.exists() and not writer.partial.exists()
+    with cache.open_cache(path) as f:
+        assert f.attrs["format"] == cache.FORMAT and f.attrs["complete"]
+        assert f["features"].chunks is not None and f["features"].maxshape == (None, 4)
+        assert f["classes"].asstr()[:].tolist() == ["c0", "c1"]
+    assert cache.stored_summary(path) == (5, 4, [("c1/1.png", "bad")])
+
+
+def test_resume_continues_after_the_rows_done(tmp_path):
+    first = _writer(tmp_path)
+    first.write(0, np.ones((2, 4), np.float32), np.ones(2, bool), [])
+    first.close()
+    again = _writer(tmp_path)
+    assert again.rows_done == 2
+    with pytest.raises(ValueError, match="in order"):
+        again.write(4, np.ones((1, 4), np.float32), np.ones(1, bool), [])
+    again.write(2, np.zeros((3, 4), np.float32), np.ones(3, bool), [])
+    path = again.finish({})
+    with h5py.File(path) as f:
+        assert f["features"][:, 0].tolist() == [1, 1, 0, 0, 0]
+
+
+def test_a_partial_file_of_another_key_or_corrupt_is_started_over(tmp_path):
+    w = _writer(tmp_path, key="k1")
+    w.write(0, np.ones((2, 4), np.float32), np.ones(2, bool), [])
+    w.close()
+    w.partial.write_bytes(b"garbage from a kill mid-write")
+    assert _writer(tmp_path, key="k1").rows_done == 0
+
+
+def test_read_split_returns_float32_rows_of_that_split_that_were_readable(tmp_path):
+    w = _writer(tmp_path, dtype="float16")
+    feats = np.arange(20, dtype=np.float32).reshape(5, 4)
+    w.write(0, feats, np.array([True, False, True, True, True]), [(1, "bad")])
+    path = w.finish({})
+    train = cache.read_split(path, "train")
+    assert train.X.dtype == np.float32 and train.X.flags.c_contiguous
+    np.testing.assert_array_equal(train.X, feats[[0, 4]])  # row 1 is unreadable
+    assert train.paths == ["c0/0.png", "c0/4.png"] and train.y.tolist() == [0, 0]
+    assert cache.read_split(path, "val").X.shape == (1, 4)
+
+
+def test_foreign_and_missing_files_are_refused(tmp_path):
+    with pytest.raises(CacheError, match="no such"):
+        cache.open_cache(tmp_path / "none.h5")
+    (tmp_path / "text.h5").write_text("hello")
+    with pytest.raises(CacheError, match="not an HDF5"):
+        cache.open_cache(tmp_path / "text.h5")
+    with h5py.File(tmp_path / "other.h5", "w") as f:
+        f["x"] = [1]
+    with pytest.raises(CacheError, match="not a feature cache"):
+        cache.open_cache(tmp_path / "other.h5")
+
+
+def test_list_find_and_remove(tmp_path):
+    done = _writer(tmp_path, key="aaaa1111")
+    done.write(0, np.ones((5, 4), np.float32), np.ones(5, bool), [])
+    path = done.finish({})
+    half = _writer(tmp_path, key="bbbb2222")
+    half.close()
+    rows = {r["path"]: r["status"] for r in cache.list_caches(tmp_path)}
+    assert rows == {str(path): "complete", str(half.partial): "partial"}
+    assert cache.find_cache(tmp_path, "aaaa") == path
+    with pytest.raises(CacheError, match="no cache"):
+        cache.find_cache(tmp_path, "zzzz")
+    cache.remove_cache(path)
+    assert not path.exists()

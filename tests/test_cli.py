@@ -1,0 +1,80 @@
+"""CLI wiring: JSON output, exit codes, one-line errors, cache management."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from click.testing import CliRunner
+
+from pipeline.cli import main
+from tests.conftest import make_folder
+
+TINY_ARGS = ["--backbone", "resnet18", "--weights", "none", "--image-size", "32",
+             "--workers", "0"]
+
+
+def _run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def test_extract_json_then_hit(tmp_path, image_folder):
+    args = ["extract", image_folder, *TINY_ARGS, "--cache-dir", tmp_path / "c", "--json"]
+    first = _run(*args)
+    assert first.exit_code == 0, first.output
+    out = json.loads(first.stdout)
+    assert out["hit"] is False and out["images"] == 30 and out["failed"] == 0
+    assert out["dim"] == 512 and out["seconds"] > 0 and out["cache_path"].endswith(".h5")
+    second = json.loads(_run(*args).stdout)
+    assert second["hit"] is True and second["cache_path"] == out["cache_path"]
+
+
+def test_extract_summary_and_write_json(tmp_path, image_folder):
+    summary = tmp_path / "r" / "features.json"
+    result = _run("extract", image_folder, *TINY_ARGS, "--cache-dir", tmp_path / "c",
+                  "--write-json", summary)
+    assert result.exit_code == 0 and "extracted 30 images (512-d)" in result.output
+    assert json.loads(summary.read_text())["images"] == 30
+    again = _run("extract", image_folder, *TINY_ARGS, "--cache-dir", tmp_path / "c")
+    assert again.output.startswith("cache hit:") and "no model was run" in again.output
+
+
+def _assert_one_line_error(result, text):
+    assert result.exit_code == 1
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error:") and text in lines[0], result.output
+    assert "Traceback" not in result.output
+
+
+def test_user_errors_are_one_line(tmp_path):
+    _assert_one_line_error(_run("extract", tmp_path / "nowhere", *TINY_ARGS), "no such file")
+    single = make_folder(tmp_path / "single", classes=("only",), per_class=3)
+    _assert_one_line_error(_run("extract", single, *TINY_ARGS), "single class")
+    (tmp_path / "empty").mkdir()
+    _assert_one_line_error(_run("extract", tmp_path / "empty", *TINY_ARGS), "no images")
+    images = make_folder(tmp_path / "ok", per_class=10)
+    _assert_one_line_error(_run("extract", images, "--backbone", "nonet"), "unknown backbone")
+    (images / "m.csv").write_text("path,label\n../../x.png,a\n")
+    _assert_one_line_error(_run("extract", images / "m.csv", *TINY_ARGS), "outside")
+    _assert_one_line_error(_run("cache", "info", "zzz", "--cache-dir", tmp_path), "no cache")
+
+
+def test_cache_list_info_rm(tmp_path, image_folder):
+    cache_dir = tmp_path / "c"
+    out = json.loads(_run("extract", image_folder, *TINY_ARGS, "--cache-dir", cache_dir,
+                          "--json").stdout)
+    listed = json.loads(_run("cache", "list", "--cache-dir", cache_dir, "--json").stdout)
+    assert [r["path"] for r in listed] == [out["cache_path"]]
+    info = json.loads(_run("cache", "info", out["key"][:8], "--cache-dir", cache_dir,
+                           "--json").stdout)
+    assert info["spec"]["backbone"] == "resnet18" and info["spec"]["weights"] == "none(seed=0)"
+    assert info["splits"] == {"train": 24, "val": 3, "test": 3}
+    removed = _run("cache", "rm", out["key"][:8], "--cache-dir", cache_dir)
+    assert removed.exit_code == 0 and not list(cache_dir.iterdir())
+
+
+def test_python_dash_m_runs_the_cli():
+    done = subprocess.run([sys.executable, "-m", "pipeline", "--help"], capture_output=True,
+                          text=True)
+    assert done.returncode == 0 and "extract" in done.stdout

@@ -1,0 +1,169 @@
+"""Stage 1 end to end: cache hits, keys that follow every input, bad images, resume."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import h5py
+import numpy as np
+import pytest
+
+from pipeline.backbones import BackboneSpec
+from pipeline.errors import DataError
+from pipeline.extract import extract_features
+from tests.conftest import TINY, make_folder, write_image
+
+
+def _extract(data, cache_dir, **kw):
+    return extract_features(data, cache_dir=cache_dir, **{**TINY, **kw})
+
+
+def _arrays(path):
+    with h5py.File(path) as f:
+        return {name: f[name][:] for name in ("features", "valid", "labels", "paths", "split")}
+
+
+def test_second_run_is_a_hit_and_runs_no_model(tmp_path, image_folder, monkeypatch):
+    first = _extract(image_folder, tmp_path / "c")
+    assert not first.hit and first.images == 30 and first.dim == 512 and first.failed == 0
+    monkeypatch.setattr(BackboneSpec, "build", lambda self: pytest.fail("model built on a hit"))
+    second = _extract(image_folder, tmp_path / "c")
+    assert second.hit and second.cache_path == first.cache_path and second.dim == 512
+
+
+def test_stored_split_and_labels_match_the_data(tmp_path, split_folder):
+    result = _extract(split_folder, tmp_path / "c")
+    stored = _arrays(result.cache_path)
+    paths = [p.decode() for p in stored["paths"]]
+    assert paths[0] == "train/cat/000.png"
+    assert [s.decode() for s in stored["split"]].count("val") == 4
+    assert stored["labels"][paths.index("test/dog/002.png")] == 1
+
+
+@pytest.mark.parametrize("change", ["add", "remove", "modify", "image_size", "weights", "dtype",
+                                    "layer", "seed"])
+def test_any_change_of_the_inputs_gives_a_new_key(tmp_path, image_folder, change):
+    base = _extract(image_folder, tmp_path / "c")
+    kw = {}
+    if change == "add":
+        write_image(image_folder / "cat" / "new.png", 777)
+    elif change == "remove":
+        (image_folder / "dog" / "003.png").unlink()
+    elif change == "modify":
+        write_image(image_folder / "fox" / "001.png", 888)
+    elif change == "image_size":
+        kw["image_size"] = 48
+    elif change == "weights":
+        import torch
+
+        torch.save(_random_resnet_state(), tmp_path / "w.pth")
+        kw["weights"] = str(tmp_path / "w.pth")
+    elif change == "dtype":
+        kw["dtype"] = "float16"
+    elif change == "layer":
+        kw["layer"] = "layer3"
+    elif change == "seed":
+        kw["seed"] = 1
+    again = _extract(image_folder, tmp_path / "c", **kw)
+    assert not again.hit and again.key != base.key
+
+
+def _random_resnet_state():
+    from pipeline.backbones import resolve_backbone
+
+    return resolve_backbone("resnet18", "none").build_classifier().state_dict()
+
+
+def test_unreadable_images_are_skipped_listed_and_nan(tmp_path, image_folder):
+    (image_folder / "cat" / "zero.png").write_bytes(b"")
+    (image_folder / "dog" / "text.png").write_text("not an image")
+    good = (image_folder / "fox" / "000.png").read_bytes()
+    (image_folder / "fox" / "cut.png").write_bytes(good[: len(good) // 2])
+    result = _extract(image_folder, tmp_path / "c")
+    assert result.failed == 3
+    assert {p for p, _ in result.failures} == {"cat/zero.png", "dog/text.png", "fox/cut.png"}
+    stored = _arrays(result.cache_path)
+    bad = ~stored["valid"]
+    assert bad.sum() == 3 and np.isnan(stored["features"][bad]).all()
+    assert np.isfinite(stored["features"][~bad]).all()
+    assert _extract(image_folder, tmp_path / "c").failures == result.failures  # hit keeps them
+
+
+def test_strict_makes_an_unreadable_image_fatal(tmp_path, image_folder):
+    (image_folder / "cat" / "zero.png").write_bytes(b"")
+    with pytest.raises(DataError, match="zero.png"):
+        _extract(image_folder, tmp_path / "c", strict=True)
+
+
+def test_float16_storage(tmp_path, image_folder):
+    result = _extract(image_folder, tmp_path / "c", dtype="float16")
+    with h5py.File(result.cache_path) as f:
+        assert f["features"].dtype == np.float16
+
+
+def _assert_same_cache(resumed, whole):
+    a, b = _arrays(resumed), _arrays(whole)
+    for name in ("valid", "labels", "paths", "split"):
+        np.testing.assert_array_equal(a[name], b[name])
+    np.testing.assert_allclose(a["features"], b["features"], rtol=1e-5, atol=1e-6)
+
+
+def test_kill_9_mid_run_then_resume_equals_an_uninterrupted_run(tmp_path, image_folder):
+    cache_dir = tmp_path / "killed"
+    script = textwrap.dedent(f"""
+        import os, signal
+        from pipeline.extract import extract_features
+        def die(done, total):
+            if done >= 12:
+                os.kill(os.getpid(), signal.SIGKILL)
+        extract_features({str(image_folder)!r}, cache_dir={str(cache_dir)!r}, batch_size=4,
+                         on_batch=die, **{TINY!r})
+    """)
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": os.getcwd()})
+    assert run.returncode == -9, run.stderr
+    partials = list(cache_dir.glob("*.partial"))
+    assert len(partials) == 1 and not list(cache_dir.glob("*.h5"))
+    resumed = _extract(image_folder, cache_dir, batch_size=4)
+    assert resumed.resumed_from == 12 and not resumed.hit
+    whole = _extract(image_folder, tmp_path / "whole", batch_size=4)
+    _assert_same_cache(resumed.cache_path, whole.cache_path)
+
+
+def test_ctrl_c_keeps_progress_and_resume_equals_uninterrupted(tmp_path, image_folder):
+    def interrupt(done, total):
+        if done >= 8:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        _extract(image_folder, tmp_path / "c", batch_size=4, on_batch=interrupt)
+    resumed = _extract(image_folder, tmp_path / "c", batch_size=4)
+    assert resumed.resumed_from == 8
+    whole = _extract(image_folder, tmp_path / "whole", batch_size=4)
+    _assert_same_cache(resumed.cache_path, whole.cache_path)
+
+
+def test_peak_rows_in_memory_do_not_depend_on_the_data_size(tmp_path):
+    # Features stream to disk batch by batch: each write holds one batch, whatever N is.
+    sizes = []
+    for n in (4, 12):
+        root = make_folder(tmp_path / f"d{n}", classes=("a", "b"), per_class=n)
+        seen = []
+        import pipeline.cache as cache_module
+
+        original = cache_module.FeatureWriter.write
+
+        def spy(self, start, features, valid, failures, seen=seen, original=original):
+            seen.append(len(features))
+            return original(self, start, features, valid, failures)
+
+        cache_module.FeatureWriter.write = spy
+        try:
+            _extract(root, tmp_path / "c", batch_size=4, split_fractions=(1.0, 0.0, 0.0))
+        finally:
+            cache_module.FeatureWriter.write = original
+        sizes.append(max(seen))
+    assert sizes == [4, 4]
