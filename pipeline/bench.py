@@ -22,6 +22,7 @@ from PIL import Image
 from pipeline.backbones import DEFAULT_BACKBONE, resolve_backbone
 from pipeline.data import ImageFiles, load_image_set
 from pipeline.devices import default_batch_size, resolve_device
+from pipeline.extract import extract_features, prepare_model
 
 FORWARD_SECONDS = 8.0
 _CHILD = """
@@ -64,7 +65,7 @@ def forward_only(data: Path, backbone: str) -> float:
     """Images per second of the model alone, on preprocessed tensors already in memory."""
     spec = resolve_backbone(backbone)
     device = resolve_device("auto")
-    model = spec.build().to(device, memory_format=torch.channels_last)
+    model = prepare_model(spec, device)
     bs = default_batch_size(device)
     images = load_image_set(data)
     crop = spec.preprocessing.crop
@@ -89,8 +90,6 @@ def bench_set(name: str, data: Path, out: Path, backbone: str) -> dict:
     before = forward_only(data, backbone)
     miss = extract_in_child(data, cache_dir, backbone)
     forward = (before + forward_only(data, backbone)) / 2
-    from pipeline.extract import extract_features
-
     hit = extract_features(data, backbone=backbone, cache_dir=cache_dir, progress=False)
     started = time.perf_counter()
     subprocess.run([sys.executable, "-m", "pipeline", "extract", str(data), "--backbone",

@@ -11,7 +11,8 @@ Layout of ``<backbone>-<key>.h5`` (readable with h5py, ``h5ls``, ``h5dump``)::
     /failed_index     (M,)   int64 rows that could not be read
     /failed_reason    (M,)   str, why
     attrs: format, format_version, key, spec (JSON of the whole key), complete, rows_done,
-           data_root, versions (JSON), timings (JSON), created
+           data_root, request (JSON: the backbone arguments), versions (JSON), timings (JSON),
+           created
 
 Until it is complete the file is named ``<name>.partial``; only a finished file is renamed
 (``os.replace``) to its final name, so an interrupted run never passes for a complete cache.
@@ -99,6 +100,7 @@ class FeatureWriter:
             "format": FORMAT, "format_version": FORMAT_VERSION, "key": key,
             "spec": json.dumps(spec, sort_keys=True), "complete": False, "rows_done": 0,
             "data_root": meta["data_root"], "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "request": json.dumps(meta.get("request", {}), sort_keys=True),
         })
         rows = max(1, min(n, _CHUNK_BYTES // (dim * np.dtype(dtype).itemsize)))
         f.create_dataset("features", shape=(n, dim), maxshape=(None, dim), dtype=dtype,
@@ -217,6 +219,7 @@ def cache_info(path: str | os.PathLike) -> dict:
             "splits": {s: int(((split == s) & valid).sum()) for s in ("train", "val", "test")},
             "spec": json.loads(f.attrs["spec"]),
             "data_root": f.attrs["data_root"],
+            "request": json.loads(f.attrs.get("request", "{}")),
             "created": f.attrs["created"],
             "timings": json.loads(f.attrs.get("timings", "{}")),
             "versions": json.loads(f.attrs.get("versions", "{}")),

@@ -93,7 +93,7 @@ def load_image_set(
     return ImageSet(root.resolve(), paths, labels, classes, splits.astype(str), split_source)
 
 
-def _is_image(name: str) -> bool:
+def is_image_file(name: str) -> bool:
     return not name.startswith(".") and name.lower().endswith(IMG_EXTENSIONS)
 
 
@@ -102,7 +102,7 @@ def _class_images(class_dir: Path, root: Path) -> list[str]:
     for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=True):
         dirnames.sort()
         base = Path(dirpath).relative_to(root)
-        found += [(base / f).as_posix() for f in sorted(filenames) if _is_image(f)]
+        found += [(base / f).as_posix() for f in sorted(filenames) if is_image_file(f)]
     return found
 
 

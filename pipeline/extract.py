@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from importlib.metadata import version
 from pathlib import Path
@@ -119,10 +119,13 @@ def extract_features(
         images_n, dim, failures = stored_summary(final)
         return ExtractResult(final, True, images_n, len(failures), dim,
                              time.perf_counter() - started, key, failures=failures)
-    model = _prepare(spec, run_on)
+    model = prepare_model(spec, run_on)
     dim = _feature_dim(model, spec, run_on)
     meta = {"paths": images.paths, "labels": images.labels, "split": images.splits,
-            "classes": images.classes, "data_root": str(images.root)}
+            "classes": images.classes, "data_root": str(images.root),
+            # The arguments that rebuild this backbone, for `pipeline predict` on new images.
+            "request": {"backbone": backbone, "weights": weights, "layer": layer, "pool": pool,
+                        "image_size": image_size, "seed": seed}}
     writer = FeatureWriter(final, key_spec, key, dim, dtype, meta)
     resumed_from = writer.rows_done
     try:
@@ -155,7 +158,8 @@ def feature_key_spec(spec: BackboneSpec, images: ImageSet, dtype: str, hash_cont
     }
 
 
-def _prepare(spec: BackboneSpec, device: torch.device) -> torch.nn.Module:
+def prepare_model(spec: BackboneSpec, device: torch.device) -> torch.nn.Module:
+    """The feature model on ``device``, ready for inference."""
     # channels_last weights are faster on GPUs and, measured here, on this CPU too.
     return spec.build().to(device, memory_format=torch.channels_last)
 
@@ -166,7 +170,7 @@ def _feature_dim(model: torch.nn.Module, spec: BackboneSpec, device: torch.devic
     return int(model(torch.zeros(1, 3, crop, crop, device=device)).shape[1])
 
 
-def _loader(images: ImageSet, spec: BackboneSpec, start: int, batch_size: int,
+def _loader(images: ImageSet, spec: BackboneSpec, start: int, batch_size: int | None,
             workers: int | None, device: torch.device) -> torch.utils.data.DataLoader:
     crop = spec.preprocessing.crop
     files = ImageFiles(images, spec.preprocessing.transform(), (3, crop, crop))
@@ -177,35 +181,55 @@ def _loader(images: ImageSet, spec: BackboneSpec, start: int, batch_size: int,
         pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None)
 
 
+@dataclass
+class FeatureBatch:
+    """Features of images ``start:start+len(features)``; NaN rows where ``valid`` is False."""
+
+    start: int
+    features: np.ndarray
+    valid: np.ndarray
+    failures: list[tuple[int, str]]  # (image index, why it could not be read)
+    forward_s: float
+
+
 @torch.inference_mode()
-def _run(model, spec, images, writer, device, batch_size, workers, strict, progress,
-         on_batch) -> float:
-    """Feed every not-yet-written image through the model; returns seconds spent in forward."""
-    start = writer.rows_done
+def feature_batches(model: torch.nn.Module, spec: BackboneSpec, images: ImageSet,
+                    device: torch.device, start: int = 0, batch_size: int | None = None,
+                    workers: int | None = None, progress: bool | None = None,
+                    desc: str = "extract") -> Iterator[FeatureBatch]:
+    """Decode, preprocess and run images ``start:`` through ``model``, batch by batch."""
     show = sys.stderr.isatty() if progress is None else progress
-    bar = tqdm(total=len(images), initial=start, unit="img", disable=not show,
-               desc=f"extract {spec.name}", dynamic_ncols=True)
-    forward_s = 0.0
-    with bar:
+    with tqdm(total=len(images), initial=start, unit="img", disable=not show,
+              desc=f"{desc} {spec.name}", dynamic_ncols=True) as bar:
         for x, index, errors in _loader(images, spec, start, batch_size, workers, device):
-            failures = [(int(i), e) for i, e in zip(index, errors) if e]
-            if strict and failures:
-                i, reason = failures[0]
-                raise DataError(f"{images.paths[i]}: unreadable image ({reason}); "
-                                "drop --strict to skip and list such files")
-            t = time.perf_counter()
+            started = time.perf_counter()
             x = x.to(device, non_blocking=True)
             if device.type == "cuda":
                 x = x.contiguous(memory_format=torch.channels_last)
             with autocast(device):
                 feats = model(x).float().cpu().numpy()
-            forward_s += time.perf_counter() - t
             valid = np.array([not e for e in errors])
             feats[~valid] = np.nan
-            writer.write(int(index[0]), feats, valid, failures)
+            failures = [(int(i), e) for i, e in zip(index, errors) if e]
+            yield FeatureBatch(int(index[0]), feats, valid, failures,
+                               time.perf_counter() - started)
             bar.update(len(index))
-            if on_batch is not None:
-                on_batch(writer.rows_done, len(images))
+
+
+def _run(model, spec, images, writer, device, batch_size, workers, strict, progress,
+         on_batch) -> float:
+    """Feed every not-yet-written image through the model; returns seconds spent in forward."""
+    forward_s = 0.0
+    for batch in feature_batches(model, spec, images, device, writer.rows_done, batch_size,
+                                 workers, progress):
+        if strict and batch.failures:
+            i, reason = batch.failures[0]
+            raise DataError(f"{images.paths[i]}: unreadable image ({reason}); "
+                            "drop --strict to skip and list such files")
+        writer.write(batch.start, batch.features, batch.valid, batch.failures)
+        forward_s += batch.forward_s
+        if on_batch is not None:
+            on_batch(writer.rows_done, len(images))
     return forward_s
 
 
