@@ -12,14 +12,20 @@ WEIGHTS ?= default
 IMAGE_SIZE ?=
 CACHE_DIR ?= cache
 RESULTS ?= results
+HEADS ?= logreg,mlp,linear
+SHOTS ?= 1,5,10,all
+DRAWS ?= 3
 
 RUN := $(RESULTS)/$(notdir $(patsubst %/,%,$(DATA)))/$(subst /,_,$(BACKBONE))
 FEATURES := $(RUN)/features.json
+HEADS_TABLE := $(RUN)/heads/results.md
+# The cache file that `make features` recorded in its JSON summary.
+CACHE_OF = $$($(BIN)/python -c 'import json,sys; print(json.load(open(sys.argv[1]))["cache_path"])' $(FEATURES))
 DATA_FILES := $(shell find $(DATA) -type f 2>/dev/null)
 EXTRACT_ARGS := --backbone $(BACKBONE) --weights $(WEIGHTS) --cache-dir $(CACHE_DIR) \
 	$(if $(IMAGE_SIZE),--image-size $(IMAGE_SIZE))
 
-.PHONY: help install demo features test lint bench demo-data clean
+.PHONY: help install demo features heads test lint bench demo-data clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 14
@@ -40,11 +46,20 @@ $(FEATURES): $(BIN)/.installed $(DATA_FILES)
 	@mkdir -p $(@D)
 	$(BIN)/pipeline extract $(DATA) $(EXTRACT_ARGS) --write-json $@
 
-demo: $(FEATURES) ## run every stage on the bundled demo data and say where the results are
+heads: $(HEADS_TABLE) ## stage 2: fit HEADS on the cached features and compare them
+
+$(HEADS_TABLE): $(FEATURES)
+	$(BIN)/pipeline heads "$(CACHE_OF)" --heads '$(HEADS)' --out $(@D) \
+		$(if $(SHOTS),--shots $(SHOTS) --draws $(DRAWS))
+
+demo: $(HEADS_TABLE) ## run every stage on the bundled demo data and say where the results are
 	@echo
-	@echo "features: $$($(BIN)/python -c 'import json,sys; print(json.load(open(sys.argv[1]))["cache_path"])' $(FEATURES))"
-	@echo "summary:  $(FEATURES)"
-	@echo "inspect:  $(BIN)/pipeline cache info <key prefix> --cache-dir $(CACHE_DIR)"
+	@cat $(HEADS_TABLE)
+	@echo
+	@echo "features: $(CACHE_OF)"
+	@echo "heads:    $(RUN)/heads/ (results.csv, per_class.csv, comparison.png,"
+	@echo "          confusion_matrix.png, shots.png, models/*.head)"
+	@echo "predict:  $(BIN)/pipeline predict $(RUN)/heads/models/<model>.head IMAGES..."
 
 test: $(BIN)/.installed ## run the test suite (installs first if needed)
 	$(BIN)/ruff check pipeline tests scripts

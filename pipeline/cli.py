@@ -8,10 +8,11 @@ from pathlib import Path
 
 import click
 
-from pipeline import backbones, cache
+from pipeline import backbones, cache, compare, report
 from pipeline.devices import DEVICES
 from pipeline.errors import PipelineError
 from pipeline.extract import DEFAULT_CACHE_DIR, DTYPES, extract_features
+from pipeline.predict import predict_images, write_predictions
 
 
 class _Group(click.Group):
@@ -107,6 +108,82 @@ def extract(data, as_json, write_json, **options) -> None:
     if result.failed:
         click.echo(f"{result.failed} unreadable image(s) skipped and listed in the cache",
                    err=True)
+
+
+def _shots(_ctx, _param, value: str | None) -> list:
+    if not value:
+        return []
+    try:
+        shots = [v if v == "all" else int(v) for v in value.split(",")]
+    except ValueError:
+        raise click.BadParameter("give shots as numbers or 'all', such as 1,2,5,10,all") from None
+    if any(s != "all" and s < 1 for s in shots):
+        raise click.BadParameter("shots must be at least 1")
+    return shots
+
+
+@main.command()
+@click.argument("caches", nargs=-1, required=True, type=click.Path())
+@click.option("--heads", "head_specs", default=",".join(compare.DEFAULT_HEADS), show_default=True,
+              help="Comma-separated heads: logreg, mlp, linear, or an import path with "
+                   "parameters (sklearn.svm.LinearSVC:C=0.1); separate several with ';'.")
+@click.option("--out", type=click.Path(file_okay=False), default="results/heads",
+              show_default=True, help="Folder of the tables, plots and saved heads.")
+@click.option("--shots", callback=_shots, default=None,
+              help="Examples per class for the data-efficiency curve, e.g. 1,2,5,10,all.")
+@click.option("--draws", type=click.IntRange(min=1), default=compare.DEFAULT_DRAWS,
+              show_default=True, help="Random draws per k.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the results as one JSON object.")
+def heads(caches, head_specs, out, shots, draws, seed, as_json) -> None:
+    """Fit heads on cached features (CACHES: one or more .h5 files) and compare them."""
+    result = compare.fit_heads(caches, _split_heads(head_specs), out, shots, draws, seed)
+    if as_json:
+        _emit_json(result.to_json())
+        return
+    click.echo(report.markdown_table(_display(result.rows)))
+    if result.shots:
+        click.echo(report.markdown_table(result.shots))
+    click.echo(f"tables, plots and saved heads in {out}/")
+
+
+def _split_heads(value: str) -> list[str]:
+    # Commas separate heads, except inside one head's parameters: use ';' between heads that
+    # carry parameters, e.g. "logreg;sklearn.svm.LinearSVC:C=0.1,max_iter=5000".
+    parts = value.split(";") if ";" in value or ":" in value else value.split(",")
+    return [p.strip() for p in parts if p.strip()]
+
+
+def _display(rows: list[dict]) -> list[dict]:
+    keep = ("backbone", "head", "chosen", "test_accuracy", "balanced_accuracy", "macro_f1",
+            "log_loss", "fit_s", "predict_s")
+    return [{k: r[k] for k in keep} for r in rows]
+
+
+@main.command()
+@click.argument("model", type=click.Path())
+@click.argument("inputs", nargs=-1, required=True, type=click.Path())
+@click.option("--top-k", type=click.IntRange(min=1), default=5, show_default=True)
+@click.option("--out", type=click.Path(dir_okay=False), default=None,
+              help="CSV file to write [default: print CSV to stdout].")
+@click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=None)
+@click.option("--workers", type=click.IntRange(min=0), default=None)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def predict(model, inputs, top_k, out, device, batch_size, workers, as_json) -> None:
+    """Classify images (INPUTS: files or folders) with a saved MODEL and its backbone."""
+    rows = predict_images(model, inputs, top_k, device, batch_size, workers,
+                          progress=False if as_json else None)
+    if as_json:
+        _emit_json({"model": str(model), "predictions": rows})
+        return
+    if not out:
+        write_predictions(rows, sys.stdout, top_k)
+        return
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "w", newline="") as fh:
+        write_predictions(rows, fh, top_k)
+    click.echo(f"{len(rows)} predictions -> {out}")
 
 
 @main.group(name="cache", cls=_Group)

@@ -78,3 +78,51 @@ def test_python_dash_m_runs_the_cli():
     done = subprocess.run([sys.executable, "-m", "pipeline", "--help"], capture_output=True,
                           text=True)
     assert done.returncode == 0 and "extract" in done.stdout
+
+
+def _cache(tmp_path, image_folder):
+    out = _run("extract", image_folder, *TINY_ARGS, "--cache-dir", tmp_path / "c", "--json")
+    return json.loads(out.stdout)["cache_path"]
+
+
+def test_heads_json_and_table(tmp_path, image_folder):
+    cache_path = _cache(tmp_path, image_folder)
+    result = _run("heads", cache_path, "--heads", "logreg", "--out", tmp_path / "h", "--json")
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)["results"]
+    assert rows[0]["head"] == "logreg" and 0 <= rows[0]["test_accuracy"] <= 1
+    table = _run("heads", cache_path, "--heads",
+                 "logreg;sklearn.neighbors.KNeighborsClassifier:n_neighbors=2,weights=distance",
+                 "--out", tmp_path / "h2")
+    assert table.exit_code == 0 and "| KNeighborsClassifier |" in table.output
+
+
+def test_predict_cli_csv_and_json(tmp_path, image_folder):
+    cache_path = _cache(tmp_path, image_folder)
+    rows = json.loads(_run("heads", cache_path, "--heads", "logreg", "--out", tmp_path / "h",
+                           "--json").stdout)["results"]
+    model = rows[0]["model"]
+    csv_out = _run("predict", model, image_folder / "cat", "--top-k", "2", "--workers", "0")
+    lines = csv_out.stdout.strip().splitlines()
+    assert csv_out.exit_code == 0 and len(lines) == 11
+    assert lines[0] == "path,prediction,probability,class1,p1,class2,p2,error"
+    as_json = json.loads(_run("predict", model, image_folder / "cat" / "000.png", "--json",
+                              "--workers", "0").stdout)
+    assert as_json["predictions"][0]["prediction"] in ("cat", "dog", "fox")
+
+
+def test_stage_two_user_errors_are_one_line_and_keep_results(tmp_path, image_folder):
+    cache_path = _cache(tmp_path, image_folder)
+    out = tmp_path / "h"
+    assert _run("heads", cache_path, "--heads", "logreg", "--out", out).exit_code == 0
+    before = (out / "results.csv").read_text()
+    _assert_one_line_error(_run("heads", cache_path, "--heads", "nohead", "--out", out),
+                           "nohead")
+    _assert_one_line_error(_run("heads", cache_path, "--heads", "mlp:depth=3", "--out", out),
+                           "depth")
+    _assert_one_line_error(_run("heads", tmp_path / "x.h5", "--out", out), "no such cache")
+    partial = tmp_path / "p.h5.partial"
+    partial.write_bytes(b"")
+    _assert_one_line_error(_run("heads", partial, "--out", out), "interrupted")
+    assert (out / "results.csv").read_text() == before
+    _assert_one_line_error(_run("predict", tmp_path / "none.head", image_folder), "no such")

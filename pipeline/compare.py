@@ -1,0 +1,276 @@
+"""Stage 2: fit heads on cached features, score them on the test split, compare in one table."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from sklearn.base import clone
+from sklearn.metrics import (
+    accuracy_score,
+    balanced_accuracy_score,
+    classification_report,
+    f1_score,
+    log_loss,
+)
+from sklearn.utils.validation import has_fit_parameter
+
+from pipeline import report
+from pipeline.cache import FeatureSplit, cache_info, read_split
+from pipeline.errors import DataError
+from pipeline.heads import head_name, make_head
+from pipeline.persistence import SUFFIX, save_head
+
+DEFAULT_HEADS = ("logreg", "mlp", "linear")
+DEFAULT_DRAWS = 5
+# Learned attributes that say which hyperparameters a head chose on the validation split.
+_CHOSEN = ("C_", "weight_decay_", "lr_", "best_epoch_")
+
+
+@dataclass
+class CacheData:
+    """The three splits of one feature cache, with what identifies it."""
+
+    path: Path
+    info: dict
+    train: FeatureSplit
+    val: FeatureSplit
+    test: FeatureSplit
+
+    @property
+    def backbone(self) -> str:
+        return self.info["spec"]["backbone"]
+
+    @property
+    def classes(self) -> list[str]:
+        return self.info["classes"]
+
+
+@dataclass
+class Comparison:
+    """Rows of the results table, the k-shot table, and the files written."""
+
+    rows: list[dict]
+    shots: list[dict] = field(default_factory=list)
+    files: dict[str, str] = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return {"results": self.rows, "shots": self.shots, "files": self.files}
+
+
+def load_cache_data(path: str | os.PathLike) -> CacheData:
+    """Read train/val/test of a cache and refuse splits that no head can be fitted on."""
+    info = cache_info(path)
+    splits = {s: read_split(path, s) for s in ("train", "val", "test")}
+    for name, split in splits.items():
+        if len(split.y) == 0:
+            raise DataError(f"{path}: the {name} split has no (readable) examples")
+    missing = sorted(set(range(len(info["classes"]))) - set(splits["train"].y.tolist()))
+    if missing:
+        names = ", ".join(info["classes"][i] for i in missing)
+        raise DataError(f"{path}: class(es) {names} have no training examples")
+    return CacheData(Path(path), info, **splits)
+
+
+def fit_heads(
+    caches: Sequence[str | os.PathLike],
+    heads: Sequence[str] = DEFAULT_HEADS,
+    out: str | os.PathLike = "results/heads",
+    shots: Sequence[int | str] = (),
+    draws: int = DEFAULT_DRAWS,
+    seed: int = 0,
+) -> Comparison:
+    """Fit each head on each cache with the same splits and seed; write tables and plots.
+
+    Parameters
+    ----------
+    caches
+        Feature caches (HDF5 files written by :func:`pipeline.extract_features`).
+    heads
+        Head specs for :func:`pipeline.heads.make_head`: ``logreg``, ``mlp``, ``linear``, or a
+        classifier's import path with parameters (``sklearn.svm.LinearSVC:C=0.1``).
+    out
+        Folder of ``results.csv|md``, ``per_class.csv``, ``confusion_matrix.png``,
+        ``comparison.png``, ``models/*.head`` and, with ``shots``, ``shots.csv|md|png``.
+    shots
+        Training examples per class for the data-efficiency curve (``"all"`` for the full set).
+    draws
+        Random draws of the k-shot training set per k.
+    seed
+        Seed of every head and every draw: the same seed gives the same table.
+    """
+    out = Path(out)
+    estimators = [(spec, make_head(spec)) for spec in heads]  # bad specs fail before any fit
+    data = [load_cache_data(path) for path in caches]
+    rows, per_class, best = [], [], None
+    for cache in data:
+        for spec, template in estimators:
+            estimator, row, y_pred = _fit_and_score(cache, spec, template, seed)
+            row["model"] = str(_save(out, cache, spec, estimator))
+            rows.append(row)
+            per_class += _per_class_rows(cache, row["head"], y_pred)
+            if best is None or row["test_accuracy"] > best[0]["test_accuracy"]:
+                best = (row, cache, y_pred)
+    result = Comparison(rows)
+    result.files = _write_results(out, rows, per_class, best)
+    if shots:
+        result.shots = data_efficiency(data, estimators, shots, draws, seed)
+        result.files.update(_write_shots(out, result.shots))
+    return result
+
+
+def _fit_and_score(cache: CacheData, spec: str, template, seed: int):
+    estimator = clone(template)
+    if "random_state" in estimator.get_params():
+        estimator.set_params(random_state=seed)
+    started = time.perf_counter()
+    _fit(estimator, cache.train, cache.val)
+    fit_s = time.perf_counter() - started
+    started = time.perf_counter()
+    proba = _proba(estimator, cache.test.X, len(cache.classes))
+    y_pred = proba.argmax(1) if proba is not None else estimator.predict(cache.test.X)
+    predict_s = time.perf_counter() - started
+    y = cache.test.y
+    row = {
+        "backbone": cache.backbone,
+        "head": head_name(spec),
+        "chosen": _chosen(estimator, spec),
+        "test_accuracy": accuracy_score(y, y_pred),
+        "balanced_accuracy": balanced_accuracy_score(y, y_pred),
+        "macro_f1": f1_score(y, y_pred, average="macro"),
+        "log_loss": (log_loss(y, proba, labels=np.arange(len(cache.classes)))
+                     if proba is not None else float("nan")),
+        "fit_s": fit_s,
+        "predict_s": predict_s,
+        "train_n": len(cache.train.y),
+        "test_n": len(y),
+    }
+    return estimator, row, y_pred
+
+
+def _fit(estimator, train: FeatureSplit, val: FeatureSplit) -> None:
+    # Our heads choose hyperparameters on the cache's own validation split; any other
+    # scikit-learn classifier is fitted on train with the parameters it was given.
+    if has_fit_parameter(estimator, "X_val"):
+        estimator.fit(train.X, train.y, X_val=val.X, y_val=val.y)
+    else:
+        estimator.fit(train.X, train.y)
+
+
+def _proba(estimator, X: np.ndarray, n_classes: int) -> np.ndarray | None:
+    """Class probabilities over *all* classes, or None for a head without them."""
+    if not hasattr(estimator, "predict_proba"):
+        return None
+    # Columns follow estimator.classes_; place them by label so they line up with the
+    # cache's classes whatever the estimator saw.
+    full = np.zeros((len(X), n_classes))
+    full[:, estimator.classes_.astype(int)] = estimator.predict_proba(X)
+    # float32 heads sum to 1 within 1e-7; log_loss checks sums in float64.
+    return full / full.sum(axis=1, keepdims=True)
+
+
+def _chosen(estimator, spec: str) -> str:
+    found = {a.rstrip("_"): getattr(estimator, a) for a in _CHOSEN if hasattr(estimator, a)}
+    if not found:
+        return spec.partition(":")[2]
+    return ",".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+                    for k, v in found.items())
+
+
+def _per_class_rows(cache: CacheData, head: str, y_pred: np.ndarray) -> list[dict]:
+    labels = np.arange(len(cache.classes))
+    table = classification_report(cache.test.y, y_pred, labels=labels,
+                                  target_names=cache.classes, output_dict=True,
+                                  zero_division=0)
+    return [{"backbone": cache.backbone, "head": head, "class": name,
+             "precision": table[name]["precision"], "recall": table[name]["recall"],
+             "f1": table[name]["f1-score"], "support": int(table[name]["support"])}
+            for name in cache.classes]
+
+
+def _save(out: Path, cache: CacheData, spec: str, estimator) -> Path:
+    meta = {"head": spec, "backbone": cache.backbone, "classes": cache.classes,
+            "dim": int(cache.train.X.shape[1]), "cache_key": cache.info["key"],
+            "spec": cache.info["spec"], "request": cache.info["request"]}
+    # The key keeps apart heads of one backbone on different caches (image size, data, ...).
+    name = f"{cache.backbone}-{cache.info['key'][:8]}-{head_name(spec)}".replace("/", "_")
+    return save_head(out / "models" / f"{name}{SUFFIX}", estimator, meta)
+
+
+def _write_results(out: Path, rows: list[dict], per_class: list[dict], best) -> dict:
+    csv, md = report.write_table(rows, out / "results")
+    files = {"results_csv": str(csv), "results_md": str(md)}
+    files["per_class"] = str(report.write_table(per_class, out / "per_class")[0])
+    labels = [f"{r['backbone']} / {r['head']}" for r in rows]
+    files["comparison_png"] = str(report.bar_chart(
+        labels, [r["test_accuracy"] for r in rows], out / "comparison.png",
+        "Heads on frozen features: test accuracy"))
+    row, cache, y_pred = best
+    files["confusion_png"] = str(report.confusion_matrix_plot(
+        cache.test.y, y_pred, cache.classes, out / "confusion_matrix.png",
+        f"Best head: {row['backbone']} / {row['head']} "
+        f"(accuracy {row['test_accuracy']:.3f})"))
+    (out / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
+    return files
+
+
+# --- data efficiency ---------------------------------------------------------------------------
+
+def sample_shots(y: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+    """Indices of ``k`` training examples per class (all of a class that has fewer)."""
+    picked = [rng.permutation(np.flatnonzero(y == c))[:k] for c in np.unique(y)]
+    return np.sort(np.concatenate(picked))
+
+
+def data_efficiency(data: Sequence[CacheData], estimators, shots: Sequence[int | str],
+                    draws: int, seed: int) -> list[dict]:
+    """Test accuracy of each head refitted on k examples per class, over seeded draws.
+
+    Only the training split is subsampled; validation and test stay whole and untouched.
+    """
+    rows = []
+    for cache in data:
+        for spec, template in estimators:
+            for k in shots:
+                scores = _shot_scores(cache, spec, template, k, draws, seed)
+                largest = int(np.bincount(cache.train.y).max())
+                rows.append({"backbone": cache.backbone, "head": head_name(spec),
+                             "shots": "all" if k == "all" else int(k),
+                             "k": largest if k == "all" else min(int(k), largest),
+                             "draws": len(scores),
+                             "mean_accuracy": float(np.mean(scores)),
+                             "std_accuracy": float(np.std(scores))})
+    return rows
+
+
+def _shot_scores(cache: CacheData, spec: str, template, k, draws: int, seed: int) -> list[float]:
+    if k == "all":
+        return [_fit_and_score(cache, spec, template, seed)[1]["test_accuracy"]]
+    scores = []
+    for draw in range(draws):
+        rng = np.random.default_rng([seed, int(k), draw])
+        keep = sample_shots(cache.train.y, int(k), rng)
+        subset = FeatureSplit(cache.train.X[keep], cache.train.y[keep],
+                              [cache.train.paths[i] for i in keep])
+        shot_cache = CacheData(cache.path, cache.info, subset, cache.val, cache.test)
+        scores.append(_fit_and_score(shot_cache, spec, template, seed + draw)[1]["test_accuracy"])
+    return scores
+
+
+def _write_shots(out: Path, rows: list[dict]) -> dict:
+    csv, md = report.write_table(rows, out / "shots")
+    series: dict[str, tuple[list, list, list]] = {}
+    for r in rows:  # "all" is drawn at k = the largest class's training size
+        xs, means, spreads = series.setdefault(f"{r['backbone']} / {r['head']}", ([], [], []))
+        xs.append(r["k"])
+        means.append(r["mean_accuracy"])
+        spreads.append(r["std_accuracy"])
+    png = report.curve_plot(series, out / "shots.png", "Data efficiency: accuracy against "
+                            "training examples per class", "examples per class (k)",
+                            "test accuracy (mean ± std over draws)", log_x=True)
+    return {"shots_csv": str(csv), "shots_md": str(md), "shots_png": str(png)}

@@ -1,0 +1,120 @@
+"""Predictions on new images: the saved head's own backbone, then the head."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TextIO
+
+import numpy as np
+
+from pipeline.backbones import BackboneSpec, resolve_backbone
+from pipeline.data import ImageSet, is_image_file
+from pipeline.devices import resolve_device
+from pipeline.errors import DataError
+from pipeline.extract import feature_batches, prepare_model
+from pipeline.persistence import ModelFileError, SavedHead, load_head
+
+# Key fields that decide the features a head was trained on; all must match at prediction.
+_FEATURE_FIELDS = ("backbone", "weights", "weights_sha256", "layer", "pool", "preprocessing")
+
+
+def collect_images(inputs: Sequence[str | os.PathLike]) -> list[Path]:
+    """Image files given directly or found (recursively, sorted) in given folders."""
+    found: list[Path] = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            found += sorted(p for p in item.rglob("*") if p.is_file() and is_image_file(p.name))
+        elif item.is_file():
+            found.append(item)
+        else:
+            raise DataError(f"{item}: no such file or folder")
+    if not found:
+        raise DataError("no images found in " + ", ".join(map(str, inputs)))
+    return [p.resolve() for p in found]
+
+
+def matching_backbone(saved: SavedHead) -> BackboneSpec:
+    """Rebuild the backbone the head was trained on, and refuse one that gives other features."""
+    request = dict(saved.meta["request"])
+    spec = resolve_backbone(request.pop("backbone"), **request)
+    # Compare as stored: the key went through JSON, where tuples become lists.
+    trained, here = saved.meta["spec"], json.loads(json.dumps(spec.key()))
+    for name in _FEATURE_FIELDS:
+        if trained.get(name) != here.get(name):
+            raise ModelFileError(
+                f"this head was trained on features with {name}={trained.get(name)!r}, but the "
+                f"backbone here gives {name}={here.get(name)!r}; extract and fit it again")
+    return spec
+
+
+def predict_images(
+    model: str | os.PathLike,
+    inputs: Sequence[str | os.PathLike],
+    top_k: int = 5,
+    device: str = "auto",
+    batch_size: int | None = None,
+    workers: int | None = None,
+    progress: bool | None = None,
+) -> list[dict]:
+    """Classify images with a saved head and its matching backbone.
+
+    Returns one dict per image: ``path``, ``prediction``, ``probability`` and ``top_k`` (a list
+    of ``(class, probability)``), or ``error`` for an image that could not be read.
+    """
+    saved = load_head(model)
+    spec = matching_backbone(saved)
+    paths = collect_images(inputs)
+    classes = saved.meta["classes"]
+    # Absolute paths under "/" reuse the robust loader of stage 1 unchanged.
+    images = ImageSet(Path("/"), [p.as_posix() for p in paths], np.zeros(len(paths), np.int64),
+                      classes, np.full(len(paths), "test"), "predict")
+    run_on = resolve_device(device)
+    net = prepare_model(spec, run_on)
+    rows = []
+    for batch in feature_batches(net, spec, images, run_on, 0, batch_size, workers, progress,
+                                 desc="predict"):
+        rows += _batch_rows(saved, batch, paths, classes, top_k)
+    return rows
+
+
+def _batch_rows(saved: SavedHead, batch, paths, classes, top_k: int) -> list[dict]:
+    if batch.features.shape[1] != saved.meta["dim"]:
+        raise ModelFileError(f"the head expects {saved.meta['dim']} features, the backbone "
+                             f"gives {batch.features.shape[1]}")
+    rows = {i: {"path": str(paths[i]), "error": reason} for i, reason in batch.failures}
+    ok = np.flatnonzero(batch.valid)
+    if len(ok):
+        proba = _class_proba(saved, batch.features[ok], len(classes))
+        for i, p in zip(ok + batch.start, proba):
+            order = np.argsort(-p, kind="stable")[:top_k]
+            rows[i] = {"path": str(paths[i]), "prediction": classes[order[0]],
+                       "probability": float(p[order[0]]),
+                       "top_k": [(classes[j], float(p[j])) for j in order]}
+    return [rows[i] for i in sorted(rows)]  # in the order the images were given
+
+
+def _class_proba(saved: SavedHead, X: np.ndarray, n_classes: int) -> np.ndarray:
+    estimator = saved.estimator
+    full = np.zeros((len(X), n_classes))
+    if hasattr(estimator, "predict_proba"):
+        full[:, estimator.classes_.astype(int)] = estimator.predict_proba(X)
+    else:  # a head without probabilities: its decision, with probability 1
+        full[np.arange(len(X)), estimator.predict(X).astype(int)] = 1.0
+    return full
+
+
+def write_predictions(rows: list[dict], stream: TextIO, top_k: int) -> None:
+    """CSV: path, prediction, probability, top-k classes and probabilities, error."""
+    ranks = [f"{kind}{r}" for r in range(1, top_k + 1) for kind in ("class", "p")]
+    writer = csv.writer(stream)
+    writer.writerow(["path", "prediction", "probability", *ranks, "error"])
+    for row in rows:
+        pairs = [v for c, p in row.get("top_k", [])[:top_k] for v in (c, f"{p:.6f}")]
+        pairs += [""] * (len(ranks) - len(pairs))
+        probability = f"{row['probability']:.6f}" if "probability" in row else ""
+        writer.writerow([row["path"], row.get("prediction", ""), probability, *pairs,
+                         row.get("error", "")])

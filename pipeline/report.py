@@ -1,0 +1,93 @@
+"""Tables and plots of the stages' results: CSV and Markdown tables, bar charts, curves."""
+
+from __future__ import annotations
+
+import csv
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; no display is needed or wanted
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from sklearn.metrics import ConfusionMatrixDisplay  # noqa: E402
+
+
+def _cell(value) -> str:
+    if isinstance(value, float):
+        return "nan" if np.isnan(value) else f"{value:.4f}"
+    return str(value)
+
+
+def write_table(rows: Sequence[dict], stem: str | os.PathLike) -> tuple[Path, Path]:
+    """``stem.csv`` and ``stem.md`` with the same columns, in the order of the first row."""
+    stem = Path(stem)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    columns = list(rows[0]) if rows else []
+    with open(stem.with_suffix(".csv"), "w", newline="") as fh:
+        writer = csv.DictWriter(fh, columns)
+        writer.writeheader()
+        writer.writerows({c: _cell(r.get(c, "")) for c in columns} for r in rows)
+    stem.with_suffix(".md").write_text(markdown_table(rows))
+    return stem.with_suffix(".csv"), stem.with_suffix(".md")
+
+
+def markdown_table(rows: Sequence[dict]) -> str:
+    if not rows:
+        return ""
+    columns = list(rows[0])
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_cell(r.get(c, "")) for c in columns) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def bar_chart(labels: Sequence[str], values: Sequence[float], path: str | os.PathLike,
+              title: str, xlabel: str = "test accuracy") -> Path:
+    """Horizontal bars, best on top, each labelled with its value."""
+    order = np.argsort(values)
+    fig, ax = plt.subplots(figsize=(7, 0.45 * len(labels) + 1.2))
+    bars = ax.barh([labels[i] for i in order], [values[i] for i in order], color="tab:blue")
+    ax.bar_label(bars, fmt="%.3f", padding=3)
+    ax.set_xlim(0, 1.08)
+    ax.set_xlabel(xlabel)
+    ax.set_title(title)
+    return _save(fig, path)
+
+
+def confusion_matrix_plot(y_true, y_pred, classes: Sequence[str], path: str | os.PathLike,
+                          title: str) -> Path:
+    fig, ax = plt.subplots(figsize=(1.0 + 0.6 * len(classes), 0.8 + 0.6 * len(classes)))
+    ConfusionMatrixDisplay.from_predictions(
+        y_true, y_pred, labels=np.arange(len(classes)), display_labels=classes, ax=ax,
+        xticks_rotation=45, colorbar=False)
+    ax.set_title(title)
+    return _save(fig, path)
+
+
+def curve_plot(series: dict[str, tuple[list, list, list]], path: str | os.PathLike, title: str,
+               xlabel: str, ylabel: str, log_x: bool = False) -> Path:
+    """One line per series ``name -> (x, mean, spread)``, the spread drawn as a band."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, (x, mean, spread) in series.items():
+        x, mean, spread = map(np.asarray, (x, mean, spread))
+        ax.plot(x, mean, marker="o", label=name)
+        ax.fill_between(x, mean - spread, mean + spread, alpha=0.2)
+    if log_x:
+        ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    return _save(fig, path)
+
+
+def _save(fig, path: str | os.PathLike) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,100 @@
+"""Stage 2: heads fitted on cached features, scored, compared; k-shot draws."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from pipeline.compare import fit_heads, load_cache_data, sample_shots
+from pipeline.errors import DataError, PipelineError
+from pipeline.extract import extract_features
+from tests.conftest import TINY, make_folder, make_split_folder
+
+
+@pytest.fixture(scope="module")
+def cache_file(tmp_path_factory):
+    root = make_folder(tmp_path_factory.mktemp("d") / "images", per_class=20)
+    return extract_features(root, cache_dir=tmp_path_factory.mktemp("c"), **TINY).cache_path
+
+
+HEADS = ["logreg", "sklearn.neighbors.KNeighborsClassifier:n_neighbors=3"]
+
+
+def test_table_plots_and_models_are_written(tmp_path, cache_file):
+    result = fit_heads([cache_file], HEADS, tmp_path / "out")
+    assert [r["head"] for r in result.rows] == ["logreg", "KNeighborsClassifier"]
+    row = result.rows[0]
+    assert row["backbone"] == "resnet18" and row["chosen"].startswith("C=")
+    assert 0 <= row["test_accuracy"] <= 1 and row["test_n"] == 6 and row["fit_s"] > 0
+    for name in ("results.csv", "results.md", "per_class.csv", "comparison.png",
+                 "confusion_matrix.png"):
+        assert (tmp_path / "out" / name).stat().st_size > 0, name
+    assert result.rows[0]["model"].endswith("-logreg.head")
+    lines = (tmp_path / "out" / "per_class.csv").read_text().splitlines()
+    assert len(lines) == 1 + 2 * 3  # header + 2 heads x 3 classes
+
+
+def test_same_seed_same_table_to_the_digit(tmp_path, cache_file):
+    def scores(out):
+        rows = fit_heads([cache_file], HEADS, out, shots=[1, 2], draws=2, seed=3).rows
+        return [{k: v for k, v in r.items() if not k.endswith("_s") and k != "model"}
+                for r in rows]
+    assert scores(tmp_path / "a") == scores(tmp_path / "b")
+
+
+def test_several_caches_land_in_one_table(tmp_path, cache_file):
+    other = extract_features(make_folder(tmp_path / "d", per_class=20),
+                             cache_dir=tmp_path / "c", **{**TINY, "image_size": 48})
+    result = fit_heads([cache_file, other.cache_path], ["logreg"], tmp_path / "out")
+    assert len(result.rows) == 2 and len({r["model"] for r in result.rows}) == 2
+    assert json.loads((tmp_path / "out" / "results.json").read_text())[1]["head"] == "logreg"
+
+
+def test_k_shot_sampling_takes_k_per_class_from_train_only():
+    y = np.repeat([0, 1, 2], [5, 3, 8])
+    picked = sample_shots(y, 4, np.random.default_rng(0))
+    assert np.bincount(y[picked]).tolist() == [4, 3, 4]
+    again = sample_shots(y, 4, np.random.default_rng(0))
+    assert (picked == again).all()
+
+
+def test_shots_table_has_a_row_per_k_with_spread(tmp_path, cache_file):
+    result = fit_heads([cache_file], ["logreg"], tmp_path / "out", shots=[1, 3, "all"], draws=3)
+    by_k = {r["shots"]: r for r in result.shots}
+    assert set(by_k) == {1, 3, "all"} and by_k[1]["draws"] == 3 and by_k["all"]["draws"] == 1
+    largest = int(np.bincount(load_cache_data(cache_file).train.y).max())
+    assert by_k["all"]["k"] == largest and by_k[3]["k"] == 3
+    assert by_k["all"]["mean_accuracy"] == result.rows[0]["test_accuracy"]
+    assert (tmp_path / "out" / "shots.png").stat().st_size > 0
+
+
+def test_k_shot_fits_never_see_val_or_test(tmp_path, cache_file, monkeypatch):
+    data = load_cache_data(cache_file)
+    allowed = {tuple(row) for row in data.train.X}
+    seen = []
+    import pipeline.compare as compare_module
+
+    original = compare_module._fit
+
+    def spy(estimator, train, val):
+        seen.append(train.X)
+        return original(estimator, train, val)
+
+    monkeypatch.setattr(compare_module, "_fit", spy)
+    fit_heads([cache_file], ["logreg"], tmp_path / "out", shots=[2], draws=2)
+    assert len(seen) == 3  # the full fit, then two 2-shot draws
+    for X in seen[1:]:
+        assert len(X) == 6 and all(tuple(row) in allowed for row in X)
+
+
+def test_bad_inputs_are_pipeline_errors(tmp_path, cache_file):
+    with pytest.raises(PipelineError):
+        fit_heads([cache_file], ["nohead"], tmp_path / "out")
+    no_val = make_split_folder(tmp_path / "s", counts={"train": 4, "test": 2})
+    path = extract_features(no_val, cache_dir=tmp_path / "c", **TINY).cache_path
+    with pytest.raises(DataError, match="val split has no"):
+        fit_heads([path], ["logreg"], tmp_path / "out")
+    with pytest.raises(PipelineError, match="no such cache"):
+        fit_heads([tmp_path / "missing.h5"], ["logreg"], tmp_path / "out")
