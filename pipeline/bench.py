@@ -1,7 +1,8 @@
 """What ``make bench`` runs: extraction throughput against forward-only, cache hits, memory.
 
-Each extraction runs in a fresh process so its peak memory is its own; forward-only runs the
-same model, prepared the same way, on the same batch size of ready tensors.
+Extraction and forward-only each run in a fresh process, so both start from the same state
+and each peak memory is its own; forward-only runs the same model, prepared the same way
+(:func:`pipeline.extract.prepare_model`), on the same batch size of ready tensors.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -25,14 +27,18 @@ from pipeline.devices import default_batch_size, resolve_device
 from pipeline.extract import extract_features, prepare_model
 
 FORWARD_SECONDS = 8.0
+# Peak memory from VmHWM, which exec resets; ru_maxrss would carry the parent's peak over.
 _CHILD = """
-import json, resource, sys, time
-from pipeline.extract import extract_features
-kw = json.loads(sys.argv[1])
-result = extract_features(**kw)
-rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-print(json.dumps({**result.to_json(), "peak_rss_mb": rss / 1024, "loader_rss_mb": kids / 1024}))
+import json, sys
+from pipeline import bench
+mode, kw = sys.argv[1], json.loads(sys.argv[2])
+if mode == "extract":
+    from pipeline.extract import extract_features
+    out = extract_features(**kw).to_json()
+else:
+    out = {"img_s": bench.forward_only(**kw)}
+hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM")][0].split()[1]
+print(json.dumps({**out, "peak_rss_mb": int(hwm) / 1024}))
 """
 
 
@@ -52,16 +58,15 @@ def generate_images(root: Path, n: int, classes: int = 10, size: int = 256, seed
     return root
 
 
-def extract_in_child(data: Path, cache_dir: Path, backbone: str) -> dict:
-    kw = {"data": str(data), "cache_dir": str(cache_dir), "backbone": backbone,
-          "progress": False}
-    out = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(kw)], check=True,
+def in_child(mode: str, **kw) -> dict:
+    """Run an extraction or a forward-only measurement in a fresh Python process."""
+    out = subprocess.run([sys.executable, "-c", _CHILD, mode, json.dumps(kw)], check=True,
                          capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 @torch.inference_mode()
-def forward_only(data: Path, backbone: str) -> float:
+def forward_only(data: str, backbone: str) -> float:
     """Images per second of the model alone, on preprocessed tensors already in memory."""
     spec = resolve_backbone(backbone)
     device = resolve_device("auto")
@@ -87,9 +92,11 @@ def bench_set(name: str, data: Path, out: Path, backbone: str) -> dict:
         old.unlink()
     # Forward-only before and after the extraction: this shared machine drifts by about 10%
     # from minute to minute, and the mean brackets the extraction in time.
-    before = forward_only(data, backbone)
-    miss = extract_in_child(data, cache_dir, backbone)
-    forward = (before + forward_only(data, backbone)) / 2
+    before = in_child("forward", data=str(data), backbone=backbone)
+    miss = in_child("extract", data=str(data), cache_dir=str(cache_dir), backbone=backbone,
+                    progress=False)
+    after = in_child("forward", data=str(data), backbone=backbone)
+    forward = (before["img_s"] + after["img_s"]) / 2
     hit = extract_features(data, backbone=backbone, cache_dir=cache_dir, progress=False)
     started = time.perf_counter()
     subprocess.run([sys.executable, "-m", "pipeline", "extract", str(data), "--backbone",
@@ -102,8 +109,58 @@ def bench_set(name: str, data: Path, out: Path, backbone: str) -> dict:
         "forward_only_img_s": forward, "ratio": end_to_end / forward,
         "extract_s": miss["seconds"], "hit_s": hit.seconds, "hit_fraction": hit.seconds /
         miss["seconds"], "hit_cli_s": hit_cli, "peak_rss_mb": miss["peak_rss_mb"],
-        "loader_rss_mb": miss["loader_rss_mb"],
+        "forward_peak_rss_mb": before["peak_rss_mb"],
     }
+
+
+def class_features(n: int, dim: int, classes: int, seed: int, separation: float = 0.03
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """Bottleneck-like features: non-negative, as after a ReLU and pooling, with class means
+    close enough that a head has work to do (far apart, every head scores 1.0 in no time)."""
+    rng = np.random.default_rng(seed)
+    means = np.random.default_rng(0).gamma(1.0, separation, size=(classes, dim))
+    means = means.astype(np.float32)
+    y = rng.integers(0, classes, size=n)
+    X = means[y] + rng.gamma(1.0, 0.6, size=(n, dim)).astype(np.float32)
+    return X, y
+
+
+def bench_heads(rows: int, dim: int = 1280, classes: int = 10) -> dict:
+    """Fit time of each head on ``rows`` x ``dim`` features, and the linear grid's cost."""
+    from pipeline.heads import LinearProbe, make_head
+
+    X, y = class_features(rows, dim, classes, seed=1)
+    X_val, y_val = class_features(rows // 10, dim, classes, seed=2)
+    X_test, y_test = class_features(rows // 6, dim, classes, seed=3)
+    fits = []
+    for spec in ("logreg", "mlp", "linear"):
+        head = make_head(spec)
+        started = time.perf_counter()
+        head.fit(X, y, X_val=X_val, y_val=y_val)
+        fits.append({"head": spec, "fit_s": time.perf_counter() - started,
+                     "test_accuracy": head.score(X_test, y_test)})
+    grid = {}
+    for name, decays in (("grid_8", tuple(np.logspace(-6, -1, 8))), ("single", (1e-4,))):
+        # Fixed epochs (no early stop) so both runs do the same number of passes.
+        head = LinearProbe(weight_decays=decays, max_epochs=10, patience=10)
+        started = time.perf_counter()
+        head.fit(X, y, X_val=X_val, y_val=y_val)
+        grid[name] = {"fit_s": time.perf_counter() - started, "epochs": head.n_epochs_}
+    per_epoch = {k: v["fit_s"] / v["epochs"] for k, v in grid.items()}
+    return {"rows": rows, "dim": dim, "fits": fits, "linear_grid": grid,
+            "grid_cost_ratio": per_epoch["grid_8"] / per_epoch["single"]}
+
+
+def print_heads(result: dict) -> None:
+    print(f"heads on {result['rows']} x {result['dim']} generated features")
+    print("head | fit s | test accuracy")
+    for f in result["fits"]:
+        print(f"{f['head']} | {f['fit_s']:.1f} | {f['test_accuracy']:.3f}")
+    g = result["linear_grid"]
+    print(f"linear probe, 8 weight decays: {g['grid_8']['fit_s']:.1f} s for "
+          f"{g['grid_8']['epochs']} epochs; one: {g['single']['fit_s']:.1f} s for "
+          f"{g['single']['epochs']} epochs; cost ratio per epoch {result['grid_cost_ratio']:.2f}"
+          " (target <= 2)")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -112,28 +169,48 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--large", type=int, default=3000, help="images in the generated set")
     parser.add_argument("--backbone", default=DEFAULT_BACKBONE)
     parser.add_argument("--out", type=Path, default=Path("bench"))
+    parser.add_argument("--head-rows", type=int, default=60000, help="rows for the head fits")
+    parser.add_argument("--only", choices=("extract", "heads"), default=None)
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    large = generate_images(args.out / f"generated-{args.large}", args.large)
-    rows = [bench_set("demo", args.data, args.out, args.backbone),
-            bench_set(f"generated-{args.large}", large, args.out, args.backbone)]
+    results = {}
+    if args.only != "extract":
+        results["heads"] = bench_heads(args.head_rows)
+        print_heads(results["heads"])
+    if args.only != "heads":
+        results.update(bench_extract(args))
     machine = {"cpu_count": os.cpu_count(), "platform": platform.platform(),
                "device": str(resolve_device("auto")), "torch": torch.__version__,
                "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d")}
-    print(f"backbone {args.backbone}, {machine['device']}, {machine['cpu_count']} cores, "
-          f"{machine['threads']} torch threads, batch {default_batch_size(resolve_device())}")
+    (args.out / "results.json").write_text(json.dumps({"machine": machine, **results},
+                                                      indent=2) + "\n")
+    print(f"written to {args.out / 'results.json'}")
+
+
+def bench_extract(args) -> dict:
+    large = generate_images(args.out / f"generated-{args.large}", args.large)
+    rows = [bench_set("demo", args.data, args.out, args.backbone),
+            bench_set(f"generated-{args.large}", large, args.out, args.backbone)]
+    print(f"backbone {args.backbone}, {resolve_device()}, {os.cpu_count()} cores, "
+          f"{torch.get_num_threads()} torch threads, batch {default_batch_size(resolve_device())}")
     header = ("set", "images", "e2e img/s", "fwd img/s", "ratio", "extract s", "hit s",
-              "hit/extract", "hit CLI s", "peak RSS MB", "loader RSS MB")
+              "hit/extract", "hit CLI s", "peak RSS MB", "fwd peak RSS MB")
     print(" | ".join(header))
     for r in rows:
         print(" | ".join([r["set"], str(r["images"]), f"{r['end_to_end_img_s']:.1f}",
                           f"{r['forward_only_img_s']:.1f}", f"{r['ratio']:.2f}",
                           f"{r['extract_s']:.1f}", f"{r['hit_s']:.3f}",
                           f"{100 * r['hit_fraction']:.2f}%", f"{r['hit_cli_s']:.2f}",
-                          f"{r['peak_rss_mb']:.0f}", f"{r['loader_rss_mb']:.0f}"]))
-    (args.out / "results.json").write_text(json.dumps({"machine": machine, "extract": rows},
-                                                      indent=2) + "\n")
-    print(f"written to {args.out / 'results.json'}")
+                          f"{r['peak_rss_mb']:.0f}", f"{r['forward_peak_rss_mb']:.0f}"]))
+    small = generate_images(args.out / "generated-1000", 1000)
+    shutil.rmtree(args.out / "cache-mem", ignore_errors=True)
+    small_run = in_child("extract", data=str(small), cache_dir=str(args.out / "cache-mem"),
+                         backbone=args.backbone, progress=False)
+    memory = [{"images": 1000, "peak_rss_mb": small_run["peak_rss_mb"]},
+              {"images": args.large, "peak_rss_mb": rows[1]["peak_rss_mb"]}]
+    print("peak memory of extraction against images (same kind of data): " +
+          ", ".join(f"{m['images']} images: {m['peak_rss_mb']:.0f} MB" for m in memory))
+    return {"extract": rows, "memory": memory}
 
 
 if __name__ == "__main__":

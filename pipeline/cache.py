@@ -37,6 +37,7 @@ FORMAT_VERSION = 1
 SUFFIX = ".h5"
 PARTIAL = ".partial"
 _CHUNK_BYTES = 1 << 20  # HDF5 chunks of at most 1 MiB (h5py's guidance: 10 KiB to 1 MiB)
+_READ_BYTES = 64 << 20  # rows read at a time when splitting a cache into its splits
 _STR = h5py.string_dtype()
 
 
@@ -186,21 +187,33 @@ def stored_summary(path: Path) -> tuple[int, int, list[tuple[str, str]]]:
         return len(f["valid"]), int(f["features"].shape[1]), _failures(f)
 
 
-def read_split(path: str | os.PathLike, split: str) -> FeatureSplit:
-    """The readable images of one split, straight from HDF5 into one float32 array."""
+def read_splits(path: str | os.PathLike,
+                splits: tuple[str, ...] = ("train", "val", "test")) -> dict[str, FeatureSplit]:
+    """The readable images of each split, each as one preallocated float32 array.
+
+    One pass over the file in blocks of whole chunks: every block is read once and its rows
+    are copied into their split's array, so memory holds the outputs plus one block, never a
+    second N x D copy (splits made by a seeded shuffle interleave their rows).
+    """
     with open_cache(path) as f:
-        keep = (f["split"].asstr()[:] == split) & f["valid"][:]
-        rows = np.flatnonzero(keep)
-        X = np.empty((len(rows), f["features"].shape[1]), dtype=np.float32)
-        if len(rows):
-            # One contiguous read, cast into the preallocated array: no intermediate copy of N x D.
-            lo, hi = rows[0], rows[-1] + 1
-            if hi - lo == len(rows):
-                f["features"].read_direct(X, np.s_[lo:hi])
-            else:
-                X[:] = f["features"][rows]
-        paths = f["paths"].asstr()[:][rows].tolist()
-        return FeatureSplit(X, f["labels"][:][rows], paths)
+        features = f["features"]
+        split, valid = f["split"].asstr()[:], f["valid"][:]
+        paths, labels = f["paths"].asstr()[:], f["labels"][:]
+        rows = {s: np.flatnonzero((split == s) & valid) for s in splits}
+        out = {s: np.empty((len(r), features.shape[1]), np.float32) for s, r in rows.items()}
+        block = features.chunks[0] * max(1, _READ_BYTES // (features.chunks[0] *
+                                                             features.shape[1] * 4))
+        for lo in range(0, len(valid), block):
+            buffer = features[lo:lo + block]
+            for s, r in rows.items():
+                start, stop = np.searchsorted(r, [lo, lo + block])
+                out[s][start:stop] = buffer[r[start:stop] - lo]
+        return {s: FeatureSplit(out[s], labels[r], paths[r].tolist()) for s, r in rows.items()}
+
+
+def read_split(path: str | os.PathLike, split: str) -> FeatureSplit:
+    """The readable images of one split, as one float32 array with labels and paths."""
+    return read_splits(path, (split,))[split]
 
 
 def cache_info(path: str | os.PathLike) -> dict:

@@ -65,7 +65,7 @@ def main() -> None:
 @click.option("--batch-size", type=click.IntRange(min=1), default=None,
               help="Images per forward pass [default: 8 on CPU, 64 on GPU].")
 @click.option("--workers", type=click.IntRange(min=0), default=None,
-              help="DataLoader processes [default: half the cores].")
+              help="DataLoader processes [default: 0 on 2 cores or fewer, else half the cores].")
 @click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
 @click.option("--strict", is_flag=True, help="Stop at the first unreadable image.")
 @click.option("--hash-contents", is_flag=True,

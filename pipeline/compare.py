@@ -21,7 +21,7 @@ from sklearn.metrics import (
 from sklearn.utils.validation import has_fit_parameter
 
 from pipeline import report
-from pipeline.cache import FeatureSplit, cache_info, read_split
+from pipeline.cache import FeatureSplit, cache_info, read_splits
 from pipeline.errors import DataError
 from pipeline.heads import head_name, make_head
 from pipeline.persistence import SUFFIX, save_head
@@ -66,7 +66,7 @@ class Comparison:
 def load_cache_data(path: str | os.PathLike) -> CacheData:
     """Read train/val/test of a cache and refuse splits that no head can be fitted on."""
     info = cache_info(path)
-    splits = {s: read_split(path, s) for s in ("train", "val", "test")}
+    splits = read_splits(path)
     for name, split in splits.items():
         if len(split.y) == 0:
             raise DataError(f"{path}: the {name} split has no (readable) examples")

@@ -28,6 +28,7 @@ from pipeline.devices import (
     autocast_dtype,
     default_batch_size,
     default_workers,
+    keep_freed_memory,
     resolve_device,
 )
 from pipeline.errors import DataError
@@ -160,6 +161,8 @@ def feature_key_spec(spec: BackboneSpec, images: ImageSet, dtype: str, hash_cont
 
 def prepare_model(spec: BackboneSpec, device: torch.device) -> torch.nn.Module:
     """The feature model on ``device``, ready for inference."""
+    if device.type == "cpu":
+        keep_freed_memory()
     # channels_last weights are faster on GPUs and, measured here, on this CPU too.
     return spec.build().to(device, memory_format=torch.channels_last)
 

@@ -103,3 +103,24 @@ def test_list_find_and_remove(tmp_path):
         cache.find_cache(tmp_path, "zzzz")
     cache.remove_cache(path)
     assert not path.exists()
+
+
+def test_read_splits_in_small_blocks_matches_the_stored_rows(tmp_path, monkeypatch):
+    monkeypatch.setattr(cache, "_CHUNK_BYTES", 16 * 3 * 4)  # chunks of 3 rows of dim 16
+    monkeypatch.setattr(cache, "_READ_BYTES", 1)  # one chunk per block: many blocks
+    n, rng = 23, np.random.default_rng(0)
+    meta = {"paths": [f"{i}.png" for i in range(n)], "labels": np.arange(n) % 3,
+            "split": list(rng.choice(["train", "val", "test"], size=n)), "classes": list("abc"),
+            "data_root": "/"}
+    writer = cache.FeatureWriter(cache.cache_path(tmp_path, "net", "k"), {"backbone": "net"},
+                                 "k", 16, "float32", meta)
+    feats = rng.normal(size=(n, 16)).astype(np.float32)
+    valid = rng.random(n) > 0.2
+    writer.write(0, feats, valid, [])
+    path = writer.finish({})
+    got = cache.read_splits(path)
+    for name in ("train", "val", "test"):
+        rows = np.flatnonzero((np.array(meta["split"]) == name) & valid)
+        np.testing.assert_array_equal(got[name].X, feats[rows])
+        assert got[name].paths == [meta["paths"][i] for i in rows]
+        np.testing.assert_array_equal(got[name].y, meta["labels"][rows])
