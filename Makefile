@@ -15,17 +15,21 @@ RESULTS ?= results
 HEADS ?= logreg,mlp,linear
 SHOTS ?= 1,5,10,all
 DRAWS ?= 3
+UNFREEZE ?= 0,1,2
+EPOCHS ?= 3
 
 RUN := $(RESULTS)/$(notdir $(patsubst %/,%,$(DATA)))/$(subst /,_,$(BACKBONE))
 FEATURES := $(RUN)/features.json
 HEADS_TABLE := $(RUN)/heads/results.md
+FINETUNE_TABLE := $(RUN)/finetune/freeze_depth.md
+REPORT := $(RUN)/report/report.md
 # The cache file that `make features` recorded in its JSON summary.
 CACHE_OF = $$($(BIN)/python -c 'import json,sys; print(json.load(open(sys.argv[1]))["cache_path"])' $(FEATURES))
 DATA_FILES := $(shell find $(DATA) -type f 2>/dev/null)
 EXTRACT_ARGS := --backbone $(BACKBONE) --weights $(WEIGHTS) --cache-dir $(CACHE_DIR) \
 	$(if $(IMAGE_SIZE),--image-size $(IMAGE_SIZE))
 
-.PHONY: help install demo features heads test lint bench demo-data clean
+.PHONY: help install demo features heads finetune report test lint bench demo-data clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 14
@@ -52,13 +56,30 @@ $(HEADS_TABLE): $(FEATURES)
 	$(BIN)/pipeline heads "$(CACHE_OF)" --heads '$(HEADS)' --out $(@D) \
 		$(if $(SHOTS),--shots $(SHOTS) --draws $(DRAWS))
 
-demo: $(HEADS_TABLE) ## run every stage on the bundled demo data and say where the results are
+finetune: $(FINETUNE_TABLE) ## stage 3: fine-tune the top UNFREEZE blocks for EPOCHS, one run per depth
+
+$(FINETUNE_TABLE): $(FEATURES)
+	$(BIN)/pipeline finetune $(DATA) $(EXTRACT_ARGS) --unfreeze $(UNFREEZE) --epochs $(EPOCHS) \
+		--out $(@D)
+
+report: $(REPORT) ## heads and fine-tunes of DATA and BACKBONE in one table and chart
+
+$(REPORT): $(HEADS_TABLE) $(FINETUNE_TABLE)
+	$(BIN)/pipeline report $(RUN) --out $(@D)
+
+demo: $(REPORT) ## run every stage on the bundled demo data and say where the results are
 	@echo
-	@cat $(HEADS_TABLE)
+	@echo "Freeze depth (fine-tuning, $(EPOCHS) epochs at most):"
+	@cat $(FINETUNE_TABLE)
+	@echo
+	@echo "Transfer learning (heads on frozen features) against fine-tuning, test split:"
+	@cat $(REPORT)
 	@echo
 	@echo "features: $(CACHE_OF)"
-	@echo "heads:    $(RUN)/heads/ (results.csv, per_class.csv, comparison.png,"
-	@echo "          confusion_matrix.png, shots.png, models/*.head)"
+	@echo "heads:    $(RUN)/heads/ (results, per_class, comparison.png, confusion_matrix.png,"
+	@echo "          shots.png, models/*.head)"
+	@echo "finetune: $(RUN)/finetune/unfreeze-K/ (history.csv|png, checkpoint.pt, models/)"
+	@echo "report:   $(RUN)/report/ (report.md|csv|png)"
 	@echo "predict:  $(BIN)/pipeline predict $(RUN)/heads/models/<model>.head IMAGES..."
 
 test: $(BIN)/.installed ## run the test suite (installs first if needed)

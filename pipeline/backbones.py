@@ -373,6 +373,21 @@ def _final_linear(model: nn.Module) -> tuple[str, nn.Linear] | None:
     return linears[-1] if linears else None
 
 
+def replace_classifier(spec: BackboneSpec, model: nn.Module, n_classes: int) -> nn.Linear:
+    """Swap the model's final classifier layer for a new ``n_classes`` one, and return it."""
+    if spec.family == "timm":
+        model.reset_classifier(n_classes)
+        return model.get_classifier()
+    found = _final_linear(model)
+    if found is None:
+        raise BackboneError(f"{spec.name} has no final Linear layer to replace")
+    name, old = found
+    parent, _, attr = name.rpartition(".")
+    head = nn.Linear(old.in_features, n_classes)
+    setattr(model.get_submodule(parent) if parent else model, attr, head)
+    return head
+
+
 def make_feature_model(spec: BackboneSpec, model: nn.Module) -> FeatureModel:
     """Cut ``model`` at ``spec.layer``, or at the input of its final classifier layer."""
     final = model.get_classifier() if spec.family == "timm" else None

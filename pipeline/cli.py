@@ -8,7 +8,8 @@ from pathlib import Path
 
 import click
 
-from pipeline import backbones, cache, compare, report
+from pipeline import backbones, blocks, cache, compare, report
+from pipeline import finetune as finetuning
 from pipeline.devices import DEVICES
 from pipeline.errors import PipelineError
 from pipeline.extract import DEFAULT_CACHE_DIR, DTYPES, extract_features
@@ -184,6 +185,90 @@ def predict(model, inputs, top_k, out, device, batch_size, workers, as_json) -> 
     with open(out, "w", newline="") as fh:
         write_predictions(rows, fh, top_k)
     click.echo(f"{len(rows)} predictions -> {out}")
+
+
+def _depths(_ctx, _param, value: str) -> list:
+    try:
+        return [v if v == "all" else int(v) for v in value.split(",")]
+    except ValueError:
+        raise click.BadParameter("give block counts or 'all', such as 0,1,2,all") from None
+
+
+@main.command(name="finetune")
+@click.argument("data", type=click.Path())
+@click.option("--backbone", default=backbones.DEFAULT_BACKBONE, show_default=True)
+@click.option("--weights", default="default", show_default=True)
+@click.option("--image-size", type=int, default=None)
+@click.option("--unfreeze", callback=_depths, default="1", show_default=True,
+              help="Top blocks to train; several (0,1,2,all) run the freeze-depth experiment, "
+                   "one run each in OUT/unfreeze-K/.")
+@click.option("--out", type=click.Path(file_okay=False), default="results/finetune",
+              show_default=True)
+@click.option("--epochs", type=click.IntRange(min=0), default=10, show_default=True)
+@click.option("--lr", type=float, default=1e-3, show_default=True, help="Head learning rate.")
+@click.option("--backbone-lr-ratio", type=float, default=0.1, show_default=True,
+              help="Backbone learning rate as a fraction of the head's.")
+@click.option("--optimizer", type=click.Choice(finetuning.OPTIMIZERS), default="adamw",
+              show_default=True)
+@click.option("--weight-decay", type=float, default=1e-4, show_default=True)
+@click.option("--schedule", type=click.Choice(finetuning.SCHEDULES), default="cosine",
+              show_default=True)
+@click.option("--patience", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Epochs without a better validation loss before stopping.")
+@click.option("--augment", type=click.Choice(finetuning.AUGMENTS), default="standard",
+              show_default=True)
+@click.option("--bn-train", is_flag=True, help="Update BatchNorm statistics (default: frozen).")
+@click.option("--head-init", type=click.Choice(finetuning.HEAD_INITS), default="linear",
+              show_default=True, help="Warm-start the head from a linear probe, or random.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@cache_dir_option
+@click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
+@click.option("--workers", type=click.IntRange(min=0), default=None)
+@click.option("--json", "as_json", is_flag=True, help="Print the results as one JSON object.")
+def finetune_command(data, unfreeze, out, as_json, **options) -> None:
+    """Fine-tune the top blocks of a backbone on DATA (linear probe first, then fine-tune)."""
+    progress = False if as_json else None
+    try:
+        rows = finetuning.sweep_depths(data, unfreeze, out, progress=progress, **options)
+    except KeyboardInterrupt:
+        click.echo("interrupted: the last epoch's checkpoint is kept; run the same command "
+                   "again to resume", err=True)
+        sys.exit(130)
+    if as_json:
+        _emit_json(rows)
+        return
+    click.echo(report.markdown_table(rows))
+    click.echo(f"freeze-depth table, curves, checkpoints and models in {out}/")
+
+
+@main.command(name="blocks")
+@click.argument("backbone")
+@click.option("--weights", default="none", show_default=True,
+              help="Weights to build the model with (blocks do not depend on them).")
+def blocks_command(backbone, weights) -> None:
+    """The blocks of BACKBONE that --unfreeze counts, lowest first."""
+    spec = backbones.resolve_backbone(backbone, weights)
+    rows = blocks.describe_blocks(spec.build_classifier(), spec.family)
+    click.echo(report.markdown_table(rows), nl=False)
+
+
+@main.command(name="report")
+@click.argument("folder", type=click.Path(exists=True, file_okay=False))
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="Folder of the report [default: FOLDER/report].")
+@click.option("--json", "as_json", is_flag=True)
+def report_command(folder, out, as_json) -> None:
+    """One table of the heads and fine-tunes found under FOLDER, with a chart."""
+    result = report.write_report(folder, out)
+    if as_json:
+        _emit_json(result)
+        return
+    click.echo(report.markdown_table(result["rows"]), nl=False)
+    if len(result["cache_keys"]) > 1:
+        click.echo(f"note: rows come from {len(result['cache_keys'])} feature caches; only rows "
+                   "with the same cache_key share features and test images")
+    click.echo(f"report: {result['files']['report_md']}, {result['files']['report_png']}")
 
 
 @main.group(name="cache", cls=_Group)

@@ -149,6 +149,8 @@ def _fit_and_score(cache: CacheData, spec: str, template, seed: int):
         "predict_s": predict_s,
         "train_n": len(cache.train.y),
         "test_n": len(y),
+        "cache_key": cache.info["key"],
+        "method": "transfer",
     }
     return estimator, row, y_pred
 

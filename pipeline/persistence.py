@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import joblib
+import torch
 
 from pipeline.errors import PipelineError
 
@@ -39,18 +40,28 @@ class SavedHead:
     feature-cache key spec) and ``request`` (the arguments that rebuild the backbone).
     """
 
-    estimator: object
+    estimator: object  # a fitted estimator, or a fine-tuned model's state dict
     meta: dict
 
 
 def save_head(path: str | os.PathLike, estimator, meta: dict) -> Path:
-    """Write atomically: a temporary file in the same folder, then ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Save a fitted scikit-learn head (joblib payload)."""
     buffer = io.BytesIO()
     joblib.dump(estimator, buffer)
-    payload = buffer.getvalue()
-    header = {"format": FORMAT, "format_version": FORMAT_VERSION,
+    return _write(Path(path), buffer.getvalue(), "joblib", meta)
+
+
+def save_state_dict(path: str | os.PathLike, state_dict: dict, meta: dict) -> Path:
+    """Save a fine-tuned network's weights (torch payload, loaded with ``weights_only``)."""
+    buffer = io.BytesIO()
+    torch.save(state_dict, buffer)
+    return _write(Path(path), buffer.getvalue(), "torch", meta)
+
+
+def _write(path: Path, payload: bytes, kind: str, meta: dict) -> Path:
+    """Write atomically: a temporary file in the same folder, then ``os.replace``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    header = {"format": FORMAT, "format_version": FORMAT_VERSION, "payload": kind,
               "sha256": hashlib.sha256(payload).hexdigest(), "meta": meta}
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as fh:
@@ -87,4 +98,6 @@ def load_head(path: str | os.PathLike) -> SavedHead:
         payload = fh.read()
     if hashlib.sha256(payload).hexdigest() != header["sha256"]:
         raise ModelFileError(f"{path} is corrupt: its checksum does not match; save it again")
+    if header.get("payload") == "torch":
+        return SavedHead(torch.load(io.BytesIO(payload), weights_only=True), header["meta"])
     return SavedHead(joblib.load(io.BytesIO(payload)), header["meta"])

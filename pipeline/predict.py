@@ -10,10 +10,12 @@ from pathlib import Path
 from typing import TextIO
 
 import numpy as np
+import torch
+from torch import nn
 
-from pipeline.backbones import BackboneSpec, resolve_backbone
+from pipeline.backbones import BackboneSpec, replace_classifier, resolve_backbone
 from pipeline.data import ImageSet, is_image_file
-from pipeline.devices import resolve_device
+from pipeline.devices import keep_freed_memory, resolve_device
 from pipeline.errors import DataError
 from pipeline.extract import feature_batches, prepare_model
 from pipeline.persistence import ModelFileError, SavedHead, load_head
@@ -73,12 +75,29 @@ def predict_images(
     images = ImageSet(Path("/"), [p.as_posix() for p in paths], np.zeros(len(paths), np.int64),
                       classes, np.full(len(paths), "test"), "predict")
     run_on = resolve_device(device)
-    net = prepare_model(spec, run_on)
+    net = _network(saved, spec, run_on)
     rows = []
     for batch in feature_batches(net, spec, images, run_on, 0, batch_size, workers, progress,
                                  desc="predict"):
         rows += _batch_rows(saved, batch, paths, classes, top_k)
     return rows
+
+
+def _is_finetuned(saved: SavedHead) -> bool:
+    return saved.meta.get("kind") == "finetuned"
+
+
+def _network(saved: SavedHead, spec: BackboneSpec, device: torch.device) -> nn.Module:
+    """The feature model for a head; for a fine-tuned model, the whole network and softmax."""
+    if not _is_finetuned(saved):
+        return prepare_model(spec, device)
+    model = spec.build_classifier()
+    replace_classifier(spec, model, len(saved.meta["classes"]))
+    model.load_state_dict(saved.estimator)
+    if device.type == "cpu":
+        keep_freed_memory()
+    return nn.Sequential(model, nn.Softmax(dim=1)).eval().to(
+        device, memory_format=torch.channels_last)
 
 
 def _batch_rows(saved: SavedHead, batch, paths, classes, top_k: int) -> list[dict]:
@@ -98,6 +117,8 @@ def _batch_rows(saved: SavedHead, batch, paths, classes, top_k: int) -> list[dic
 
 
 def _class_proba(saved: SavedHead, X: np.ndarray, n_classes: int) -> np.ndarray:
+    if _is_finetuned(saved):  # the network's own softmax
+        return X.astype(np.float64)
     estimator = saved.estimator
     full = np.zeros((len(X), n_classes))
     if hasattr(estimator, "predict_proba"):

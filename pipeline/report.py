@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -13,6 +14,8 @@ matplotlib.use("Agg")  # files only; no display is needed or wanted
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from sklearn.metrics import ConfusionMatrixDisplay  # noqa: E402
+
+from pipeline.errors import PipelineError  # noqa: E402
 
 
 def _cell(value) -> str:
@@ -43,12 +46,54 @@ def markdown_table(rows: Sequence[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+REPORT_COLUMNS = ("method", "backbone", "head", "chosen", "test_accuracy", "balanced_accuracy",
+                  "macro_f1", "log_loss", "fit_s", "cache_key")
+
+
+def gather_results(folder: str | os.PathLike) -> list[dict]:
+    """Every results row that stage 2 (heads) and stage 3 (fine-tunes) wrote under ``folder``."""
+    rows = []
+    for path in sorted(Path(folder).rglob("results.json")):
+        if path.parent.name == "report":
+            continue
+        for row in json.loads(path.read_text()):
+            rows.append({c: row.get(c, "") for c in REPORT_COLUMNS})
+    return rows
+
+
+def write_report(folder: str | os.PathLike, out: str | os.PathLike | None = None) -> dict:
+    """One table and one chart: transfer learning and fine-tuning on the same features.
+
+    Rows are grouped by cache key (backbone, weights, preprocessing, data and splits); only
+    rows that share one are measured on the same test images.
+    """
+    out = Path(out) if out else Path(folder) / "report"
+    rows = gather_results(folder)
+    if not rows:
+        raise PipelineError(f"no results.json of heads or fine-tunes under {folder}; "
+                            "run `pipeline heads` or `pipeline finetune` first")
+    rows.sort(key=lambda r: (r["cache_key"], -r["test_accuracy"]))
+    csv, md = write_table(rows, out / "report")
+    labels = [f"{r['method']}: {r['backbone']} / {r['head']}" for r in rows]
+    png = bar_chart(labels, [r["test_accuracy"] for r in rows], out / "report.png",
+                    "Transfer learning (frozen trunk) against fine-tuning",
+                    colors=["tab:orange" if r["method"] == "fine-tune" else "tab:blue"
+                            for r in rows])
+    keys = sorted({r["cache_key"] for r in rows})
+    return {"rows": rows, "cache_keys": keys, "files": {"report_csv": str(csv),
+                                                        "report_md": str(md),
+                                                        "report_png": str(png)}}
+
+
 def bar_chart(labels: Sequence[str], values: Sequence[float], path: str | os.PathLike,
-              title: str, xlabel: str = "test accuracy") -> Path:
+              title: str, xlabel: str = "test accuracy", colors: Sequence[str] | None = None
+              ) -> Path:
     """Horizontal bars, best on top, each labelled with its value."""
-    order = np.argsort(values)
-    fig, ax = plt.subplots(figsize=(7, 0.45 * len(labels) + 1.2))
-    bars = ax.barh([labels[i] for i in order], [values[i] for i in order], color="tab:blue")
+    order = np.argsort(values, kind="stable")
+    colors = colors or ["tab:blue"] * len(labels)
+    fig, ax = plt.subplots(figsize=(8, 0.45 * len(labels) + 1.2))
+    bars = ax.barh([labels[i] for i in order], [values[i] for i in order],
+                   color=[colors[i] for i in order])
     ax.bar_label(bars, fmt="%.3f", padding=3)
     ax.set_xlim(0, 1.08)
     ax.set_xlabel(xlabel)
@@ -81,6 +126,23 @@ def curve_plot(series: dict[str, tuple[list, list, list]], path: str | os.PathLi
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
+    return _save(fig, path)
+
+
+def training_curves(history: Sequence[dict], path: str | os.PathLike, title: str) -> Path:
+    """Train and validation loss and accuracy per epoch: where the two part, it over-fits."""
+    epochs = [h["epoch"] for h in history]
+    fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, metric in ((loss_ax, "loss"), (acc_ax, "accuracy")):
+        ax.plot(epochs, [h[f"train_{metric}"] for h in history], marker="o", label="train")
+        ax.plot(epochs, [h[f"val_{metric}"] for h in history], marker="o", label="validation")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(metric)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    best = min(history, key=lambda h: h["val_loss"])["epoch"]
+    loss_ax.axvline(best, color="grey", linestyle=":", label="best")
+    fig.suptitle(title)
     return _save(fig, path)
 
 

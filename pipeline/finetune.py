@@ -1,0 +1,490 @@
+"""Stage 3: fine-tune the top blocks of a backbone end to end, warm-started from a linear probe.
+
+Transfer learning trains a new head on frozen features (stage 2); fine-tuning also updates the
+top K blocks of the pretrained network, with a lower learning rate than the head's, BatchNorm
+statistics frozen, and the head warm-started from a linear probe on the cached features so the
+pretrained blocks are not hit by the gradients of a random head.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score, log_loss
+from torch import nn
+from torchvision.transforms import InterpolationMode, v2
+
+from pipeline import report
+from pipeline.backbones import DEFAULT_BACKBONE, BackboneSpec, replace_classifier, resolve_backbone
+from pipeline.blocks import find_blocks, freeze_below, parse_unfreeze
+from pipeline.cache import cache_info, read_splits
+from pipeline.data import ImageFiles, ImageSet, load_image_set
+from pipeline.devices import (
+    autocast,
+    autocast_dtype,
+    default_workers,
+    keep_freed_memory,
+    resolve_device,
+)
+from pipeline.errors import DataError, PipelineError
+from pipeline.extract import DEFAULT_CACHE_DIR, extract_features
+from pipeline.heads import LinearProbe
+from pipeline.persistence import SUFFIX, save_state_dict
+
+CHECKPOINT = "checkpoint.pt"
+OPTIMIZERS = ("adamw", "sgd")
+SCHEDULES = ("cosine", "step")
+AUGMENTS = ("standard", "none")
+HEAD_INITS = ("linear", "random")
+
+
+class FinetuneError(PipelineError):
+    """A fine-tuning run that cannot start or resume as asked."""
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """How the top blocks are trained; every field is recorded in the checkpoint."""
+
+    unfreeze: int = 1  # top blocks trained; 0 is the linear probe trained by this same loop
+    epochs: int = 10
+    lr: float = 1e-3  # the new head's learning rate
+    backbone_lr_ratio: float = 0.1  # pretrained blocks move ~10x slower than the new head
+    optimizer: str = "adamw"  # or "sgd" (momentum 0.9, Nesterov)
+    weight_decay: float = 1e-4
+    schedule: str = "cosine"  # or "step": x0.1 every `step_size` epochs
+    step_size: int = 5
+    clip_grad: float = 1.0  # max gradient norm: a safety rail for the first steps
+    patience: int = 3  # epochs without a better validation loss before stopping
+    augment: str = "standard"  # random resized crop, flip, rotation, shear, zoom; or "none"
+    bn_train: bool = False  # update BatchNorm running statistics (small data: keep frozen)
+    head_init: str = "linear"  # warm start from a linear probe on cached features; or "random"
+    batch_size: int = 32
+    seed: int = 0
+
+
+@dataclass
+class FinetuneResult:
+    """The results row, the per-epoch history and the files written."""
+
+    row: dict
+    history: list[dict]
+    test_pred: np.ndarray
+    files: dict[str, str] = field(default_factory=dict)
+
+
+def finetune(
+    data: str | os.PathLike,
+    backbone: str = DEFAULT_BACKBONE,
+    weights: str = "default",
+    image_size: int | None = None,
+    out: str | os.PathLike = "results/finetune",
+    cache_dir: str | os.PathLike = DEFAULT_CACHE_DIR,
+    device: str = "auto",
+    workers: int | None = None,
+    split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1),
+    progress: bool | None = None,
+    on_epoch: Callable[[int, dict], None] | None = None,
+    **config,
+) -> FinetuneResult:
+    """Fine-tune the top ``unfreeze`` blocks of ``backbone`` on ``data``; resume if stopped.
+
+    Parameters
+    ----------
+    data, backbone, weights, image_size, cache_dir, split_fractions
+        As for :func:`pipeline.extract_features`; the features of these settings (cached, or
+        extracted now) warm-start the head, and their splits are the ones trained on.
+    out
+        Folder of ``checkpoint.pt`` (each epoch), ``history.csv|png``, ``results.csv|md|json``
+        and ``models/*.head``. A run whose checkpoint is there resumes from it.
+    on_epoch
+        Called with ``(epoch, history_row)`` after each epoch's checkpoint is written.
+    **config
+        Fields of :class:`FinetuneConfig` (``unfreeze`` may be ``"all"``).
+    """
+    started = time.perf_counter()
+    cfg = _config(config)
+    images = load_image_set(data, split_fractions, cfg.seed)
+    spec = resolve_backbone(backbone, weights, image_size=image_size, seed=cfg.seed)
+    cache = extract_features(data, backbone, weights, image_size=image_size, cache_dir=cache_dir,
+                             split_fractions=split_fractions, seed=cfg.seed, progress=progress,
+                             workers=workers)
+    splits = read_splits(cache.cache_path)
+    _check_splits(splits, images)
+    run_on = resolve_device(device)
+    model, head, unfrozen = build_model(spec, images.classes, cfg, splits)
+    out = Path(out)
+    args = _run_args(spec, cfg, cache.key, images)
+    trainer = _Trainer(model, head, unfrozen, cfg, run_on, args, out / CHECKPOINT)
+    loaders = _Loaders(images, spec, cfg, splits, run_on, workers)
+    history = trainer.fit(loaders, on_epoch)
+    test_loss, test_acc, proba = evaluate(model, loaders.eval("test"), run_on)
+    y_test = loaders.labels("test")
+    result = _result(spec, cfg, cache.key, trainer, history, y_test, proba, started)
+    result.files = _write(out, spec, images.classes, cache, args, model, result)
+    return result
+
+
+def sweep_depths(data: str | os.PathLike, depths: Sequence[int | str],
+                 out: str | os.PathLike = "results/finetune", **kwargs) -> list[dict]:
+    """One fine-tune per number of unfrozen blocks, everything else equal, and one table.
+
+    Depth 0 trains only the new head by the same loop: the linear probe baseline. Writes
+    ``freeze_depth.csv|md`` and each run's files under ``unfreeze-<K>/``.
+    """
+    out = Path(out)
+    rows = [finetune(data, out=out / f"unfreeze-{k}", unfreeze=k, **kwargs).row for k in depths]
+    table = [{"blocks_unfrozen": r["blocks_unfrozen"],
+              "trainable_parameters": r["trainable_parameters"], "best_epoch": r["best_epoch"],
+              "test_accuracy": r["test_accuracy"], "macro_f1": r["macro_f1"],
+              "seconds": r["fit_s"]} for r in rows]
+    report.write_table(table, out / "freeze_depth")
+    return table
+
+
+def _config(config: dict) -> FinetuneConfig:
+    cfg = FinetuneConfig(**{k: v for k, v in config.items() if k != "unfreeze"})
+    for name, allowed in (("optimizer", OPTIMIZERS), ("schedule", SCHEDULES),
+                          ("augment", AUGMENTS), ("head_init", HEAD_INITS)):
+        if getattr(cfg, name) not in allowed:
+            raise FinetuneError(f"{name} must be one of {', '.join(allowed)}")
+    if cfg.epochs < 0 or cfg.lr <= 0 or cfg.batch_size < 1:
+        raise FinetuneError("epochs must be >= 0, lr > 0 and batch size >= 1")
+    return _with_unfreeze(cfg, config.get("unfreeze", 1))
+
+
+def _with_unfreeze(cfg: FinetuneConfig, unfreeze) -> FinetuneConfig:
+    # "all" is resolved against the backbone's blocks in build_model; keep it as -1 till then.
+    value = -1 if str(unfreeze) == "all" else int(unfreeze)
+    return FinetuneConfig(**{**asdict(cfg), "unfreeze": value})
+
+
+def _check_splits(splits, images: ImageSet) -> None:
+    for name in ("train", "val", "test"):
+        if len(splits[name].y) == 0:
+            what = "no validation split" if name == "val" else f"no {name} split"
+            raise DataError(f"{images.root}: {what}; fine-tuning needs train, val and test "
+                            "images (early stopping and model choice use val)")
+
+
+def build_model(spec: BackboneSpec, classes: Sequence[str], cfg: FinetuneConfig, splits
+                ) -> tuple[nn.Module, nn.Linear, list]:
+    """The pretrained network with a new head, top blocks trainable, the rest frozen."""
+    model = spec.build_classifier()
+    head = replace_classifier(spec, model, len(classes))
+    if cfg.head_init == "linear":
+        warm_start(head, splits, cfg.seed)
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            head.reset_parameters()
+    n_blocks = len(find_blocks(model, spec.family))
+    k = parse_unfreeze("all" if cfg.unfreeze == -1 else cfg.unfreeze, n_blocks)
+    return model, head, freeze_below(model, spec.family, k, head)
+
+
+def warm_start(head: nn.Linear, splits, seed: int) -> LinearProbe:
+    """Fit a linear probe on the cached features and copy it into ``head``.
+
+    Before the first step the network then predicts exactly what the probe predicts: the
+    fine-tune starts from transfer learning's answer instead of from a random head.
+    """
+    probe = LinearProbe(random_state=seed).fit(splits["train"].X, splits["train"].y,
+                                               X_val=splits["val"].X, y_val=splits["val"].y)
+    with torch.no_grad():
+        head.weight.copy_(torch.from_numpy(probe.coef_))
+        head.bias.copy_(torch.from_numpy(probe.intercept_))
+    return probe
+
+
+def _run_args(spec: BackboneSpec, cfg: FinetuneConfig, cache_key: str, images: ImageSet) -> dict:
+    """What a checkpoint must match to be resumed."""
+    return {"backbone": spec.name, "weights": spec.weights.identity, "cache_key": cache_key,
+            "classes": images.classes, "config": asdict(cfg)}
+
+
+# --- data ----------------------------------------------------------------------------------------
+
+def train_transform(spec: BackboneSpec) -> v2.Compose:
+    """Augmentation for training images only: crop, flip, small rotation, shear and zoom."""
+    p = spec.preprocessing
+    return v2.Compose([
+        v2.PILToTensor(),
+        v2.RandomResizedCrop(p.crop, scale=(0.6, 1.0),
+                             interpolation=InterpolationMode(p.interpolation), antialias=True),
+        v2.RandomHorizontalFlip(),
+        v2.RandomAffine(degrees=10, shear=8, scale=(0.9, 1.1)),
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize(mean=list(p.mean), std=list(p.std)),
+    ])
+
+
+class _Labelled(torch.utils.data.Dataset):
+    """Rows of an :class:`ImageFiles` with their labels: ``(tensor, index, error, label)``."""
+
+    def __init__(self, files: ImageFiles, rows: list[int]):
+        self.files, self.rows = files, rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, j: int):
+        i = self.rows[j]
+        return (*self.files[i], int(self.files.image_set.labels[i]))
+
+
+class _Loaders:
+    """Train, val and test loaders over the images the cache could read."""
+
+    def __init__(self, images, spec, cfg, splits, device, workers):
+        self.cfg, self.device = cfg, device
+        self.workers = default_workers() if workers is None else workers
+        crop = spec.preprocessing.crop
+        shape = (3, crop, crop)
+        train_tf = train_transform(spec) if cfg.augment == "standard" else None
+        index = {p: i for i, p in enumerate(images.paths)}
+        self.rows = {s: [index[p] for p in splits[s].paths] for s in ("train", "val", "test")}
+        self.y = {s: torch.as_tensor(images.labels[r]) for s, r in self.rows.items()}
+        self.plain = ImageFiles(images, spec.preprocessing.transform(), shape)
+        self.augmented = ImageFiles(images, train_tf or spec.preprocessing.transform(), shape)
+
+    def labels(self, split: str) -> np.ndarray:
+        return self.y[split].numpy()
+
+    def train(self, epoch: int) -> torch.utils.data.DataLoader:
+        # Shuffling and augmentation are seeded per epoch, so a resumed run sees the same
+        # batches and crops as an uninterrupted one.
+        generator = torch.Generator().manual_seed(self.cfg.seed * 100_003 + epoch)
+        return self._loader(self.augmented, "train", shuffle=True, generator=generator)
+
+    def eval(self, split: str) -> torch.utils.data.DataLoader:
+        return self._loader(self.plain, split, shuffle=False)
+
+    def _loader(self, files, split, shuffle, generator=None):
+        return torch.utils.data.DataLoader(
+            _Labelled(files, self.rows[split]), batch_size=self.cfg.batch_size,
+            shuffle=shuffle, generator=generator, num_workers=self.workers,
+            pin_memory=self.device.type == "cuda", drop_last=False)
+
+
+# --- training ------------------------------------------------------------------------------------
+
+def set_train_mode(model: nn.Module, trainable: Sequence[nn.Module], bn_train: bool) -> None:
+    """Train mode only where weights are trained; BatchNorm statistics frozen unless asked.
+
+    The frozen trunk stays in eval mode, so its dropout and stochastic depth are off and its
+    features are the cached ones.
+    """
+    model.eval()
+    for module in trainable:
+        module.train()
+        if not bn_train:
+            for m in module.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
+
+
+def train_one_epoch(model, trainable, loader, optimizer, scaler, device, cfg
+                    ) -> tuple[float, float]:
+    set_train_mode(model, trainable, cfg.bn_train)
+    total_loss, correct, seen = 0.0, 0, 0
+    for x, _index, _errors, y in loader:
+        x, y = _to_device(x, device), y.to(device)
+        with autocast(device):
+            logits = model(x)
+            loss = F.cross_entropy(logits, y)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(
+            [p for g in optimizer.param_groups for p in g["params"]], cfg.clip_grad)
+        scaler.step(optimizer)
+        scaler.update()
+        total_loss += loss.item() * len(y)
+        correct += int((logits.argmax(1) == y).sum())
+        seen += len(y)
+    return total_loss / seen, correct / seen
+
+
+@torch.inference_mode()
+def evaluate(model, loader, device) -> tuple[float, float, np.ndarray]:
+    """Mean loss, accuracy and class probabilities over a loader, in eval mode."""
+    was_training = model.training
+    model.eval()
+    losses, probs, labels = [], [], []
+    for x, _index, _errors, y in loader:
+        with autocast(device):
+            logits = model(_to_device(x, device)).float()
+        losses.append(F.cross_entropy(logits, y.to(device), reduction="sum").item())
+        probs.append(logits.softmax(1).cpu().numpy())
+        labels.append(y.numpy())
+    model.train(was_training)
+    proba, y = np.concatenate(probs), np.concatenate(labels)
+    return sum(losses) / len(y), float((proba.argmax(1) == y).mean()), proba
+
+
+def _to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    x = x.to(device, non_blocking=True)
+    return x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x
+
+
+class _Trainer:
+    """Optimizer, schedule, early stopping and per-epoch checkpoints of one run."""
+
+    def __init__(self, model, head, unfrozen, cfg, device, args, checkpoint: Path):
+        self.model, self.head, self.cfg, self.device = model, head, cfg, device
+        self.args, self.checkpoint = args, checkpoint
+        self.trainable = [model.get_submodule(n) for b in unfrozen for n in b.modules] + [head]
+        self.unfrozen_blocks = len(unfrozen)
+        if device.type == "cpu":
+            keep_freed_memory()
+        model.to(device, memory_format=torch.channels_last)
+        self.optimizer = self._optimizer()
+        self.scheduler = self._scheduler()
+        amp = autocast_dtype(device)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
+        self.history: list[dict] = []
+        self.best = {"val_loss": float("inf"), "epoch": -1, "state": None}
+        self.start_epoch = 0
+
+    @property
+    def trainable_parameters(self) -> int:
+        return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+
+    def _optimizer(self) -> torch.optim.Optimizer:
+        head_ids = {id(p) for p in self.head.parameters()}
+        backbone = [p for p in self.model.parameters() if p.requires_grad and id(p) not in head_ids]
+        groups = [{"params": list(self.head.parameters()), "lr": self.cfg.lr}]
+        if backbone:
+            groups.append({"params": backbone, "lr": self.cfg.lr * self.cfg.backbone_lr_ratio})
+        if self.cfg.optimizer == "sgd":
+            return torch.optim.SGD(groups, momentum=0.9, nesterov=True,
+                                   weight_decay=self.cfg.weight_decay)
+        return torch.optim.AdamW(groups, weight_decay=self.cfg.weight_decay)
+
+    def _scheduler(self):
+        if self.cfg.schedule == "step":
+            return torch.optim.lr_scheduler.StepLR(self.optimizer, self.cfg.step_size, 0.1)
+        return torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, max(1, self.cfg.epochs))
+
+    def fit(self, loaders: _Loaders, on_epoch) -> list[dict]:
+        self._resume()
+        stalled = self._stalled()
+        for epoch in range(self.start_epoch, self.cfg.epochs):
+            if stalled >= self.cfg.patience:
+                break
+            started = time.perf_counter()
+            torch.manual_seed(self.cfg.seed * 100_003 + epoch)  # dropout and augmentation
+            train_loss, train_acc = train_one_epoch(
+                self.model, self.trainable, loaders.train(epoch), self.optimizer, self.scaler,
+                self.device, self.cfg)
+            val_loss, val_acc, _ = evaluate(self.model, loaders.eval("val"), self.device)
+            lr = self.optimizer.param_groups[0]["lr"]
+            self.scheduler.step()
+            row = {"epoch": epoch + 1, "train_loss": train_loss, "train_accuracy": train_acc,
+                   "val_loss": val_loss, "val_accuracy": val_acc, "lr": lr,
+                   "seconds": time.perf_counter() - started}
+            self.history.append(row)
+            if val_loss < self.best["val_loss"]:
+                self.best = {"val_loss": val_loss, "epoch": epoch + 1,
+                             "state": _cpu_copy(self.model.state_dict())}
+            stalled = self._stalled()
+            self._save(epoch + 1)
+            if on_epoch is not None:
+                on_epoch(epoch + 1, row)
+        if self.best["state"] is not None:  # early stopping restores the best weights
+            self.model.load_state_dict(self.best["state"])
+        return self.history
+
+    def _stalled(self) -> int:
+        return len(self.history) - max(self.best["epoch"], 0)
+
+    def _save(self, epoch: int) -> None:
+        state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                 "lr_scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+                 "epoch": epoch, "args": json.dumps(self.args, sort_keys=True),
+                 "history": json.dumps(self.history), "best": self.best}
+        self.checkpoint.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.checkpoint.with_name(self.checkpoint.name + ".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, self.checkpoint)  # a kill mid-save leaves the previous checkpoint
+
+    def _resume(self) -> None:
+        if not self.checkpoint.exists():
+            return
+        try:
+            state = torch.load(self.checkpoint, map_location="cpu", weights_only=True)
+        except Exception as err:  # torch raises many types for a damaged file
+            raise FinetuneError(f"cannot read checkpoint {self.checkpoint}: "
+                                f"{str(err).splitlines()[0]}; remove it to start over") from None
+        if json.loads(state["args"]) != self.args:
+            raise FinetuneError(f"{self.checkpoint} is from another run (other backbone, data "
+                                "or settings); use another --out or remove it to start over")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["lr_scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.history, self.best = json.loads(state["history"]), state["best"]
+        self.start_epoch = state["epoch"]
+
+
+def _cpu_copy(state: dict) -> dict:
+    return {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
+
+
+# --- results -------------------------------------------------------------------------------------
+
+def _result(spec, cfg, cache_key, trainer: _Trainer, history, y, proba, started) -> FinetuneResult:
+    y_pred = proba.argmax(1)
+    n_classes = proba.shape[1]
+    row = {
+        "backbone": spec.name,
+        "head": f"finetune-{trainer.unfrozen_blocks}",
+        "chosen": f"unfreeze={trainer.unfrozen_blocks},best_epoch={trainer.best['epoch']}",
+        "test_accuracy": accuracy_score(y, y_pred),
+        "balanced_accuracy": balanced_accuracy_score(y, y_pred),
+        "macro_f1": f1_score(y, y_pred, average="macro"),
+        "log_loss": log_loss(y, proba / proba.sum(1, keepdims=True), labels=np.arange(n_classes)),
+        "fit_s": time.perf_counter() - started,
+        "predict_s": float("nan"),
+        "blocks_unfrozen": trainer.unfrozen_blocks,
+        "trainable_parameters": trainer.trainable_parameters,
+        "best_epoch": trainer.best["epoch"],
+        "epochs_run": len(history),
+        "cache_key": cache_key,
+        "method": "fine-tune",
+    }
+    return FinetuneResult(row, history, y_pred)
+
+
+def _write(out: Path, spec, classes, cache, args, model, result: FinetuneResult) -> dict:
+    name = f"{spec.name}-{cache.key[:8]}-finetune-{result.row['blocks_unfrozen']}"
+    meta = {"kind": "finetuned", "backbone": spec.name, "classes": list(classes),
+            "dim": len(classes), "cache_key": cache.key, "request": _request(cache.cache_path),
+            "spec": spec.key(), "head": result.row["head"]}
+    model_path = save_state_dict(out / "models" / f"{name.replace('/', '_')}{SUFFIX}",
+                                 _cpu_copy(model.state_dict()), meta)
+    result.row["model"] = str(model_path)
+    csv, md = report.write_table([result.row], out / "results")
+    (out / "results.json").write_text(json.dumps([result.row], indent=2) + "\n")
+    history_csv, _ = report.write_table(result.history, out / "history")
+    files = {"results_csv": str(csv), "results_md": str(md), "history_csv": str(history_csv),
+             "model": str(model_path)}
+    if result.history:
+        files["history_png"] = str(report.training_curves(
+            result.history, out / "history.png",
+            f"{spec.name}, top {result.row['blocks_unfrozen']} block(s) fine-tuned"))
+    return files
+
+
+def _request(cache_path: Path) -> dict:
+    return cache_info(cache_path)["request"]
+

@@ -1,0 +1,152 @@
+"""Stage 3: what is frozen stays bit-for-bit, warm start, resume, depth sweep, predict, report."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.backbones import replace_classifier, resolve_backbone
+from pipeline.cache import read_splits
+from pipeline.compare import fit_heads
+from pipeline.errors import DataError, PipelineError
+from pipeline.finetune import FinetuneError, finetune, sweep_depths
+from pipeline.heads import LinearProbe
+from pipeline.persistence import load_head
+from pipeline.predict import predict_images
+from pipeline.report import write_report
+from tests.conftest import make_folder, make_split_folder
+
+FT = {"backbone": "resnet18", "weights": "none", "image_size": 32, "workers": 0,
+      "batch_size": 8, "epochs": 2, "patience": 5, "lr": 1e-2}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_folder(tmp_path_factory.mktemp("ft") / "images", per_class=10)
+
+
+def _run(data, tmp_path, name="o", **kw):
+    return finetune(data, cache_dir=tmp_path / "c", out=tmp_path / name, **{**FT, **kw})
+
+
+def _initial_state():
+    return resolve_backbone("resnet18", "none", image_size=32).build_classifier().state_dict()
+
+
+def _final_state(result):
+    return load_head(result.files["model"]).estimator
+
+
+def _is_bn_buffer(key: str) -> bool:
+    return key.endswith(("running_mean", "running_var", "num_batches_tracked"))
+
+
+def test_frozen_weights_and_bn_buffers_are_unchanged_and_unfrozen_blocks_change(data, tmp_path):
+    before, after = _initial_state(), _final_state(_run(data, tmp_path, unfreeze=1))
+    trainable = set(dict(resolve_backbone("resnet18", "none").build_classifier()
+                         .layer4.named_parameters(prefix="layer4")))
+    for key, value in before.items():
+        if key.startswith("fc."):
+            continue  # the old 1000-class head was replaced
+        if key in trainable:
+            assert not torch.equal(after[key], value), f"{key} was not trained"
+        else:  # frozen weights and every BatchNorm statistic, layer4's included
+            assert torch.equal(after[key], value), f"{key} changed"
+    assert after["fc.weight"].shape == (3, 512)
+
+
+def test_bn_train_updates_the_statistics_of_trained_blocks_only(data, tmp_path):
+    before = _initial_state()
+    after = _final_state(_run(data, tmp_path, unfreeze=1, bn_train=True))
+    assert not torch.equal(after["layer4.0.bn1.running_mean"], before["layer4.0.bn1.running_mean"])
+    assert torch.equal(after["layer3.0.bn1.running_mean"], before["layer3.0.bn1.running_mean"])
+
+
+def test_warm_start_predicts_what_the_linear_probe_predicts(data, tmp_path):
+    result = _run(data, tmp_path, epochs=0)
+    splits = read_splits(next((tmp_path / "c").glob("*.h5")))
+    probe = LinearProbe(random_state=0).fit(splits["train"].X, splits["train"].y,
+                                            X_val=splits["val"].X, y_val=splits["val"].y)
+    np.testing.assert_array_equal(result.test_pred, probe.predict(splits["test"].X))
+    assert result.row["best_epoch"] == -1 and result.row["epochs_run"] == 0
+
+
+def test_random_head_init_differs_from_the_probe(data, tmp_path):
+    warm = _final_state(_run(data, tmp_path, name="w", epochs=0))
+    cold = _final_state(_run(data, tmp_path, name="r", epochs=0, head_init="random"))
+    assert not torch.equal(warm["fc.weight"], cold["fc.weight"])
+
+
+def test_resume_after_interruption_gives_the_same_weights(data, tmp_path):
+    def stop_after_first(epoch, _row):
+        if epoch == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        _run(data, tmp_path, name="resumed", epochs=3, on_epoch=stop_after_first)
+    resumed = _run(data, tmp_path, name="resumed", epochs=3)
+    whole = _run(data, tmp_path, name="whole", epochs=3)
+    assert [h["epoch"] for h in resumed.history] == [1, 2, 3]
+    a, b = _final_state(resumed), _final_state(whole)
+    assert all(torch.equal(a[k], b[k]) for k in b)
+    assert resumed.history[-1]["val_loss"] == whole.history[-1]["val_loss"]
+
+
+def test_early_stopping_restores_the_best_epoch(data, tmp_path):
+    result = _run(data, tmp_path, epochs=6, patience=1, lr=0.5)
+    best = min(result.history, key=lambda h: h["val_loss"])
+    assert result.row["best_epoch"] == best["epoch"]
+    assert len(result.history) <= best["epoch"] + 1
+
+
+def test_bad_requests_are_clear_errors(data, tmp_path):
+    with pytest.raises(PipelineError, match="blocks"):
+        _run(data, tmp_path, unfreeze=9)
+    no_val = make_split_folder(tmp_path / "s", counts={"train": 4, "test": 2})
+    with pytest.raises(DataError, match="no validation split"):
+        _run(no_val, tmp_path, name="nv")
+    _run(data, tmp_path, name="same", epochs=1)
+    with pytest.raises(FinetuneError, match="another run"):
+        _run(data, tmp_path, name="same", epochs=1, lr=0.1)
+    (tmp_path / "same" / "checkpoint.pt").write_bytes(b"broken")
+    with pytest.raises(FinetuneError, match="cannot read checkpoint"):
+        _run(data, tmp_path, name="same", epochs=1)
+
+
+def test_depth_sweep_table(data, tmp_path):
+    table = sweep_depths(data, [0, 1, "all"], tmp_path / "sweep", cache_dir=tmp_path / "c",
+                         **{**FT, "epochs": 1})
+    assert [r["blocks_unfrozen"] for r in table] == [0, 1, 4]
+    params = [r["trainable_parameters"] for r in table]
+    assert params[0] == 512 * 3 + 3 and params[0] < params[1] < params[2]
+    assert (tmp_path / "sweep" / "freeze_depth.md").exists()
+    assert (tmp_path / "sweep" / "unfreeze-all" / "history.png").exists()
+
+
+def test_predict_takes_a_fine_tuned_model(data, tmp_path):
+    result = _run(data, tmp_path, epochs=1)
+    rows = predict_images(result.files["model"], [data], workers=0)
+    classes = load_head(result.files["model"]).meta["classes"]
+    by_path = {r["path"]: r["prediction"] for r in rows}
+    splits = read_splits(next((tmp_path / "c").glob("*.h5")))
+    expected = [classes[c] for c in result.test_pred]
+    assert [by_path[str(data / p)] for p in splits["test"].paths] == expected
+
+
+def test_report_puts_heads_and_fine_tunes_in_one_table(data, tmp_path):
+    _run(data, tmp_path, name="runs/finetune", epochs=1)
+    cache = next((tmp_path / "c").glob("*.h5"))
+    fit_heads([cache], ["logreg"], tmp_path / "runs" / "heads")
+    result = write_report(tmp_path / "runs")
+    assert {r["method"] for r in result["rows"]} == {"transfer", "fine-tune"}
+    assert len(result["cache_keys"]) == 1
+    assert (tmp_path / "runs" / "report" / "report.png").exists()
+
+
+def test_replace_classifier_for_timm_and_torchvision():
+    for name in ("resnet18", "mobilenet_v3_small"):
+        spec = resolve_backbone(name, "none")
+        model = spec.build_classifier()
+        head = replace_classifier(spec, model, 4)
+        assert model(torch.zeros(1, 3, 64, 64)).shape == (1, 4) and head.out_features == 4
