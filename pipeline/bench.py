@@ -35,6 +35,11 @@ mode, kw = sys.argv[1], json.loads(sys.argv[2])
 if mode == "extract":
     from pipeline.extract import extract_features
     out = extract_features(**kw).to_json()
+elif mode == "finetune":
+    from pipeline.finetune import finetune
+    result = finetune(**kw)
+    out = {"epoch_s": [h["seconds"] for h in result.history],
+           "trainable_parameters": result.row["trainable_parameters"]}
 else:
     out = {"img_s": bench.forward_only(**kw)}
 hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM")][0].split()[1]
@@ -164,6 +169,28 @@ def print_heads(result: dict) -> None:
           " (target <= 2)")
 
 
+def bench_finetune(args) -> dict:
+    """Seconds per epoch and peak memory when training the top block against every block."""
+    rows = []
+    for depth in ("1", "all"):
+        out = args.out / f"finetune-{depth}"
+        shutil.rmtree(out, ignore_errors=True)
+        run = in_child("finetune", data=str(args.data), backbone=args.backbone,
+                       cache_dir=str(args.out / "cache-demo"), out=str(out), unfreeze=depth,
+                       epochs=2, patience=5, progress=False)
+        rows.append({"unfreeze": depth, "epoch_s": float(np.mean(run["epoch_s"])),
+                     "trainable_parameters": run["trainable_parameters"],
+                     "peak_rss_mb": run["peak_rss_mb"]})
+    ratio = rows[0]["epoch_s"] / rows[1]["epoch_s"]
+    print(f"fine-tuning {args.backbone} on {args.data} (2 epochs, mean seconds per epoch):")
+    print("unfreeze | trainable parameters | s/epoch | peak RSS MB")
+    for r in rows:
+        print(f"{r['unfreeze']} | {r['trainable_parameters']} | {r['epoch_s']:.1f} | "
+              f"{r['peak_rss_mb']:.0f}")
+    print(f"unfreeze 1 / unfreeze all, seconds per epoch: {ratio:.2f} (target <= 0.5)")
+    return {"rows": rows, "epoch_ratio": ratio}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=Path("data/fashion-mnist-mini"))
@@ -171,15 +198,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--backbone", default=DEFAULT_BACKBONE)
     parser.add_argument("--out", type=Path, default=Path("bench"))
     parser.add_argument("--head-rows", type=int, default=60000, help="rows for the head fits")
-    parser.add_argument("--only", choices=("extract", "heads"), default=None)
+    parser.add_argument("--only", choices=("extract", "heads", "finetune"), default=None)
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     results = {}
-    if args.only != "extract":
+    if args.only in (None, "heads"):
         results["heads"] = bench_heads(args.head_rows)
         print_heads(results["heads"])
-    if args.only != "heads":
+    if args.only in (None, "extract"):
         results.update(bench_extract(args))
+    if args.only in (None, "finetune"):
+        results["finetune"] = bench_finetune(args)
     machine = {"cpu_count": os.cpu_count(), "platform": platform.platform(),
                "device": str(resolve_device("auto")), "torch": torch.__version__,
                "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d")}
