@@ -126,3 +126,22 @@ def test_stage_two_user_errors_are_one_line_and_keep_results(tmp_path, image_fol
     _assert_one_line_error(_run("heads", partial, "--out", out), "interrupted")
     assert (out / "results.csv").read_text() == before
     _assert_one_line_error(_run("predict", tmp_path / "none.head", image_folder), "no such")
+
+
+def test_finetune_blocks_and_report_commands(tmp_path, image_folder):
+    out = tmp_path / "run"
+    assert _run("heads", _cache(tmp_path, image_folder), "--heads", "logreg", "--out",
+                out / "heads").exit_code == 0
+    tuned = _run("finetune", image_folder, *TINY_ARGS, "--cache-dir", tmp_path / "c",
+                 "--unfreeze", "0,1", "--epochs", "1", "--batch-size", "8", "--out",
+                 out / "finetune", "--json")
+    assert tuned.exit_code == 0, tuned.output
+    rows = json.loads(tuned.stdout)
+    assert [r["blocks_unfrozen"] for r in rows] == [0, 1]
+    report = json.loads(_run("report", out, "--json").stdout)
+    assert {r["method"] for r in report["rows"]} == {"transfer", "fine-tune"}
+    listed = _run("blocks", "resnet18")
+    assert listed.exit_code == 0 and "layer4" in listed.output
+    _assert_one_line_error(_run("finetune", image_folder, *TINY_ARGS, "--cache-dir",
+                                tmp_path / "c", "--unfreeze", "7", "--out", out / "x"), "blocks")
+    _assert_one_line_error(_run("blocks", "squeezenet1_0"), "cannot find the blocks")
