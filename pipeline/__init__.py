@@ -2,9 +2,14 @@
 
 from pipeline.backbones import BackboneSpec, list_backbones, resolve_backbone
 from pipeline.cache import cache_info, list_caches, read_split
+from pipeline.compare import fit_heads
 from pipeline.data import ImageSet, load_image_set
 from pipeline.errors import BackboneError, CacheError, DataError, PipelineError, WeightsError
 from pipeline.extract import ExtractResult, extract_features
+from pipeline.finetune import finetune, sweep_depths
+from pipeline.heads import LinearProbe, LogRegHead, MLPHead, make_head
+from pipeline.predict import predict_images
+from pipeline.report import write_report
 
 __all__ = [
     "BackboneError",
@@ -13,13 +18,22 @@ __all__ = [
     "DataError",
     "ExtractResult",
     "ImageSet",
+    "LinearProbe",
+    "LogRegHead",
+    "MLPHead",
     "PipelineError",
     "WeightsError",
     "cache_info",
     "extract_features",
+    "finetune",
+    "fit_heads",
     "list_backbones",
     "list_caches",
     "load_image_set",
+    "make_head",
+    "predict_images",
     "read_split",
     "resolve_backbone",
+    "sweep_depths",
+    "write_report",
 ]

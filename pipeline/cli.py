@@ -9,10 +9,10 @@ from pathlib import Path
 import click
 
 from pipeline import backbones, blocks, cache, compare, report
-from pipeline import finetune as finetuning
 from pipeline.devices import DEVICES
 from pipeline.errors import PipelineError
 from pipeline.extract import DEFAULT_CACHE_DIR, DTYPES, extract_features
+from pipeline.finetune import AUGMENTS, HEAD_INITS, OPTIMIZERS, SCHEDULES, sweep_depths
 from pipeline.predict import predict_images, write_predictions
 
 
@@ -208,17 +208,17 @@ def _depths(_ctx, _param, value: str) -> list:
 @click.option("--lr", type=float, default=1e-3, show_default=True, help="Head learning rate.")
 @click.option("--backbone-lr-ratio", type=float, default=0.1, show_default=True,
               help="Backbone learning rate as a fraction of the head's.")
-@click.option("--optimizer", type=click.Choice(finetuning.OPTIMIZERS), default="adamw",
+@click.option("--optimizer", type=click.Choice(OPTIMIZERS), default="adamw",
               show_default=True)
 @click.option("--weight-decay", type=float, default=1e-4, show_default=True)
-@click.option("--schedule", type=click.Choice(finetuning.SCHEDULES), default="cosine",
+@click.option("--schedule", type=click.Choice(SCHEDULES), default="cosine",
               show_default=True)
 @click.option("--patience", type=click.IntRange(min=1), default=3, show_default=True,
               help="Epochs without a better validation loss before stopping.")
-@click.option("--augment", type=click.Choice(finetuning.AUGMENTS), default="standard",
+@click.option("--augment", type=click.Choice(AUGMENTS), default="standard",
               show_default=True)
 @click.option("--bn-train", is_flag=True, help="Update BatchNorm statistics (default: frozen).")
-@click.option("--head-init", type=click.Choice(finetuning.HEAD_INITS), default="linear",
+@click.option("--head-init", type=click.Choice(HEAD_INITS), default="linear",
               show_default=True, help="Warm-start the head from a linear probe, or random.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -230,7 +230,7 @@ def finetune_command(data, unfreeze, out, as_json, **options) -> None:
     """Fine-tune the top blocks of a backbone on DATA (linear probe first, then fine-tune)."""
     progress = False if as_json else None
     try:
-        rows = finetuning.sweep_depths(data, unfreeze, out, progress=progress, **options)
+        rows = sweep_depths(data, unfreeze, out, progress=progress, **options)
     except KeyboardInterrupt:
         click.echo("interrupted: the last epoch's checkpoint is kept; run the same command "
                    "again to resume", err=True)

@@ -24,7 +24,7 @@ from torchvision.transforms import InterpolationMode, v2
 
 from pipeline import report
 from pipeline.backbones import DEFAULT_BACKBONE, BackboneSpec, replace_classifier, resolve_backbone
-from pipeline.blocks import find_blocks, freeze_below, parse_unfreeze
+from pipeline.blocks import freeze_below
 from pipeline.cache import cache_info, read_splits
 from pipeline.data import ImageFiles, ImageSet, load_image_set
 from pipeline.devices import (
@@ -54,7 +54,7 @@ class FinetuneError(PipelineError):
 class FinetuneConfig:
     """How the top blocks are trained; every field is recorded in the checkpoint."""
 
-    unfreeze: int = 1  # top blocks trained; 0 is the linear probe trained by this same loop
+    unfreeze: int | str = 1  # top blocks trained, or "all"; 0 is the linear probe by this loop
     epochs: int = 10
     lr: float = 1e-3  # the new head's learning rate
     backbone_lr_ratio: float = 0.1  # pretrained blocks move ~10x slower than the new head
@@ -126,7 +126,7 @@ def finetune(
     trainer = _Trainer(model, head, unfrozen, cfg, run_on, args, out / CHECKPOINT)
     loaders = _Loaders(images, spec, cfg, splits, run_on, workers)
     history = trainer.fit(loaders, on_epoch)
-    test_loss, test_acc, proba = evaluate(model, loaders.eval("test"), run_on)
+    _, _, proba = evaluate(model, loaders.eval("test"), run_on)
     y_test = loaders.labels("test")
     result = _result(spec, cfg, cache.key, trainer, history, y_test, proba, started)
     result.files = _write(out, spec, images.classes, cache, args, model, result)
@@ -151,20 +151,14 @@ def sweep_depths(data: str | os.PathLike, depths: Sequence[int | str],
 
 
 def _config(config: dict) -> FinetuneConfig:
-    cfg = FinetuneConfig(**{k: v for k, v in config.items() if k != "unfreeze"})
+    cfg = FinetuneConfig(**config)
     for name, allowed in (("optimizer", OPTIMIZERS), ("schedule", SCHEDULES),
                           ("augment", AUGMENTS), ("head_init", HEAD_INITS)):
         if getattr(cfg, name) not in allowed:
             raise FinetuneError(f"{name} must be one of {', '.join(allowed)}")
     if cfg.epochs < 0 or cfg.lr <= 0 or cfg.batch_size < 1:
         raise FinetuneError("epochs must be >= 0, lr > 0 and batch size >= 1")
-    return _with_unfreeze(cfg, config.get("unfreeze", 1))
-
-
-def _with_unfreeze(cfg: FinetuneConfig, unfreeze) -> FinetuneConfig:
-    # "all" is resolved against the backbone's blocks in build_model; keep it as -1 till then.
-    value = -1 if str(unfreeze) == "all" else int(unfreeze)
-    return FinetuneConfig(**{**asdict(cfg), "unfreeze": value})
+    return cfg
 
 
 def _check_splits(splits, images: ImageSet) -> None:
@@ -186,9 +180,8 @@ def build_model(spec: BackboneSpec, classes: Sequence[str], cfg: FinetuneConfig,
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
             head.reset_parameters()
-    n_blocks = len(find_blocks(model, spec.family))
-    k = parse_unfreeze("all" if cfg.unfreeze == -1 else cfg.unfreeze, n_blocks)
-    return model, head, freeze_below(model, spec.family, k, head)
+    # freeze_below finds the blocks and checks unfreeze (a count or "all") against them.
+    return model, head, freeze_below(model, spec.family, cfg.unfreeze, head)
 
 
 def warm_start(head: nn.Linear, splits, seed: int) -> LinearProbe:

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from pipeline.backbones import BackboneSpec
+from pipeline.cache import FeatureWriter
 from pipeline.errors import DataError
 from pipeline.extract import extract_features
 from tests.conftest import TINY, make_folder, write_image
@@ -146,24 +147,18 @@ def test_ctrl_c_keeps_progress_and_resume_equals_uninterrupted(tmp_path, image_f
     _assert_same_cache(resumed.cache_path, whole.cache_path)
 
 
-def test_peak_rows_in_memory_do_not_depend_on_the_data_size(tmp_path):
-    # Features stream to disk batch by batch: each write holds one batch, whatever N is.
-    sizes = []
+def test_features_stream_to_disk_one_batch_at_a_time(tmp_path, monkeypatch):
+    # Memory holds one batch of features whatever N is: every write is one batch.
+    written = []
+    original = FeatureWriter.write
+
+    def spy(self, start, features, valid, failures):
+        written.append(len(features))
+        return original(self, start, features, valid, failures)
+
+    monkeypatch.setattr(FeatureWriter, "write", spy)
     for n in (4, 12):
+        written.clear()
         root = make_folder(tmp_path / f"d{n}", classes=("a", "b"), per_class=n)
-        seen = []
-        import pipeline.cache as cache_module
-
-        original = cache_module.FeatureWriter.write
-
-        def spy(self, start, features, valid, failures, seen=seen, original=original):
-            seen.append(len(features))
-            return original(self, start, features, valid, failures)
-
-        cache_module.FeatureWriter.write = spy
-        try:
-            _extract(root, tmp_path / "c", batch_size=4, split_fractions=(1.0, 0.0, 0.0))
-        finally:
-            cache_module.FeatureWriter.write = original
-        sizes.append(max(seen))
-    assert sizes == [4, 4]
+        _extract(root, tmp_path / "c", batch_size=4, split_fractions=(1.0, 0.0, 0.0))
+        assert written == [4] * (2 * n // 4)

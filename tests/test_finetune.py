@@ -97,7 +97,12 @@ def test_early_stopping_restores_the_best_epoch(data, tmp_path):
     result = _run(data, tmp_path, epochs=6, patience=1, lr=0.5)
     best = min(result.history, key=lambda h: h["val_loss"])
     assert result.row["best_epoch"] == best["epoch"]
-    assert len(result.history) <= best["epoch"] + 1
+    assert len(result.history) == best["epoch"] + 1  # stopped one epoch after the best
+    checkpoint = torch.load(tmp_path / "o" / "checkpoint.pt", weights_only=True)
+    saved = _final_state(result)
+    assert all(torch.equal(saved[k], v) for k, v in checkpoint["best"]["state"].items())
+    last = checkpoint["model"]
+    assert not all(torch.equal(saved[k], last[k]) for k in last)  # not the last epoch's
 
 
 def test_bad_requests_are_clear_errors(data, tmp_path):
