@@ -16,6 +16,11 @@ Layout of ``<backbone>-<key>.h5`` (readable with h5py, ``h5ls``, ``h5dump``)::
 
 Until it is complete the file is named ``<name>.partial``; only a finished file is renamed
 (``os.replace``) to its final name, so an interrupted run never passes for a complete cache.
+
+Under torchrun each rank writes a shard file ``<name>.shard-<rank>-of-<world>`` of the same
+layout holding only its rows, plus ``/index`` (the rows' positions in the whole data set, which
+``/failed_index`` also uses); one rank then assembles the shards into ``<name>`` in data-set
+order (:func:`assemble_shards`) and removes them.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ FORMAT = "pipeline-features"
 FORMAT_VERSION = 1
 SUFFIX = ".h5"
 PARTIAL = ".partial"
+SHARD = ".shard-"
 _CHUNK_BYTES = 1 << 20  # HDF5 chunks of at most 1 MiB (h5py's guidance: 10 KiB to 1 MiB)
 _READ_BYTES = 64 << 20  # rows read at a time when splitting a cache into its splits
 _STR = h5py.string_dtype()
@@ -113,6 +119,8 @@ class FeatureWriter:
         f.create_dataset("split", data=np.array(meta["split"], dtype=object), dtype=_STR,
                          maxshape=(None,))
         f.create_dataset("classes", data=np.array(meta["classes"], dtype=object), dtype=_STR)
+        if "index" in meta:  # a shard: where its rows go in the whole data set
+            f.create_dataset("index", data=np.asarray(meta["index"], np.int64))
         f.create_dataset("failed_index", shape=(0,), maxshape=(None,), dtype=np.int64)
         f.create_dataset("failed_reason", shape=(0,), maxshape=(None,), dtype=_STR)
         f.flush()
@@ -153,6 +161,60 @@ class FeatureWriter:
     def close(self) -> None:
         if self.file.id.valid:
             self.file.close()
+
+
+def shard_path(final: Path, rank: int, world_size: int) -> Path:
+    """The file in which rank ``rank`` of ``world_size`` writes its rows of cache ``final``."""
+    return final.with_name(f"{final.name}{SHARD}{rank}-of-{world_size}")
+
+
+def shard_paths(final: Path) -> list[Path]:
+    """Every shard file of ``final``, complete or partial, whatever the world size."""
+    return sorted(final.parent.glob(f"{final.name}{SHARD}*"))
+
+
+def assemble_shards(writer: FeatureWriter, shards: list[Path]) -> None:
+    """Copy complete shard files into ``writer`` in data-set order, block by block.
+
+    Each block of the final file takes, from every shard, the contiguous run of shard rows
+    whose ``/index`` falls in the block (indices are sorted within a shard), so memory holds
+    one block and every read and write is a slice. Resumes at ``writer.rows_done``.
+    """
+    files = [open_cache(s) for s in shards]
+    try:
+        index = [f["index"][:] for f in files]
+        n, dim = writer.file["features"].shape
+        if sum(len(i) for i in index) != n:
+            raise CacheError(f"the shards of {writer.final.name} hold "
+                             f"{sum(len(i) for i in index)} rows, the data set {n}")
+        chunk = writer.file["features"].chunks[0]
+        block = chunk * max(1, _READ_BYTES // (chunk * dim * 4))
+        for lo in range(writer.rows_done, n, block):
+            writer.write(lo, *_gather_block(files, index, lo, min(n, lo + block), dim,
+                                            writer.file["features"].dtype))
+    finally:
+        for f in files:
+            f.close()
+
+
+def _gather_block(files, index, lo: int, hi: int, dim: int, dtype):
+    features = np.empty((hi - lo, dim), dtype)
+    valid = np.zeros(hi - lo, bool)
+    filled = np.zeros(hi - lo, bool)
+    failures = []
+    for f, ix in zip(files, index):
+        a, b = np.searchsorted(ix, [lo, hi])
+        rows = ix[a:b] - lo
+        features[rows] = f["features"][a:b]
+        valid[rows] = f["valid"][a:b]
+        filled[rows] = True
+        failed = f["failed_index"][:]
+        keep = (failed >= lo) & (failed < hi)
+        failures += zip(failed[keep].tolist(), f["failed_reason"].asstr()[:][keep].tolist())
+    if not filled.all():
+        raise CacheError(f"no shard holds rows {lo + int(np.argmin(filled))} and others; "
+                         "remove the shard files and extract again")
+    return features, valid, sorted(failures)
 
 
 def open_cache(path: str | os.PathLike) -> h5py.File:
@@ -253,6 +315,9 @@ def list_caches(cache_dir: str | os.PathLike) -> list[dict]:
             rows.append({"path": str(path), "status": "complete", "backbone":
                          info["spec"]["backbone"], "images": info["images"], "dim": info["dim"],
                          "bytes": info["bytes"], "created": info["created"]})
+        elif SUFFIX + SHARD in path.name:
+            status = "shard (partial)" if path.name.endswith(PARTIAL) else "shard"
+            rows.append({"path": str(path), "status": status, "bytes": path.stat().st_size})
         elif path.name.endswith(SUFFIX + PARTIAL):
             rows.append({"path": str(path), "status": "partial", "bytes": path.stat().st_size})
     return rows
@@ -271,6 +336,6 @@ def find_cache(cache_dir: str | os.PathLike, name: str) -> Path:
 
 
 def remove_cache(path: Path) -> None:
-    if not path.name.endswith((SUFFIX, SUFFIX + PARTIAL)):
+    if not (path.name.endswith((SUFFIX, SUFFIX + PARTIAL)) or SUFFIX + SHARD in path.name):
         raise CacheError(f"{path} is not a cache file")
     path.unlink()

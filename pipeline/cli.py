@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from pipeline import backbones, blocks, cache, compare, report
+from pipeline import backbones, blocks, cache, compare, distributed, report
 from pipeline.devices import DEVICES
 from pipeline.errors import PipelineError
 from pipeline.extract import DEFAULT_CACHE_DIR, DTYPES, extract_features
@@ -24,6 +24,8 @@ class _Group(click.Group):
             return super().invoke(ctx)
         except PipelineError as err:
             raise click.ClickException(str(err)) from None
+        finally:  # under torchrun: leave the process group cleanly
+            distributed.shutdown()
 
 
 def _fractions(_ctx, _param, value: str) -> tuple[float, float, float]:
@@ -40,6 +42,8 @@ def _emit_json(obj) -> None:
     click.echo(json.dumps(obj, indent=None, default=str))
 
 
+compile_option = click.option(
+    "--compile", is_flag=True, help="torch.compile the network (pays off on long GPU runs).")
 cache_dir_option = click.option(
     "--cache-dir", default=DEFAULT_CACHE_DIR, show_default=True, type=click.Path(),
     help="Folder of the HDF5 feature caches (env PIPELINE_CACHE_DIR).")
@@ -74,6 +78,7 @@ def main() -> None:
 @click.option("--split", "split_fractions", default="0.8,0.1,0.1", show_default=True,
               callback=_fractions, help="train,val,test fractions when the data has no splits.")
 @click.option("--seed", type=int, default=0, show_default=True)
+@compile_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object, nothing else.")
 @click.option("--write-json", type=click.Path(dir_okay=False), default=None,
               help="Also write the JSON summary to this file.")
@@ -82,6 +87,9 @@ def extract(data, as_json, write_json, **options) -> None:
 
     DATA is a folder root/<class>/<image>, a split folder root/{train,val,test}/<class>/<image>,
     or a CSV manifest path,label[,split].
+
+    Under torchrun (torchrun --standalone --nproc-per-node N -m pipeline extract ...) each
+    process extracts a shard and rank 0 assembles the same cache one process writes.
     """
     try:
         result = extract_features(data, progress=False if as_json else None, **options)
@@ -89,6 +97,8 @@ def extract(data, as_json, write_json, **options) -> None:
         click.echo("interrupted: the features written so far are kept; run the same command "
                    "again to resume", err=True)
         sys.exit(130)
+    if not distributed.context().is_main:  # under torchrun rank 0 speaks for the job
+        return
     summary = result.to_json()
     if write_json:
         Path(write_json).parent.mkdir(parents=True, exist_ok=True)
@@ -102,8 +112,9 @@ def extract(data, as_json, write_json, **options) -> None:
     else:
         rate = (result.images - result.resumed_from) / max(result.seconds, 1e-9)
         resumed = f", resumed at {result.resumed_from}" if result.resumed_from else ""
-        click.echo(f"extracted {result.images} images ({result.dim}-d) in {result.seconds:.1f} s "
-                   f"({rate:.0f} img/s{resumed}) -> {result.cache_path}")
+        procs = f" on {result.world_size} processes" if result.world_size > 1 else ""
+        click.echo(f"extracted {result.images} images ({result.dim}-d){procs} in "
+                   f"{result.seconds:.1f} s ({rate:.0f} img/s{resumed}) -> {result.cache_path}")
     for path, reason in result.failures:
         click.echo(f"skipped unreadable {path}: {reason}", err=True)
     if result.failed:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from importlib.metadata import version
 from pathlib import Path
@@ -14,8 +14,17 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from pipeline import distributed
 from pipeline.backbones import DEFAULT_BACKBONE, BackboneSpec, resolve_backbone
-from pipeline.cache import FeatureWriter, cache_key, cache_path, stored_summary
+from pipeline.cache import (
+    FeatureWriter,
+    assemble_shards,
+    cache_key,
+    cache_path,
+    shard_path,
+    shard_paths,
+    stored_summary,
+)
 from pipeline.data import (
     ImageFiles,
     ImageSet,
@@ -29,7 +38,6 @@ from pipeline.devices import (
     default_batch_size,
     default_workers,
     keep_freed_memory,
-    resolve_device,
 )
 from pipeline.errors import DataError
 
@@ -48,8 +56,9 @@ class ExtractResult:
     dim: int
     seconds: float
     key: str
-    resumed_from: int = 0
+    resumed_from: int = 0  # rows found already written, by an interrupted run
     failures: list[tuple[str, str]] = field(default_factory=list)
+    world_size: int = 1  # processes that extracted (torchrun)
 
     def to_json(self) -> dict:
         out = asdict(self)
@@ -76,6 +85,7 @@ def extract_features(
     seed: int = 0,
     progress: bool | None = None,
     on_batch: Callable[[int, int], None] | None = None,
+    compile: bool = False,
 ) -> ExtractResult:
     """Extract bottleneck features of every image once, or find them in the cache.
 
@@ -100,7 +110,14 @@ def extract_features(
     progress
         Show a progress bar; by default only when stderr is a terminal.
     on_batch
-        Called with ``(rows_done, total)`` after each batch is safely on disk.
+        Called with ``(rows_done, total)`` after each batch is safely on disk (under torchrun:
+        of this rank's shard).
+    compile
+        Run the network through :func:`torch.compile` (worth it for long runs on a GPU).
+
+    Under ``torchrun`` every rank extracts every ``world_size``-th image into a shard file and
+    rank 0 assembles the shards into the same cache, under the same key, that one process
+    writes; an interrupted job resumes each shard where it stopped.
 
     Returns
     -------
@@ -112,26 +129,33 @@ def extract_features(
         raise DataError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
     images = load_image_set(data, split_fractions, seed)
     spec = resolve_backbone(backbone, weights, layer, pool, image_size, seed)
-    run_on = resolve_device(device)
+    ctx, run_on = distributed.setup(device)
     key_spec = feature_key_spec(spec, images, dtype, hash_contents, autocast_dtype(run_on))
     key = cache_key(key_spec)
+    distributed.check_agree(key, "images or settings (their cache keys differ)")
     final = cache_path(cache_dir, spec.name, key)
-    if final.exists():
-        images_n, dim, failures = stored_summary(final)
-        return ExtractResult(final, True, images_n, len(failures), dim,
-                             time.perf_counter() - started, key, failures=failures)
+    if distributed.broadcast(final.exists()):
+        return _hit(final, key, started)
     model = prepare_model(spec, run_on)
     dim = _feature_dim(model, spec, run_on)
+    if compile:
+        model = torch.compile(model)
     meta = {"paths": images.paths, "labels": images.labels, "split": images.splits,
             "classes": images.classes, "data_root": str(images.root),
             # The arguments that rebuild this backbone, for `pipeline predict` on new images.
             "request": {"backbone": backbone, "weights": weights, "layer": layer, "pool": pool,
                         "image_size": image_size, "seed": seed}}
+    if progress is None:  # one bar per job, not one per rank
+        progress = sys.stderr.isatty() and ctx.is_main
+    run = _Run(model, spec, images, run_on, batch_size,
+               default_workers(ctx.local_world_size) if workers is None else workers,
+               strict, progress, on_batch)
+    if ctx.distributed:
+        return _extract_sharded(run, ctx, final, key_spec, key, dim, dtype, meta, started)
     writer = FeatureWriter(final, key_spec, key, dim, dtype, meta)
     resumed_from = writer.rows_done
     try:
-        forward_s = _run(model, spec, images, writer, run_on, batch_size, workers, strict,
-                         progress, on_batch)
+        forward_s = run.rows(writer, np.arange(len(images)))
         failures = writer.failures()
         seconds = time.perf_counter() - started
         writer.finish({"timings": {"seconds": seconds, "forward_seconds": forward_s,
@@ -141,6 +165,76 @@ def extract_features(
         writer.close()
     return ExtractResult(final, False, len(images), len(failures), dim, seconds, key,
                          resumed_from, failures)
+
+
+def _hit(final: Path, key: str, started: float) -> ExtractResult:
+    images_n, dim, failures = stored_summary(final)
+    return ExtractResult(final, True, images_n, len(failures), dim,
+                         time.perf_counter() - started, key, failures=failures)
+
+
+def _extract_sharded(run: _Run, ctx: distributed.Context, final: Path, key_spec: dict, key: str,
+                     dim: int, dtype: str, meta: dict, started: float) -> ExtractResult:
+    """Each rank writes its shard; rank 0 assembles them into the cache one process writes."""
+    shard = _extract_shard(run, ctx, final, key_spec, key, dim, dtype, meta)
+    shards = distributed.all_gather(shard)  # also waits until every shard is complete
+    if ctx.is_main:
+        _assemble(final, shards, key_spec, key, dim, dtype, meta, run.device, started)
+    distributed.barrier()
+    if not final.exists():
+        raise distributed.DistributedError(
+            f"{final} was assembled by rank 0 but this rank cannot see it; --cache-dir must be "
+            "a folder every rank sees at the same path (a shared file system)")
+    images_n, dim, failures = stored_summary(final)
+    return ExtractResult(final, False, images_n, len(failures), dim,
+                         time.perf_counter() - started, key,
+                         sum(s["resumed_from"] for s in shards), failures, ctx.world_size)
+
+
+def _extract_shard(run: _Run, ctx, final, key_spec, key, dim, dtype, meta) -> dict:
+    """Write (or finish, or find complete) this rank's shard file; what this run did there."""
+    rows = distributed.shard_indices(len(run.images), ctx)
+    path = shard_path(final, ctx.rank, ctx.world_size)
+    info = {"rank": ctx.rank, "path": str(path), "rows": len(rows), "resumed_from": len(rows),
+            "seconds": 0.0, "forward_seconds": 0.0}
+    if path.exists():
+        return info
+    started = time.perf_counter()
+    shard_meta = {**meta, "paths": [meta["paths"][i] for i in rows], "labels":
+                  meta["labels"][rows], "split": meta["split"][rows], "index": rows}
+    shard_spec = {**key_spec, "shard": {"rank": ctx.rank, "world_size": ctx.world_size}}
+    writer = FeatureWriter(path, shard_spec, f"{key}/shard-{ctx.rank}-of-{ctx.world_size}", dim,
+                           dtype, shard_meta)
+    info["resumed_from"] = writer.rows_done
+    try:
+        info["forward_seconds"] = run.rows(writer, rows, desc=f"rank {ctx.rank}")
+        info["seconds"] = time.perf_counter() - started
+        writer.finish({"timings": info})
+    finally:
+        writer.close()
+    return info
+
+
+def _assemble(final, shards, key_spec, key, dim, dtype, meta, device, started) -> None:
+    for s in shards:
+        if not Path(s["path"]).exists():
+            raise distributed.DistributedError(
+                f"rank {s['rank']}'s shard {s['path']} is not visible to rank 0; --cache-dir "
+                "must be a folder every rank sees at the same path (a shared file system)")
+    writer = FeatureWriter(final, key_spec, key, dim, dtype, meta)
+    try:
+        assembling = time.perf_counter()
+        assemble_shards(writer, [Path(s["path"]) for s in shards])
+        timings = {"seconds": time.perf_counter() - started,
+                   "forward_seconds": sum(s["forward_seconds"] for s in shards),
+                   "resumed_from": sum(s["resumed_from"] for s in shards),
+                   "assemble_seconds": time.perf_counter() - assembling,
+                   "device": str(device), "world_size": len(shards), "shards": shards}
+        writer.finish({"timings": timings, "versions": _versions()})
+    finally:
+        writer.close()
+    for old in shard_paths(final):  # this run's shards, and any left by another world size
+        old.unlink()
 
 
 def feature_key_spec(spec: BackboneSpec, images: ImageSet, dtype: str, hash_contents: bool,
@@ -173,38 +267,48 @@ def _feature_dim(model: torch.nn.Module, spec: BackboneSpec, device: torch.devic
     return int(model(torch.zeros(1, 3, crop, crop, device=device)).shape[1])
 
 
-def _loader(images: ImageSet, spec: BackboneSpec, start: int, batch_size: int | None,
-            workers: int | None, device: torch.device) -> torch.utils.data.DataLoader:
+def _loader(images: ImageSet, spec: BackboneSpec, indices: Sequence[int],
+            batch_size: int | None, workers: int | None, device: torch.device
+            ) -> torch.utils.data.DataLoader:
     crop = spec.preprocessing.crop
     files = ImageFiles(images, spec.preprocessing.transform(), (3, crop, crop))
     workers = default_workers() if workers is None else workers
     return torch.utils.data.DataLoader(
-        torch.utils.data.Subset(files, range(start, len(images))),
+        torch.utils.data.Subset(files, indices),
         batch_size=batch_size or default_batch_size(device), shuffle=False, num_workers=workers,
         pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None)
 
 
 @dataclass
 class FeatureBatch:
-    """Features of images ``start:start+len(features)``; NaN rows where ``valid`` is False."""
+    """Features of the images ``index``; NaN rows where ``valid`` is False."""
 
-    start: int
+    index: np.ndarray  # positions of the rows in the image set
     features: np.ndarray
     valid: np.ndarray
     failures: list[tuple[int, str]]  # (image index, why it could not be read)
     forward_s: float
 
+    @property
+    def start(self) -> int:
+        return int(self.index[0])
+
 
 @torch.inference_mode()
 def feature_batches(model: torch.nn.Module, spec: BackboneSpec, images: ImageSet,
-                    device: torch.device, start: int = 0, batch_size: int | None = None,
-                    workers: int | None = None, progress: bool | None = None,
-                    desc: str = "extract") -> Iterator[FeatureBatch]:
-    """Decode, preprocess and run images ``start:`` through ``model``, batch by batch."""
+                    device: torch.device, indices: Sequence[int] | None = None,
+                    batch_size: int | None = None, workers: int | None = None,
+                    progress: bool | None = None, desc: str = "extract", done: int = 0
+                    ) -> Iterator[FeatureBatch]:
+    """Decode, preprocess and run images ``indices`` (default: all) through ``model``, in order.
+
+    ``done`` rows already handled elsewhere start the progress bar part-full.
+    """
+    indices = range(len(images)) if indices is None else indices
     show = sys.stderr.isatty() if progress is None else progress
-    with tqdm(total=len(images), initial=start, unit="img", disable=not show,
+    with tqdm(total=done + len(indices), initial=done, unit="img", disable=not show,
               desc=f"{desc} {spec.name}", dynamic_ncols=True) as bar:
-        for x, index, errors in _loader(images, spec, start, batch_size, workers, device):
+        for x, index, errors in _loader(images, spec, indices, batch_size, workers, device):
             started = time.perf_counter()
             x = x.to(device, non_blocking=True)
             if device.type == "cuda":
@@ -214,26 +318,40 @@ def feature_batches(model: torch.nn.Module, spec: BackboneSpec, images: ImageSet
             valid = np.array([not e for e in errors])
             feats[~valid] = np.nan
             failures = [(int(i), e) for i, e in zip(index, errors) if e]
-            yield FeatureBatch(int(index[0]), feats, valid, failures,
+            yield FeatureBatch(index.numpy(), feats, valid, failures,
                                time.perf_counter() - started)
             bar.update(len(index))
 
 
-def _run(model, spec, images, writer, device, batch_size, workers, strict, progress,
-         on_batch) -> float:
-    """Feed every not-yet-written image through the model; returns seconds spent in forward."""
-    forward_s = 0.0
-    for batch in feature_batches(model, spec, images, device, writer.rows_done, batch_size,
-                                 workers, progress):
-        if strict and batch.failures:
-            i, reason = batch.failures[0]
-            raise DataError(f"{images.paths[i]}: unreadable image ({reason}); "
-                            "drop --strict to skip and list such files")
-        writer.write(batch.start, batch.features, batch.valid, batch.failures)
-        forward_s += batch.forward_s
-        if on_batch is not None:
-            on_batch(writer.rows_done, len(images))
-    return forward_s
+@dataclass
+class _Run:
+    """One extraction's model and loading settings, to feed any list of images through."""
+
+    model: torch.nn.Module
+    spec: BackboneSpec
+    images: ImageSet
+    device: torch.device
+    batch_size: int | None
+    workers: int
+    strict: bool
+    progress: bool | None
+    on_batch: Callable[[int, int], None] | None
+
+    def rows(self, writer: FeatureWriter, indices: np.ndarray, desc: str = "extract") -> float:
+        """Write the features of ``indices[writer.rows_done:]``; returns seconds in forward."""
+        forward_s = 0.0
+        for batch in feature_batches(self.model, self.spec, self.images, self.device,
+                                     indices[writer.rows_done:], self.batch_size, self.workers,
+                                     self.progress, desc, done=writer.rows_done):
+            if self.strict and batch.failures:
+                i, reason = batch.failures[0]
+                raise DataError(f"{self.images.paths[i]}: unreadable image ({reason}); "
+                                "drop --strict to skip and list such files")
+            writer.write(writer.rows_done, batch.features, batch.valid, batch.failures)
+            forward_s += batch.forward_s
+            if self.on_batch is not None:
+                self.on_batch(writer.rows_done, len(indices))
+        return forward_s
 
 
 def _versions() -> dict:

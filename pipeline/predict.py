@@ -77,7 +77,7 @@ def predict_images(
     run_on = resolve_device(device)
     net = _network(saved, spec, run_on)
     rows = []
-    for batch in feature_batches(net, spec, images, run_on, 0, batch_size, workers, progress,
+    for batch in feature_batches(net, spec, images, run_on, None, batch_size, workers, progress,
                                  desc="predict"):
         rows += _batch_rows(saved, batch, paths, classes, top_k)
     return rows
