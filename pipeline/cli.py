@@ -236,9 +236,14 @@ def _depths(_ctx, _param, value: str) -> list:
 @cache_dir_option
 @click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
 @click.option("--workers", type=click.IntRange(min=0), default=None)
+@compile_option
 @click.option("--json", "as_json", is_flag=True, help="Print the results as one JSON object.")
 def finetune_command(data, unfreeze, out, as_json, **options) -> None:
-    """Fine-tune the top blocks of a backbone on DATA (linear probe first, then fine-tune)."""
+    """Fine-tune the top blocks of a backbone on DATA (linear probe first, then fine-tune).
+
+    Under torchrun (torchrun --standalone --nproc-per-node N -m pipeline finetune ...) the
+    processes train one model with DistributedDataParallel; --batch-size is per process.
+    """
     progress = False if as_json else None
     try:
         rows = sweep_depths(data, unfreeze, out, progress=progress, **options)
@@ -246,6 +251,8 @@ def finetune_command(data, unfreeze, out, as_json, **options) -> None:
         click.echo("interrupted: the last epoch's checkpoint is kept; run the same command "
                    "again to resume", err=True)
         sys.exit(130)
+    if not distributed.context().is_main:
+        return
     if as_json:
         _emit_json(rows)
         return

@@ -20,20 +20,15 @@ import torch
 import torch.nn.functional as F
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score, log_loss
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torchvision.transforms import InterpolationMode, v2
 
-from pipeline import report
+from pipeline import distributed, report
 from pipeline.backbones import DEFAULT_BACKBONE, BackboneSpec, replace_classifier, resolve_backbone
 from pipeline.blocks import freeze_below
 from pipeline.cache import cache_info, read_splits
 from pipeline.data import ImageFiles, ImageSet, load_image_set
-from pipeline.devices import (
-    autocast,
-    autocast_dtype,
-    default_workers,
-    keep_freed_memory,
-    resolve_device,
-)
+from pipeline.devices import autocast, autocast_dtype, default_workers, keep_freed_memory
 from pipeline.errors import DataError, PipelineError
 from pipeline.extract import DEFAULT_CACHE_DIR, extract_features
 from pipeline.heads import LinearProbe
@@ -93,6 +88,7 @@ def finetune(
     split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1),
     progress: bool | None = None,
     on_epoch: Callable[[int, dict], None] | None = None,
+    compile: bool = False,
     **config,
 ) -> FinetuneResult:
     """Fine-tune the top ``unfreeze`` blocks of ``backbone`` on ``data``; resume if stopped.
@@ -107,11 +103,20 @@ def finetune(
         and ``models/*.head``. A run whose checkpoint is there resumes from it.
     on_epoch
         Called with ``(epoch, history_row)`` after each epoch's checkpoint is written.
+    compile
+        Train through :func:`torch.compile` (worth it for long runs on a GPU).
     **config
         Fields of :class:`FinetuneConfig` (``unfreeze`` may be ``"all"``).
+
+    Under ``torchrun`` the ranks train one model with DistributedDataParallel: each takes its
+    share of every epoch's shuffled training images (``batch_size`` per rank), gradients of
+    the trained blocks are averaged (the frozen trunk has none to sync), validation and test
+    images are split between the ranks and their metrics gathered, and rank 0 alone writes
+    checkpoints and results. A restarted job resumes from rank 0's checkpoint.
     """
     started = time.perf_counter()
     cfg = _config(config)
+    ctx, run_on = distributed.setup(device)
     images = load_image_set(data, split_fractions, cfg.seed)
     spec = resolve_backbone(backbone, weights, image_size=image_size, seed=cfg.seed)
     cache = extract_features(data, backbone, weights, image_size=image_size, cache_dir=cache_dir,
@@ -119,17 +124,18 @@ def finetune(
                              workers=workers)
     splits = read_splits(cache.cache_path)
     _check_splits(splits, images)
-    run_on = resolve_device(device)
     model, head, unfrozen = build_model(spec, images.classes, cfg, splits)
     out = Path(out)
     args = _run_args(spec, cfg, cache.key, images)
-    trainer = _Trainer(model, head, unfrozen, cfg, run_on, args, out / CHECKPOINT)
-    loaders = _Loaders(images, spec, cfg, splits, run_on, workers)
+    trainer = _Trainer(model, head, unfrozen, cfg, run_on, args, out / CHECKPOINT, ctx, compile)
+    loaders = _Loaders(images, spec, cfg, splits, run_on, workers, ctx)
     history = trainer.fit(loaders, on_epoch)
     _, _, proba = evaluate(model, loaders.eval("test"), run_on)
     y_test = loaders.labels("test")
     result = _result(spec, cfg, cache.key, trainer, history, y_test, proba, started)
-    result.files = _write(out, spec, images.classes, cache, args, model, result)
+    if ctx.is_main:
+        result.files = _write(out, spec, images.classes, cache, args, model, result)
+    distributed.barrier()  # no rank returns before the results are on disk
     return result
 
 
@@ -146,7 +152,8 @@ def sweep_depths(data: str | os.PathLike, depths: Sequence[int | str],
               "trainable_parameters": r["trainable_parameters"], "best_epoch": r["best_epoch"],
               "test_accuracy": r["test_accuracy"], "macro_f1": r["macro_f1"],
               "seconds": r["fit_s"]} for r in rows]
-    report.write_table(table, out / "freeze_depth")
+    if distributed.context().is_main:
+        report.write_table(table, out / "freeze_depth")
     return table
 
 
@@ -237,9 +244,9 @@ class _Labelled(torch.utils.data.Dataset):
 class _Loaders:
     """Train, val and test loaders over the images the cache could read."""
 
-    def __init__(self, images, spec, cfg, splits, device, workers):
-        self.cfg, self.device = cfg, device
-        self.workers = default_workers() if workers is None else workers
+    def __init__(self, images, spec, cfg, splits, device, workers, ctx: distributed.Context):
+        self.cfg, self.device, self.ctx = cfg, device, ctx
+        self.workers = default_workers(ctx.local_world_size) if workers is None else workers
         crop = spec.preprocessing.crop
         shape = (3, crop, crop)
         train_tf = train_transform(spec) if cfg.augment == "standard" else None
@@ -255,17 +262,28 @@ class _Loaders:
     def train(self, epoch: int) -> torch.utils.data.DataLoader:
         # Shuffling and augmentation are seeded per epoch, so a resumed run sees the same
         # batches and crops as an uninterrupted one.
-        generator = torch.Generator().manual_seed(self.cfg.seed * 100_003 + epoch)
-        return self._loader(self.augmented, "train", shuffle=True, generator=generator)
+        data = _Labelled(self.augmented, self.rows["train"])
+        if not self.ctx.distributed:
+            generator = torch.Generator().manual_seed(self.cfg.seed * 100_003 + epoch)
+            return self._loader(data, shuffle=True, generator=generator)
+        # Each rank its share of one shuffle; padded with repeats to equal shares, so every
+        # rank takes the same number of steps (DDP syncs gradients at each step).
+        sampler = torch.utils.data.DistributedSampler(
+            data, self.ctx.world_size, self.ctx.rank, shuffle=True, seed=self.cfg.seed)
+        sampler.set_epoch(epoch)
+        return self._loader(data, sampler=sampler)
 
     def eval(self, split: str) -> torch.utils.data.DataLoader:
-        return self._loader(self.plain, split, shuffle=False)
+        """This rank's images of ``split`` (all of them in a world of one), none repeated."""
+        rows = self.rows[split]
+        mine = distributed.shard_indices(len(rows), self.ctx)
+        return self._loader(_Labelled(self.plain, [rows[i] for i in mine]), shuffle=False)
 
-    def _loader(self, files, split, shuffle, generator=None):
+    def _loader(self, data, shuffle=False, generator=None, sampler=None):
         return torch.utils.data.DataLoader(
-            _Labelled(files, self.rows[split]), batch_size=self.cfg.batch_size,
-            shuffle=shuffle, generator=generator, num_workers=self.workers,
-            pin_memory=self.device.type == "cuda", drop_last=False)
+            data, batch_size=self.cfg.batch_size, shuffle=shuffle, generator=generator,
+            sampler=sampler, num_workers=self.workers, pin_memory=self.device.type == "cuda",
+            drop_last=False)
 
 
 # --- training ------------------------------------------------------------------------------------
@@ -304,24 +322,33 @@ def train_one_epoch(model, trainable, loader, optimizer, scaler, device, cfg
         total_loss += loss.item() * len(y)
         correct += int((logits.argmax(1) == y).sum())
         seen += len(y)
+    total_loss, correct, seen = distributed.sum_across([total_loss, correct, seen], device)
     return total_loss / seen, correct / seen
 
 
 @torch.inference_mode()
 def evaluate(model, loader, device) -> tuple[float, float, np.ndarray]:
-    """Mean loss, accuracy and class probabilities over a loader, in eval mode."""
+    """Mean loss, accuracy and class probabilities over a loader, in eval mode.
+
+    Under torchrun each rank evaluates its share and every rank returns the whole split's
+    figures, with the probabilities in the split's order.
+    """
     was_training = model.training
     model.eval()
-    losses, probs, labels = [], [], []
-    for x, _index, _errors, y in loader:
+    loss, probs, labels, index = 0.0, [], [], []
+    for x, i, _errors, y in loader:
         with autocast(device):
             logits = model(_to_device(x, device)).float()
-        losses.append(F.cross_entropy(logits, y.to(device), reduction="sum").item())
+        loss += F.cross_entropy(logits, y.to(device), reduction="sum").item()
         probs.append(logits.softmax(1).cpu().numpy())
         labels.append(y.numpy())
+        index.append(i.numpy())
     model.train(was_training)
-    proba, y = np.concatenate(probs), np.concatenate(labels)
-    return sum(losses) / len(y), float((proba.argmax(1) == y).mean()), proba
+    shares = distributed.all_gather((loss, probs, labels, index))
+    order = np.argsort(np.concatenate([i for s in shares for i in s[3]]), kind="stable")
+    proba = np.concatenate([p for s in shares for p in s[1]])[order]
+    y = np.concatenate([y for s in shares for y in s[2]])[order]
+    return sum(s[0] for s in shares) / len(y), float((proba.argmax(1) == y).mean()), proba
 
 
 def _to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -332,14 +359,17 @@ def _to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
 class _Trainer:
     """Optimizer, schedule, early stopping and per-epoch checkpoints of one run."""
 
-    def __init__(self, model, head, unfrozen, cfg, device, args, checkpoint: Path):
+    def __init__(self, model, head, unfrozen, cfg, device, args, checkpoint: Path,
+                 ctx: distributed.Context | None = None, compile: bool = False):
         self.model, self.head, self.cfg, self.device = model, head, cfg, device
         self.args, self.checkpoint = args, checkpoint
+        self.ctx = ctx or distributed.Context()
         self.trainable = [model.get_submodule(n) for b in unfrozen for n in b.modules] + [head]
         self.unfrozen_blocks = len(unfrozen)
         if device.type == "cpu":
             keep_freed_memory()
         model.to(device, memory_format=torch.channels_last)
+        self.net = self._wrap(compile)
         self.optimizer = self._optimizer()
         self.scheduler = self._scheduler()
         amp = autocast_dtype(device)
@@ -347,6 +377,18 @@ class _Trainer:
         self.history: list[dict] = []
         self.best = {"val_loss": float("inf"), "epoch": -1, "state": None}
         self.start_epoch = 0
+
+    def _wrap(self, compile: bool) -> nn.Module:
+        """What the training steps call: the model, under DDP across ranks, maybe compiled."""
+        net = self.model
+        if self.ctx.distributed:
+            # DDP averages only gradients of parameters that require them: the frozen trunk
+            # is not synced. It also starts every rank from rank 0's weights. Frozen BatchNorm
+            # statistics are equal everywhere; trained ones follow rank 0's.
+            net = DistributedDataParallel(
+                net, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                forward_sync_buffers=self.cfg.bn_train)
+        return torch.compile(net) if compile else net
 
     @property
     def trainable_parameters(self) -> int:
@@ -375,9 +417,10 @@ class _Trainer:
             if stalled >= self.cfg.patience:
                 break
             started = time.perf_counter()
-            torch.manual_seed(self.cfg.seed * 100_003 + epoch)  # dropout and augmentation
+            # Dropout and augmentation: seeded per epoch, and per rank so ranks differ.
+            torch.manual_seed(self.cfg.seed * 100_003 + epoch + 7919 * self.ctx.rank)
             train_loss, train_acc = train_one_epoch(
-                self.model, self.trainable, loaders.train(epoch), self.optimizer, self.scaler,
+                self.net, self.trainable, loaders.train(epoch), self.optimizer, self.scaler,
                 self.device, self.cfg)
             val_loss, val_acc, _ = evaluate(self.model, loaders.eval("val"), self.device)
             lr = self.optimizer.param_groups[0]["lr"]
@@ -390,7 +433,8 @@ class _Trainer:
                 self.best = {"val_loss": val_loss, "epoch": epoch + 1,
                              "state": _cpu_copy(self.model.state_dict())}
             stalled = self._stalled()
-            self._save(epoch + 1)
+            if self.ctx.is_main:  # every rank holds the same weights; one file is enough
+                self._save(epoch + 1)
             if on_epoch is not None:
                 on_epoch(epoch + 1, row)
         if self.best["state"] is not None:  # early stopping restores the best weights
