@@ -124,3 +124,52 @@ def test_read_splits_in_small_blocks_matches_the_stored_rows(tmp_path, monkeypat
         np.testing.assert_array_equal(got[name].X, feats[rows])
         assert got[name].paths == [meta["paths"][i] for i in rows]
         np.testing.assert_array_equal(got[name].y, meta["labels"][rows])
+
+
+def _shards(tmp_path, n, world, dim=3, drop=None):
+    """Shard files of a cache of ``n`` rows whose row i holds the value i, row 2 unreadable."""
+    final = cache.cache_path(tmp_path, "net", "k")
+    meta = {**_meta(n), "split": ["train"] * n}
+    paths = []
+    for rank in range(world):
+        rows = np.arange(rank, n, world)
+        if drop is not None:
+            rows = rows[rows != drop]
+        shard = cache.shard_path(final, rank, world)
+        w = cache.FeatureWriter(shard, {"shard": rank}, f"k/{rank}", dim, "float32",
+                                {**meta, "paths": [meta["paths"][i] for i in rows],
+                                 "labels": meta["labels"][rows], "split": ["train"] * len(rows),
+                                 "index": rows})
+        features = np.repeat(rows[:, None], dim, 1).astype(np.float32)
+        w.write(0, features, rows != 2, [(2, "broken")] if 2 in rows else [])
+        paths.append(w.finish({}))
+    return final, meta, paths
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_assembled_shards_are_the_rows_in_data_set_order(tmp_path, world, monkeypatch):
+    # Blocks of 3 rows, each gathered from every shard.
+    monkeypatch.setattr(cache, "_CHUNK_BYTES", 3 * 3 * 4)
+    monkeypatch.setattr(cache, "_READ_BYTES", 1)
+    written = []
+    write = cache.FeatureWriter.write
+    monkeypatch.setattr(cache.FeatureWriter, "write",
+                        lambda self, start, *a: written.append(start) or write(self, start, *a))
+    final, meta, shards = _shards(tmp_path, 11, world)
+    writer = cache.FeatureWriter(final, {"backbone": "net"}, "k", 3, "float32", meta)
+    cache.assemble_shards(writer, shards)
+    writer.finish({})
+    assert written[-4:] == [0, 3, 6, 9]
+    with cache.open_cache(final) as f:
+        np.testing.assert_array_equal(f["features"][:, 0], np.arange(11))
+        np.testing.assert_array_equal(f["valid"][:], np.arange(11) != 2)
+    assert cache.stored_summary(final)[2] == [(meta["paths"][2], "broken")]
+    listed = {row["status"] for row in cache.list_caches(tmp_path)}
+    assert listed == {"complete", "shard"}
+
+
+def test_shards_that_miss_rows_are_refused(tmp_path):
+    final, meta, shards = _shards(tmp_path, 11, 2, drop=5)
+    writer = cache.FeatureWriter(final, {"backbone": "net"}, "k", 3, "float32", meta)
+    with pytest.raises(CacheError, match="hold 10 rows, the data set 11"):
+        cache.assemble_shards(writer, shards)

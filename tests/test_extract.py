@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -162,3 +163,12 @@ def test_features_stream_to_disk_one_batch_at_a_time(tmp_path, monkeypatch):
         root = make_folder(tmp_path / f"d{n}", classes=("a", "b"), per_class=n)
         _extract(root, tmp_path / "c", batch_size=4, split_fractions=(1.0, 0.0, 0.0))
         assert written == [4] * (2 * n // 4)
+
+
+@pytest.mark.skipif(shutil.which("cc") is None, reason="torch.compile on CPU needs a C compiler")
+def test_compiled_network_gives_the_same_features(tmp_path, image_folder):
+    eager = _extract(image_folder, tmp_path / "eager")
+    compiled = _extract(image_folder, tmp_path / "compiled", compile=True)
+    assert compiled.cache_path.name == eager.cache_path.name  # compiling changes no number
+    a, b = _arrays(compiled.cache_path), _arrays(eager.cache_path)
+    np.testing.assert_allclose(a["features"], b["features"], rtol=1e-4, atol=1e-5)

@@ -155,3 +155,23 @@ def test_replace_classifier_for_timm_and_torchvision():
         model = spec.build_classifier()
         head = replace_classifier(spec, model, 4)
         assert model(torch.zeros(1, 3, 64, 64)).shape == (1, 4) and head.out_features == 4
+
+
+class _CountingWrapper(torch.nn.Module):
+    def __init__(self, net):
+        super().__init__()
+        self.net, self.calls = net, 0
+
+    def forward(self, x):
+        self.calls += 1
+        return self.net(x)
+
+
+def test_compile_wraps_what_the_training_steps_call(data, tmp_path, monkeypatch):
+    # Compiling on the CPU takes minutes here; a stand-in proves the steps go through it.
+    wrappers = []
+    monkeypatch.setattr(torch, "compile", lambda net: wrappers.append(_CountingWrapper(net))
+                        or wrappers[-1])
+    _run(data, tmp_path, epochs=1, compile=True)
+    train_images = 24  # 0.8 of the 30 images
+    assert len(wrappers) == 1 and wrappers[0].calls == -(-train_images // FT["batch_size"])
