@@ -17,6 +17,9 @@ SHOTS ?= 1,5,10,all
 DRAWS ?= 3
 UNFREEZE ?= 0,1,2
 EPOCHS ?= 3
+# Processes (GPUs) on this machine for extract and finetune; set it to run them under torchrun.
+NPROC ?=
+BENCH_ARGS ?=
 
 RUN := $(RESULTS)/$(notdir $(patsubst %/,%,$(DATA)))/$(subst /,_,$(BACKBONE))
 FEATURES := $(RUN)/features.json
@@ -26,6 +29,7 @@ REPORT := $(RUN)/report/report.md
 # The cache file that `make features` recorded in its JSON summary.
 CACHE_OF = $$($(BIN)/python -c 'import json,sys; print(json.load(open(sys.argv[1]))["cache_path"])' $(FEATURES))
 DATA_FILES := $(shell find $(DATA) -type f 2>/dev/null)
+STAGE := $(if $(NPROC),$(BIN)/torchrun --standalone --nproc-per-node $(NPROC) -m pipeline,$(BIN)/pipeline)
 EXTRACT_ARGS := --backbone $(BACKBONE) --weights $(WEIGHTS) --cache-dir $(CACHE_DIR) \
 	$(if $(IMAGE_SIZE),--image-size $(IMAGE_SIZE))
 
@@ -48,7 +52,7 @@ features: $(FEATURES) ## stage 1: bottleneck features of DATA with BACKBONE, cac
 
 $(FEATURES): $(BIN)/.installed $(DATA_FILES)
 	@mkdir -p $(@D)
-	$(BIN)/pipeline extract $(DATA) $(EXTRACT_ARGS) --write-json $@
+	$(STAGE) extract $(DATA) $(EXTRACT_ARGS) --write-json $@
 
 heads: $(HEADS_TABLE) ## stage 2: fit HEADS on the cached features and compare them
 
@@ -59,7 +63,7 @@ $(HEADS_TABLE): $(FEATURES)
 finetune: $(FINETUNE_TABLE) ## stage 3: fine-tune the top UNFREEZE blocks for EPOCHS, one run per depth
 
 $(FINETUNE_TABLE): $(FEATURES)
-	$(BIN)/pipeline finetune $(DATA) $(EXTRACT_ARGS) --unfreeze $(UNFREEZE) --epochs $(EPOCHS) \
+	$(STAGE) finetune $(DATA) $(EXTRACT_ARGS) --unfreeze $(UNFREEZE) --epochs $(EPOCHS) \
 		--out $(@D)
 
 report: $(REPORT) ## heads and fine-tunes of DATA and BACKBONE in one table and chart
@@ -90,7 +94,7 @@ lint: $(BIN)/.installed ## ruff over the code
 	$(BIN)/ruff check pipeline tests scripts
 
 bench: $(BIN)/.installed ## extraction throughput against forward-only, cache-hit time, memory
-	$(BIN)/python -m pipeline.bench --data $(DATA) --out bench
+	$(BIN)/python -m pipeline.bench --data $(DATA) --out bench $(BENCH_ARGS)
 
 demo-data: ## regenerate data/fashion-mnist-mini from Debian's dataset-fashion-mnist
 	$(PYTHON) scripts/make_demo_data.py

@@ -2,7 +2,10 @@
 
 Extraction and forward-only each run in a fresh process, so both start from the same state
 and each peak memory is its own; forward-only runs the same model, prepared the same way
-(:func:`pipeline.extract.prepare_model`), on the same batch size of ready tensors.
+(:func:`pipeline.extract.prepare_model`), on the same batch size of ready tensors. On a GPU
+the peak GPU memory (``torch.cuda.max_memory_allocated``) is reported too; ``--weights none``
+measures a torchvision backbone whose weight file is not on the machine (speed does not depend
+on the weights' values).
 """
 
 from __future__ import annotations
@@ -22,8 +25,9 @@ import torch
 from PIL import Image
 
 from pipeline.backbones import DEFAULT_BACKBONE, resolve_backbone
+from pipeline.cache import cache_info
 from pipeline.data import ImageFiles, load_image_set
-from pipeline.devices import default_batch_size, resolve_device
+from pipeline.devices import autocast, default_batch_size, resolve_device
 from pipeline.extract import extract_features, prepare_model
 
 FORWARD_SECONDS = 8.0
@@ -43,7 +47,11 @@ elif mode == "finetune":
 else:
     out = {"img_s": bench.forward_only(**kw)}
 hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM")][0].split()[1]
-print(json.dumps({**out, "peak_rss_mb": int(hwm) / 1024}))
+out["peak_rss_mb"] = int(hwm) / 1024
+import torch
+if torch.cuda.is_available():
+    out["gpu_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
+print(json.dumps(out))
 """
 
 
@@ -71,9 +79,9 @@ def in_child(mode: str, **kw) -> dict:
 
 
 @torch.inference_mode()
-def forward_only(data: str, backbone: str) -> float:
+def forward_only(data: str, backbone: str, weights: str = "default") -> float:
     """Images per second of the model alone, on preprocessed tensors already in memory."""
-    spec = resolve_backbone(backbone)
+    spec = resolve_backbone(backbone, weights)
     device = resolve_device("auto")
     model = prepare_model(spec, device)
     bs = default_batch_size(device)
@@ -86,28 +94,31 @@ def forward_only(data: str, backbone: str) -> float:
     done, started = 0, time.perf_counter()
     while time.perf_counter() - started < FORWARD_SECONDS:
         for x in batches:
-            model(x).cpu()
+            if device.type == "cuda":  # as extraction feeds it
+                x = x.contiguous(memory_format=torch.channels_last)
+            with autocast(device):
+                model(x).float().cpu()
             done += len(x)
     return done / (time.perf_counter() - started)
 
 
-def bench_set(name: str, data: Path, out: Path, backbone: str) -> dict:
+def bench_set(name: str, data: Path, out: Path, backbone: str, weights: str) -> dict:
     cache_dir = out / f"cache-{name}"
     for old in cache_dir.glob("*"):
         old.unlink()
     # Forward-only before and after the extraction: this shared machine drifts by about 10%
     # from minute to minute, and the mean brackets the extraction in time.
-    before = in_child("forward", data=str(data), backbone=backbone)
-    miss = in_child("extract", data=str(data), cache_dir=str(cache_dir), backbone=backbone,
-                    progress=False)
-    after = in_child("forward", data=str(data), backbone=backbone)
+    net = {"backbone": backbone, "weights": weights}
+    before = in_child("forward", data=str(data), **net)
+    miss = in_child("extract", data=str(data), cache_dir=str(cache_dir), progress=False, **net)
+    after = in_child("forward", data=str(data), **net)
     forward = (before["img_s"] + after["img_s"]) / 2
-    extract_features(data, backbone=backbone, cache_dir=cache_dir, progress=False)  # imports
-    hit = extract_features(data, backbone=backbone, cache_dir=cache_dir, progress=False)
+    extract_features(data, cache_dir=cache_dir, progress=False, **net)  # imports
+    hit = extract_features(data, cache_dir=cache_dir, progress=False, **net)
     started = time.perf_counter()
     subprocess.run([sys.executable, "-m", "pipeline", "extract", str(data), "--backbone",
-                    backbone, "--cache-dir", str(cache_dir), "--json"], check=True,
-                   capture_output=True)
+                    backbone, "--weights", weights, "--cache-dir", str(cache_dir), "--json"],
+                   check=True, capture_output=True)
     hit_cli = time.perf_counter() - started
     end_to_end = miss["images"] / miss["seconds"]
     return {
@@ -116,6 +127,7 @@ def bench_set(name: str, data: Path, out: Path, backbone: str) -> dict:
         "extract_s": miss["seconds"], "hit_s": hit.seconds, "hit_fraction": hit.seconds /
         miss["seconds"], "hit_cli_s": hit_cli, "peak_rss_mb": miss["peak_rss_mb"],
         "forward_peak_rss_mb": before["peak_rss_mb"],
+        "gpu_peak_mb": miss.get("gpu_peak_mb"), "forward_gpu_peak_mb": before.get("gpu_peak_mb"),
     }
 
 
@@ -176,17 +188,17 @@ def bench_finetune(args) -> dict:
         out = args.out / f"finetune-{depth}"
         shutil.rmtree(out, ignore_errors=True)
         run = in_child("finetune", data=str(args.data), backbone=args.backbone,
-                       cache_dir=str(args.out / "cache-demo"), out=str(out), unfreeze=depth,
-                       epochs=2, patience=5, progress=False)
+                       weights=args.weights, cache_dir=str(args.out / "cache-demo"),
+                       out=str(out), unfreeze=depth, epochs=2, patience=5, progress=False)
         rows.append({"unfreeze": depth, "epoch_s": float(np.mean(run["epoch_s"])),
                      "trainable_parameters": run["trainable_parameters"],
-                     "peak_rss_mb": run["peak_rss_mb"]})
+                     "peak_rss_mb": run["peak_rss_mb"], "gpu_peak_mb": run.get("gpu_peak_mb")})
     ratio = rows[0]["epoch_s"] / rows[1]["epoch_s"]
     print(f"fine-tuning {args.backbone} on {args.data} (2 epochs, mean seconds per epoch):")
-    print("unfreeze | trainable parameters | s/epoch | peak RSS MB")
+    print("unfreeze | trainable parameters | s/epoch | peak RSS MB | peak GPU MB")
     for r in rows:
         print(f"{r['unfreeze']} | {r['trainable_parameters']} | {r['epoch_s']:.1f} | "
-              f"{r['peak_rss_mb']:.0f}")
+              f"{r['peak_rss_mb']:.0f} | {_mb(r['gpu_peak_mb'])}")
     print(f"unfreeze 1 / unfreeze all, seconds per epoch: {ratio:.2f} (target <= 0.5)")
     return {"rows": rows, "epoch_ratio": ratio}
 
@@ -196,9 +208,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data", type=Path, default=Path("data/fashion-mnist-mini"))
     parser.add_argument("--large", type=int, default=3000, help="images in the generated set")
     parser.add_argument("--backbone", default=DEFAULT_BACKBONE)
+    parser.add_argument("--weights", default="default",
+                        help="none: random weights, for a backbone whose file is not here")
+    parser.add_argument("--nproc", type=int, default=None,
+                        help="processes for --only distributed [default: GPUs, or 2]")
     parser.add_argument("--out", type=Path, default=Path("bench"))
     parser.add_argument("--head-rows", type=int, default=60000, help="rows for the head fits")
-    parser.add_argument("--only", choices=("extract", "heads", "finetune"), default=None)
+    parser.add_argument("--only", choices=("extract", "heads", "finetune", "distributed"),
+                        default=None)
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     results = {}
@@ -209,6 +226,8 @@ def main(argv: list[str] | None = None) -> None:
         results.update(bench_extract(args))
     if args.only in (None, "finetune"):
         results["finetune"] = bench_finetune(args)
+    if args.only in (None, "distributed"):
+        results["distributed"] = bench_distributed(args)
     machine = {"cpu_count": os.cpu_count(), "platform": platform.platform(),
                "device": str(resolve_device("auto")), "torch": torch.__version__,
                "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d")}
@@ -219,28 +238,77 @@ def main(argv: list[str] | None = None) -> None:
 
 def bench_extract(args) -> dict:
     large = generate_images(args.out / f"generated-{args.large}", args.large)
-    rows = [bench_set("demo", args.data, args.out, args.backbone),
-            bench_set(f"generated-{args.large}", large, args.out, args.backbone)]
+    rows = [bench_set("demo", args.data, args.out, args.backbone, args.weights),
+            bench_set(f"generated-{args.large}", large, args.out, args.backbone, args.weights)]
     print(f"backbone {args.backbone}, {resolve_device()}, {os.cpu_count()} cores, "
           f"{torch.get_num_threads()} torch threads, batch {default_batch_size(resolve_device())}")
     header = ("set", "images", "e2e img/s", "fwd img/s", "ratio", "extract s", "hit s",
-              "hit/extract", "hit CLI s", "peak RSS MB", "fwd peak RSS MB")
+              "hit/extract", "hit CLI s", "peak RSS MB", "fwd peak RSS MB", "peak GPU MB",
+              "fwd peak GPU MB")
     print(" | ".join(header))
     for r in rows:
         print(" | ".join([r["set"], str(r["images"]), f"{r['end_to_end_img_s']:.1f}",
                           f"{r['forward_only_img_s']:.1f}", f"{r['ratio']:.2f}",
                           f"{r['extract_s']:.1f}", f"{r['hit_s']:.3f}",
                           f"{100 * r['hit_fraction']:.2f}%", f"{r['hit_cli_s']:.2f}",
-                          f"{r['peak_rss_mb']:.0f}", f"{r['forward_peak_rss_mb']:.0f}"]))
+                          f"{r['peak_rss_mb']:.0f}", f"{r['forward_peak_rss_mb']:.0f}",
+                          _mb(r["gpu_peak_mb"]), _mb(r["forward_gpu_peak_mb"])]))
     small = generate_images(args.out / "generated-1000", 1000)
     shutil.rmtree(args.out / "cache-mem", ignore_errors=True)
     small_run = in_child("extract", data=str(small), cache_dir=str(args.out / "cache-mem"),
-                         backbone=args.backbone, progress=False)
+                         backbone=args.backbone, weights=args.weights, progress=False)
     memory = [{"images": 1000, "peak_rss_mb": small_run["peak_rss_mb"]},
               {"images": args.large, "peak_rss_mb": rows[1]["peak_rss_mb"]}]
     print("peak memory of extraction against images (same kind of data): " +
           ", ".join(f"{m['images']} images: {m['peak_rss_mb']:.0f} MB" for m in memory))
     return {"extract": rows, "memory": memory}
+
+
+def _mb(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f}"
+
+
+def _launcher(processes: int) -> list[str]:
+    """``python -m pipeline`` for one process, torchrun's one-machine form for several."""
+    if processes == 1:
+        return [sys.executable, "-m", "pipeline"]
+    return [str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc-per-node",
+            str(processes), "-m", "pipeline"]
+
+
+def bench_distributed(args) -> dict:
+    """One process against torchrun's ``--nproc`` on the demo set: extraction (with the shard
+    assembly) and fine-tuning seconds per epoch (top block, 2 epochs, batch 32 per process)."""
+    cuda = torch.cuda.is_available()
+    nproc = args.nproc or (torch.cuda.device_count() if cuda else 2)
+    net = ["--backbone", args.backbone, "--weights", args.weights]
+    rows = []
+    for procs in sorted({1, nproc}):
+        cache_dir, out = args.out / f"cache-dist-{procs}", args.out / f"finetune-dist-{procs}"
+        for old in (cache_dir, out):
+            shutil.rmtree(old, ignore_errors=True)
+        run = subprocess.run([*_launcher(procs), "extract", str(args.data), *net, "--cache-dir",
+                              str(cache_dir), "--json"], check=True, capture_output=True,
+                             text=True)
+        summary = json.loads(run.stdout.strip().splitlines()[-1])
+        timings = cache_info(summary["cache_path"])["timings"]
+        subprocess.run([*_launcher(procs), "finetune", str(args.data), *net, "--cache-dir",
+                        str(cache_dir), "--out", str(out), "--unfreeze", "1", "--epochs", "2",
+                        "--patience", "5", "--json"], check=True, capture_output=True)
+        history = (out / "unfreeze-1" / "history.csv").read_text().splitlines()[1:]
+        epoch_s = float(np.mean([float(line.split(",")[-1]) for line in history]))
+        rows.append({"processes": procs, "images": summary["images"],
+                     "extract_s": summary["seconds"],
+                     "extract_img_s": summary["images"] / summary["seconds"],
+                     "assemble_s": timings.get("assemble_seconds", 0.0),
+                     "finetune_epoch_s": epoch_s})
+    print(f"one process against torchrun --nproc-per-node {nproc} ({args.backbone}, "
+          f"{'cuda' if cuda else 'cpu, gloo'}), demo set:")
+    print("processes | extraction s | img/s | shard assembly s | fine-tune s/epoch")
+    for r in rows:
+        print(f"{r['processes']} | {r['extract_s']:.1f} | {r['extract_img_s']:.1f} | "
+              f"{r['assemble_s']:.3f} | {r['finetune_epoch_s']:.1f}")
+    return {"rows": rows}
 
 
 if __name__ == "__main__":

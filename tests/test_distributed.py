@@ -109,14 +109,30 @@ def test_a_world_of_one_needs_no_process_group(monkeypatch):
 
 # --- extraction -------------------------------------------------------------------------------
 
+def _several_machines(endpoint: str) -> list[str]:
+    return ["--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d",
+            "--rdzv-endpoint", endpoint, "--rdzv-id", "test-job"]
+
+
+def test_the_readme_launches_are_the_tested_ones():
+    section = Path("README.md").read_text().split("## Running on many GPUs")[1]
+    section = section.split("\n## ")[0].replace("\\\n", " ")  # join continued lines
+    lines = [line.split() for line in section.splitlines() if line.strip().startswith("torchrun")]
+    one = [line for line in lines if "--standalone" in line]
+    several = [line for line in lines if "--nnodes" in line]
+    assert sorted(line[6] for line in one) == ["extract", "finetune"]
+    assert all(line[:6] == ["torchrun", *ONE_MACHINE, "-m", "pipeline"] for line in one)
+    flags = [f for f in _several_machines("HOST:29400") if f.startswith("--")]
+    assert several and all([f for f in line if f.startswith("--")][:len(flags)] == flags
+                           for line in several)
+
+
 def test_two_machines_write_the_cache_one_process_writes(images, single, tmp_path):
     # Two launchers meeting at one rendezvous endpoint: the README's several-machine command.
     cache = tmp_path / "c"
-    port = _free_port()
+    endpoint = f"localhost:{_free_port()}"
     nodes = [subprocess.Popen(
-        [TORCHRUN, "--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d",
-         "--rdzv-endpoint", f"localhost:{port}", "--rdzv-id", "test-job", "-m", "pipeline",
-         "extract", str(images), "--cache-dir", str(cache), *TINY_ARGS],
+        [TORCHRUN, *_several_machines(endpoint), "-m", "pipeline", "extract", str(images), "--cache-dir", str(cache), *TINY_ARGS],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV) for _ in range(2)]
     outputs = [node.communicate(timeout=300) for node in nodes]
     assert [node.returncode for node in nodes] == [0, 0], outputs
