@@ -132,7 +132,8 @@ def test_two_machines_write_the_cache_one_process_writes(images, single, tmp_pat
     cache = tmp_path / "c"
     endpoint = f"localhost:{_free_port()}"
     nodes = [subprocess.Popen(
-        [TORCHRUN, *_several_machines(endpoint), "-m", "pipeline", "extract", str(images), "--cache-dir", str(cache), *TINY_ARGS],
+        [TORCHRUN, *_several_machines(endpoint), "-m", "pipeline", "extract", str(images),
+         "--cache-dir", str(cache), *TINY_ARGS],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV) for _ in range(2)]
     outputs = [node.communicate(timeout=300) for node in nodes]
     assert [node.returncode for node in nodes] == [0, 0], outputs
