@@ -329,6 +329,8 @@ def find_cache(cache_dir: str | os.PathLike, name: str) -> Path:
     if as_path.exists():
         return as_path
     matches = [p for p in Path(cache_dir).glob(f"*{SUFFIX}*") if name in p.name]
+    if len(matches) > 1 and SHARD not in name:  # a key names its cache before its shards
+        matches = [p for p in matches if SUFFIX + SHARD not in p.name] or matches
     if len(matches) != 1:
         what = "no cache" if not matches else f"{len(matches)} caches"
         raise CacheError(f"{what} in {cache_dir} match {name!r}; `pipeline cache list` shows them")

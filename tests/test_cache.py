@@ -166,6 +166,8 @@ def test_assembled_shards_are_the_rows_in_data_set_order(tmp_path, world, monkey
     assert cache.stored_summary(final)[2] == [(meta["paths"][2], "broken")]
     listed = {row["status"] for row in cache.list_caches(tmp_path)}
     assert listed == {"complete", "shard"}
+    assert cache.find_cache(tmp_path, "net-k") == final  # the cache, not its shards
+    assert cache.find_cache(tmp_path, f"shard-0-of-{world}") == shards[0]
 
 
 def test_shards_that_miss_rows_are_refused(tmp_path):
