@@ -6,6 +6,7 @@ import csv
 import hashlib
 import os
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -182,22 +183,34 @@ def _stratified_split(labels: np.ndarray, fractions: tuple[float, float, float],
     return splits
 
 
-def fingerprint_files(image_set: ImageSet, hash_contents: bool = False) -> str:
+def fingerprint_files(image_set: ImageSet, hash_contents: bool = False,
+                      stamps: Sequence[str] | None = None) -> str:
     """SHA-256 over every file's relative path and either (size, mtime) or its content hash.
 
     Adding, removing, renaming or modifying one image changes the fingerprint, so a cache keyed
-    by it is never served stale.
+    by it is never served stale. ``stamps`` (from :func:`file_stamps`, in image order) may be
+    given when they were computed elsewhere, such as by several processes sharing the work.
     """
+    stamps = file_stamps(image_set, hash_contents) if stamps is None else stamps
     digest = hashlib.sha256()
-    for i, rel in enumerate(image_set.paths):
-        path = image_set.absolute(i)
-        if hash_contents:
-            stamp = file_sha256(path)
-        else:
-            st = path.stat()
-            stamp = f"{st.st_size}:{st.st_mtime_ns}"
+    for rel, stamp in zip(image_set.paths, stamps, strict=True):
         digest.update(f"{rel}\t{stamp}\n".encode())
     return digest.hexdigest()
+
+
+def file_stamps(image_set: ImageSet, hash_contents: bool = False,
+                indices: Sequence[int] | None = None) -> list[str]:
+    """What identifies each file's contents: ``size:mtime_ns``, or its SHA-256."""
+    indices = range(len(image_set)) if indices is None else indices
+    stamps = []
+    for i in indices:
+        path = image_set.absolute(i)
+        if hash_contents:
+            stamps.append(file_sha256(path))
+        else:
+            st = path.stat()
+            stamps.append(f"{st.st_size}:{st.st_mtime_ns}")
+    return stamps
 
 
 def fingerprint_splits(image_set: ImageSet) -> str:

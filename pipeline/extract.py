@@ -28,6 +28,7 @@ from pipeline.cache import (
 from pipeline.data import (
     ImageFiles,
     ImageSet,
+    file_stamps,
     fingerprint_files,
     fingerprint_splits,
     load_image_set,
@@ -130,7 +131,9 @@ def extract_features(
     images = load_image_set(data, split_fractions, seed)
     spec = resolve_backbone(backbone, weights, layer, pool, image_size, seed)
     ctx, run_on = distributed.setup(device)
-    key_spec = feature_key_spec(spec, images, dtype, hash_contents, autocast_dtype(run_on))
+    distributed.check_agree(fingerprint_splits(images), "images (paths, labels or splits)")
+    key_spec = feature_key_spec(spec, images, dtype, hash_contents, autocast_dtype(run_on),
+                                _shared_stamps(images, hash_contents, ctx))
     key = cache_key(key_spec)
     distributed.check_agree(key, "images or settings (their cache keys differ)")
     final = cache_path(cache_dir, spec.name, key)
@@ -238,19 +241,34 @@ def _assemble(final, shards, key_spec, key, dim, dtype, meta, device, started) -
 
 
 def feature_key_spec(spec: BackboneSpec, images: ImageSet, dtype: str, hash_contents: bool,
-                     amp: torch.dtype | None) -> dict:
+                     amp: torch.dtype | None, stamps: list[str] | None = None) -> dict:
     """Everything that changes the stored numbers; its hash names the cache file."""
     return {
         **spec.key(),
         "autocast": str(amp).removeprefix("torch.") if amp else None,
         "dataset": {
-            "fingerprint": fingerprint_files(images, hash_contents),
+            "fingerprint": fingerprint_files(images, hash_contents, stamps),
             "fingerprint_method": "sha256" if hash_contents else "size+mtime",
             "images": len(images),
         },
         "splits": {"sha256": fingerprint_splits(images), "source": images.split_source},
         "dtype": dtype,
     }
+
+
+def _shared_stamps(images: ImageSet, hash_contents: bool, ctx: distributed.Context
+                   ) -> list[str]:
+    """Every file's stamp, each rank stating (or hashing) only its shard of the files.
+
+    With ``--hash-contents`` on a large set, hashing every file on every rank would read the
+    data set once per rank; shared out, it is read once per job, and the fingerprint is the
+    one a single process computes.
+    """
+    mine = file_stamps(images, hash_contents, distributed.shard_indices(len(images), ctx))
+    stamps: list[str] = [""] * len(images)
+    for rank, part in enumerate(distributed.all_gather(mine)):
+        stamps[rank::ctx.world_size] = part
+    return stamps
 
 
 def prepare_model(spec: BackboneSpec, device: torch.device) -> torch.nn.Module:

@@ -12,8 +12,11 @@ import h5py
 import numpy as np
 import pytest
 
+from pipeline import distributed, extract
 from pipeline.backbones import BackboneSpec
 from pipeline.cache import FeatureWriter
+from pipeline.data import file_stamps, fingerprint_files, load_image_set
+from pipeline.distributed import Context
 from pipeline.errors import DataError
 from pipeline.extract import extract_features
 from tests.conftest import TINY, make_folder, write_image
@@ -172,3 +175,18 @@ def test_compiled_network_gives_the_same_features(tmp_path, image_folder):
     assert compiled.cache_path.name == eager.cache_path.name  # compiling changes no number
     a, b = _arrays(compiled.cache_path), _arrays(eager.cache_path)
     np.testing.assert_allclose(a["features"], b["features"], rtol=1e-4, atol=1e-5)
+
+
+def test_file_stamps_shared_out_between_ranks_give_the_single_process_fingerprint(
+        image_folder, monkeypatch):
+    images = load_image_set(image_folder)
+    world = 3
+
+    def every_rank(_mine):  # what all_gather returns: each rank's stamps of its own shard
+        return [file_stamps(images, True, distributed.shard_indices(len(images), Context(r, world)))
+                for r in range(world)]
+
+    monkeypatch.setattr(distributed, "all_gather", every_rank)
+    shared = extract._shared_stamps(images, True, Context(1, world))
+    assert shared == file_stamps(images, True)
+    assert fingerprint_files(images, True, shared) == fingerprint_files(images, True)
