@@ -175,3 +175,24 @@ def test_shards_that_miss_rows_are_refused(tmp_path):
     writer = cache.FeatureWriter(final, {"backbone": "net"}, "k", 3, "float32", meta)
     with pytest.raises(CacheError, match="hold 10 rows, the data set 11"):
         cache.assemble_shards(writer, shards)
+
+
+def test_an_interrupted_assembly_resumes_at_its_rows_done(tmp_path, monkeypatch):
+    monkeypatch.setattr(cache, "_CHUNK_BYTES", 3 * 3 * 4)
+    monkeypatch.setattr(cache, "_READ_BYTES", 1)
+    final, meta, shards = _shards(tmp_path, 11, 2)
+    first = cache.FeatureWriter(final, {"backbone": "net"}, "k", 3, "float32", meta)
+    first.write(0, np.repeat(np.arange(3.0)[:, None], 3, 1), np.arange(3) != 2, [(2, "broken")])
+    first.close()  # killed after one block
+    writer = cache.FeatureWriter(final, {"backbone": "net"}, "k", 3, "float32", meta)
+    assert writer.rows_done == 3
+    starts = []
+    write = cache.FeatureWriter.write
+    monkeypatch.setattr(cache.FeatureWriter, "write",
+                        lambda self, start, *a: starts.append(start) or write(self, start, *a))
+    cache.assemble_shards(writer, shards)
+    writer.finish({})
+    assert starts == [3, 6, 9]
+    with cache.open_cache(final) as f:
+        np.testing.assert_array_equal(f["features"][:, 0], np.arange(11))
+    assert cache.stored_summary(final)[2] == [(meta["paths"][2], "broken")]
