@@ -122,10 +122,11 @@ def broadcast(obj, src: int = 0):
 def check_agree(value, what: str) -> None:
     """Stop every rank with one clear line when the ranks disagree about ``value``."""
     values = all_gather(value)
-    if any(v != values[0] for v in values):
-        raise DistributedError(f"the processes of this job see different {what} "
-                               f"({', '.join(map(str, values))}); every rank must see the same "
-                               "files at the same path")
+    differ = [rank for rank, v in enumerate(values) if v != values[0]]
+    if differ:
+        raise DistributedError(f"the processes of this job see different {what}: rank(s) "
+                               f"{', '.join(map(str, differ))} differ from rank 0; every rank "
+                               "must see the same files at the same path")
 
 
 def sum_across(values: list[float], device: torch.device) -> list[float]:

@@ -131,7 +131,8 @@ def extract_features(
     images = load_image_set(data, split_fractions, seed)
     spec = resolve_backbone(backbone, weights, layer, pool, image_size, seed)
     ctx, run_on = distributed.setup(device)
-    distributed.check_agree(fingerprint_splits(images), "images (paths, labels or splits)")
+    if ctx.distributed:  # before the ranks share out work over their image lists
+        distributed.check_agree(fingerprint_splits(images), "images (paths, labels or splits)")
     key_spec = feature_key_spec(spec, images, dtype, hash_contents, autocast_dtype(run_on),
                                 _shared_stamps(images, hash_contents, ctx))
     key = cache_key(key_spec)

@@ -194,7 +194,8 @@ def test_ranks_that_see_different_images_stop_with_one_clear_error(images, tmp_p
     """))
     run = torchrun(str(script))
     assert run.returncode != 0
-    assert "see different images (paths, labels or splits)" in run.stderr
+    assert ("see different images (paths, labels or splits): rank(s) 1 differ from rank 0"
+            in run.stderr)
     assert not list((tmp_path / "c").glob("*"))
 
 
