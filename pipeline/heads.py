@@ -331,7 +331,44 @@ def _is_classifier(estimator) -> bool:
 # --- the heads --------------------------------------------------------------------------------
 
 
-class LogRegHead(ClassifierMixin, BaseEstimator):
+class _Head(ClassifierMixin, BaseEstimator):
+    """What every head shares: its prediction is the most probable class of predict_proba."""
+
+    def predict(self, X) -> np.ndarray:
+        """The most probable class of each sample."""
+        check_is_fitted(self)
+        return self.classes_[np.argmax(self.predict_proba(X), axis=1)]
+
+
+class _TorchHead(_Head):
+    """Heads trained by torch on standardised features, early-stopped on a selection split."""
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        # GPU kernels are not bitwise reproducible without torch.use_deterministic_algorithms
+        # (https://pytorch.org/docs/stable/notes/randomness.html); the CPU is.
+        tags.non_deterministic = _on_accelerator(self.device)
+        return tags
+
+    def _standardised_splits(self, X, y, X_val, y_val, fraction):
+        """Validate, encode and standardise; the train and selection tensors on the device.
+
+        Sets ``classes_``, ``n_features_in_``, ``mean_`` and ``scale_``; returns
+        ``(train, val, seed, device)``.
+        """
+        X, y = validate_data(self, X, y, reset=True, dtype=_FLOATS)
+        self.classes_, y = _encode_targets(y)
+        seed = _seed(self.random_state)
+        X_fit, y_fit, X_sel, y_sel, _ = _selection_split(self, X, y, X_val, y_val, fraction, seed)
+        self.mean_, self.scale_ = _standardisation(X_fit)
+        device = resolve_device(self.device)
+        # Cached features fit in memory; moving them to the device once saves a copy per batch.
+        train = _to_torch(_standardise(X_fit, self.mean_, self.scale_), y_fit, device)
+        val = _to_torch(_standardise(X_sel, self.mean_, self.scale_), y_sel, device)
+        return train, val, seed, device
+
+
+class LogRegHead(_Head):
     """Standardisation and multinomial logistic regression, with C chosen on validation data.
 
     One model is fitted per C on the training data (each warm-started from the previous, smaller
@@ -449,13 +486,9 @@ class LogRegHead(ClassifierMixin, BaseEstimator):
         X = validate_data(self, X, reset=False)
         return self.pipeline_.predict_proba(X)
 
-    def predict(self, X) -> np.ndarray:
-        """The most probable class of each sample."""
-        check_is_fitted(self)
-        return self.classes_[np.argmax(self.predict_proba(X), axis=1)]
 
 
-class MLPHead(ClassifierMixin, BaseEstimator):
+class MLPHead(_TorchHead):
     """A small PyTorch MLP on standardised features, early-stopped on validation loss.
 
     Each hidden layer is Linear, ReLU, Dropout; a Linear layer gives the class logits. Training
@@ -526,13 +559,6 @@ class MLPHead(ClassifierMixin, BaseEstimator):
         self.device = device
         self.random_state = random_state
 
-    def __sklearn_tags__(self):
-        tags = super().__sklearn_tags__()
-        # GPU kernels are not bitwise reproducible without torch.use_deterministic_algorithms
-        # (https://pytorch.org/docs/stable/notes/randomness.html); the CPU is.
-        tags.non_deterministic = _on_accelerator(self.device)
-        return tags
-
     def fit(self, X, y, X_val=None, y_val=None):
         """Train with early stopping on ``X_val, y_val`` (or a holdout of ``X, y``).
 
@@ -547,18 +573,11 @@ class MLPHead(ClassifierMixin, BaseEstimator):
         -------
         self : MLPHead
         """
-        X, y = validate_data(self, X, y, reset=True, dtype=_FLOATS)
-        self.classes_, y = _encode_targets(y)
-        seed = _seed(self.random_state)
-        X_fit, y_fit, X_sel, y_sel, _ = _selection_split(
-            self, X, y, X_val, y_val, self.validation_fraction, seed
-        )
-        self.mean_, self.scale_ = _standardisation(X_fit)
-        device = resolve_device(self.device)
-        train = _to_torch(_standardise(X_fit, self.mean_, self.scale_), y_fit, device)
-        val = _to_torch(_standardise(X_sel, self.mean_, self.scale_), y_sel, device)
+        train, val, seed, device = self._standardised_splits(
+            X, y, X_val, y_val, self.validation_fraction)
         with _seeded_torch(seed, device):
-            module = _mlp(X.shape[1], self.hidden_sizes, self.dropout, len(self.classes_))
+            module = _mlp(self.n_features_in_, self.hidden_sizes, self.dropout,
+                          len(self.classes_))
             self._train(module.to(device), train, val, seed)
         return self
 
@@ -597,13 +616,9 @@ class MLPHead(ClassifierMixin, BaseEstimator):
             logits = torch.cat([module(rows) for rows in Z.split(_PREDICT_ROWS)])
             return torch.softmax(logits, dim=1).numpy()
 
-    def predict(self, X) -> np.ndarray:
-        """The most probable class of each sample."""
-        check_is_fitted(self)
-        return self.classes_[np.argmax(self.predict_proba(X), axis=1)]
 
 
-class LinearProbe(ClassifierMixin, BaseEstimator):
+class LinearProbe(_TorchHead):
     """A grid of softmax linear probes trained at once by minibatch AdamW; the best is kept.
 
     All ``G = len(weight_decays) * len(lrs)`` heads share every feature batch: their weights
@@ -669,13 +684,6 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
         self.device = device
         self.random_state = random_state
 
-    def __sklearn_tags__(self):
-        tags = super().__sklearn_tags__()
-        # GPU kernels are not bitwise reproducible without torch.use_deterministic_algorithms
-        # (https://pytorch.org/docs/stable/notes/randomness.html); the CPU is.
-        tags.non_deterministic = _on_accelerator(self.device)
-        return tags
-
     def fit(self, X, y, X_val=None, y_val=None):
         """Train every head of the grid at once and keep the best on ``X_val, y_val``.
 
@@ -690,20 +698,11 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
         -------
         self : LinearProbe
         """
-        X, y = validate_data(self, X, y, reset=True, dtype=_FLOATS)
-        self.classes_, y = _encode_targets(y)
         grid = list(itertools.product(self.weight_decays, self.lrs))
         if not grid:
             raise ValueError("weight_decays and lrs must each hold at least one value")
-        seed = _seed(self.random_state)
-        X_fit, y_fit, X_sel, y_sel, _ = _selection_split(
-            self, X, y, X_val, y_val, self.validation_fraction, seed
-        )
-        self.mean_, self.scale_ = _standardisation(X_fit)
-        device = resolve_device(self.device)
-        # Cached features fit in memory; moving them to the device once saves a copy per batch.
-        train = _to_torch(_standardise(X_fit, self.mean_, self.scale_), y_fit, device)
-        val = _to_torch(_standardise(X_sel, self.mean_, self.scale_), y_sel, device)
+        train, val, seed, device = self._standardised_splits(
+            X, y, X_val, y_val, self.validation_fraction)
         W, b, loss, accuracy = self._train_grid(grid, train, val, seed, device)
         self._keep_best(grid, W, b, loss, accuracy)
         return self
@@ -757,10 +756,6 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
         X = validate_data(self, X, reset=False, dtype=_FLOATS)
         return softmax(X @ self.coef_.T + self.intercept_, axis=1)
 
-    def predict(self, X) -> np.ndarray:
-        """The most probable class of each sample."""
-        check_is_fitted(self)
-        return self.classes_[np.argmax(self.predict_proba(X), axis=1)]
 
 
 HEADS = {"logreg": LogRegHead, "mlp": MLPHead, "linear": LinearProbe}
