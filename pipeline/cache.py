@@ -183,6 +183,9 @@ def assemble_shards(writer: FeatureWriter, shards: list[Path]) -> None:
     files = [open_cache(s) for s in shards]
     try:
         index = [f["index"][:] for f in files]
+        # Failures are few: read once, not once per block; indices are data-set positions.
+        failed = sorted((int(i), r) for f in files for i, r in
+                        zip(f["failed_index"][:], f["failed_reason"].asstr()[:]))
         n, dim = writer.file["features"].shape
         if sum(len(i) for i in index) != n:
             raise CacheError(f"the shards of {writer.final.name} hold "
@@ -190,8 +193,10 @@ def assemble_shards(writer: FeatureWriter, shards: list[Path]) -> None:
         chunk = writer.file["features"].chunks[0]
         block = chunk * max(1, _READ_BYTES // (chunk * dim * 4))
         for lo in range(writer.rows_done, n, block):
-            writer.write(lo, *_gather_block(files, index, lo, min(n, lo + block), dim,
-                                            writer.file["features"].dtype))
+            hi = min(n, lo + block)
+            features, valid = _gather_block(files, index, lo, hi, dim,
+                                            writer.file["features"].dtype)
+            writer.write(lo, features, valid, [(i, r) for i, r in failed if lo <= i < hi])
     finally:
         for f in files:
             f.close()
@@ -201,20 +206,16 @@ def _gather_block(files, index, lo: int, hi: int, dim: int, dtype):
     features = np.empty((hi - lo, dim), dtype)
     valid = np.zeros(hi - lo, bool)
     filled = np.zeros(hi - lo, bool)
-    failures = []
     for f, ix in zip(files, index):
         a, b = np.searchsorted(ix, [lo, hi])
         rows = ix[a:b] - lo
         features[rows] = f["features"][a:b]
         valid[rows] = f["valid"][a:b]
         filled[rows] = True
-        failed = f["failed_index"][:]
-        keep = (failed >= lo) & (failed < hi)
-        failures += zip(failed[keep].tolist(), f["failed_reason"].asstr()[:][keep].tolist())
     if not filled.all():
         raise CacheError(f"no shard holds rows {lo + int(np.argmin(filled))} and others; "
                          "remove the shard files and extract again")
-    return features, valid, sorted(failures)
+    return features, valid
 
 
 def open_cache(path: str | os.PathLike) -> h5py.File:
