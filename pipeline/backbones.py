@@ -9,9 +9,12 @@ model, so a cache hit never constructs a network.
 from __future__ import annotations
 
 import math
+import os
+import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 import torchvision
@@ -25,6 +28,13 @@ from pipeline.errors import BackboneError, WeightsError
 DEFAULT_BACKBONE = "efficientnet_lite0"
 POOLS = ("avg", "max")
 TIMM_PREFIX = "timm/"
+OFFLINE_ENV = "PIPELINE_OFFLINE"
+# A string with one of these endings names a state-dict file even before it exists.
+WEIGHTS_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
+# torchvision's spelling: an optional enum class (always ``*_Weights``) and a member name.
+_ENUM_NAME = re.compile(r"(?:(\w+_Weights)\.)?([A-Za-z_]\w*)")
+# Identity prefix of weights that timm's own pretrained loader reads (a tag's file).
+_TIMM_TAG = "timm:"
 # Relative tolerance of the check that the bottleneck really is the classifier's input.
 _BOTTLENECK_RTOL = 1e-3
 
@@ -72,6 +82,44 @@ class Weights:
 
 def random_init(seed: int) -> Weights:
     return Weights(f"none(seed={seed})", init_seed=seed)
+
+
+@dataclass(frozen=True)
+class WeightsRequest:
+    """A user's ``weights`` string, parsed once into what it asks for."""
+
+    kind: str  # "default", "enum", "file" or "none"
+    text: str  # as the user wrote it, for messages
+    member: str | None = None  # kind "enum": the member name, e.g. "IMAGENET1K_V2"
+    enum_class: str | None = None  # kind "enum": the class the user spelled out, if any
+    path: Path | None = None  # kind "file"
+
+
+def parse_weights(weights: str | os.PathLike) -> WeightsRequest:
+    """Read a ``--weights`` value the way torchvision users write it.
+
+    ``default`` and ``none`` (any case) are keywords; a path-like value, the name of an existing
+    file, or a string ending in .pt/.pth/.bin/.safetensors or holding a path separator is a
+    state-dict file; ``IMAGENET1K_V2`` or ``ResNet50_Weights.IMAGENET1K_V2`` names an enum member.
+    """
+    text = os.fspath(weights)
+    if text.lower() in ("default", "none"):
+        return WeightsRequest(text.lower(), text)
+    separators = {"/", os.sep, os.altsep} - {None}
+    match = _ENUM_NAME.fullmatch(text)
+    looks_like_file = (text.lower().endswith(WEIGHTS_SUFFIXES)
+                       or any(s in text for s in separators) or not match)
+    if not isinstance(weights, str) or looks_like_file or Path(text).expanduser().is_file():
+        return WeightsRequest("file", text, path=Path(text).expanduser())
+    return WeightsRequest("enum", text, member=match[2], enum_class=match[1])
+
+
+def is_offline(offline: bool | None = None) -> bool:
+    """``offline`` itself, or when None whether the environment variable PIPELINE_OFFLINE is set
+    to 1, true or yes."""
+    if offline is not None:
+        return offline
+    return os.environ.get(OFFLINE_ENV, "").strip().lower() in ("1", "true", "yes")
 
 
 @dataclass(frozen=True)

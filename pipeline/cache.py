@@ -4,15 +4,21 @@ Layout of ``<backbone>-<key>.h5`` (readable with h5py, ``h5ls``, ``h5dump``)::
 
     /features         (N, D) float32|float16, chunked by rows; NaN rows for unreadable images
     /valid            (N,)   bool, False where the image could not be read
-    /labels           (N,)   int64 index into /classes
-    /paths            (N,)   str, relative to the data root
-    /split            (N,)   str, train | val | test
-    /classes          (C,)   str
+    /paths            (N,)   str, relative to the data root, the file name's bytes as on disk
+    /content_sha256   (N,)   64-byte hex SHA-256 of each image file ("" if unreadable)
+    /labels           (N,)   int64 index into /classes       } only in a labelled set
+    /split            (N,)   str, train | val | test         }
+    /classes          (C,)   str                             }
     /failed_index     (M,)   int64 rows that could not be read
     /failed_reason    (M,)   str, why
-    attrs: format, format_version, key, spec (JSON of the whole key), complete, rows_done,
-           data_root, request (JSON: the backbone arguments), versions (JSON), timings (JSON),
-           created
+    /ignored_path     (K,)   str, files and folders of the data that were not taken
+    /ignored_reason   (K,)   str, why
+    attrs: format, format_version, key, spec (JSON of the whole key, with where each split
+           came from), complete, rows_done, labelled, data_root, request (JSON: the backbone
+           arguments), versions (JSON), timings (JSON), created
+
+Names are stored as the bytes they have on disk; a name that is not UTF-8 reads back
+losslessly with ``dataset.asstr(errors="surrogateescape")`` (h5py), as ``os.fsdecode`` gives it.
 
 Until it is complete the file is named ``<name>.partial``; only a finished file is renamed
 (``os.replace``) to its final name, so an interrupted run never passes for a complete cache.
@@ -35,16 +41,19 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from pipeline.errors import CacheError
+from pipeline.errors import CacheError, DataError
 
 FORMAT = "pipeline-features"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 SUFFIX = ".h5"
 PARTIAL = ".partial"
 SHARD = ".shard-"
 _CHUNK_BYTES = 1 << 20  # HDF5 chunks of at most 1 MiB (h5py's guidance: 10 KiB to 1 MiB)
 _READ_BYTES = 64 << 20  # rows read at a time when splitting a cache into its splits
 _STR = h5py.string_dtype()
+_SHA = "S64"
+# Duplicate groups listed by `cache info` and the extract summary; the count is always whole.
+_DUPLICATES_SHOWN = 20
 
 
 def cache_key(spec: dict) -> str:
@@ -106,19 +115,25 @@ class FeatureWriter:
         f.attrs.update({
             "format": FORMAT, "format_version": FORMAT_VERSION, "key": key,
             "spec": json.dumps(spec, sort_keys=True), "complete": False, "rows_done": 0,
-            "data_root": meta["data_root"], "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "data_root": _display(meta["data_root"]),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "request": json.dumps(meta.get("request", {}), sort_keys=True),
+            "labelled": bool(meta["classes"]),
         })
         rows = max(1, min(n, _CHUNK_BYTES // (dim * np.dtype(dtype).itemsize)))
         f.create_dataset("features", shape=(n, dim), maxshape=(None, dim), dtype=dtype,
                          chunks=(rows, dim), fillvalue=np.nan)
         f.create_dataset("valid", shape=(n,), maxshape=(None,), dtype=bool, fillvalue=False)
-        f.create_dataset("labels", data=meta["labels"].astype(np.int64), maxshape=(None,))
-        f.create_dataset("paths", data=np.array(meta["paths"], dtype=object), dtype=_STR,
-                         maxshape=(None,))
-        f.create_dataset("split", data=np.array(meta["split"], dtype=object), dtype=_STR,
-                         maxshape=(None,))
-        f.create_dataset("classes", data=np.array(meta["classes"], dtype=object), dtype=_STR)
+        f.create_dataset("content_sha256", shape=(n,), maxshape=(None,), dtype=_SHA)
+        _strings(f, "paths", meta["paths"], resizable=True)
+        if meta["classes"]:
+            f.create_dataset("labels", data=np.asarray(meta["labels"], np.int64),
+                             maxshape=(None,))
+            _strings(f, "split", meta["split"], resizable=True)
+            _strings(f, "classes", meta["classes"])
+        ignored = meta.get("ignored", [])
+        _strings(f, "ignored_path", [p for p, _ in ignored])
+        _strings(f, "ignored_reason", [r for _, r in ignored])
         if "index" in meta:  # a shard: where its rows go in the whole data set
             f.create_dataset("index", data=np.asarray(meta["index"], np.int64))
         f.create_dataset("failed_index", shape=(0,), maxshape=(None,), dtype=np.int64)
@@ -127,16 +142,18 @@ class FeatureWriter:
         return f
 
     def write(self, start: int, features: np.ndarray, valid: np.ndarray,
-              failures: list[tuple[int, str]]) -> None:
-        """Write rows ``start:start+len(features)`` and make them durable."""
+              failures: list[tuple[int, str]], digests: np.ndarray | None = None) -> None:
+        """Write rows ``start:start+len(features)`` (and their files' SHA-256) durably."""
         if start != self.rows_done:
             raise ValueError(f"rows must arrive in order: expected {self.rows_done}, got {start}")
         stop = start + len(features)
         self.file["features"][start:stop] = features
         self.file["valid"][start:stop] = valid
+        if digests is not None:
+            self.file["content_sha256"][start:stop] = np.asarray(digests, _SHA)
         if failures:
             for name, values in (("failed_index", [i for i, _ in failures]),
-                                 ("failed_reason", [r for _, r in failures])):
+                                 ("failed_reason", _encoded([r for _, r in failures]))):
                 ds = self.file[name]
                 ds.resize((len(ds) + len(values),))
                 ds[-len(values):] = values
@@ -185,7 +202,7 @@ def assemble_shards(writer: FeatureWriter, shards: list[Path]) -> None:
         index = [f["index"][:] for f in files]
         # Failures are few: read once, not once per block; indices are data-set positions.
         failed = sorted((int(i), r) for f in files for i, r in
-                        zip(f["failed_index"][:], f["failed_reason"].asstr()[:]))
+                        zip(f["failed_index"][:], read_strings(f["failed_reason"])))
         n, dim = writer.file["features"].shape
         if sum(len(i) for i in index) != n:
             raise CacheError(f"the shards of {writer.final.name} hold "
@@ -194,9 +211,10 @@ def assemble_shards(writer: FeatureWriter, shards: list[Path]) -> None:
         block = chunk * max(1, _READ_BYTES // (chunk * dim * 4))
         for lo in range(writer.rows_done, n, block):
             hi = min(n, lo + block)
-            features, valid = _gather_block(files, index, lo, hi, dim,
-                                            writer.file["features"].dtype)
-            writer.write(lo, features, valid, [(i, r) for i, r in failed if lo <= i < hi])
+            features, valid, digests = _gather_block(files, index, lo, hi, dim,
+                                                     writer.file["features"].dtype)
+            writer.write(lo, features, valid, [(i, r) for i, r in failed if lo <= i < hi],
+                         digests)
     finally:
         for f in files:
             f.close()
@@ -205,17 +223,19 @@ def assemble_shards(writer: FeatureWriter, shards: list[Path]) -> None:
 def _gather_block(files, index, lo: int, hi: int, dim: int, dtype):
     features = np.empty((hi - lo, dim), dtype)
     valid = np.zeros(hi - lo, bool)
+    digests = np.zeros(hi - lo, _SHA)
     filled = np.zeros(hi - lo, bool)
     for f, ix in zip(files, index):
         a, b = np.searchsorted(ix, [lo, hi])
         rows = ix[a:b] - lo
         features[rows] = f["features"][a:b]
         valid[rows] = f["valid"][a:b]
+        digests[rows] = f["content_sha256"][a:b]
         filled[rows] = True
     if not filled.all():
         raise CacheError(f"no shard holds rows {lo + int(np.argmin(filled))} and others; "
                          "remove the shard files and extract again")
-    return features, valid
+    return features, valid, digests
 
 
 def open_cache(path: str | os.PathLike) -> h5py.File:
@@ -239,9 +259,83 @@ def open_cache(path: str | os.PathLike) -> h5py.File:
     return f
 
 
+def _encoded(values) -> np.ndarray:
+    """Names as the bytes they have on disk (surrogate escapes back to their raw bytes)."""
+    return np.array([v.encode("utf-8", "surrogateescape") for v in values], dtype=object)
+
+
+def _strings(f: h5py.File, name: str, values, resizable: bool = False) -> None:
+    f.create_dataset(name, data=_encoded(values), dtype=_STR,
+                     maxshape=(None,) if resizable else None)
+
+
+def read_strings(ds: h5py.Dataset) -> np.ndarray:
+    """A string dataset as str, names that are not UTF-8 as ``os.fsdecode`` gives them."""
+    return ds.asstr(errors="surrogateescape")[:]
+
+
+def _display(text: str) -> str:
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def _failures(f: h5py.File) -> list[tuple[str, str]]:
-    paths = f["paths"].asstr()
-    return [(paths[int(i)], r) for i, r in zip(f["failed_index"][:], f["failed_reason"].asstr()[:])]
+    paths = f["paths"].asstr(errors="surrogateescape")
+    return [(paths[int(i)], r) for i, r in zip(f["failed_index"][:],
+                                                read_strings(f["failed_reason"]))]
+
+
+def _ignored(f: h5py.File) -> list[tuple[str, str]]:
+    if "ignored_path" not in f:  # format 1
+        return []
+    return list(zip(read_strings(f["ignored_path"]).tolist(),
+                    read_strings(f["ignored_reason"]).tolist()))
+
+
+def ignored_counts(ignored: list[tuple[str, str]]) -> dict[str, int]:
+    """How many entries were ignored for each kind of reason (the text before a colon)."""
+    counts: dict[str, int] = {}
+    for _, why in ignored:
+        kind = why.split(":")[0]
+        counts[kind] = counts.get(kind, 0) + 1
+    return counts
+
+
+def find_duplicates(digests: np.ndarray, valid: np.ndarray, paths: np.ndarray,
+                    labels: np.ndarray | None, split: np.ndarray | None,
+                    classes: list[str]) -> dict:
+    """Images stored twice (identical bytes) under other paths, and where they conflict.
+
+    A group that spans two classes is a labelling error; one that spans two splits leaks:
+    a test image that is also a training image inflates every score.
+    """
+    rows = np.flatnonzero(valid & (digests != b""))
+    order = rows[np.argsort(digests[rows], kind="stable")]  # a group's rows stay in order
+    same = digests[order]
+    groups = [g for g in np.split(order, np.flatnonzero(same[1:] != same[:-1]) + 1)
+              if len(g) > 1]
+    groups.sort(key=lambda g: g[0])
+    out = {"groups": len(groups), "images": int(sum(len(g) for g in groups)),
+           "across_classes": 0, "across_splits": 0, "shown": []}
+    for g in groups:
+        classes_here = sorted({classes[i] for i in labels[g]}) if labels is not None else []
+        splits_here = sorted(set(split[g].tolist())) if split is not None else []
+        out["across_classes"] += len(classes_here) > 1
+        out["across_splits"] += len(splits_here) > 1
+        if len(out["shown"]) < _DUPLICATES_SHOWN and (len(classes_here) > 1 or
+                                                      len(splits_here) > 1 or labels is None):
+            out["shown"].append({"paths": paths[g].tolist(), "classes": classes_here,
+                                 "splits": splits_here})
+    return out
+
+
+def _duplicates(f: h5py.File) -> dict | None:
+    if "content_sha256" not in f:  # format 1: not recorded
+        return None
+    labelled = "labels" in f
+    return find_duplicates(f["content_sha256"][:], f["valid"][:], read_strings(f["paths"]),
+                           f["labels"][:] if labelled else None,
+                           read_strings(f["split"]) if labelled else None,
+                           read_strings(f["classes"]).tolist() if labelled else [])
 
 
 def stored_summary(path: Path) -> tuple[int, int, list[tuple[str, str]]]:
@@ -259,9 +353,13 @@ def read_splits(path: str | os.PathLike,
     second N x D copy (splits made by a seeded shuffle interleave their rows).
     """
     with open_cache(path) as f:
+        if "labels" not in f:
+            raise DataError(f"{path} holds unlabelled images (no classes, no splits); heads "
+                            "and fine-tuning need class folders or a manifest with labels. "
+                            "`pipeline predict` and `pipeline cache export` take it")
         features = f["features"]
-        split, valid = f["split"].asstr()[:], f["valid"][:]
-        paths, labels = f["paths"].asstr()[:], f["labels"][:]
+        split, valid = read_strings(f["split"]), f["valid"][:]
+        paths, labels = read_strings(f["paths"]), f["labels"][:]
         rows = {s: np.flatnonzero((split == s) & valid) for s in splits}
         out = {s: np.empty((len(r), features.shape[1]), np.float32) for s, r in rows.items()}
         block = features.chunks[0] * max(1, _READ_BYTES // (features.chunks[0] *
@@ -280,10 +378,14 @@ def read_split(path: str | os.PathLike, split: str) -> FeatureSplit:
 
 
 def cache_info(path: str | os.PathLike) -> dict:
-    """What a cache holds: its key spec, sizes, failures and timings."""
+    """What a cache holds: its key spec, sizes, where its splits came from, failures, what
+    was ignored in the data, images stored twice, and timings."""
     with open_cache(path) as f:
-        split = f["split"].asstr()[:]
         valid = f["valid"][:]
+        labelled = "labels" in f
+        split = read_strings(f["split"]) if labelled else np.array([])
+        spec = json.loads(f.attrs["spec"])
+        ignored = _ignored(f)
         return {
             "path": str(path),
             "key": f.attrs["key"],
@@ -291,9 +393,15 @@ def cache_info(path: str | os.PathLike) -> dict:
             "failed": int((~valid).sum()),
             "dim": int(f["features"].shape[1]),
             "dtype": str(f["features"].dtype),
-            "classes": f["classes"].asstr()[:].tolist(),
-            "splits": {s: int(((split == s) & valid).sum()) for s in ("train", "val", "test")},
-            "spec": json.loads(f.attrs["spec"]),
+            "labelled": labelled,
+            "classes": read_strings(f["classes"]).tolist() if labelled else [],
+            "splits": ({s: int(((split == s) & valid).sum()) for s in ("train", "val", "test")}
+                       if labelled else {}),
+            "split_sources": spec.get("splits", {}).get("source", {}),
+            "ignored": ignored_counts(ignored),
+            "ignored_paths": [{"path": p, "reason": r} for p, r in ignored],
+            "duplicates": _duplicates(f),
+            "spec": spec,
             "data_root": f.attrs["data_root"],
             "request": json.loads(f.attrs.get("request", "{}")),
             "created": f.attrs["created"],

@@ -2,36 +2,34 @@
 
 from __future__ import annotations
 
-import csv
 import hashlib
+import io
 import os
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
-from sklearn.model_selection import train_test_split
-from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from pipeline.errors import DataError
+from pipeline.layouts import Listing, display, read_folder, read_manifest
+from pipeline.splits import SPLITS, assign_splits, check_fractions
 
-SPLITS = ("train", "val", "test")
-# Keras users name the validation folder "validation"; accept the common spellings.
-_SPLIT_ALIASES = {
-    "train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test",
-}
 _HASH_BLOCK = 1 << 20
 
 
 @dataclass(frozen=True)
 class ImageSet:
-    """A labelled image data set with its train/val/test assignment.
+    """An image data set: labelled with its train/val/test assignment, or unlabelled.
 
-    Paths are POSIX, relative to ``root``; ``labels`` index into ``classes``; ``splits`` holds
-    one of :data:`SPLITS` per image. ``split_source`` says where the split came from.
+    Paths are POSIX, relative to ``root`` (bytes that are not UTF-8 kept as surrogate escapes,
+    as ``os.fsdecode`` gives them, so every name round-trips); ``labels`` index into
+    ``classes``; ``splits`` holds one of :data:`SPLITS` per image. An unlabelled set has no
+    classes, labels -1 and splits "". ``split_sources`` says where each split came from;
+    ``ignored`` lists the files and folders that were not taken, with why.
     """
 
     root: Path
@@ -39,10 +37,15 @@ class ImageSet:
     labels: np.ndarray
     classes: list[str]
     splits: np.ndarray
-    split_source: str
+    split_sources: dict[str, str]
+    ignored: list[tuple[str, str]] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.paths)
+
+    @property
+    def labelled(self) -> bool:
+        return bool(self.classes)
 
     def absolute(self, i: int) -> Path:
         return self.root / self.paths[i]
@@ -56,131 +59,61 @@ def load_image_set(
     split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1),
     seed: int = 0,
 ) -> ImageSet:
-    """Read an image folder, a split folder or a CSV manifest.
+    """Read a class folder, a split folder, a flat folder or a CSV manifest.
 
     Parameters
     ----------
     source
-        ``root/<class>/<image>``; ``root/{train,val,test}/<class>/<image>``; or a CSV file with
-        columns ``path,label[,split]`` whose paths are relative to the CSV's folder.
+        ``root/<class>/<image>``; ``root/{train,val,test}/<class>/<image>`` with any of the
+        splits (``val`` also spelled ``valid`` or ``validation``); a folder of images without
+        class folders (an unlabelled set); or a CSV file with a header ``path[,label][,split]``
+        whose paths are relative to the CSV's folder.
     split_fractions
-        Train/val/test fractions for a seeded stratified split, used only when the source gives
-        no split of its own.
+        Train/val/test fractions of the training images for the splits the source does not
+        give (see :mod:`pipeline.splits`).
     seed
-        Seed of that split.
+        Seed of those splits.
     """
     source = Path(source)
     if not source.exists():
-        raise DataError(f"{source}: no such file or folder")
+        raise DataError(f"{display(str(source))}: no such file or folder")
+    check_fractions(split_fractions)
     if source.is_file():
         if source.suffix.lower() != ".csv":
-            raise DataError(f"{source}: expected an image folder or a .csv manifest")
-        paths, names, given = _read_manifest(source)
-        root = source.parent
+            raise DataError(f"{display(str(source))}: expected an image folder or a .csv "
+                            "manifest")
+        listing, root = read_manifest(source), source.parent
     else:
-        root = source
-        paths, names, given = _scan_folder(source)
-    if not paths:
-        raise DataError(f"{source}: no images found (extensions: {', '.join(IMG_EXTENSIONS)})")
-    classes = sorted(set(names))
+        listing, root = read_folder(source), source
+    if not listing.paths:
+        raise DataError(f"{display(str(source))}: no images found (files with an extension "
+                        f"that Pillow opens, such as .jpg, .png, .gif, .webp, .tif); "
+                        f"{len(listing.ignored)} other file(s) or folder(s) ignored")
+    if listing.names is None:
+        n = len(listing.paths)
+        return ImageSet(root.resolve(), listing.paths, np.full(n, -1, np.int64), [],
+                        np.full(n, "", dtype=object).astype(str), {}, listing.ignored)
+    return _labelled(source, root, listing, split_fractions, seed)
+
+
+def _labelled(source: Path, root: Path, listing: Listing,
+              fractions: tuple[float, float, float], seed: int) -> ImageSet:
+    classes = sorted(set(listing.names))
     if len(classes) < 2:
-        raise DataError(f"{source}: found a single class ({classes[0]!r}); a classifier needs two")
-    labels = np.array([classes.index(n) for n in names], dtype=np.int64)
-    if given is not None:
-        splits, split_source = np.array(given, dtype=object), "given"
-    else:
-        splits = _stratified_split(labels, split_fractions, seed)
-        split_source = f"stratified fractions={list(split_fractions)} seed={seed}"
-    return ImageSet(root.resolve(), paths, labels, classes, splits.astype(str), split_source)
+        raise DataError(f"{display(str(source))}: found a single class ({classes[0]!r}); a "
+                        "classifier needs two (a folder without class folders is read as "
+                        "unlabelled images)")
+    index = {name: i for i, name in enumerate(classes)}
+    labels = np.array([index[n] for n in listing.names], dtype=np.int64)
+    splits, sources = assign_splits(labels, classes, listing.given, listing.given_from,
+                                    fractions, seed)
+    return ImageSet(root.resolve(), listing.paths, labels, classes, splits, sources,
+                    listing.ignored)
 
 
-def is_image_file(name: str) -> bool:
-    return not name.startswith(".") and name.lower().endswith(IMG_EXTENSIONS)
-
-
-def _class_images(class_dir: Path, root: Path) -> list[str]:
-    found = []
-    for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=True):
-        dirnames.sort()
-        base = Path(dirpath).relative_to(root)
-        found += [(base / f).as_posix() for f in sorted(filenames) if is_image_file(f)]
-    return found
-
-
-def _subdirs(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
-
-
-def _scan_folder(root: Path) -> tuple[list[str], list[str], list[str] | None]:
-    split_dirs = {_SPLIT_ALIASES[d.name.lower()]: d for d in _subdirs(root)
-                  if d.name.lower() in _SPLIT_ALIASES}
-    paths: list[str] = []
-    names: list[str] = []
-    if not split_dirs:
-        for class_dir in _subdirs(root):
-            found = _class_images(class_dir, root)
-            paths += found
-            names += [class_dir.name] * len(found)
-        return paths, names, None
-    if "train" not in split_dirs:
-        raise DataError(f"{root}: split folders {sorted(split_dirs)} found but no train/ folder")
-    given: list[str] = []
-    for split in SPLITS:
-        for class_dir in _subdirs(split_dirs[split]) if split in split_dirs else []:
-            found = _class_images(class_dir, root)
-            paths += found
-            names += [class_dir.name] * len(found)
-            given += [split] * len(found)
-    return paths, names, given
-
-
-def _read_manifest(csv_path: Path) -> tuple[list[str], list[str], list[str] | None]:
-    folder = csv_path.parent.resolve()
-    with open(csv_path, newline="", encoding="utf-8") as fh:
-        reader = csv.DictReader(fh)
-        columns = set(reader.fieldnames or [])
-        if not {"path", "label"} <= columns:
-            raise DataError(f"{csv_path}: needs a header with columns path,label[,split]")
-        rows = list(reader)
-    paths, names, given = [], [], []
-    for line, row in enumerate(rows, start=2):
-        rel = (row.get("path") or "").strip()
-        target = (folder / rel).resolve()
-        if not rel or not target.is_relative_to(folder):
-            raise DataError(f"{csv_path}:{line}: path {rel!r} lies outside the manifest's folder")
-        if not target.is_file():
-            raise DataError(f"{csv_path}:{line}: {rel} does not exist")
-        paths.append(target.relative_to(folder).as_posix())
-        names.append((row.get("label") or "").strip())
-        if "split" in columns:
-            split = _SPLIT_ALIASES.get((row.get("split") or "").strip().lower())
-            if split is None:
-                raise DataError(f"{csv_path}:{line}: split must be one of {', '.join(SPLITS)}")
-            given.append(split)
-    return paths, names, given if "split" in columns else None
-
-
-def _stratified_split(labels: np.ndarray, fractions: tuple[float, float, float],
-                      seed: int) -> np.ndarray:
-    train, val, test = fractions
-    if min(fractions) < 0 or not np.isclose(train + val + test, 1.0) or train == 0:
-        raise DataError(f"split fractions {fractions} must be non-negative, sum to 1, train > 0")
-    index = np.arange(len(labels))
-    splits = np.full(len(labels), "train", dtype=object)
-    try:
-        rest = index
-        if test > 0:
-            rest, test_idx = train_test_split(index, test_size=test, stratify=labels,
-                                              random_state=seed)
-            splits[test_idx] = "test"
-        if val > 0:
-            _, val_idx = train_test_split(rest, test_size=val / (train + val),
-                                          stratify=labels[rest], random_state=seed)
-            splits[val_idx] = "val"
-    except ValueError as err:
-        raise DataError(f"cannot make a stratified {fractions} split: {err}; "
-                        "add images or give the splits as folders or a CSV column") from None
-    return splits
+def _utf8(text: str) -> bytes:
+    """Encode a name losslessly: the bytes it had on disk, whatever they were."""
+    return text.encode("utf-8", "surrogateescape")
 
 
 def fingerprint_files(image_set: ImageSet, hash_contents: bool = False,
@@ -194,7 +127,7 @@ def fingerprint_files(image_set: ImageSet, hash_contents: bool = False,
     stamps = file_stamps(image_set, hash_contents) if stamps is None else stamps
     digest = hashlib.sha256()
     for rel, stamp in zip(image_set.paths, stamps, strict=True):
-        digest.update(f"{rel}\t{stamp}\n".encode())
+        digest.update(_utf8(f"{rel}\t{stamp}\n"))
     return digest.hexdigest()
 
 
@@ -205,19 +138,22 @@ def file_stamps(image_set: ImageSet, hash_contents: bool = False,
     stamps = []
     for i in indices:
         path = image_set.absolute(i)
-        if hash_contents:
-            stamps.append(file_sha256(path))
-        else:
-            st = path.stat()
-            stamps.append(f"{st.st_size}:{st.st_mtime_ns}")
+        try:
+            if hash_contents:
+                stamps.append(file_sha256(path))
+            else:
+                st = path.stat()
+                stamps.append(f"{st.st_size}:{st.st_mtime_ns}")
+        except OSError as err:  # a dangling link or unreadable file: it fails, listed, later
+            stamps.append(f"unreadable:{type(err).__name__}")
     return stamps
 
 
 def fingerprint_splits(image_set: ImageSet) -> str:
     """SHA-256 over the class names and each image's label and split."""
-    digest = hashlib.sha256("\t".join(image_set.classes).encode() + b"\n")
+    digest = hashlib.sha256(_utf8("\t".join(image_set.classes)) + b"\n")
     for rel, label, split in zip(image_set.paths, image_set.labels, image_set.splits):
-        digest.update(f"{rel}\t{label}\t{split}\n".encode())
+        digest.update(_utf8(f"{rel}\t{label}\t{split}\n"))
     return digest.hexdigest()
 
 
@@ -230,17 +166,35 @@ def file_sha256(path: Path) -> str:
 
 
 def load_rgb(path: str | os.PathLike) -> Image.Image:
-    """Decode an image as 8-bit RGB with its EXIF orientation applied.
+    """Decode an image as 8-bit RGB with its EXIF orientation applied (see :func:`read_image`)."""
+    return read_image(path)[0]
 
-    Raises ``OSError`` or ``ValueError`` for truncated, empty or non-image files and
-    ``Image.DecompressionBombError`` for images above Pillow's pixel limit (its warning, for
-    images above half the limit, is raised as an error too, so a bomb never gets decoded).
+
+def read_image(path: str | os.PathLike) -> tuple[Image.Image, str]:
+    """Decode an image as 8-bit RGB with its EXIF orientation applied, and hash its bytes.
+
+    The file is read once: its SHA-256 (which finds the same picture stored twice) comes from
+    the bytes that are decoded. Raises ``OSError`` or ``ValueError`` for missing, truncated,
+    empty or non-image files and ``Image.DecompressionBombError`` for images above Pillow's
+    pixel limit (its warning, for images above half the limit, is raised as an error too, so
+    a bomb never gets decoded).
     """
+    with open(path, "rb") as fh:
+        data = fh.read()
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
-        with Image.open(path) as img:
+        with Image.open(io.BytesIO(data)) as img:
             img.load()
-            return _to_rgb(ImageOps.exif_transpose(img))
+            return _to_rgb(ImageOps.exif_transpose(img)), hashlib.sha256(data).hexdigest()
+
+
+def unreadable_reason(path: Path, err: Exception) -> str:
+    """Why an image could not be read, in one line and without repeating its path."""
+    if isinstance(err, FileNotFoundError) and path.is_symlink():
+        return f"dangling link (to {display(os.readlink(path))})"
+    if isinstance(err, OSError) and err.filename is not None and err.strerror:
+        return f"{type(err).__name__}: {err.strerror}"
+    return display(f"{type(err).__name__}: {err}".splitlines()[0])
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
@@ -259,8 +213,9 @@ def _to_rgb(img: Image.Image) -> Image.Image:
 class ImageFiles(torch.utils.data.Dataset):
     """Images of an :class:`ImageSet` as preprocessed tensors, never raising on a bad file.
 
-    Each item is ``(tensor, index, error)``: ``error`` is ``""`` for a good image; for an
-    unreadable one it says why and the tensor is zeros, so one bad file cannot stop a run.
+    Each item is ``(tensor, index, error, sha256)``: ``error`` is ``""`` for a good image;
+    for an unreadable one it says why, the tensor is zeros and the hash ``""``, so one bad
+    file cannot stop a run.
     """
 
     def __init__(self, image_set: ImageSet, transform, image_shape: tuple[int, int, int]):
@@ -272,9 +227,10 @@ class ImageFiles(torch.utils.data.Dataset):
         return len(self.image_set)
 
     def __getitem__(self, i: int):
+        path = self.image_set.absolute(i)
         try:
-            return self.transform(load_rgb(self.image_set.absolute(i))), i, ""
+            image, digest = read_image(path)
+            return self.transform(image), i, "", digest
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError,
                 Image.DecompressionBombWarning) as err:
-            reason = f"{type(err).__name__}: {err}".splitlines()[0]
-            return torch.zeros(self.image_shape), i, reason
+            return torch.zeros(self.image_shape), i, unreadable_reason(path, err), ""

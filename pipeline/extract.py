@@ -19,6 +19,7 @@ from pipeline.backbones import DEFAULT_BACKBONE, BackboneSpec, resolve_backbone
 from pipeline.cache import (
     FeatureWriter,
     assemble_shards,
+    cache_info,
     cache_key,
     cache_path,
     shard_path,
@@ -41,6 +42,7 @@ from pipeline.devices import (
     keep_freed_memory,
 )
 from pipeline.errors import DataError
+from pipeline.layouts import display
 
 DTYPES = ("float32", "float16")
 DEFAULT_CACHE_DIR = os.environ.get("PIPELINE_CACHE_DIR", "cache")
@@ -60,12 +62,27 @@ class ExtractResult:
     resumed_from: int = 0  # rows found already written, by an interrupted run
     failures: list[tuple[str, str]] = field(default_factory=list)
     world_size: int = 1  # processes that extracted (torchrun)
+    labelled: bool = True
+    splits: dict[str, int] = field(default_factory=dict)  # readable or not, per split
+    split_sources: dict[str, str] = field(default_factory=dict)
+    ignored: list[tuple[str, str]] = field(default_factory=list)  # files of the data not taken
+    duplicates: dict | None = None  # identical files under other paths (cache.find_duplicates)
 
     def to_json(self) -> dict:
         out = asdict(self)
         out["cache_path"] = str(self.cache_path)
         out["failures"] = [{"path": p, "reason": r} for p, r in self.failures]
+        out["ignored"] = [{"path": p, "reason": r} for p, r in self.ignored]
         return out
+
+    def described(self, images: ImageSet) -> ExtractResult:
+        """This result with what the data set says about itself and the cache about
+        duplicates."""
+        self.labelled, self.split_sources = images.labelled, images.split_sources
+        self.splits = images.split_counts() if images.labelled else {}
+        self.ignored = images.ignored
+        self.duplicates = cache_info(self.cache_path)["duplicates"]
+        return self
 
 
 def extract_features(
@@ -139,13 +156,13 @@ def extract_features(
     distributed.check_agree(key, "images or settings (their cache keys differ)")
     final = cache_path(cache_dir, spec.name, key)
     if distributed.broadcast(final.exists()):
-        return _hit(final, key, started)
+        return _hit(final, key, started).described(images)
     model = prepare_model(spec, run_on)
     dim = _feature_dim(model, spec, run_on)
     if compile:
         model = torch.compile(model)
     meta = {"paths": images.paths, "labels": images.labels, "split": images.splits,
-            "classes": images.classes, "data_root": str(images.root),
+            "classes": images.classes, "data_root": str(images.root), "ignored": images.ignored,
             # The arguments that rebuild this backbone, for `pipeline predict` on new images.
             "request": {"backbone": backbone, "weights": weights, "layer": layer, "pool": pool,
                         "image_size": image_size, "seed": seed}}
@@ -155,7 +172,8 @@ def extract_features(
                default_workers(ctx.local_world_size) if workers is None else workers,
                strict, progress, on_batch)
     if ctx.distributed:
-        return _extract_sharded(run, ctx, final, key_spec, key, dim, dtype, meta, started)
+        return _extract_sharded(run, ctx, final, key_spec, key, dim, dtype, meta,
+                                started).described(images)
     writer = FeatureWriter(final, key_spec, key, dim, dtype, meta)
     resumed_from = writer.rows_done
     try:
@@ -168,7 +186,7 @@ def extract_features(
     finally:
         writer.close()
     return ExtractResult(final, False, len(images), len(failures), dim, seconds, key,
-                         resumed_from, failures)
+                         resumed_from, failures).described(images)
 
 
 def _hit(final: Path, key: str, started: float) -> ExtractResult:
@@ -252,7 +270,7 @@ def feature_key_spec(spec: BackboneSpec, images: ImageSet, dtype: str, hash_cont
             "fingerprint_method": "sha256" if hash_contents else "size+mtime",
             "images": len(images),
         },
-        "splits": {"sha256": fingerprint_splits(images), "source": images.split_source},
+        "splits": {"sha256": fingerprint_splits(images), "source": images.split_sources},
         "dtype": dtype,
     }
 
@@ -307,6 +325,7 @@ class FeatureBatch:
     valid: np.ndarray
     failures: list[tuple[int, str]]  # (image index, why it could not be read)
     forward_s: float
+    digests: np.ndarray  # SHA-256 (hex bytes) of each image file, b"" where unreadable
 
     @property
     def start(self) -> int:
@@ -327,7 +346,8 @@ def feature_batches(model: torch.nn.Module, spec: BackboneSpec, images: ImageSet
     show = sys.stderr.isatty() if progress is None else progress
     with tqdm(total=done + len(indices), initial=done, unit="img", disable=not show,
               desc=f"{desc} {spec.name}", dynamic_ncols=True) as bar:
-        for x, index, errors in _loader(images, spec, indices, batch_size, workers, device):
+        for x, index, errors, digests in _loader(images, spec, indices, batch_size, workers,
+                                                 device):
             started = time.perf_counter()
             x = x.to(device, non_blocking=True)
             if device.type == "cuda":
@@ -338,7 +358,7 @@ def feature_batches(model: torch.nn.Module, spec: BackboneSpec, images: ImageSet
             feats[~valid] = np.nan
             failures = [(int(i), e) for i, e in zip(index, errors) if e]
             yield FeatureBatch(index.numpy(), feats, valid, failures,
-                               time.perf_counter() - started)
+                               time.perf_counter() - started, np.asarray(digests, "S64"))
             bar.update(len(index))
 
 
@@ -364,9 +384,10 @@ class _Run:
                                      self.progress, desc, done=writer.rows_done):
             if self.strict and batch.failures:
                 i, reason = batch.failures[0]
-                raise DataError(f"{self.images.paths[i]}: unreadable image ({reason}); "
+                raise DataError(f"{display(self.images.paths[i])}: unreadable image ({reason}); "
                                 "drop --strict to skip and list such files")
-            writer.write(writer.rows_done, batch.features, batch.valid, batch.failures)
+            writer.write(writer.rows_done, batch.features, batch.valid, batch.failures,
+                         batch.digests)
             forward_s += batch.forward_s
             if self.on_batch is not None:
                 self.on_batch(writer.rows_done, len(indices))

@@ -228,7 +228,8 @@ def train_transform(spec: BackboneSpec) -> v2.Compose:
 
 
 class _Labelled(torch.utils.data.Dataset):
-    """Rows of an :class:`ImageFiles` with their labels: ``(tensor, index, error, label)``."""
+    """Rows of an :class:`ImageFiles` with their labels: ``(tensor, index, error, sha256,
+    label)``."""
 
     def __init__(self, files: ImageFiles, rows: list[int]):
         self.files, self.rows = files, rows
@@ -307,7 +308,7 @@ def train_one_epoch(model, trainable, loader, optimizer, scaler, device, cfg
                     ) -> tuple[float, float]:
     set_train_mode(model, trainable, cfg.bn_train)
     total_loss, correct, seen = 0.0, 0, 0
-    for x, _index, _errors, y in loader:
+    for x, _index, _errors, _digest, y in loader:
         x, y = _to_device(x, device), y.to(device)
         with autocast(device):
             logits = model(x)
@@ -336,7 +337,7 @@ def evaluate(model, loader, device) -> tuple[float, float, np.ndarray]:
     was_training = model.training
     model.eval()
     loss, probs, labels, index = 0.0, [], [], []
-    for x, i, _errors, y in loader:
+    for x, i, _errors, _digest, y in loader:
         with autocast(device):
             logits = model(_to_device(x, device)).float()
         loss += F.cross_entropy(logits, y.to(device), reduction="sum").item()

@@ -14,10 +14,11 @@ import torch
 from torch import nn
 
 from pipeline.backbones import BackboneSpec, replace_classifier, resolve_backbone
-from pipeline.data import ImageSet, is_image_file
+from pipeline.data import ImageSet
 from pipeline.devices import keep_freed_memory, resolve_device
 from pipeline.errors import DataError
 from pipeline.extract import feature_batches, prepare_model
+from pipeline.layouts import is_image_name
 from pipeline.persistence import ModelFileError, SavedHead, load_head
 
 # Key fields that decide the features a head was trained on; all must match at prediction.
@@ -29,7 +30,7 @@ def collect_images(inputs: Sequence[str | os.PathLike]) -> list[Path]:
     found: list[Path] = []
     for item in map(Path, inputs):
         if item.is_dir():
-            found += sorted(p for p in item.rglob("*") if p.is_file() and is_image_file(p.name))
+            found += sorted(p for p in item.rglob("*") if p.is_file() and is_image_name(p.name))
         elif item.is_file():
             found.append(item)
         else:
@@ -73,7 +74,7 @@ def predict_images(
     classes = saved.meta["classes"]
     # Absolute paths under "/" reuse the robust loader of stage 1 unchanged.
     images = ImageSet(Path("/"), [p.as_posix() for p in paths], np.zeros(len(paths), np.int64),
-                      classes, np.full(len(paths), "test"), "predict")
+                      classes, np.full(len(paths), "test"), {})
     run_on = resolve_device(device)
     net = _network(saved, spec, run_on)
     rows = []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 
 import numpy as np
@@ -40,7 +41,9 @@ def test_split_folders_are_kept_and_validation_alias_accepted(tmp_path):
             for i in range(n):
                 write_image(tmp_path / split / name / f"{i}.jpg", seed=i)
     images = load_image_set(tmp_path)
-    assert images.split_source == "given"
+    assert images.split_sources == {"train": "given (folder train/)",
+                                    "val": "given (folder validation/)",
+                                    "test": "given (folder test/)"}
     assert images.split_counts() == {"train": 6, "val": 4, "test": 2}
     assert images.paths[0] == "train/x/0.jpg"
 
@@ -49,16 +52,18 @@ def test_manifest_paths_labels_and_splits(tmp_path):
     write_image(tmp_path / "imgs" / "a.png", 1)
     write_image(tmp_path / "imgs" / "b.png", 2)
     (tmp_path / "m.csv").write_text("path,label,split\nimgs/a.png,cat,train\nimgs/b.png,dog,test\n")
-    images = load_image_set(tmp_path / "m.csv")
+    images = load_image_set(tmp_path / "m.csv", (1.0, 0.0, 0.0))
     assert images.paths == ["imgs/a.png", "imgs/b.png"]
     assert images.classes == ["cat", "dog"] and list(images.splits) == ["train", "test"]
+    assert images.split_sources["test"] == "given (split column)"
+    assert images.split_sources["val"].startswith("none")
 
 
 @pytest.mark.parametrize("body, message", [
     ("path,label\n../outside.png,cat\nimgs/a.png,dog\n", "outside the manifest's folder"),
-    ("path,label\nimgs/missing.png,cat\nimgs/a.png,dog\n", "does not exist"),
     ("file,class\nimgs/a.png,cat\n", "needs a header"),
-    ("path,label,split\nimgs/a.png,cat,holdout\n", "split must be one of"),
+    ("path,label\nimgs/a.png,cat\nimgs/b.png,\n", "no label"),
+    ("path,label,split\nimgs/a.png,cat,holdout\n", "must be one of train, val, test"),
 ])
 def test_bad_manifests_say_what_is_wrong(tmp_path, body, message):
     write_image(tmp_path / "outside.png", 1)  # exists, but not under the manifest's folder
@@ -82,7 +87,8 @@ def test_empty_single_class_and_missing_are_data_errors(tmp_path):
 
 def test_too_few_images_for_a_stratified_split_is_a_data_error(tmp_path):
     root = make_folder(tmp_path / "d", classes=("a", "b"), per_class=1)
-    with pytest.raises(DataError, match="stratified"):
+    with pytest.raises(DataError, match="class 'a' has 1 training image.*too few to carve "
+                                        "val and test"):
         load_image_set(root)
 
 
@@ -173,6 +179,7 @@ def test_unreadable_files_yield_zeros_and_a_reason(tmp_path):
     files = ImageFiles(images, lambda im: torch.ones(3, 4, 4), (3, 4, 4))
     results = {images.paths[i]: files[i] for i in range(len(files))}
     assert results["a/good.png"][2] == ""
+    assert results["a/good.png"][3] == hashlib.sha256(good.read_bytes()).hexdigest()
     for bad in ("a/empty.png", "b/text.jpg", "b/cut.png"):
-        tensor, _, reason = results[bad]
-        assert reason and not tensor.any()
+        tensor, _, reason, digest = results[bad]
+        assert reason and not tensor.any() and digest == ""
