@@ -11,8 +11,10 @@ import click
 from pipeline import backbones, blocks, cache, compare, distributed, report
 from pipeline.devices import DEVICES
 from pipeline.errors import PipelineError
+from pipeline.export import FORMATS, export_cache
 from pipeline.extract import DEFAULT_CACHE_DIR, DTYPES, extract_features
 from pipeline.finetune import AUGMENTS, HEAD_INITS, OPTIMIZERS, SCHEDULES, sweep_depths
+from pipeline.layouts import display
 from pipeline.predict import predict_images, write_predictions
 
 
@@ -44,6 +46,10 @@ def _emit_json(obj) -> None:
 
 compile_option = click.option(
     "--compile", is_flag=True, help="torch.compile the network (pays off on long GPU runs).")
+split_option = click.option(
+    "--split", "split_fractions", default="0.8,0.1,0.1", show_default=True, callback=_fractions,
+    help="train,val,test fractions of the training images, for the splits the data does not "
+         "give (carved, stratified and seeded, out of train).")
 cache_dir_option = click.option(
     "--cache-dir", default=DEFAULT_CACHE_DIR, show_default=True, type=click.Path(),
     help="Folder of the HDF5 feature caches (env PIPELINE_CACHE_DIR).")
@@ -75,8 +81,7 @@ def main() -> None:
 @click.option("--strict", is_flag=True, help="Stop at the first unreadable image.")
 @click.option("--hash-contents", is_flag=True,
               help="Fingerprint images by content hash, not size and mtime.")
-@click.option("--split", "split_fractions", default="0.8,0.1,0.1", show_default=True,
-              callback=_fractions, help="train,val,test fractions when the data has no splits.")
+@split_option
 @click.option("--seed", type=int, default=0, show_default=True)
 @compile_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object, nothing else.")
@@ -115,11 +120,40 @@ def extract(data, as_json, write_json, **options) -> None:
         procs = f" on {result.world_size} processes" if result.world_size > 1 else ""
         click.echo(f"extracted {result.images} images ({result.dim}-d){procs} in "
                    f"{result.seconds:.1f} s ({rate:.0f} img/s{resumed}) -> {result.cache_path}")
+    _describe_data(result)
+
+
+def _describe_data(result) -> None:
+    """Where the splits came from, what was ignored, skipped or found twice."""
+    if result.labelled:
+        click.echo("splits: " + "; ".join(f"{s} {result.splits[s]}: {result.split_sources[s]}"
+                                          for s in result.splits))
+    else:
+        click.echo("unlabelled images (no class folders or label column): features and paths "
+                   "only; `pipeline predict` and `pipeline cache export` take them")
+    if result.ignored:
+        counts = cache.ignored_counts(result.ignored)
+        click.echo(f"ignored {len(result.ignored)} file(s) or folder(s): " + ", ".join(
+            f"{n} {kind}" for kind, n in counts.items()) + f" (`pipeline cache info "
+            f"{result.key[:8]}` lists them)", err=True)
     for path, reason in result.failures:
-        click.echo(f"skipped unreadable {path}: {reason}", err=True)
+        click.echo(f"skipped unreadable {display(path)}: {reason}", err=True)
     if result.failed:
         click.echo(f"{result.failed} unreadable image(s) skipped and listed in the cache",
                    err=True)
+    _warn_duplicates(result.duplicates, result.key)
+
+
+def _warn_duplicates(duplicates: dict | None, key: str) -> None:
+    if not duplicates or not (duplicates["across_splits"] or duplicates["across_classes"]):
+        return
+    shown = "; ".join(" = ".join(display(p) for p in g["paths"])
+                      for g in duplicates["shown"][:3])
+    click.echo(f"warning: identical images under other paths: {duplicates['across_splits']} "
+               f"group(s) span two splits (a test image that is also a training image inflates "
+               f"every score), {duplicates['across_classes']} span two classes: {shown}"
+               f"{' ...' if len(duplicates['shown']) > 3 else ''} (`pipeline cache info "
+               f"{key[:8]}` lists them)", err=True)
 
 
 def _shots(_ctx, _param, value: str | None) -> list:
@@ -232,6 +266,7 @@ def _depths(_ctx, _param, value: str) -> list:
 @click.option("--head-init", type=click.Choice(HEAD_INITS), default="linear",
               show_default=True, help="Warm-start the head from a linear probe, or random.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
+@split_option
 @click.option("--seed", type=int, default=0, show_default=True)
 @cache_dir_option
 @click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
@@ -323,11 +358,50 @@ def cache_info(name, cache_dir, as_json) -> None:
     if as_json:
         _emit_json(info)
         return
-    for field in ("path", "key", "images", "failed", "dim", "dtype", "splits", "classes",
-                  "data_root", "created", "timings", "versions"):
+    for field in ("path", "key", "images", "failed", "dim", "dtype", "labelled", "splits",
+                  "classes", "data_root", "created", "timings", "versions"):
         click.echo(f"{field:10s} {info[field]}")
+    for split in ("train", "val", "test"):
+        if split in info["split_sources"]:
+            click.echo(f"{split:10s} {info['split_sources'][split]}")
+    _list("ignored", [(p["path"], p["reason"]) for p in info["ignored_paths"]])
+    duplicates = info["duplicates"]
+    if duplicates is not None:
+        click.echo(f"duplicates {duplicates['groups']} group(s) of identical images "
+                   f"({duplicates['images']} images): {duplicates['across_splits']} across "
+                   f"splits, {duplicates['across_classes']} across classes")
+        for group in duplicates["shown"]:
+            click.echo("           " + " = ".join(display(p) for p in group["paths"]))
     click.echo("spec")
     click.echo(json.dumps(info["spec"], indent=2, sort_keys=True))
+
+
+def _list(title: str, rows: list[tuple[str, str]]) -> None:
+    click.echo(f"{title:10s} {len(rows)}")
+    for path, reason in rows:
+        click.echo(f"           {display(path)}: {reason}")
+
+
+@cache_group.command(name="export")
+@click.argument("name")
+@click.option("--format", "fmt", type=click.Choice(FORMATS), default="parquet",
+              show_default=True)
+@click.option("--out", type=click.Path(), required=True,
+              help="File to write (parquet, csv), or folder (npy).")
+@cache_dir_option
+@click.option("--json", "as_json", is_flag=True)
+def cache_export(name, fmt, out, cache_dir, as_json) -> None:
+    """Write a cache's features with path, label, split and valid, for numpy, pandas, polars.
+
+    NAME: a path, file name or key prefix. npy writes a folder of .npy files (features.npy
+    memory-maps); parquet one file with a fixed-size list column 'features'; csv one file
+    with columns f0..f<D-1>.
+    """
+    result = export_cache(cache.find_cache(cache_dir, name), out, fmt)
+    if as_json:
+        _emit_json(result)
+        return
+    click.echo(f"{result['rows']} rows x {result['dim']} features -> {out} ({fmt})")
 
 
 @cache_group.command(name="rm")

@@ -32,6 +32,7 @@ from pipeline.devices import autocast, autocast_dtype, default_workers, keep_fre
 from pipeline.errors import DataError, PipelineError
 from pipeline.extract import DEFAULT_CACHE_DIR, extract_features
 from pipeline.heads import LinearProbe
+from pipeline.layouts import display
 from pipeline.persistence import SUFFIX, save_state_dict
 
 CHECKPOINT = "checkpoint.pt"
@@ -118,6 +119,9 @@ def finetune(
     cfg = _config(config)
     ctx, run_on = distributed.setup(device)
     images = load_image_set(data, split_fractions, cfg.seed)
+    if not images.labelled:
+        raise FinetuneError(f"{display(str(data))}: unlabelled images (no class folders or "
+                            "label column); fine-tuning needs labels")
     spec = resolve_backbone(backbone, weights, image_size=image_size, seed=cfg.seed)
     cache = extract_features(data, backbone, weights, image_size=image_size, cache_dir=cache_dir,
                              split_fractions=split_fractions, seed=cfg.seed, progress=progress,

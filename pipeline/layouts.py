@@ -209,6 +209,13 @@ def _class_images(walk: _Walk, folder: Path) -> list[str]:
     return found or []
 
 
+def find_images(folder: Path) -> Listing:
+    """Every image under ``folder``, whatever its layout, each file once (for predictions)."""
+    listing = Listing()
+    listing.paths = _Walk(folder, listing).images(folder) or []
+    return listing
+
+
 def read_manifest(csv_path: Path) -> Listing:
     """A CSV file ``path[,label][,split]``, paths relative to its folder and never outside.
 

@@ -14,11 +14,13 @@ import torch
 from torch import nn
 
 from pipeline.backbones import BackboneSpec, replace_classifier, resolve_backbone
+from pipeline.cache import SUFFIX as CACHE_SUFFIX
+from pipeline.cache import cache_info, open_cache, read_strings
 from pipeline.data import ImageSet
 from pipeline.devices import keep_freed_memory, resolve_device
 from pipeline.errors import DataError
-from pipeline.extract import feature_batches, prepare_model
-from pipeline.layouts import is_image_name
+from pipeline.extract import FeatureBatch, feature_batches, prepare_model
+from pipeline.layouts import display, find_images
 from pipeline.persistence import ModelFileError, SavedHead, load_head
 
 # Key fields that decide the features a head was trained on; all must match at prediction.
@@ -26,18 +28,25 @@ _FEATURE_FIELDS = ("backbone", "weights", "weights_sha256", "layer", "pool", "pr
 
 
 def collect_images(inputs: Sequence[str | os.PathLike]) -> list[Path]:
-    """Image files given directly or found (recursively, sorted) in given folders."""
+    """Image files given directly or found (recursively, sorted, each once) in given folders.
+
+    A dangling link is kept: it gets an error row like any unreadable image.
+    """
     found: list[Path] = []
     for item in map(Path, inputs):
         if item.is_dir():
-            found += sorted(p for p in item.rglob("*") if p.is_file() and is_image_name(p.name))
-        elif item.is_file():
+            found += [item / p for p in find_images(item).paths]
+        elif item.is_file() or item.is_symlink():
             found.append(item)
         else:
-            raise DataError(f"{item}: no such file or folder")
+            raise DataError(f"{display(str(item))}: no such file or folder")
     if not found:
-        raise DataError("no images found in " + ", ".join(map(str, inputs)))
-    return [p.resolve() for p in found]
+        raise DataError("no images found in " + ", ".join(display(str(i)) for i in inputs))
+    return [p.absolute() for p in found]
+
+
+def is_cache(path: str | os.PathLike) -> bool:
+    return Path(path).suffix == CACHE_SUFFIX and Path(path).is_file()
 
 
 def matching_backbone(saved: SavedHead) -> BackboneSpec:
@@ -45,13 +54,17 @@ def matching_backbone(saved: SavedHead) -> BackboneSpec:
     request = dict(saved.meta["request"])
     spec = resolve_backbone(request.pop("backbone"), **request)
     # Compare as stored: the key went through JSON, where tuples become lists.
-    trained, here = saved.meta["spec"], json.loads(json.dumps(spec.key()))
+    _check_features(saved, json.loads(json.dumps(spec.key())), "the backbone here gives")
+    return spec
+
+
+def _check_features(saved: SavedHead, here: dict, where: str) -> None:
+    trained = saved.meta["spec"]
     for name in _FEATURE_FIELDS:
         if trained.get(name) != here.get(name):
             raise ModelFileError(
-                f"this head was trained on features with {name}={trained.get(name)!r}, but the "
-                f"backbone here gives {name}={here.get(name)!r}; extract and fit it again")
-    return spec
+                f"this head was trained on features with {name}={trained.get(name)!r}, but "
+                f"{where} {name}={here.get(name)!r}; extract and fit it again")
 
 
 def predict_images(
@@ -65,10 +78,28 @@ def predict_images(
 ) -> list[dict]:
     """Classify images with a saved head and its matching backbone.
 
+    ``inputs`` are image files, folders (searched recursively) and feature caches (``.h5``,
+    labelled or not): a head classifies a cache's stored features without running the
+    backbone; a fine-tuned network reads the cache's images. Images come first, in the order
+    given, then the caches' rows.
+
     Returns one dict per image: ``path``, ``prediction``, ``probability`` and ``top_k`` (a list
     of ``(class, probability)``), or ``error`` for an image that could not be read.
     """
     saved = load_head(model)
+    caches = [Path(i) for i in inputs if is_cache(i)]
+    files = [i for i in inputs if not is_cache(i)]
+    if _is_finetuned(saved):  # the network needs pixels: read the cached images again
+        files += [p for c in caches for p in _cache_images(c)]
+        caches = []
+    rows = _image_rows(saved, files, top_k, device, batch_size, workers, progress) if files else []
+    for path in caches:
+        rows += _cached_rows(saved, path, top_k)
+    return rows
+
+
+def _image_rows(saved: SavedHead, inputs, top_k: int, device: str, batch_size, workers,
+                progress) -> list[dict]:
     spec = matching_backbone(saved)
     paths = collect_images(inputs)
     classes = saved.meta["classes"]
@@ -81,6 +112,32 @@ def predict_images(
     for batch in feature_batches(net, spec, images, run_on, None, batch_size, workers, progress,
                                  desc="predict"):
         rows += _batch_rows(saved, batch, paths, classes, top_k)
+    return rows
+
+
+def _cache_images(cache: Path) -> list[Path]:
+    info = cache_info(cache)
+    with open_cache(cache) as f:
+        return [Path(info["data_root"]) / p for p in read_strings(f["paths"])]
+
+
+def _cached_rows(saved: SavedHead, cache: Path, top_k: int) -> list[dict]:
+    """Predictions from a cache's stored features: no image is decoded, no network runs."""
+    info = cache_info(cache)
+    _check_features(saved, info["spec"], f"the cache {display(str(cache))} holds")
+    root = Path(info["data_root"])
+    with open_cache(cache) as f:
+        paths = [root / p for p in read_strings(f["paths"])]
+        failed = dict(zip(f["failed_index"][:].tolist(), read_strings(f["failed_reason"])))
+        features, valid = f["features"], f["valid"]
+        block = max(1, features.chunks[0])
+        rows = []
+        for lo in range(0, len(paths), block):
+            hi = min(len(paths), lo + block)
+            batch = FeatureBatch(np.arange(lo, hi), features[lo:hi].astype(np.float32),
+                                 valid[lo:hi], [(i, r) for i, r in failed.items() if lo <= i < hi],
+                                 0.0, np.zeros(hi - lo, "S64"))
+            rows += _batch_rows(saved, batch, paths, saved.meta["classes"], top_k)
     return rows
 
 
@@ -138,5 +195,5 @@ def write_predictions(rows: list[dict], stream: TextIO, top_k: int) -> None:
         pairs = [v for c, p in row.get("top_k", [])[:top_k] for v in (c, f"{p:.6f}")]
         pairs += [""] * (len(ranks) - len(pairs))
         probability = f"{row['probability']:.6f}" if "probability" in row else ""
-        writer.writerow([row["path"], row.get("prediction", ""), probability, *pairs,
+        writer.writerow([display(row["path"]), row.get("prediction", ""), probability, *pairs,
                          row.get("error", "")])
