@@ -115,8 +115,11 @@ def parse_weights(weights: str | os.PathLike) -> WeightsRequest:
 
 
 def is_offline(offline: bool | None = None) -> bool:
-    """``offline`` itself, or when None whether the environment variable PIPELINE_OFFLINE is set
-    to 1, true or yes."""
+    """Whether downloads are forbidden: ``offline``, or if None the ``PIPELINE_OFFLINE`` variable.
+
+    The variable counts as set when it is 1, true or yes (any case), so a shell or a batch job
+    can forbid downloads without a flag on every command.
+    """
     if offline is not None:
         return offline
     return os.environ.get(OFFLINE_ENV, "").strip().lower() in ("1", "true", "yes")
@@ -194,22 +197,31 @@ class _TimmPreLogits(nn.Module):
 
 def resolve_backbone(
     name: str = DEFAULT_BACKBONE,
-    weights: str = "default",
+    weights: str | os.PathLike = "default",
     layer: str | None = None,
     pool: str = "avg",
     image_size: int | None = None,
     seed: int = 0,
+    *,
+    offline: bool | None = None,
 ) -> BackboneSpec:
     """Find a backbone by name and the weights, preprocessing and layer it will use.
+
+    Pretrained weights missing from the cache are downloaded here (unless offline), so that
+    their checksum can be part of the cache key; the network itself is not built.
 
     Parameters
     ----------
     name
         ``efficientnet_lite0`` (offline ImageNet weights), any torchvision classification model
-        (``resnet50``, ``convnext_tiny``, ...), or ``timm/<architecture>``.
+        (``resnet50``, ``convnext_tiny``, ...), ``timm/<architecture>`` or
+        ``timm/<architecture>.<tag>`` (``timm/resnet50.a1_in1k``).
     weights
-        ``default`` (the model's pretrained weights, which must be on disk), a weights enum
-        name (``IMAGENET1K_V2``), a path to a state-dict file, or ``none`` for random init.
+        ``default`` (the model's pretrained weights; for timm, those of the tag or of the
+        architecture's default tag), a torchvision weights enum member (``IMAGENET1K_V2``,
+        ``ResNet50_Weights.IMAGENET1K_V2`` or ``DEFAULT``), a state-dict file (a path that exists,
+        ends in .pt/.pth/.bin/.safetensors or holds a path separator), or ``none`` for random
+        init. See :func:`parse_weights`.
     layer
         A graph node name (see :func:`layer_names`) to take instead of the bottleneck.
     pool
@@ -218,17 +230,30 @@ def resolve_backbone(
         Crop size to use instead of the recipe's (the resize keeps the recipe's ratio).
     seed
         Seed of the random initialisation when ``weights`` is ``none``.
+    offline
+        Never download: pretrained weights must already be in the torch hub cache
+        (``torch.hub.get_dir()/checkpoints``) or the Hugging Face cache. None reads the
+        environment variable ``PIPELINE_OFFLINE`` (1, true or yes). Online, missing weights are
+        downloaded by torchvision's or timm's own mechanism, with their hash check.
+
+    Raises
+    ------
+    BackboneError
+        An unknown backbone, timm tag, pool or layer, or a too small image size.
+    WeightsError
+        Weights that do not belong to the model, are missing offline, or fail to download.
     """
     if pool not in POOLS:
         raise BackboneError(f"pool must be one of {', '.join(POOLS)}, not {pool!r}")
     if image_size is not None and image_size < 16:
         raise BackboneError(f"image size {image_size} is too small; use 16 or more")
+    request, offline = parse_weights(weights), is_offline(offline)
     if name in _OFFLINE:
-        spec = _OFFLINE[name](name, weights)
+        spec = _OFFLINE[name](name, request)
     elif name.startswith(TIMM_PREFIX):
-        spec = _timm_spec(name, name[len(TIMM_PREFIX):], weights, None)
+        spec = _timm_spec(name, name[len(TIMM_PREFIX):], request, None, offline)
     else:
-        spec = _torchvision_spec(name, weights)
+        spec = _torchvision_spec(name, request, offline)
     if not spec.weights.pretrained:
         spec = replace(spec, weights=random_init(seed))
     if image_size is not None:
@@ -249,35 +274,40 @@ def layer_names(spec: BackboneSpec) -> list[str]:
 
 # --- torchvision ------------------------------------------------------------------------------
 
-def _torchvision_spec(name: str, weights: str) -> BackboneSpec:
+def _torchvision_spec(name: str, request: WeightsRequest, offline: bool) -> BackboneSpec:
     try:
         enum = torchvision.models.get_model_weights(name)
     except (ValueError, KeyError):
         raise BackboneError(
             f"unknown backbone {name!r}; `pipeline backbones` lists the known ones") from None
-    if weights in ("default", "none") or Path(weights).suffix or "/" in weights:
-        chosen = enum.DEFAULT
+    # The default member's recipe also serves random init and a user's file.
+    chosen = _enum_member(name, enum, request) if request.kind == "enum" else enum.DEFAULT
+    if request.kind == "none":
+        source = random_init(0)
+    elif request.kind == "file":
+        source = _weights_file(request)
     else:
-        try:
-            chosen = enum[weights.split(".")[-1]]
-        except KeyError:
-            known = ", ".join(w.name for w in enum)
-            raise WeightsError(f"{name} has no weights {weights!r}; known: {known}") from None
-    source = _torchvision_weights(name, chosen, weights)
+        source = _torchvision_weights(name, chosen, offline)
     return BackboneSpec(name, "torchvision", source, _from_torchvision(chosen.transforms()),
                         None, "avg", _build_torchvision)
 
 
-def _torchvision_weights(name: str, chosen, requested: str) -> Weights:
-    if requested == "none":
-        return random_init(0)
-    if Path(requested).suffix or "/" in requested:
-        return _weights_file(requested, f"file:{Path(requested).name}")
-    cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(chosen.url).name
-    if not cached.is_file():
-        raise WeightsError(
-            f"{name} weights not found offline: put {cached.name} (from {chosen.url}) in "
-            f"{cached.parent}/, or pass --weights PATH (--weights none for random init)")
+def _enum_member(name: str, enum, request: WeightsRequest):
+    known = ", ".join([w.name for w in enum] + ["DEFAULT"])
+    if request.enum_class not in (None, enum.__name__):
+        raise WeightsError(f"{request.enum_class} are not weights of {name}: use "
+                           f"{enum.__name__}.<member>, one of {known}")
+    try:
+        return enum.verify(request.member)
+    except KeyError:
+        raise WeightsError(f"{name} has no weights {request.text!r}; known: {known}") from None
+
+
+def _torchvision_weights(name: str, chosen, offline: bool) -> Weights:
+    # torchvision's own loader downloads into the hub cache, checks the hash in the file name
+    # and shows a progress bar; the state dict it returns is read again when the model is built.
+    cached = _hub_checkpoint(name, chosen.url, offline,
+                             lambda: chosen.get_state_dict(progress=True, check_hash=True))
     return Weights(f"{type(chosen).__name__}.{chosen.name}", cached, file_sha256(cached))
 
 
@@ -305,33 +335,128 @@ def _build_torchvision(spec: BackboneSpec) -> nn.Module:
 
 # --- timm and the offline EfficientNet-Lite0 ----------------------------------------------------
 
-def _timm_spec(name: str, arch: str, weights: str, default: Callable[[], Weights] | None
-               ) -> BackboneSpec:
+def _timm_spec(name: str, model_name: str, request: WeightsRequest,
+               bundled: Callable[[], Weights] | None, offline: bool) -> BackboneSpec:
+    """``model_name`` is a timm architecture, with or without a pretrained tag."""
     import timm
 
-    if not timm.is_model(arch):
-        raise BackboneError(f"unknown timm architecture {arch!r}")
-    cfg = timm.models.get_pretrained_cfg(arch)
-    if weights == "none":
+    if not timm.is_model(model_name):
+        raise BackboneError(f"unknown timm architecture {model_name!r}")
+    cfg = _timm_pretrained_cfg(model_name)
+    if request.kind == "enum":
+        raise WeightsError(f"{name} takes --weights default, PATH or none, not {request.text!r}; "
+                           "timm weights are chosen by tag: timm/<architecture>.<tag>")
+    if request.kind == "none":
         source = random_init(0)
-    elif weights == "default":
-        if default is None:
+    elif request.kind == "file":
+        source = _weights_file(request)
+    elif bundled is not None:
+        source = bundled()
+    else:
+        source = _timm_tag_weights(name, model_name, cfg, offline)
+        model_name = source.identity[len(_TIMM_TAG):]  # the default tag, spelled out
+    return BackboneSpec(name, "timm", source, _from_timm(cfg), None, "avg",
+                        _build_timm(model_name))
+
+
+def _timm_pretrained_cfg(model_name: str):
+    import timm
+
+    try:
+        return timm.models.get_pretrained_cfg(model_name)
+    except RuntimeError:  # timm's answer to a tag the architecture does not have
+        arch, tag = timm.models.split_model_name_tag(model_name)
+        tags = ", ".join(n.split(".", 1)[1] for n in timm.list_pretrained(f"{arch}.*"))
+        raise BackboneError(f"timm has no tag {tag!r} for {arch}; known: {tags}") from None
+
+
+def _from_timm(cfg) -> Preprocessing:
+    from timm.data import resolve_data_config
+
+    # timm's own reading of a pretrained cfg (its defaults fill what the cfg leaves out).
+    data = resolve_data_config({}, pretrained_cfg=cfg.to_dict() if cfg else {"tag": ""})
+    crop = int(data["input_size"][-1])
+    return Preprocessing(resize=math.floor(crop / data["crop_pct"]), crop=crop,
+                         mean=tuple(data["mean"]), std=tuple(data["std"]),
+                         interpolation=data["interpolation"])
+
+
+def _timm_tag_weights(name: str, model_name: str, cfg, offline: bool) -> Weights:
+    """The file of a timm tag's pretrained weights, fetched the way timm itself would."""
+    import timm
+
+    arch = timm.models.get_arch_name(model_name)
+    tagged = f"{arch}.{cfg.tag}" if cfg and cfg.tag else model_name
+    if cfg is None or not (cfg.hf_hub_id or cfg.url or cfg.file):
+        if "." not in model_name:
             raise WeightsError(f"no offline weights are bundled for {name}: pass --weights PATH "
                                "(a timm state dict) or --weights none for random init")
-        source = default()
+        raise WeightsError(f"timm tag {tagged} has no weights source (no hf_hub_id, url or "
+                           "file): pass --weights PATH or --weights none for random init")
+    # timm's own order of preference (_builder._resolve_pretrained_source): a local file named
+    # in the cfg, then the Hugging Face hub, then the url.
+    if cfg.file:
+        path = Path(cfg.file)
+        if not path.is_file():
+            raise WeightsError(f"timm tag {tagged} names weights file {path}, which does not "
+                               "exist: pass --weights PATH or --weights none for random init")
+    elif cfg.hf_hub_id:
+        path = _hf_hub_file(tagged, cfg.hf_hub_id, cfg.hf_hub_filename, offline)
     else:
-        source = _weights_file(weights, f"file:{Path(weights).name}")
-    crop = int(cfg.input_size[-1])
-    prep = Preprocessing(resize=math.floor(crop / cfg.crop_pct), crop=crop,
-                         mean=tuple(cfg.mean), std=tuple(cfg.std), interpolation=cfg.interpolation)
-    return BackboneSpec(name, "timm", source, prep, None, "avg", _build_timm(arch))
+        path = _hub_checkpoint(tagged, cfg.url, offline, lambda: _download_to_hub(cfg.url))
+    return Weights(f"{_TIMM_TAG}{tagged}", path, file_sha256(path))
 
 
-def _build_timm(arch: str) -> Callable[[BackboneSpec], nn.Module]:
+def _hf_hub_file(what: str, hub_id: str, filename: str | None, offline: bool) -> Path:
+    import huggingface_hub
+    from huggingface_hub.errors import EntryNotFoundError
+
+    repo, _, revision = hub_id.partition("@")
+    names = _hf_file_names(filename or "pytorch_model.bin")
+    for candidate in names:
+        try:
+            return Path(huggingface_hub.hf_hub_download(
+                repo, candidate, revision=revision or None, local_files_only=offline))
+        except EntryNotFoundError as err:  # not in the repo, or not in the cache (offline)
+            failure = err
+        except OSError as err:  # network, HTTP and file-system errors
+            failure = err
+            break
+    page = f"https://huggingface.co/{repo}"
+    if offline:
+        raise WeightsError(
+            f"{what} weights not found offline in the Hugging Face cache: download "
+            f"{' or '.join(names)} from {page} and pass --weights PATH, or --weights none for "
+            "random init; without --offline (or PIPELINE_OFFLINE) they would be downloaded")
+    raise WeightsError(
+        f"downloading {what} weights from {page} failed ({_one_line(failure)}): download "
+        f"{' or '.join(names)} by hand and pass --weights PATH (with --offline to never "
+        "download), or --weights none for random init")
+
+
+def _hf_file_names(filename: str) -> list[str]:
+    """The file names timm's ``load_state_dict_from_hf`` tries, safetensors first."""
+    from timm.models import _hub
+
+    if filename.endswith(".safetensors"):
+        return [filename]
+    return [*_hub._get_safe_alternatives(filename), filename]
+
+
+def _download_to_hub(url: str) -> None:
+    cached = _hub_path(url)
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    # torch's downloader writes a temporary file and moves it into place when complete.
+    torch.hub.download_url_to_file(url, str(cached), progress=True)
+
+
+def _build_timm(model_name: str) -> Callable[[BackboneSpec], nn.Module]:
     def build(spec: BackboneSpec) -> nn.Module:
         import timm
 
-        model = timm.create_model(arch, pretrained=False)
+        if spec.weights.identity.startswith(_TIMM_TAG):
+            return _timm_pretrained(model_name, spec.weights.path)
+        model = timm.create_model(model_name, pretrained=False)
         if spec.weights.path is not None:
             state = _read_state_dict(spec.weights.path)
             if spec.weights.identity.startswith(_LITE0_WHEEL):
@@ -340,6 +465,19 @@ def _build_timm(arch: str) -> Callable[[BackboneSpec], nn.Module]:
         return model
 
     return build
+
+
+def _timm_pretrained(model_name: str, path: Path) -> nn.Module:
+    import timm
+
+    # timm's own loader applies the tag's filter fn (renamed keys, adapted classifier); the
+    # overlay points it at the file already fetched, so nothing is downloaded here.
+    try:
+        return timm.create_model(model_name, pretrained=True,
+                                 pretrained_cfg_overlay={"file": str(path)})
+    except RuntimeError as err:
+        raise WeightsError(f"weights file {path.name} does not fit timm {model_name}: "
+                           f"{_one_line(err)}") from None
 
 
 def _in_order(state: dict, model: nn.Module) -> dict:
@@ -371,19 +509,51 @@ def _lite0_weights() -> Weights:
     return Weights(f"{_LITE0_WHEEL}=={version(_LITE0_WHEEL)}:{path.name}", path, file_sha256(path))
 
 
-_OFFLINE: dict[str, Callable[[str, str], BackboneSpec]] = {
-    "efficientnet_lite0": lambda name, weights: _timm_spec(
-        name, "tf_efficientnet_lite0", weights, _lite0_weights),
+# The bundled weights are on disk by construction, so these never download.
+_OFFLINE: dict[str, Callable[[str, WeightsRequest], BackboneSpec]] = {
+    "efficientnet_lite0": lambda name, request: _timm_spec(
+        name, "tf_efficientnet_lite0", request, _lite0_weights, offline=True),
 }
 
 
 # --- shared ------------------------------------------------------------------------------------
 
-def _weights_file(requested: str, identity: str) -> Weights:
-    path = Path(requested).expanduser()
+def _weights_file(request: WeightsRequest) -> Weights:
+    path = request.path
     if not path.is_file():
         raise WeightsError(f"weights file {path} does not exist")
-    return Weights(identity, path.resolve(), file_sha256(path))
+    return Weights(f"file:{path.name}", path.resolve(), file_sha256(path))
+
+
+def _hub_path(url: str) -> Path:
+    """Where torch.hub.load_state_dict_from_url keeps the file of ``url``."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(url).path).name
+
+
+def _hub_checkpoint(what: str, url: str, offline: bool, download: Callable[[], object]) -> Path:
+    """The hub-cache file of ``url``, downloaded by ``download`` when missing and allowed."""
+    cached = _hub_path(url)
+    if cached.is_file():
+        return cached
+    if offline:
+        raise WeightsError(
+            f"{what} weights not found offline: put {cached.name} (from {url}) in "
+            f"{cached.parent}/, or pass --weights PATH (--weights none for random init); "
+            "without --offline (or PIPELINE_OFFLINE) they would be downloaded")
+    try:
+        download()
+    except (OSError, RuntimeError) as err:  # URLError is an OSError; a bad hash a RuntimeError
+        raise WeightsError(
+            f"downloading {cached.name} for {what} failed ({_one_line(err)}): put it (from "
+            f"{url}) in {cached.parent}/ by hand (--offline then never downloads), or pass "
+            "--weights PATH, or --weights none for random init") from None
+    if not cached.is_file():  # a bug, not the user's doing: the loader put the file elsewhere
+        raise RuntimeError(f"downloaded {url} but {cached} is not there")
+    return cached
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(f"{type(err).__name__}: {err}".split())[:200]
 
 
 def _read_state_dict(path: Path) -> dict:

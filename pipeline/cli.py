@@ -50,6 +50,9 @@ split_option = click.option(
     "--split", "split_fractions", default="0.8,0.1,0.1", show_default=True, callback=_fractions,
     help="train,val,test fractions of the training images, for the splits the data does not "
          "give (carved, stratified and seeded, out of train).")
+offline_option = click.option(
+    "--offline", is_flag=True, default=None,
+    help="Never download weights; a missing file is an error naming it (env PIPELINE_OFFLINE=1).")
 cache_dir_option = click.option(
     "--cache-dir", default=DEFAULT_CACHE_DIR, show_default=True, type=click.Path(),
     help="Folder of the HDF5 feature caches (env PIPELINE_CACHE_DIR).")
@@ -64,9 +67,12 @@ def main() -> None:
 @main.command()
 @click.argument("data", type=click.Path())
 @click.option("--backbone", default=backbones.DEFAULT_BACKBONE, show_default=True,
-              help="efficientnet_lite0, any torchvision model name, or timm/<arch>.")
+              help="efficientnet_lite0, any torchvision model name, or timm/<arch>[.<tag>].")
 @click.option("--weights", default="default", show_default=True,
-              help="default, a weights enum name, a state-dict PATH, or none (random init).")
+              help="default, a torchvision weights name (IMAGENET1K_V2, "
+                   "ResNet50_Weights.IMAGENET1K_V2, DEFAULT), a state-dict PATH, or none "
+                   "(random init). Missing torchvision and timm files are downloaded into the "
+                   "hub cache unless --offline.")
 @click.option("--layer", default=None, help="Graph node to take instead of the bottleneck.")
 @click.option("--pool", type=click.Choice(backbones.POOLS), default="avg", show_default=True)
 @click.option("--image-size", type=int, default=None,
@@ -84,6 +90,7 @@ def main() -> None:
 @split_option
 @click.option("--seed", type=int, default=0, show_default=True)
 @compile_option
+@offline_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object, nothing else.")
 @click.option("--write-json", type=click.Path(dir_okay=False), default=None,
               help="Also write the JSON summary to this file.")
@@ -215,11 +222,16 @@ def _display(rows: list[dict]) -> list[dict]:
 @click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=None)
 @click.option("--workers", type=click.IntRange(min=0), default=None)
+@offline_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def predict(model, inputs, top_k, out, device, batch_size, workers, as_json) -> None:
-    """Classify images (INPUTS: files or folders) with a saved MODEL and its backbone."""
+def predict(model, inputs, top_k, out, device, batch_size, workers, offline, as_json) -> None:
+    """Classify images (INPUTS: files, folders or feature caches) with a saved MODEL.
+
+    A head classifies a cache's stored features (.h5, labelled or not) without running its
+    backbone; images and folders run through the head's own backbone first.
+    """
     rows = predict_images(model, inputs, top_k, device, batch_size, workers,
-                          progress=False if as_json else None)
+                          progress=False if as_json else None, offline=offline)
     if as_json:
         _emit_json({"model": str(model), "predictions": rows})
         return
@@ -272,6 +284,7 @@ def _depths(_ctx, _param, value: str) -> list:
 @click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
 @click.option("--workers", type=click.IntRange(min=0), default=None)
 @compile_option
+@offline_option
 @click.option("--json", "as_json", is_flag=True, help="Print the results as one JSON object.")
 def finetune_command(data, unfreeze, out, as_json, **options) -> None:
     """Fine-tune the top blocks of a backbone on DATA (linear probe first, then fine-tune).

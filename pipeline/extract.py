@@ -104,6 +104,7 @@ def extract_features(
     progress: bool | None = None,
     on_batch: Callable[[int, int], None] | None = None,
     compile: bool = False,
+    offline: bool | None = None,
 ) -> ExtractResult:
     """Extract bottleneck features of every image once, or find them in the cache.
 
@@ -132,6 +133,8 @@ def extract_features(
         of this rank's shard).
     compile
         Run the network through :func:`torch.compile` (worth it for long runs on a GPU).
+    offline
+        Never download weights (None: the environment variable ``PIPELINE_OFFLINE``).
 
     Under ``torchrun`` every rank extracts every ``world_size``-th image into a shard file and
     rank 0 assembles the shards into the same cache, under the same key, that one process
@@ -146,7 +149,7 @@ def extract_features(
     if dtype not in DTYPES:
         raise DataError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
     images = load_image_set(data, split_fractions, seed)
-    spec = resolve_backbone(backbone, weights, layer, pool, image_size, seed)
+    spec = resolve_backbone(backbone, weights, layer, pool, image_size, seed, offline=offline)
     ctx, run_on = distributed.setup(device)
     if ctx.distributed:  # before the ranks share out work over their image lists
         distributed.check_agree(fingerprint_splits(images), "images (paths, labels or splits)")

@@ -90,6 +90,7 @@ def finetune(
     progress: bool | None = None,
     on_epoch: Callable[[int, dict], None] | None = None,
     compile: bool = False,
+    offline: bool | None = None,
     **config,
 ) -> FinetuneResult:
     """Fine-tune the top ``unfreeze`` blocks of ``backbone`` on ``data``; resume if stopped.
@@ -106,6 +107,8 @@ def finetune(
         Called with ``(epoch, history_row)`` after each epoch's checkpoint is written.
     compile
         Train through :func:`torch.compile` (worth it for long runs on a GPU).
+    offline
+        Never download weights (None: the environment variable ``PIPELINE_OFFLINE``).
     **config
         Fields of :class:`FinetuneConfig` (``unfreeze`` may be ``"all"``).
 
@@ -122,10 +125,11 @@ def finetune(
     if not images.labelled:
         raise FinetuneError(f"{display(str(data))}: unlabelled images (no class folders or "
                             "label column); fine-tuning needs labels")
-    spec = resolve_backbone(backbone, weights, image_size=image_size, seed=cfg.seed)
+    spec = resolve_backbone(backbone, weights, image_size=image_size, seed=cfg.seed,
+                            offline=offline)
     cache = extract_features(data, backbone, weights, image_size=image_size, cache_dir=cache_dir,
                              split_fractions=split_fractions, seed=cfg.seed, progress=progress,
-                             workers=workers)
+                             workers=workers, offline=offline)
     splits = read_splits(cache.cache_path)
     _check_splits(splits, images)
     model, head, unfrozen = build_model(spec, images.classes, cfg, splits)

@@ -49,10 +49,10 @@ def is_cache(path: str | os.PathLike) -> bool:
     return Path(path).suffix == CACHE_SUFFIX and Path(path).is_file()
 
 
-def matching_backbone(saved: SavedHead) -> BackboneSpec:
+def matching_backbone(saved: SavedHead, offline: bool | None = None) -> BackboneSpec:
     """Rebuild the backbone the head was trained on, and refuse one that gives other features."""
     request = dict(saved.meta["request"])
-    spec = resolve_backbone(request.pop("backbone"), **request)
+    spec = resolve_backbone(request.pop("backbone"), **request, offline=offline)
     # Compare as stored: the key went through JSON, where tuples become lists.
     _check_features(saved, json.loads(json.dumps(spec.key())), "the backbone here gives")
     return spec
@@ -75,6 +75,7 @@ def predict_images(
     batch_size: int | None = None,
     workers: int | None = None,
     progress: bool | None = None,
+    offline: bool | None = None,
 ) -> list[dict]:
     """Classify images with a saved head and its matching backbone.
 
@@ -92,15 +93,16 @@ def predict_images(
     if _is_finetuned(saved):  # the network needs pixels: read the cached images again
         files += [p for c in caches for p in _cache_images(c)]
         caches = []
-    rows = _image_rows(saved, files, top_k, device, batch_size, workers, progress) if files else []
+    rows = (_image_rows(saved, files, top_k, device, batch_size, workers, progress, offline)
+            if files else [])
     for path in caches:
         rows += _cached_rows(saved, path, top_k)
     return rows
 
 
 def _image_rows(saved: SavedHead, inputs, top_k: int, device: str, batch_size, workers,
-                progress) -> list[dict]:
-    spec = matching_backbone(saved)
+                progress, offline) -> list[dict]:
+    spec = matching_backbone(saved, offline)
     paths = collect_images(inputs)
     classes = saved.meta["classes"]
     # Absolute paths under "/" reuse the robust loader of stage 1 unchanged.

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import h5py
 import numpy as np
 import pytest
@@ -10,7 +12,7 @@ from PIL import Image
 from sklearn.datasets import load_sample_images
 from torchvision.models import ResNet18_Weights
 
-from pipeline.backbones import list_backbones, resolve_backbone
+from pipeline.backbones import WeightsRequest, list_backbones, parse_weights, resolve_backbone
 from pipeline.data import ImageFiles, load_image_set
 from pipeline.errors import BackboneError, WeightsError
 from pipeline.extract import extract_features
@@ -58,7 +60,7 @@ def test_offline_lite0_weights_are_real_imagenet_weights():
 def test_missing_torchvision_weights_name_the_file_and_folder(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
     with pytest.raises(WeightsError) as err:
-        resolve_backbone("resnet18")
+        resolve_backbone("resnet18", offline=True)  # tests/test_weights_download.py: online
     message = str(err.value)
     assert "resnet18-f37072fd.pth" in message and str(tmp_path / "hub" / "checkpoints") in message
     assert "\n" not in message
@@ -84,6 +86,33 @@ def test_weights_path_loads_that_file(tmp_path):
     assert spec.weights.identity == "file:mine.pth" and spec.weights.sha256
     loaded = spec.build_classifier().state_dict()
     assert torch.equal(loaded["fc.weight"], state["fc.weight"])
+
+
+@pytest.mark.parametrize("text, kind, member, enum_class", [
+    ("default", "default", None, None),
+    ("DEFAULT", "default", None, None),
+    ("None", "none", None, None),
+    ("IMAGENET1K_V2", "enum", "IMAGENET1K_V2", None),
+    ("ResNet50_Weights.IMAGENET1K_V2", "enum", "IMAGENET1K_V2", "ResNet50_Weights"),
+    ("ResNet50_Weights.DEFAULT", "enum", "DEFAULT", "ResNet50_Weights"),
+    ("mine.pth", "file", None, None),
+    ("mine.safetensors", "file", None, None),
+    ("pytorch_model.bin", "file", None, None),
+    ("checkpoints/best", "file", None, None),
+    ("run.v2.ckpt", "file", None, None),  # not an enum spelling: a file that may not exist
+])
+def test_weights_strings_are_parsed_once_into_their_kind(text, kind, member, enum_class):
+    request = parse_weights(text)
+    assert (request.kind, request.member, request.enum_class) == (kind, member, enum_class)
+    assert request.text == text and (request.path is not None) == (kind == "file")
+
+
+def test_an_existing_file_is_a_file_whatever_its_name(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "IMAGENET1K_V1").write_bytes(b"")
+    assert parse_weights("IMAGENET1K_V1") == WeightsRequest("file", "IMAGENET1K_V1",
+                                                            path=Path("IMAGENET1K_V1"))
+    assert parse_weights(tmp_path / "x").kind == "file"  # a Path is always a file
 
 
 def test_weights_that_do_not_fit_are_refused(tmp_path):

@@ -93,7 +93,8 @@ def test_bad_inputs_are_pipeline_errors(tmp_path, cache_file):
     with pytest.raises(PipelineError):
         fit_heads([cache_file], ["nohead"], tmp_path / "out")
     no_val = make_split_folder(tmp_path / "s", counts={"train": 4, "test": 2})
-    path = extract_features(no_val, cache_dir=tmp_path / "c", **TINY).cache_path
+    path = extract_features(no_val, cache_dir=tmp_path / "c", split_fractions=(1.0, 0.0, 0.0),
+                            **TINY).cache_path
     with pytest.raises(DataError, match="val split has no"):
         fit_heads([path], ["logreg"], tmp_path / "out")
     with pytest.raises(PipelineError, match="no such cache"):
