@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
 
+import h5py
+import pytest
 from click.testing import CliRunner
 
+from pipeline.cache import read_strings
 from pipeline.cli import main
-from tests.conftest import make_folder
+from tests.conftest import make_folder, make_split_folder, write_image
 
 TINY_ARGS = ["--backbone", "resnet18", "--weights", "none", "--image-size", "32",
              "--workers", "0"]
@@ -145,3 +150,113 @@ def test_finetune_blocks_and_report_commands(tmp_path, image_folder):
     _assert_one_line_error(_run("finetune", image_folder, *TINY_ARGS, "--cache-dir",
                                 tmp_path / "c", "--unfreeze", "7", "--out", out / "x"), "blocks")
     _assert_one_line_error(_run("blocks", "squeezenet1_0"), "cannot find the blocks")
+
+
+def _manifest(root, split_cells):
+    """A CSV manifest of 2 classes x 10 images; ``split_cells(i)`` gives image i's split."""
+    lines = ["path,label" + (",split" if split_cells else "")]
+    for c in ("cat", "dog"):
+        for i in range(10):
+            write_image(root / "img" / f"{c}{i}.png", seed=100 * len(c) * (c == "cat") + i)
+            cell = f",{split_cells(i)}" if split_cells else ""
+            lines.append(f"img/{c}{i}.png,{c}{cell}")
+    (root / "m.csv").write_text("\n".join(lines) + "\n")
+    return root / "m.csv"
+
+
+_LAYOUTS = {
+    "train-val folders": (lambda r: make_split_folder(r, {"train": 8, "val": 2}),
+                          {"val": "given", "test": "carved"}),
+    "train-test folders": (lambda r: make_split_folder(r, {"train": 8, "test": 2}),
+                           {"val": "carved", "test": "given"}),
+    "train-only folder": (lambda r: make_split_folder(r, {"train": 10}),
+                          {"val": "carved", "test": "carved"}),
+    "manifest without split": (lambda r: _manifest(r, None), {"val": "carved",
+                                                              "test": "carved"}),
+    "manifest with every split": (
+        lambda r: _manifest(r, lambda i: "train" if i < 6 else "val" if i < 8 else "test"),
+        {"val": "given", "test": "given"}),
+    "manifest with empty split cells": (
+        lambda r: _manifest(r, lambda i: "test" if i < 2 else ""),
+        {"val": "carved", "test": "given"}),
+}
+
+
+@pytest.mark.parametrize("layout", list(_LAYOUTS))
+def test_every_layout_runs_through_every_stage(tmp_path, layout):
+    make, sources = _LAYOUTS[layout]
+    data = make(tmp_path / "data")
+    cache_dir, run = tmp_path / "c", tmp_path / "run"
+    extracted = _run("extract", data, *TINY_ARGS, "--cache-dir", cache_dir, "--json")
+    assert extracted.exit_code == 0, extracted.output
+    key = json.loads(extracted.stdout)["key"]
+    info = json.loads(_run("cache", "info", key[:8], "--cache-dir", cache_dir, "--json").stdout)
+    assert all(info["splits"][s] > 0 for s in ("train", "val", "test"))
+    for split, origin in sources.items():
+        assert info["split_sources"][split].startswith(origin), info["split_sources"]
+    heads = _run("heads", json.loads(extracted.stdout)["cache_path"], "--heads", "logreg",
+                 "--out", run / "heads", "--json")
+    assert heads.exit_code == 0, heads.output
+    tuned = _run("finetune", data, *TINY_ARGS, "--cache-dir", cache_dir, "--unfreeze", "1",
+                 "--epochs", "1", "--batch-size", "8", "--out", run / "finetune", "--json")
+    assert tuned.exit_code == 0, tuned.output
+    report = json.loads(_run("report", run, "--json").stdout)
+    assert {r["method"] for r in report["rows"]} == {"transfer", "fine-tune"}
+    assert report["cache_keys"] == [key]  # heads and fine-tune scored on the same test images
+
+
+def test_unlabelled_folder_extracts_predicts_and_exports_but_is_not_trained_on(tmp_path):
+    labelled = make_folder(tmp_path / "labelled", classes=("cat", "dog"), per_class=10)
+    flat = tmp_path / "flat"
+    for i in range(6):
+        write_image(flat / f"{i}.png", seed=500 + i)
+    cache_dir = tmp_path / "c"
+    done = _run("extract", flat, *TINY_ARGS, "--cache-dir", cache_dir)
+    assert done.exit_code == 0 and "unlabelled images" in done.output
+    cache = next(cache_dir.glob("*.h5"))
+    _assert_one_line_error(_run("heads", cache, "--out", tmp_path / "h"), "unlabelled")
+    _assert_one_line_error(_run("finetune", flat, *TINY_ARGS, "--cache-dir", cache_dir,
+                                "--out", tmp_path / "f"), "unlabelled")
+    model = json.loads(_run("heads", _cache(tmp_path, labelled), "--heads", "logreg", "--out",
+                            tmp_path / "h", "--json").stdout)["results"][0]["model"]
+    from_cache = json.loads(_run("predict", model, cache, "--json").stdout)["predictions"]
+    from_images = json.loads(_run("predict", model, flat, "--json", "--workers",
+                                  "0").stdout)["predictions"]
+    assert len(from_cache) == 6
+    assert [r["prediction"] for r in from_cache] == [r["prediction"] for r in from_images]
+    for a, b in zip(from_cache, from_images):
+        assert a["probability"] == pytest.approx(b["probability"], abs=1e-5)
+    exported = _run("cache", "export", cache.name[-28:-3], "--cache-dir", cache_dir,
+                    "--format", "csv", "--out", tmp_path / "u.csv")
+    assert exported.exit_code == 0 and (tmp_path / "u.csv").read_text().count("\n") == 7
+
+
+def test_awkward_files_are_skipped_listed_and_counted(tmp_path):
+    data = make_split_folder(tmp_path / "data", {"train": 8, "val": 2, "test": 2})
+    (data / "train" / "cat" / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    (data / "train" / "cat" / "loop").symlink_to(data)
+    (data / "train" / "empty").mkdir()
+    (data / "train" / "dog" / "notes.txt").write_text("x")
+    shutil.copy(data / "train" / "dog" / "000.png", os.fsencode(data / "train" / "dog") +
+                b"/caf\xe9.png")
+    shutil.copy(data / "train" / "cat" / "000.png", data / "test" / "cat" / "copy.png")
+    result = _run("extract", data, *TINY_ARGS, "--cache-dir", tmp_path / "c")
+    assert result.exit_code == 0, result.output
+    assert "skipped unreadable train/cat/gone.png: dangling link" in result.output
+    ignored = next(line for line in result.output.splitlines() if line.startswith("ignored"))
+    assert ignored.startswith("ignored 3 file(s) or folder(s): ")
+    assert all(f"1 {kind}" in ignored for kind in ("reached twice", "empty class folder",
+                                                    "other extension"))
+    assert "1 group(s) span two splits" in result.output
+    assert "train/cat/000.png = test/cat/copy.png" in result.output
+    info = json.loads(_run("cache", "info", str(next((tmp_path / "c").glob("*.h5"))),
+                           "--json").stdout)
+    assert info["images"] == 27 and info["failed"] == 1  # the copy and the odd name count
+    assert info["ignored"] == {"reached twice": 1, "empty class folder": 1,
+                               "other extension": 1}
+    assert info["duplicates"]["across_splits"] == 1
+    with h5py.File(next((tmp_path / "c").glob("*.h5"))) as f:
+        stored = read_strings(f["paths"]).tolist()
+    assert os.fsencode(data / "train/dog/caf\udce9.png") in [os.fsencode(data / p) for p in stored]
+    strict = _run("extract", data, *TINY_ARGS, "--cache-dir", tmp_path / "c2", "--strict")
+    _assert_one_line_error(strict, "gone.png: unreadable image (dangling link")
