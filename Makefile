@@ -10,6 +10,8 @@ DATA ?= data/fashion-mnist-mini
 BACKBONE ?= efficientnet_lite0
 WEIGHTS ?= default
 IMAGE_SIZE ?=
+# train,val,test fractions for the splits DATA does not give (carved out of its training images).
+SPLIT ?=
 CACHE_DIR ?= cache
 RESULTS ?= results
 HEADS ?= logreg,mlp,linear
@@ -31,7 +33,7 @@ CACHE_OF = $$($(BIN)/python -c 'import json,sys; print(json.load(open(sys.argv[1
 DATA_FILES := $(shell find $(DATA) -type f 2>/dev/null)
 STAGE := $(if $(NPROC),$(BIN)/torchrun --standalone --nproc-per-node $(NPROC) -m pipeline,$(BIN)/pipeline)
 EXTRACT_ARGS := --backbone $(BACKBONE) --weights $(WEIGHTS) --cache-dir $(CACHE_DIR) \
-	$(if $(IMAGE_SIZE),--image-size $(IMAGE_SIZE))
+	$(if $(IMAGE_SIZE),--image-size $(IMAGE_SIZE)) $(if $(SPLIT),--split $(SPLIT))
 
 .PHONY: help install demo features heads finetune report test lint bench demo-data clean
 

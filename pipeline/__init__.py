@@ -5,6 +5,7 @@ from pipeline.cache import cache_info, list_caches, read_split
 from pipeline.compare import fit_heads
 from pipeline.data import ImageSet, load_image_set
 from pipeline.errors import BackboneError, CacheError, DataError, PipelineError, WeightsError
+from pipeline.export import export_cache
 from pipeline.extract import ExtractResult, extract_features
 from pipeline.finetune import finetune, sweep_depths
 from pipeline.heads import LinearProbe, LogRegHead, MLPHead, make_head
@@ -24,6 +25,7 @@ __all__ = [
     "PipelineError",
     "WeightsError",
     "cache_info",
+    "export_cache",
     "extract_features",
     "finetune",
     "fit_heads",

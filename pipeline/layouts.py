@@ -91,12 +91,15 @@ class _Walk:
         self.folders.add((st.st_dev, st.st_ino))
         return True
 
-    def take(self, path: Path) -> str | None:
-        """``path``'s relative name if it is an image to read, else None (and why, listed)."""
-        if path.name.startswith("."):
+    def take(self, path: Path, listed: bool = False) -> str | None:
+        """``path``'s relative name if it is an image to read, else None (and why, listed).
+
+        A ``listed`` file (a manifest names it) is an image whatever its name.
+        """
+        if not listed and path.name.startswith("."):
             self.ignore(path, "hidden")
             return None
-        if path.suffix.lower() not in image_extensions():
+        if not listed and path.suffix.lower() not in image_extensions():
             self.ignore(path, f"other extension: {path.suffix.lower() or '(none)'}")
             return None
         try:
@@ -235,7 +238,7 @@ def read_manifest(csv_path: Path) -> Listing:
             listing.ignored.append((rel, f"listed again: line {line} repeats line {listed[rel]}"))
             continue
         listed[rel] = line
-        if not _take_listed(walk, folder / rel):
+        if walk.take(folder / rel, listed=True) is None:
             continue
         listing.paths.append(rel)
         if labelled:
@@ -270,22 +273,6 @@ def _manifest_path(csv_path: Path, folder: Path, line: int, row: dict) -> str:
         raise DataError(f"{display(str(csv_path))}:{line}: path {rel!r} lies outside the "
                         "manifest's folder")
     return target.relative_to(folder).as_posix()
-
-
-def _take_listed(walk: _Walk, path: Path) -> bool:
-    """A manifest names its images: any extension is taken, links and copies only once."""
-    try:
-        st = path.stat()
-    except OSError:
-        return True  # missing or a dangling link: listed as unreadable at extraction
-    if not stat.S_ISREG(st.st_mode):
-        walk.ignore(path, "not a regular file")
-        return False
-    first = walk.files.setdefault((st.st_dev, st.st_ino), walk.rel(path))
-    if first != walk.rel(path):
-        walk.ignore(path, f"reached twice: the same file as {first}")
-        return False
-    return True
 
 
 def _manifest_label(csv_path: Path, line: int, row: dict) -> str:
