@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from pipeline import backbones, blocks, cache, compare, distributed, report
+from pipeline import backbones, blocks, cache, compare, distributed, distribution, report
 from pipeline.devices import DEVICES
 from pipeline.errors import PipelineError
 from pipeline.export import FORMATS, export_cache
@@ -59,7 +59,7 @@ cache_dir_option = click.option(
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="pipeline")
+@click.version_option(package_name=distribution.NAME)
 def main() -> None:
     """Bottleneck features from pretrained CNNs, cached once, reused by every experiment."""
 
@@ -389,10 +389,12 @@ def cache_info(name, cache_dir, as_json) -> None:
     click.echo(json.dumps(info["spec"], indent=2, sort_keys=True))
 
 
-def _list(title: str, rows: list[tuple[str, str]]) -> None:
+def _list(title: str, rows: list[tuple[str, str]], most: int = 50) -> None:
     click.echo(f"{title:10s} {len(rows)}")
-    for path, reason in rows:
+    for path, reason in rows[:most]:
         click.echo(f"           {display(path)}: {reason}")
+    if len(rows) > most:
+        click.echo(f"           ... and {len(rows) - most} more (--json lists every one)")
 
 
 @cache_group.command(name="export")

@@ -69,7 +69,9 @@ def load_cache_data(path: str | os.PathLike) -> CacheData:
     splits = read_splits(path)
     for name, split in splits.items():
         if len(split.y) == 0:
-            raise DataError(f"{path}: the {name} split has no (readable) examples")
+            raise DataError(f"{path}: the {name} split has no (readable) examples; extract "
+                            "again with --split fractions that give it some (such as "
+                            "0.8,0.1,0.1)")
     missing = sorted(set(range(len(info["classes"]))) - set(splits["train"].y.tolist()))
     if missing:
         names = ", ".join(info["classes"][i] for i in missing)

@@ -18,12 +18,12 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline import distribution
 from pipeline.cache import open_cache, read_strings
 from pipeline.errors import PipelineError
 from pipeline.layouts import display
 
 FORMATS = ("npy", "parquet", "csv")
-PARQUET_EXTRA = "parquet"
 _BLOCK_BYTES = 32 << 20
 
 
@@ -56,8 +56,8 @@ def export_cache(cache: str | os.PathLike, out: str | os.PathLike, format: str =
         ``npy``: a folder that receives ``features.npy`` (N x D, memory-mappable with
         ``np.load(..., mmap_mode="r")``), ``valid.npy``, ``path.npy``, ``path_bytes.npy``,
         ``label.npy``, ``split.npy``; ``parquet``: one file with a fixed-size list column
-        ``features`` (pyarrow, ``pip install '<dist>[parquet]'``); ``csv``: one file with
-        feature columns ``f0`` ... ``f<D-1>``.
+        ``features`` (needs pyarrow: the ``parquet`` extra); ``csv``: one file with feature
+        columns ``f0`` ... ``f<D-1>``.
     format
         ``npy``, ``parquet`` or ``csv``.
 
@@ -127,8 +127,8 @@ def _write_parquet(out: Path, blocks: Iterator[_Block], n: int, dim: int, dtype)
         import pyarrow as pa
         import pyarrow.parquet as pq
     except ImportError:
-        raise ExportError("Parquet export needs pyarrow: pip install pyarrow (or the "
-                          f"package's [{PARQUET_EXTRA}] extra)") from None
+        raise ExportError("Parquet export needs pyarrow: pip install "
+                          f"'{distribution.NAME}[{distribution.PARQUET_EXTRA}]'") from None
     value_type = pa.float16() if np.dtype(dtype) == np.float16 else pa.float32()
     schema = pa.schema([("path", pa.string()), ("path_bytes", pa.binary()),
                         ("label", pa.string()), ("split", pa.string()), ("valid", pa.bool_()),

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pipeline import distributed
+from pipeline import distributed, distribution
 from pipeline.backbones import DEFAULT_BACKBONE, BackboneSpec, resolve_backbone
 from pipeline.cache import (
     FeatureWriter,
@@ -399,4 +399,4 @@ class _Run:
 
 def _versions() -> dict:
     names = ("torch", "torchvision", "timm", "h5py", "numpy", "pillow")
-    return {"pipeline": version("pipeline"), **{n: version(n) for n in names}}
+    return {"pipeline": distribution.version(), **{n: version(n) for n in names}}

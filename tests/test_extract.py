@@ -156,9 +156,9 @@ def test_features_stream_to_disk_one_batch_at_a_time(tmp_path, monkeypatch):
     written = []
     original = FeatureWriter.write
 
-    def spy(self, start, features, valid, failures):
+    def spy(self, start, features, valid, failures, digests=None):
         written.append(len(features))
-        return original(self, start, features, valid, failures)
+        return original(self, start, features, valid, failures, digests)
 
     monkeypatch.setattr(FeatureWriter, "write", spy)
     for n in (4, 12):
