@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from pipeline.errors import DataError
 from pipeline.layouts import Listing, display, read_folder, read_manifest
@@ -192,6 +192,8 @@ def unreadable_reason(path: Path, err: Exception) -> str:
     """Why an image could not be read, in one line and without repeating its path."""
     if isinstance(err, FileNotFoundError) and path.is_symlink():
         return f"dangling link (to {display(os.readlink(path))})"
+    if isinstance(err, UnidentifiedImageError):  # its message names the in-memory buffer
+        return f"{type(err).__name__}: not an image, or a format Pillow cannot decode"
     if isinstance(err, OSError) and err.filename is not None and err.strerror:
         return f"{type(err).__name__}: {err.strerror}"
     return display(f"{type(err).__name__}: {err}".splitlines()[0])
