@@ -109,8 +109,8 @@ def test_bad_requests_are_clear_errors(data, tmp_path):
     with pytest.raises(PipelineError, match="blocks"):
         _run(data, tmp_path, unfreeze=9)
     no_val = make_split_folder(tmp_path / "s", counts={"train": 4, "test": 2})
-    with pytest.raises(DataError, match="no validation split"):
-        _run(no_val, tmp_path, name="nv")
+    with pytest.raises(DataError, match="no validation split"):  # val given a fraction of 0
+        _run(no_val, tmp_path, name="nv", split_fractions=(1.0, 0.0, 0.0))
     _run(data, tmp_path, name="same", epochs=1)
     with pytest.raises(FinetuneError, match="another run"):
         _run(data, tmp_path, name="same", epochs=1, lr=0.1)
