@@ -135,14 +135,15 @@ def file_stamps(image_set: ImageSet, hash_contents: bool = False,
                 indices: Sequence[int] | None = None) -> list[str]:
     """What identifies each file's contents: ``size:mtime_ns``, or its SHA-256."""
     indices = range(len(image_set)) if indices is None else indices
+    root = os.fspath(image_set.root)
     stamps = []
     for i in indices:
-        path = image_set.absolute(i)
+        path = os.path.join(root, image_set.paths[i])  # str, not Path: once per file
         try:
             if hash_contents:
                 stamps.append(file_sha256(path))
             else:
-                st = path.stat()
+                st = os.stat(path)
                 stamps.append(f"{st.st_size}:{st.st_mtime_ns}")
         except OSError as err:  # a dangling link or unreadable file: it fails, listed, later
             stamps.append(f"unreadable:{type(err).__name__}")

@@ -96,24 +96,30 @@ class _Walk:
 
         A ``listed`` file (a manifest names it) is an image whatever its name.
         """
-        if not listed and path.name.startswith("."):
-            self.ignore(path, "hidden")
+        return self._take(os.fspath(path), self.rel(path), listed)
+
+    def _take(self, full: str, rel: str, listed: bool = False) -> str | None:
+        # Plain strings, not Path objects: a walk calls this once per file of the data set.
+        name = rel.rpartition("/")[2]
+        suffix = os.path.splitext(name)[1].lower()
+        if not listed and name.startswith("."):
+            self.listing.ignored.append((rel, "hidden"))
             return None
-        if not listed and path.suffix.lower() not in image_extensions():
-            self.ignore(path, f"other extension: {path.suffix.lower() or '(none)'}")
+        if not listed and suffix not in image_extensions():
+            self.listing.ignored.append((rel, f"other extension: {suffix or '(none)'}"))
             return None
         try:
-            st = path.stat()
+            st = os.stat(full)
         except OSError:  # a dangling link: listed as an image, it fails with its reason
-            return self.rel(path)
+            return rel
         if not stat.S_ISREG(st.st_mode):  # a FIFO would block the reader forever
-            self.ignore(path, "not a regular file")
+            self.listing.ignored.append((rel, "not a regular file"))
             return None
-        first = self.files.setdefault((st.st_dev, st.st_ino), self.rel(path))
-        if first != self.rel(path):
-            self.ignore(path, f"reached twice: the same file as {first}")
+        first = self.files.setdefault((st.st_dev, st.st_ino), rel)
+        if first != rel:
+            self.listing.ignored.append((rel, f"reached twice: the same file as {first}"))
             return None
-        return first
+        return rel
 
     def images(self, folder: Path) -> list[str] | None:
         """Images under ``folder``, sorted, recursively; None if the folder was not entered."""
@@ -125,7 +131,10 @@ class _Walk:
             here = Path(dirpath)
             dirnames[:] = [d for d in sorted(dirnames) if self._visible(here / d)
                            and self.enter(here / d)]
-            found += [rel for name in sorted(filenames) if (rel := self.take(here / name))]
+            base = self.rel(here)
+            found += [rel for name in sorted(filenames)
+                      if (rel := self._take(os.path.join(dirpath, name),
+                                            name if base == "." else f"{base}/{name}"))]
         return found
 
     def _visible(self, folder: Path) -> bool:
