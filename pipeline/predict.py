@@ -194,8 +194,8 @@ def write_predictions(rows: list[dict], stream: TextIO, top_k: int) -> None:
     writer = csv.writer(stream)
     writer.writerow(["path", "prediction", "probability", *ranks, "error"])
     for row in rows:
-        pairs = [v for c, p in row.get("top_k", [])[:top_k] for v in (c, f"{p:.6f}")]
+        pairs = [v for c, p in row.get("top_k", [])[:top_k] for v in (display(c), f"{p:.6f}")]
         pairs += [""] * (len(ranks) - len(pairs))
         probability = f"{row['probability']:.6f}" if "probability" in row else ""
-        writer.writerow([display(row["path"]), row.get("prediction", ""), probability, *pairs,
-                         row.get("error", "")])
+        writer.writerow([display(row["path"]), display(row.get("prediction", "")), probability,
+                         *pairs, row.get("error", "")])

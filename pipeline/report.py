@@ -17,12 +17,13 @@ import numpy as np  # noqa: E402
 from sklearn.metrics import ConfusionMatrixDisplay  # noqa: E402
 
 from pipeline.errors import PipelineError  # noqa: E402
+from pipeline.layouts import display  # noqa: E402
 
 
 def _cell(value) -> str:
     if isinstance(value, float):
         return "nan" if np.isnan(value) else f"{value:.4f}"
-    return str(value)
+    return display(str(value))  # class names from folders may hold bytes that are not UTF-8
 
 
 def write_table(rows: Sequence[dict], stem: str | os.PathLike) -> tuple[Path, Path]:
@@ -106,7 +107,8 @@ def confusion_matrix_plot(y_true, y_pred, classes: Sequence[str], path: str | os
                           title: str) -> Path:
     fig, ax = plt.subplots(figsize=(1.0 + 0.6 * len(classes), 0.8 + 0.6 * len(classes)))
     ConfusionMatrixDisplay.from_predictions(
-        y_true, y_pred, labels=np.arange(len(classes)), display_labels=classes, ax=ax,
+        y_true, y_pred, labels=np.arange(len(classes)),
+        display_labels=[display(c) for c in classes], ax=ax,
         xticks_rotation=45, colorbar=False)
     ax.set_title(title)
     return _save(fig, path)

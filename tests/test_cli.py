@@ -260,3 +260,15 @@ def test_awkward_files_are_skipped_listed_and_counted(tmp_path):
     assert os.fsencode(data / "train/dog/caf\udce9.png") in [os.fsencode(data / p) for p in stored]
     strict = _run("extract", data, *TINY_ARGS, "--cache-dir", tmp_path / "c2", "--strict")
     _assert_one_line_error(strict, "gone.png: unreadable image (dangling link")
+
+
+def test_a_class_folder_named_in_bytes_that_are_not_utf8(tmp_path):
+    root = make_folder(tmp_path / "d", classes=("cat", "dog"), per_class=10)
+    os.rename(os.fsencode(root / "dog"), os.fsencode(root) + b"/caf\xe9")
+    cache_path = _cache(tmp_path, root)
+    heads = _run("heads", cache_path, "--heads", "logreg", "--out", tmp_path / "h", "--json")
+    assert heads.exit_code == 0, heads.output
+    assert "caf\\xe9" in (tmp_path / "h" / "per_class.csv").read_text()
+    predicted = _run("predict", json.loads(heads.stdout)["results"][0]["model"], root,
+                     "--workers", "0", "--top-k", "2")
+    assert predicted.exit_code == 0 and "/caf\\xe9/000.png" in predicted.output
