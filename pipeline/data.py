@@ -194,7 +194,7 @@ def unreadable_reason(path: Path, err: Exception) -> str:
     if isinstance(err, FileNotFoundError) and path.is_symlink():
         return f"dangling link (to {display(os.readlink(path))})"
     if isinstance(err, UnidentifiedImageError):  # its message names the in-memory buffer
-        return f"{type(err).__name__}: not an image, or a format Pillow cannot decode"
+        return f"{type(err).__name__}: not an image that Pillow can decode"
     if isinstance(err, OSError) and err.filename is not None and err.strerror:
         return f"{type(err).__name__}: {err.strerror}"
     return display(f"{type(err).__name__}: {err}".splitlines()[0])
