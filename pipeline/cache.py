@@ -42,6 +42,7 @@ import h5py
 import numpy as np
 
 from pipeline.errors import CacheError, DataError
+from pipeline.layouts import display
 
 FORMAT = "pipeline-features"
 FORMAT_VERSION = 2
@@ -115,7 +116,7 @@ class FeatureWriter:
         f.attrs.update({
             "format": FORMAT, "format_version": FORMAT_VERSION, "key": key,
             "spec": json.dumps(spec, sort_keys=True), "complete": False, "rows_done": 0,
-            "data_root": _display(meta["data_root"]),
+            "data_root": display(meta["data_root"]),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "request": json.dumps(meta.get("request", {}), sort_keys=True),
             "labelled": bool(meta["classes"]),
@@ -272,10 +273,6 @@ def _strings(f: h5py.File, name: str, values, resizable: bool = False) -> None:
 def read_strings(ds: h5py.Dataset) -> np.ndarray:
     """A string dataset as str, names that are not UTF-8 as ``os.fsdecode`` gives them."""
     return ds.asstr(errors="surrogateescape")[:]
-
-
-def _display(text: str) -> str:
-    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def _failures(f: h5py.File) -> list[tuple[str, str]]:
