@@ -42,7 +42,7 @@ import h5py
 import numpy as np
 
 from pipeline.errors import CacheError, DataError
-from pipeline.layouts import display
+from pipeline.layouts import as_bytes, display
 
 FORMAT = "pipeline-features"
 FORMAT_VERSION = 2
@@ -262,7 +262,7 @@ def open_cache(path: str | os.PathLike) -> h5py.File:
 
 def _encoded(values) -> np.ndarray:
     """Names as the bytes they have on disk (surrogate escapes back to their raw bytes)."""
-    return np.array([v.encode("utf-8", "surrogateescape") for v in values], dtype=object)
+    return np.array([as_bytes(v) for v in values], dtype=object)
 
 
 def _strings(f: h5py.File, name: str, values, resizable: bool = False) -> None:

@@ -15,7 +15,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from pipeline.errors import DataError
-from pipeline.layouts import Listing, display, read_folder, read_manifest
+from pipeline.layouts import Listing, as_bytes, display, read_folder, read_manifest
 from pipeline.splits import SPLITS, assign_splits, check_fractions
 
 _HASH_BLOCK = 1 << 20
@@ -111,11 +111,6 @@ def _labelled(source: Path, root: Path, listing: Listing,
                     listing.ignored)
 
 
-def _utf8(text: str) -> bytes:
-    """Encode a name losslessly: the bytes it had on disk, whatever they were."""
-    return text.encode("utf-8", "surrogateescape")
-
-
 def fingerprint_files(image_set: ImageSet, hash_contents: bool = False,
                       stamps: Sequence[str] | None = None) -> str:
     """SHA-256 over every file's relative path and either (size, mtime) or its content hash.
@@ -127,7 +122,7 @@ def fingerprint_files(image_set: ImageSet, hash_contents: bool = False,
     stamps = file_stamps(image_set, hash_contents) if stamps is None else stamps
     digest = hashlib.sha256()
     for rel, stamp in zip(image_set.paths, stamps, strict=True):
-        digest.update(_utf8(f"{rel}\t{stamp}\n"))
+        digest.update(as_bytes(f"{rel}\t{stamp}\n"))
     return digest.hexdigest()
 
 
@@ -152,9 +147,9 @@ def file_stamps(image_set: ImageSet, hash_contents: bool = False,
 
 def fingerprint_splits(image_set: ImageSet) -> str:
     """SHA-256 over the class names and each image's label and split."""
-    digest = hashlib.sha256(_utf8("\t".join(image_set.classes)) + b"\n")
+    digest = hashlib.sha256(as_bytes("\t".join(image_set.classes)) + b"\n")
     for rel, label, split in zip(image_set.paths, image_set.labels, image_set.splits):
-        digest.update(_utf8(f"{rel}\t{label}\t{split}\n"))
+        digest.update(as_bytes(f"{rel}\t{label}\t{split}\n"))
     return digest.hexdigest()
 
 
@@ -171,7 +166,7 @@ def load_rgb(path: str | os.PathLike) -> Image.Image:
     return read_image(path)[0]
 
 
-def read_image(path: str | os.PathLike) -> tuple[Image.Image, str]:
+def read_image(path: str | os.PathLike, hash_file: bool = True) -> tuple[Image.Image, str]:
     """Decode an image as 8-bit RGB with its EXIF orientation applied, and hash its bytes.
 
     The file is read once: its SHA-256 (which finds the same picture stored twice) comes from
@@ -186,7 +181,8 @@ def read_image(path: str | os.PathLike) -> tuple[Image.Image, str]:
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         with Image.open(io.BytesIO(data)) as img:
             img.load()
-            return _to_rgb(ImageOps.exif_transpose(img)), hashlib.sha256(data).hexdigest()
+            digest = hashlib.sha256(data).hexdigest() if hash_file else ""
+            return _to_rgb(ImageOps.exif_transpose(img)), digest
 
 
 def unreadable_reason(path: Path, err: Exception) -> str:
@@ -217,14 +213,17 @@ class ImageFiles(torch.utils.data.Dataset):
     """Images of an :class:`ImageSet` as preprocessed tensors, never raising on a bad file.
 
     Each item is ``(tensor, index, error, sha256)``: ``error`` is ``""`` for a good image;
-    for an unreadable one it says why, the tensor is zeros and the hash ``""``, so one bad
-    file cannot stop a run.
+    for an unreadable one it says why and the tensor is zeros, so one bad file cannot stop a
+    run. ``sha256`` is the file's hash with ``hash_files`` (extraction records it once), else
+    ``""``: a fine-tuning epoch that reads every image again has no use for it.
     """
 
-    def __init__(self, image_set: ImageSet, transform, image_shape: tuple[int, int, int]):
+    def __init__(self, image_set: ImageSet, transform, image_shape: tuple[int, int, int],
+                 hash_files: bool = False):
         self.image_set = image_set
         self.transform = transform
         self.image_shape = image_shape
+        self.hash_files = hash_files
 
     def __len__(self) -> int:
         return len(self.image_set)
@@ -232,7 +231,7 @@ class ImageFiles(torch.utils.data.Dataset):
     def __getitem__(self, i: int):
         path = self.image_set.absolute(i)
         try:
-            image, digest = read_image(path)
+            image, digest = read_image(path, self.hash_files)
             return self.transform(image), i, "", digest
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError,
                 Image.DecompressionBombWarning) as err:

@@ -21,7 +21,7 @@ import numpy as np
 from pipeline import distribution
 from pipeline.cache import open_cache, read_strings
 from pipeline.errors import PipelineError
-from pipeline.layouts import display
+from pipeline.layouts import as_bytes, display
 
 FORMATS = ("npy", "parquet", "csv")
 _BLOCK_BYTES = 32 << 20
@@ -90,7 +90,7 @@ def _blocks(f) -> Iterator[_Block]:
         names = paths[lo:hi].tolist()
         yield _Block(
             lo, features[lo:hi], f["valid"][lo:hi], [display(p) for p in names],
-            [p.encode("utf-8", "surrogateescape") for p in names],
+            [as_bytes(p) for p in names],
             classes[labels[lo:hi]].tolist() if labelled else [None] * (hi - lo),
             split[lo:hi].tolist() if labelled else [None] * (hi - lo))
 

@@ -311,7 +311,7 @@ def _loader(images: ImageSet, spec: BackboneSpec, indices: Sequence[int],
             batch_size: int | None, workers: int | None, device: torch.device
             ) -> torch.utils.data.DataLoader:
     crop = spec.preprocessing.crop
-    files = ImageFiles(images, spec.preprocessing.transform(), (3, crop, crop))
+    files = ImageFiles(images, spec.preprocessing.transform(), (3, crop, crop), hash_files=True)
     workers = default_workers() if workers is None else workers
     return torch.utils.data.DataLoader(
         torch.utils.data.Subset(files, indices),

@@ -44,9 +44,14 @@ def is_image_name(name: str) -> bool:
     return not name.startswith(".") and Path(name).suffix.lower() in image_extensions()
 
 
+def as_bytes(name: str) -> bytes:
+    """A name as the bytes it has on disk (``os.fsdecode``'s surrogate escapes undone)."""
+    return name.encode("utf-8", "surrogateescape")
+
+
 def display(path: str) -> str:
     """A name for messages and text files: bytes that are not UTF-8 shown as ``\\xNN``."""
-    return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return as_bytes(path).decode("utf-8", "backslashreplace")
 
 
 @dataclass

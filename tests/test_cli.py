@@ -157,7 +157,7 @@ def _manifest(root, split_cells):
     lines = ["path,label" + (",split" if split_cells else "")]
     for c in ("cat", "dog"):
         for i in range(10):
-            write_image(root / "img" / f"{c}{i}.png", seed=100 * len(c) * (c == "cat") + i)
+            write_image(root / "img" / f"{c}{i}.png", seed=(0 if c == "cat" else 100) + i)
             cell = f",{split_cells(i)}" if split_cells else ""
             lines.append(f"img/{c}{i}.png,{c}{cell}")
     (root / "m.csv").write_text("\n".join(lines) + "\n")

@@ -176,10 +176,12 @@ def test_unreadable_files_yield_zeros_and_a_reason(tmp_path):
     (tmp_path / "b" / "text.jpg").write_text("not an image")
     (tmp_path / "b" / "cut.png").write_bytes(good.read_bytes()[:200])
     images = load_image_set(tmp_path, (1.0, 0.0, 0.0))
-    files = ImageFiles(images, lambda im: torch.ones(3, 4, 4), (3, 4, 4))
+    files = ImageFiles(images, lambda im: torch.ones(3, 4, 4), (3, 4, 4), hash_files=True)
     results = {images.paths[i]: files[i] for i in range(len(files))}
     assert results["a/good.png"][2] == ""
     assert results["a/good.png"][3] == hashlib.sha256(good.read_bytes()).hexdigest()
+    unhashed = ImageFiles(images, lambda im: torch.ones(3, 4, 4), (3, 4, 4))
+    assert unhashed[images.paths.index("a/good.png")][3] == ""  # fine-tuning epochs skip it
     for bad in ("a/empty.png", "b/text.jpg", "b/cut.png"):
         tensor, _, reason, digest = results[bad]
         assert reason and not tensor.any() and digest == ""
