@@ -325,6 +325,12 @@ def find_duplicates(digests: np.ndarray, valid: np.ndarray, paths: np.ndarray,
     return out
 
 
+def stored_duplicates(path: str | os.PathLike) -> dict | None:
+    """:func:`find_duplicates` over a complete cache's stored hashes (None: not recorded)."""
+    with open_cache(path) as f:
+        return _duplicates(f)
+
+
 def _duplicates(f: h5py.File) -> dict | None:
     if "content_sha256" not in f:  # format 1: not recorded
         return None

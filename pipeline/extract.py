@@ -19,11 +19,11 @@ from pipeline.backbones import DEFAULT_BACKBONE, BackboneSpec, resolve_backbone
 from pipeline.cache import (
     FeatureWriter,
     assemble_shards,
-    cache_info,
     cache_key,
     cache_path,
     shard_path,
     shard_paths,
+    stored_duplicates,
     stored_summary,
 )
 from pipeline.data import (
@@ -81,7 +81,7 @@ class ExtractResult:
         self.labelled, self.split_sources = images.labelled, images.split_sources
         self.splits = images.split_counts() if images.labelled else {}
         self.ignored = images.ignored
-        self.duplicates = cache_info(self.cache_path)["duplicates"]
+        self.duplicates = stored_duplicates(self.cache_path)
         return self
 
 

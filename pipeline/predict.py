@@ -15,7 +15,7 @@ from torch import nn
 
 from pipeline.backbones import BackboneSpec, replace_classifier, resolve_backbone
 from pipeline.cache import SUFFIX as CACHE_SUFFIX
-from pipeline.cache import cache_info, open_cache, read_strings
+from pipeline.cache import open_cache, read_strings
 from pipeline.data import ImageSet
 from pipeline.devices import keep_freed_memory, resolve_device
 from pipeline.errors import DataError
@@ -118,18 +118,21 @@ def _image_rows(saved: SavedHead, inputs, top_k: int, device: str, batch_size, w
 
 
 def _cache_images(cache: Path) -> list[Path]:
-    info = cache_info(cache)
     with open_cache(cache) as f:
-        return [Path(info["data_root"]) / p for p in read_strings(f["paths"])]
+        return _cached_paths(f)
+
+
+def _cached_paths(f) -> list[Path]:
+    root = Path(f.attrs["data_root"])
+    return [root / p for p in read_strings(f["paths"])]
 
 
 def _cached_rows(saved: SavedHead, cache: Path, top_k: int) -> list[dict]:
     """Predictions from a cache's stored features: no image is decoded, no network runs."""
-    info = cache_info(cache)
-    _check_features(saved, info["spec"], f"the cache {display(str(cache))} holds")
-    root = Path(info["data_root"])
     with open_cache(cache) as f:
-        paths = [root / p for p in read_strings(f["paths"])]
+        _check_features(saved, json.loads(f.attrs["spec"]),
+                        f"the cache {display(str(cache))} holds")
+        paths = _cached_paths(f)
         failed = dict(zip(f["failed_index"][:].tolist(), read_strings(f["failed_reason"])))
         features, valid = f["features"], f["valid"]
         block = max(1, features.chunks[0])
