@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import shutil
-from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -155,7 +154,3 @@ def test_split_sources_of_a_train_val_folder(tmp_path):
     assert images.split_counts() == {"train": 18, "val": 4, "test": 2}
     assert all(p.startswith("val/") for p, s in zip(images.paths, images.splits) if s == "val")
 
-
-def test_path_is_relative_posix(tmp_path):
-    root = make_folder(tmp_path / "d", classes=("a", "b"), per_class=2)
-    assert all(not Path(p).is_absolute() for p in load_image_set(root, (1.0, 0, 0)).paths)
