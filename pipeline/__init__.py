@@ -1,41 +1,54 @@
-"""Bottleneck features from pretrained CNNs, cached in HDF5, for heads and fine-tuning."""
+"""Bottleneck features from pretrained CNNs, cached in HDF5, for heads and fine-tuning.
 
-from pipeline.backbones import BackboneSpec, list_backbones, resolve_backbone
-from pipeline.cache import cache_info, list_caches, read_split
-from pipeline.compare import fit_heads
-from pipeline.data import ImageSet, load_image_set
-from pipeline.errors import BackboneError, CacheError, DataError, PipelineError, WeightsError
-from pipeline.export import export_cache
-from pipeline.extract import ExtractResult, extract_features
-from pipeline.finetune import finetune, sweep_depths
-from pipeline.heads import LinearProbe, LogRegHead, MLPHead, make_head
-from pipeline.predict import predict_images
-from pipeline.report import write_report
+The public API below is imported on first use (PEP 562), so ``import pipeline`` loads no
+framework and changes nothing in the process: torch, timm, scikit-learn and matplotlib are
+imported by the functions that need them.
+"""
 
-__all__ = [
-    "BackboneError",
-    "BackboneSpec",
-    "CacheError",
-    "DataError",
-    "ExtractResult",
-    "ImageSet",
-    "LinearProbe",
-    "LogRegHead",
-    "MLPHead",
-    "PipelineError",
-    "WeightsError",
-    "cache_info",
-    "export_cache",
-    "extract_features",
-    "finetune",
-    "fit_heads",
-    "list_backbones",
-    "list_caches",
-    "load_image_set",
-    "make_head",
-    "predict_images",
-    "read_split",
-    "resolve_backbone",
-    "sweep_depths",
-    "write_report",
-]
+from __future__ import annotations
+
+import importlib
+
+# Public name -> the module that defines it.
+_EXPORTS = {
+    "BackboneError": "pipeline.errors",
+    "CacheError": "pipeline.errors",
+    "DataError": "pipeline.errors",
+    "PipelineError": "pipeline.errors",
+    "WeightsError": "pipeline.errors",
+    "BackboneSpec": "pipeline.backbones",
+    "list_backbones": "pipeline.backbones",
+    "resolve_backbone": "pipeline.backbones",
+    "parse_weights": "pipeline.weights",
+    "cache_info": "pipeline.cache",
+    "list_caches": "pipeline.cache",
+    "read_split": "pipeline.cache",
+    "fit_heads": "pipeline.compare",
+    "ImageSet": "pipeline.data",
+    "load_image_set": "pipeline.data",
+    "export_cache": "pipeline.export",
+    "ExtractResult": "pipeline.extract",
+    "extract_features": "pipeline.extract",
+    "finetune": "pipeline.finetune",
+    "sweep_depths": "pipeline.finetune",
+    "LinearProbe": "pipeline.heads",
+    "LogRegHead": "pipeline.heads",
+    "MLPHead": "pipeline.heads",
+    "make_head": "pipeline.heads",
+    "predict_images": "pipeline.predict",
+    "write_report": "pipeline.report",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'pipeline' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

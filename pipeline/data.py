@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from pipeline.errors import DataError
@@ -209,8 +208,11 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-class ImageFiles(torch.utils.data.Dataset):
+class ImageFiles:
     """Images of an :class:`ImageSet` as preprocessed tensors, never raising on a bad file.
+
+    A map-style dataset for ``torch.utils.data.DataLoader`` (which needs only ``__len__`` and
+    ``__getitem__``): not a subclass, so listing a data set never imports torch.
 
     Each item is ``(tensor, index, error, sha256)``: ``error`` is ``""`` for a good image;
     for an unreadable one it says why and the tensor is zeros, so one bad file cannot stop a
@@ -235,4 +237,6 @@ class ImageFiles(torch.utils.data.Dataset):
             return self.transform(image), i, "", digest
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError,
                 Image.DecompressionBombWarning) as err:
+            import torch
+
             return torch.zeros(self.image_shape), i, unreadable_reason(path, err), ""

@@ -40,6 +40,14 @@ def make_split_folder(root: Path, counts=None, classes=("cat", "dog")) -> Path:
     return root
 
 
+@pytest.fixture(autouse=True)
+def fresh_memo(tmp_path: Path, monkeypatch) -> Path:
+    """Each test resolves backbones afresh: no answer remembered by another test or the user."""
+    memo = tmp_path / "resolved-memo"
+    monkeypatch.setenv("PIPELINE_MEMO_DIR", str(memo))
+    return memo
+
+
 @pytest.fixture
 def image_folder(tmp_path: Path) -> Path:
     return make_folder(tmp_path / "images")

@@ -12,10 +12,19 @@ from PIL import Image
 from sklearn.datasets import load_sample_images
 from torchvision.models import ResNet18_Weights
 
-from pipeline.backbones import WeightsRequest, list_backbones, parse_weights, resolve_backbone
+from pipeline.backbones import list_backbones, resolve_backbone
 from pipeline.data import ImageFiles, load_image_set
 from pipeline.errors import BackboneError, WeightsError
 from pipeline.extract import extract_features
+from pipeline.weights import (
+    BundledWeights,
+    DefaultWeights,
+    EnumWeights,
+    FileWeights,
+    HubTag,
+    RandomInit,
+    parse_weights,
+)
 from tests.conftest import make_folder
 
 FAMILIES = ["resnet18", "vgg11", "mobilenet_v3_small", "efficientnet_b0", "convnext_tiny",
@@ -88,31 +97,60 @@ def test_weights_path_loads_that_file(tmp_path):
     assert torch.equal(loaded["fc.weight"], state["fc.weight"])
 
 
-@pytest.mark.parametrize("text, kind, member, enum_class", [
-    ("default", "default", None, None),
-    ("DEFAULT", "default", None, None),
-    ("None", "none", None, None),
-    ("IMAGENET1K_V2", "enum", "IMAGENET1K_V2", None),
-    ("ResNet50_Weights.IMAGENET1K_V2", "enum", "IMAGENET1K_V2", "ResNet50_Weights"),
-    ("ResNet50_Weights.DEFAULT", "enum", "DEFAULT", "ResNet50_Weights"),
-    ("mine.pth", "file", None, None),
-    ("mine.safetensors", "file", None, None),
-    ("pytorch_model.bin", "file", None, None),
-    ("checkpoints/best", "file", None, None),
-    ("run.v2.ckpt", "file", None, None),  # not an enum spelling: a file that may not exist
+@pytest.mark.parametrize("text, expected", [
+    ("default", DefaultWeights("default")),
+    ("DEFAULT", DefaultWeights("DEFAULT")),
+    ("None", RandomInit("None")),
+    ("bundled", BundledWeights("bundled")),
+    ("tag:a1_in1k", HubTag("tag:a1_in1k", tag="a1_in1k")),
+    ("IMAGENET1K_V2", EnumWeights("IMAGENET1K_V2", member="IMAGENET1K_V2")),
+    ("ResNet50_Weights.IMAGENET1K_V2",
+     EnumWeights("ResNet50_Weights.IMAGENET1K_V2", "IMAGENET1K_V2", "ResNet50_Weights")),
+    ("ResNet18_Weights.IMAGENET1K_V1",
+     EnumWeights("ResNet18_Weights.IMAGENET1K_V1", "IMAGENET1K_V1", "ResNet18_Weights")),
+    ("ResNet50_Weights.DEFAULT", EnumWeights("ResNet50_Weights.DEFAULT", "DEFAULT",
+                                             "ResNet50_Weights")),
+    ("mine.pth", FileWeights("mine.pth", path=Path("mine.pth"))),
+    ("mine.safetensors", FileWeights("mine.safetensors", path=Path("mine.safetensors"))),
+    ("pytorch_model.bin", FileWeights("pytorch_model.bin", path=Path("pytorch_model.bin"))),
+    ("checkpoints/best", FileWeights("checkpoints/best", path=Path("checkpoints/best"))),
+    # not an enum spelling: a file that may not exist
+    ("run.v2.ckpt", FileWeights("run.v2.ckpt", path=Path("run.v2.ckpt"))),
 ])
-def test_weights_strings_are_parsed_once_into_their_kind(text, kind, member, enum_class):
+def test_weights_strings_are_parsed_once_into_their_kind(text, expected):
     request = parse_weights(text)
-    assert (request.kind, request.member, request.enum_class) == (kind, member, enum_class)
-    assert request.text == text and (request.path is not None) == (kind == "file")
+    assert request == expected and type(request) is type(expected) and request.text == text
+    assert parse_weights(request) is request  # a parsed request passes through
 
 
 def test_an_existing_file_is_a_file_whatever_its_name(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "IMAGENET1K_V1").write_bytes(b"")
-    assert parse_weights("IMAGENET1K_V1") == WeightsRequest("file", "IMAGENET1K_V1",
-                                                            path=Path("IMAGENET1K_V1"))
-    assert parse_weights(tmp_path / "x").kind == "file"  # a Path is always a file
+    assert parse_weights("IMAGENET1K_V1") == FileWeights("IMAGENET1K_V1",
+                                                         path=Path("IMAGENET1K_V1"))
+    assert isinstance(parse_weights(tmp_path / "x"), FileWeights)  # a Path is always a file
+
+
+def test_an_enum_with_its_class_builds_those_weights(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    torch.manual_seed(3)
+    state = resolve_backbone("resnet18", "none").build_classifier().state_dict()
+    (tmp_path / "hub" / "checkpoints").mkdir(parents=True)
+    torch.save(state, tmp_path / "hub" / "checkpoints" / "resnet18-f37072fd.pth")
+    spec = resolve_backbone("resnet18", "ResNet18_Weights.IMAGENET1K_V1", offline=True)
+    assert spec.weights.identity == "ResNet18_Weights.IMAGENET1K_V1"
+    assert torch.equal(spec.build_classifier().state_dict()["fc.weight"], state["fc.weight"])
+    with pytest.raises(WeightsError, match="are not weights of resnet18"):
+        resolve_backbone("resnet18", "ResNet50_Weights.IMAGENET1K_V1", offline=True)
+
+
+def test_kinds_a_family_does_not_have_are_refused_in_one_line():
+    with pytest.raises(WeightsError, match="torchvision weights are enum members"):
+        resolve_backbone("resnet18", "bundled")
+    with pytest.raises(WeightsError, match="efficientnet_lite0 takes --weights default"):
+        resolve_backbone("efficientnet_lite0", "IMAGENET1K_V1")
+    with pytest.raises(WeightsError, match="timm weights are chosen by tag"):
+        resolve_backbone("timm/resnet18", "IMAGENET1K_V1")
 
 
 def test_weights_that_do_not_fit_are_refused(tmp_path):

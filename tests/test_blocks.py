@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.backbones import _final_linear, resolve_backbone
+from pipeline.backbones import resolve_backbone
 from pipeline.blocks import (
     Block,
     BlockError,
@@ -16,6 +16,7 @@ from pipeline.blocks import (
     freeze_below,
     parse_unfreeze,
 )
+from pipeline.families import get_family
 
 # Block counts by the rules in pipeline/blocks.py: EfficientNet b0 has 7 stages (features.1-7,
 # features.8 joins the top); MobileNet v3 small has 11 inverted-residual blocks (features.1-11).
@@ -47,7 +48,7 @@ def network():
 
 
 def classifier(model: nn.Module, family: str) -> nn.Module:
-    return model.get_classifier() if family == "timm" else _final_linear(model)[1]
+    return get_family(family).classifier(model)[1]
 
 
 def parameter_names(model: nn.Module, block: Block) -> set[str]:

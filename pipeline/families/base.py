@@ -1,0 +1,95 @@
+"""The questions every backbone family answers, with the answers most families share.
+
+A family adapter turns a backbone name and a weights request into weights and preprocessing
+(without building anything), builds the network, and knows its anatomy: the final classifier,
+the bottleneck (the classifier's input), named layers and the ordered blocks that fine-tuning
+unfreezes. Nothing outside an adapter asks which family a model belongs to.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
+
+from pipeline.errors import BackboneError
+
+if TYPE_CHECKING:  # annotations only: the registry imports this module without torch
+    from torch import nn
+
+    from pipeline.backbones import BackboneSpec
+    from pipeline.blocks import Block
+    from pipeline.preprocessing import Preprocessing
+    from pipeline.weights import Weights, WeightsRequest
+
+
+@dataclass(frozen=True)
+class Resolution:
+    """What a family reads from a name and a weights request, before any model is built."""
+
+    arch: str  # the family's own model name (timm: with the pretrained tag spelled out)
+    weights: Weights
+    preprocessing: Preprocessing
+
+
+class Family:
+    """Base of the family adapters; subclass it and register it in :mod:`pipeline.families`."""
+
+    name: ClassVar[str] = ""
+
+    def names(self) -> list[str]:
+        """Backbone names to list in ``pipeline backbones``."""
+        return []
+
+    def resolve(self, name: str, request: WeightsRequest, offline: bool) -> Resolution:
+        """Weights (fetched if allowed, so their checksum is known) and preprocessing."""
+        raise NotImplementedError
+
+    def build(self, spec: BackboneSpec) -> nn.Module:
+        """The whole network with ``spec.weights`` loaded (random init is seeded by the caller)."""
+        raise NotImplementedError
+
+    def classifier(self, model: nn.Module) -> tuple[str, nn.Module] | None:
+        """The final classifier layer and its module name; by default the last ``nn.Linear``."""
+        from torch import nn
+
+        linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+        return linears[-1] if linears else None
+
+    def replace_classifier(self, model: nn.Module, n_classes: int) -> nn.Linear:
+        """Swap the final classifier for a new ``n_classes`` one, and return it."""
+        from torch import nn
+
+        found = self.classifier(model)
+        if found is None:
+            raise BackboneError(f"{type(model).__name__} has no final Linear layer to replace")
+        name, old = found
+        parent, _, attr = name.rpartition(".")
+        head = nn.Linear(old.in_features, n_classes)
+        setattr(model.get_submodule(parent) if parent else model, attr, head)
+        return head
+
+    def layer_names(self, model: nn.Module) -> list[str]:
+        """Graph node names, in execution order, that ``layer`` accepts."""
+        from torchvision.models import feature_extraction
+
+        return feature_extraction.get_graph_node_names(model)[1]
+
+    def extractor(self, model: nn.Module, node: str) -> nn.Module:
+        """A module mapping images to the output of graph node ``node`` (as ``{"features": x}``)."""
+        from torchvision.models import feature_extraction
+
+        return feature_extraction.create_feature_extractor(model, return_nodes={node: "features"})
+
+    def bottleneck(self, model: nn.Module) -> nn.Module:
+        """A module mapping images to the classifier's input; by default the graph node just
+        before the final classifier, which the feature model checks on every build."""
+        found = self.classifier(model)
+        if found is None:
+            raise BackboneError(f"{type(model).__name__} has no final Linear layer to take the "
+                                "input of; choose a layer with --layer (see `pipeline layers`)")
+        names = self.layer_names(model)
+        return self.extractor(model, names[names.index(found[0]) - 1])
+
+    def blocks(self, model: nn.Module) -> list[Block]:
+        """The stages fine-tuning unfreezes, lowest first (see :mod:`pipeline.blocks`)."""
+        raise NotImplementedError
