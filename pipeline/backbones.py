@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 from pipeline import families
 from pipeline.errors import BackboneError
+from pipeline.options import DEFAULT_BACKBONE, POOLS
 from pipeline.preprocessing import Preprocessing
 from pipeline.weights import (
     FileWeights,
@@ -34,8 +35,9 @@ if TYPE_CHECKING:
 
     from pipeline.feature_model import FeatureModel
 
-DEFAULT_BACKBONE = "efficientnet_lite0"
-POOLS = ("avg", "max")
+__all__ = ["DEFAULT_BACKBONE", "POOLS", "BackboneSpec", "layer_names", "list_backbones",
+           "replace_classifier", "resolve_backbone"]
+
 MEMO_ENV = "PIPELINE_MEMO_DIR"
 # Bump when what a resolution records changes, so older memos are not read.
 _MEMO_VERSION = 1

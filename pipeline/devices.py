@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import glob
 import os
 import sys
+from typing import TYPE_CHECKING
 
-import torch
+from pipeline.options import DEVICES
 
-DEVICES = ("auto", "cuda", "mps", "cpu")
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["DEVICES", "autocast", "autocast_dtype", "autocast_name", "default_batch_size",
+           "default_workers", "device_type", "keep_freed_memory", "resolve_device"]
 # glibc's mallopt parameters (malloc.h) and the size below which freed memory is kept.
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 _KEEP_BYTES = 1 << 30
@@ -17,6 +23,8 @@ _KEEP_BYTES = 1 << 30
 
 def resolve_device(name: str = "auto") -> torch.device:
     """``auto`` picks cuda, then mps, then cpu."""
+    import torch
+
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
@@ -26,17 +34,43 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
+def device_type(name: str = "auto") -> str:
+    """The type of device ``name`` resolves to, without importing torch where it can be known.
+
+    ``cpu`` is cpu; ``auto`` on a Linux machine with no GPU device files (``/dev/nvidia*`` for
+    CUDA, ``/dev/kfd`` for ROCm) is cpu too, since torch could find no GPU there. Anything else
+    asks torch. A cache hit on a CPU machine thereby never imports torch.
+    """
+    if name == "cpu":
+        return "cpu"
+    gpu_files = glob.glob("/dev/nvidia[0-9]*") + glob.glob("/dev/kfd")
+    if name == "auto" and sys.platform.startswith("linux") and not gpu_files:
+        return "cpu"
+    return resolve_device(name).type
+
+
 def autocast_dtype(device: torch.device) -> torch.dtype | None:
     """Mixed precision on a GPU (bf16 where supported, else fp16); exact float32 on the CPU."""
     if device.type != "cuda":
         return None
+    import torch
+
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def autocast_name(name: str = "auto") -> str | None:
+    """``autocast_dtype`` of device ``name`` as the cache key spells it ("bfloat16"), or None."""
+    if device_type(name) != "cuda":
+        return None
+    return str(autocast_dtype(resolve_device(name))).removeprefix("torch.")
 
 
 def autocast(device: torch.device):
     dtype = autocast_dtype(device)
     if dtype is None:
         return contextlib.nullcontext()
+    import torch
+
     return torch.autocast(device.type, dtype=dtype)
 
 

@@ -9,15 +9,16 @@ helper here is then a no-op, so the stages run the same code with or without tor
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import TYPE_CHECKING
 
-import numpy as np
-import torch
-import torch.distributed as dist
-
-from pipeline.devices import resolve_device
 from pipeline.errors import PipelineError
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
 
 # A rank that finished its shard waits at a barrier for the slowest one, which after a resume
 # may have hours of images left; a crashed rank is caught by torchrun, not by this timeout.
@@ -48,7 +49,9 @@ class Context:
 
 def context() -> Context:
     """This process's place in the job, from torchrun's environment (a world of one without)."""
-    if dist.is_available() and dist.is_initialized():
+    if _joined():
+        import torch.distributed as dist
+
         rank, world = dist.get_rank(), dist.get_world_size()
     else:
         rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
@@ -62,6 +65,11 @@ def setup(device: str = "auto") -> tuple[Context, torch.device]:
 
     NCCL between GPUs, gloo on CPUs; each rank takes the GPU of its ``LOCAL_RANK``.
     """
+    import torch
+    import torch.distributed as dist
+
+    from pipeline.devices import resolve_device
+
     ctx = context()
     run_on = resolve_device(device)
     if not ctx.distributed:
@@ -76,19 +84,25 @@ def setup(device: str = "auto") -> tuple[Context, torch.device]:
     return ctx, run_on
 
 
+def _joined() -> bool:
+    """Whether this process joined a process group; one that never imported torch has not."""
+    dist = sys.modules.get("torch.distributed")
+    return dist is not None and dist.is_available() and dist.is_initialized()
+
+
 def shutdown() -> None:
     """Leave the process group, if this process joined one."""
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+    if _joined():
+        sys.modules["torch.distributed"].destroy_process_group()
 
 
 def _active() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    return _joined() and sys.modules["torch.distributed"].get_world_size() > 1
 
 
 def barrier() -> None:
     if _active():
-        dist.barrier()
+        sys.modules["torch.distributed"].barrier()
 
 
 def shard_indices(n: int, ctx: Context) -> np.ndarray:
@@ -98,6 +112,8 @@ def shard_indices(n: int, ctx: Context) -> np.ndarray:
     to exactly one rank, so no image is decoded twice and no row is written twice. Strided
     rather than contiguous so that each shard gets a fair mix of the classes' image sizes.
     """
+    import numpy as np
+
     return np.arange(ctx.rank, n, ctx.world_size)
 
 
@@ -105,6 +121,8 @@ def all_gather(obj) -> list:
     """Every rank's ``obj``, in rank order, on every rank (``[obj]`` without a group)."""
     if not _active():
         return [obj]
+    import torch.distributed as dist
+
     out = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
@@ -114,6 +132,8 @@ def broadcast(obj, src: int = 0):
     """Rank ``src``'s ``obj`` on every rank."""
     if not _active():
         return obj
+    import torch.distributed as dist
+
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
@@ -133,6 +153,9 @@ def sum_across(values: list[float], device: torch.device) -> list[float]:
     """Element-wise sums over the ranks (NCCL reduces on the GPU, gloo on the CPU)."""
     if not _active():
         return list(values)
+    import torch
+    import torch.distributed as dist
+
     where = device if dist.get_backend() == "nccl" else torch.device("cpu")
     t = torch.tensor(values, dtype=torch.float64, device=where)
     dist.all_reduce(t)

@@ -22,8 +22,9 @@ from pipeline import distribution
 from pipeline.cache import open_cache, read_strings
 from pipeline.errors import PipelineError
 from pipeline.layouts import as_bytes, display
+from pipeline.options import EXPORT_FORMATS
 
-FORMATS = ("npy", "parquet", "csv")
+FORMATS = EXPORT_FORMATS
 _BLOCK_BYTES = 32 << 20
 
 

@@ -6,16 +6,16 @@ import os
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 from importlib.metadata import version
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
 from pipeline import distributed, distribution
-from pipeline.backbones import DEFAULT_BACKBONE, BackboneSpec, resolve_backbone
+from pipeline.backbones import BackboneSpec, resolve_backbone
 from pipeline.cache import (
     FeatureWriter,
     assemble_shards,
@@ -37,15 +37,21 @@ from pipeline.data import (
 from pipeline.devices import (
     autocast,
     autocast_dtype,
+    autocast_name,
     default_batch_size,
     default_workers,
-    keep_freed_memory,
 )
 from pipeline.errors import DataError
 from pipeline.layouts import display
+from pipeline.options import DEFAULT_BACKBONE, DEFAULT_CACHE_DIR, DTYPES, ExtractOptions
 
-DTYPES = ("float32", "float16")
-DEFAULT_CACHE_DIR = os.environ.get("PIPELINE_CACHE_DIR", "cache")
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["DEFAULT_CACHE_DIR", "DTYPES", "ExtractOptions", "ExtractResult", "FeatureBatch",
+           "extract_features", "feature_batches", "feature_key_spec", "prepare_model"]
+# The resolve_backbone arguments that extract_features also takes, when given a backbone name.
+_BACKBONE_ARGS = ("weights", "layer", "pool", "image_size", "offline")
 
 
 @dataclass
@@ -87,24 +93,12 @@ class ExtractResult:
 
 def extract_features(
     data: str | os.PathLike,
-    backbone: str = DEFAULT_BACKBONE,
-    weights: str = "default",
-    layer: str | None = None,
-    pool: str = "avg",
-    image_size: int | None = None,
-    dtype: str = "float32",
-    cache_dir: str | os.PathLike = DEFAULT_CACHE_DIR,
-    batch_size: int | None = None,
-    workers: int | None = None,
-    device: str = "auto",
-    strict: bool = False,
-    hash_contents: bool = False,
-    split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1),
-    seed: int = 0,
+    backbone: str | BackboneSpec = DEFAULT_BACKBONE,
+    options: ExtractOptions | None = None,
+    *,
     progress: bool | None = None,
     on_batch: Callable[[int, int], None] | None = None,
-    compile: bool = False,
-    offline: bool | None = None,
+    **settings,
 ) -> ExtractResult:
     """Extract bottleneck features of every image once, or find them in the cache.
 
@@ -112,29 +106,21 @@ def extract_features(
     ----------
     data
         Image folder, split folder or CSV manifest (see :func:`pipeline.data.load_image_set`).
-    backbone, weights, layer, pool, image_size
-        Which network and features (see :func:`pipeline.backbones.resolve_backbone`).
-    dtype
-        Stored feature type, ``float32`` or ``float16`` (half the disk).
-    cache_dir
-        Folder of the HDF5 caches.
-    batch_size, workers, device
-        Images per forward pass [default: by device], loader processes, ``auto|cuda|mps|cpu``.
-    strict
-        Stop at the first unreadable image instead of skipping and listing it.
-    hash_contents
-        Fingerprint images by content hash instead of size and modification time.
-    split_fractions, seed
-        The stratified split made when the data gives none; ``seed`` also seeds a random init.
+    backbone
+        A :class:`~pipeline.backbones.BackboneSpec` from :func:`pipeline.resolve_backbone`, or a
+        backbone name resolved here with the ``weights``, ``layer``, ``pool``, ``image_size``
+        and ``offline`` given in ``settings`` (and ``seed`` for a random init).
+    options
+        How images are read and features stored: :class:`~pipeline.options.ExtractOptions`
+        (``dtype``, ``cache_dir``, ``batch_size``, ``workers``, ``device``, ``strict``,
+        ``hash_contents``, ``split_fractions``, ``seed``, ``compile``).
     progress
         Show a progress bar; by default only when stderr is a terminal.
     on_batch
         Called with ``(rows_done, total)`` after each batch is safely on disk (under torchrun:
         of this rank's shard).
-    compile
-        Run the network through :func:`torch.compile` (worth it for long runs on a GPU).
-    offline
-        Never download weights (None: the environment variable ``PIPELINE_OFFLINE``).
+    **settings
+        Fields of ``ExtractOptions`` overriding ``options``'s, and the backbone arguments above.
 
     Under ``torchrun`` every rank extracts every ``world_size``-th image into a shard file and
     rank 0 assembles the shards into the same cache, under the same key, that one process
@@ -143,37 +129,46 @@ def extract_features(
     Returns
     -------
     ExtractResult
-        ``hit`` is True when the cache already held these features and no model ran.
+        ``hit`` is True when the cache already held these features and no model ran (on a
+        machine without a GPU a hit does not even import torch).
     """
     started = time.perf_counter()
-    if dtype not in DTYPES:
-        raise DataError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
-    images = load_image_set(data, split_fractions, seed)
-    spec = resolve_backbone(backbone, weights, layer, pool, image_size, seed, offline=offline)
-    ctx, run_on = distributed.setup(device)
+    backbone_args = {k: settings.pop(k) for k in _BACKBONE_ARGS if k in settings}
+    opts = replace(options or ExtractOptions(), **_known(settings, ExtractOptions))
+    if opts.dtype not in DTYPES:
+        raise DataError(f"dtype must be one of {', '.join(DTYPES)}, not {opts.dtype!r}")
+    images = load_image_set(data, opts.split_fractions, opts.seed)
+    spec = _spec(backbone, backbone_args, opts.seed)
+    ctx, run_on = distributed.context(), None
     if ctx.distributed:  # before the ranks share out work over their image lists
+        ctx, run_on = distributed.setup(opts.device)
         distributed.check_agree(fingerprint_splits(images), "images (paths, labels or splits)")
-    key_spec = feature_key_spec(spec, images, dtype, hash_contents, autocast_dtype(run_on),
-                                _shared_stamps(images, hash_contents, ctx))
+    amp = autocast_name(opts.device) if run_on is None else _amp_name(autocast_dtype(run_on))
+    key_spec = feature_key_spec(spec, images, opts.dtype, opts.hash_contents, amp,
+                                _shared_stamps(images, opts.hash_contents, ctx))
     key = cache_key(key_spec)
     distributed.check_agree(key, "images or settings (their cache keys differ)")
-    final = cache_path(cache_dir, spec.name, key)
+    final = cache_path(opts.cache_dir, spec.name, key)
     if distributed.broadcast(final.exists()):
         return _hit(final, key, started).described(images)
+    if run_on is None:
+        ctx, run_on = distributed.setup(opts.device)
+    dtype, batch_size, workers = opts.dtype, opts.batch_size, opts.workers
     model = prepare_model(spec, run_on)
     dim = _feature_dim(model, spec, run_on)
-    if compile:
+    if opts.compile:
+        import torch
+
         model = torch.compile(model)
     meta = {"paths": images.paths, "labels": images.labels, "split": images.splits,
             "classes": images.classes, "data_root": str(images.root), "ignored": images.ignored,
             # The arguments that rebuild this backbone, for `pipeline predict` on new images.
-            "request": {"backbone": backbone, "weights": weights, "layer": layer, "pool": pool,
-                        "image_size": image_size, "seed": seed}}
+            "request": spec.request}
     if progress is None:  # one bar per job, not one per rank
         progress = sys.stderr.isatty() and ctx.is_main
     run = _Run(model, spec, images, run_on, batch_size,
                default_workers(ctx.local_world_size) if workers is None else workers,
-               strict, progress, on_batch)
+               opts.strict, progress, on_batch)
     if ctx.distributed:
         return _extract_sharded(run, ctx, final, key_spec, key, dim, dtype, meta,
                                 started).described(images)
@@ -190,6 +185,29 @@ def extract_features(
         writer.close()
     return ExtractResult(final, False, len(images), len(failures), dim, seconds, key,
                          resumed_from, failures).described(images)
+
+
+def _known(settings: dict, cls: type) -> dict:
+    """``settings`` that are fields of ``cls``; any other name is the caller's mistake."""
+    names = {f.name for f in fields(cls)}
+    unknown = sorted(set(settings) - names)
+    if unknown:
+        raise TypeError(f"unexpected setting(s) {', '.join(unknown)}; {cls.__name__} has "
+                        f"{', '.join(sorted(names))}")
+    return settings
+
+
+def _spec(backbone: str | BackboneSpec, backbone_args: dict, seed: int) -> BackboneSpec:
+    if isinstance(backbone, BackboneSpec):
+        if backbone_args:
+            raise TypeError(f"{', '.join(backbone_args)} belong to resolve_backbone when a "
+                            "BackboneSpec is given")
+        return backbone
+    return resolve_backbone(backbone, **backbone_args, seed=seed)
+
+
+def _amp_name(amp) -> str | None:
+    return str(amp).removeprefix("torch.") if amp else None
 
 
 def _hit(final: Path, key: str, started: float) -> ExtractResult:
@@ -263,11 +281,14 @@ def _assemble(final, shards, key_spec, key, dim, dtype, meta, device, started) -
 
 
 def feature_key_spec(spec: BackboneSpec, images: ImageSet, dtype: str, hash_contents: bool,
-                     amp: torch.dtype | None, stamps: list[str] | None = None) -> dict:
-    """Everything that changes the stored numbers; its hash names the cache file."""
+                     amp: str | None, stamps: list[str] | None = None) -> dict:
+    """Everything that changes the stored numbers; its hash names the cache file.
+
+    ``amp`` is the autocast dtype's name ("bfloat16", "float16") on a GPU, None in float32.
+    """
     return {
         **spec.key(),
-        "autocast": str(amp).removeprefix("torch.") if amp else None,
+        "autocast": amp,
         "dataset": {
             "fingerprint": fingerprint_files(images, hash_contents, stamps),
             "fingerprint_method": "sha256" if hash_contents else "size+mtime",
@@ -295,21 +316,25 @@ def _shared_stamps(images: ImageSet, hash_contents: bool, ctx: distributed.Conte
 
 def prepare_model(spec: BackboneSpec, device: torch.device) -> torch.nn.Module:
     """The feature model on ``device``, ready for inference."""
-    if device.type == "cpu":
-        keep_freed_memory()
+    import torch
+
     # channels_last weights are faster on GPUs and, measured here, on this CPU too.
     return spec.build().to(device, memory_format=torch.channels_last)
 
 
-@torch.inference_mode()
 def _feature_dim(model: torch.nn.Module, spec: BackboneSpec, device: torch.device) -> int:
+    import torch
+
     crop = spec.preprocessing.crop
-    return int(model(torch.zeros(1, 3, crop, crop, device=device)).shape[1])
+    with torch.inference_mode():
+        return int(model(torch.zeros(1, 3, crop, crop, device=device)).shape[1])
 
 
 def _loader(images: ImageSet, spec: BackboneSpec, indices: Sequence[int],
             batch_size: int | None, workers: int | None, device: torch.device
             ) -> torch.utils.data.DataLoader:
+    import torch
+
     crop = spec.preprocessing.crop
     files = ImageFiles(images, spec.preprocessing.transform(), (3, crop, crop), hash_files=True)
     workers = default_workers() if workers is None else workers
@@ -335,7 +360,6 @@ class FeatureBatch:
         return int(self.index[0])
 
 
-@torch.inference_mode()
 def feature_batches(model: torch.nn.Module, spec: BackboneSpec, images: ImageSet,
                     device: torch.device, indices: Sequence[int] | None = None,
                     batch_size: int | None = None, workers: int | None = None,
@@ -345,6 +369,8 @@ def feature_batches(model: torch.nn.Module, spec: BackboneSpec, images: ImageSet
 
     ``done`` rows already handled elsewhere start the progress bar part-full.
     """
+    import torch
+
     indices = range(len(images)) if indices is None else indices
     show = sys.stderr.isatty() if progress is None else progress
     with tqdm(total=done + len(indices), initial=done, unit="img", disable=not show,
@@ -355,7 +381,7 @@ def feature_batches(model: torch.nn.Module, spec: BackboneSpec, images: ImageSet
             x = x.to(device, non_blocking=True)
             if device.type == "cuda":
                 x = x.contiguous(memory_format=torch.channels_last)
-            with autocast(device):
+            with autocast(device), torch.inference_mode():
                 feats = model(x).float().cpu().numpy()
             valid = np.array([not e for e in errors])
             feats[~valid] = np.nan

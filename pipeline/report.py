@@ -1,4 +1,9 @@
-"""Tables and plots of the stages' results: CSV and Markdown tables, bar charts, curves."""
+"""Tables and plots of the stages' results: CSV and Markdown tables, bar charts, curves.
+
+Plots are drawn on a :class:`matplotlib.figure.Figure` and written to a file: no pyplot, so
+the caller's matplotlib backend and figures are left alone (and matplotlib is imported only
+when a plot is drawn).
+"""
 
 from __future__ import annotations
 
@@ -8,16 +13,10 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-import matplotlib
-import matplotlib.ticker
+import numpy as np
 
-matplotlib.use("Agg")  # files only; no display is needed or wanted
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from sklearn.metrics import ConfusionMatrixDisplay  # noqa: E402
-
-from pipeline.errors import PipelineError  # noqa: E402
-from pipeline.layouts import display  # noqa: E402
+from pipeline.errors import PipelineError
+from pipeline.layouts import display
 
 
 def _cell(value) -> str:
@@ -93,7 +92,7 @@ def bar_chart(labels: Sequence[str], values: Sequence[float], path: str | os.Pat
     """Horizontal bars, best on top, each labelled with its value."""
     order = np.argsort(values, kind="stable")
     colors = colors or ["tab:blue"] * len(labels)
-    fig, ax = plt.subplots(figsize=(8, 0.45 * len(labels) + 1.2))
+    fig, ax = _figure(figsize=(8, 0.45 * len(labels) + 1.2))
     bars = ax.barh([labels[i] for i in order], [values[i] for i in order],
                    color=[colors[i] for i in order])
     ax.bar_label(bars, fmt="%.3f", padding=3)
@@ -105,7 +104,9 @@ def bar_chart(labels: Sequence[str], values: Sequence[float], path: str | os.Pat
 
 def confusion_matrix_plot(y_true, y_pred, classes: Sequence[str], path: str | os.PathLike,
                           title: str) -> Path:
-    fig, ax = plt.subplots(figsize=(1.0 + 0.6 * len(classes), 0.8 + 0.6 * len(classes)))
+    from sklearn.metrics import ConfusionMatrixDisplay
+
+    fig, ax = _figure(figsize=(1.0 + 0.6 * len(classes), 0.8 + 0.6 * len(classes)))
     ConfusionMatrixDisplay.from_predictions(
         y_true, y_pred, labels=np.arange(len(classes)),
         display_labels=[display(c) for c in classes], ax=ax,
@@ -117,7 +118,7 @@ def confusion_matrix_plot(y_true, y_pred, classes: Sequence[str], path: str | os
 def curve_plot(series: dict[str, tuple[list, list, list]], path: str | os.PathLike, title: str,
                xlabel: str, ylabel: str, log_x: bool = False) -> Path:
     """One line per series ``name -> (x, mean, spread)``, the spread drawn as a band."""
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = _figure(figsize=(7, 4.5))
     for name, (x, mean, spread) in series.items():
         x, mean, spread = map(np.asarray, (x, mean, spread))
         ax.plot(x, mean, marker="o", label=name)
@@ -134,13 +135,15 @@ def curve_plot(series: dict[str, tuple[list, list, list]], path: str | os.PathLi
 
 def training_curves(history: Sequence[dict], path: str | os.PathLike, title: str) -> Path:
     """Train and validation loss and accuracy per epoch: where the two part, it over-fits."""
+    from matplotlib.ticker import MaxNLocator
+
     epochs = [h["epoch"] for h in history]
-    fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (loss_ax, acc_ax) = _figure(1, 2, figsize=(10, 4))
     for ax, metric in ((loss_ax, "loss"), (acc_ax, "accuracy")):
         ax.plot(epochs, [h[f"train_{metric}"] for h in history], marker="o", label="train")
         ax.plot(epochs, [h[f"val_{metric}"] for h in history], marker="o", label="validation")
         ax.set_xlabel("epoch")
-        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel(metric)
         ax.grid(alpha=0.3)
         ax.legend()
@@ -150,10 +153,17 @@ def training_curves(history: Sequence[dict], path: str | os.PathLike, title: str
     return _save(fig, path)
 
 
+def _figure(*grid: int, figsize: tuple[float, float]):
+    """A figure of its own and its axes, outside pyplot's registry of open figures."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(*grid)
+
+
 def _save(fig, path: str | os.PathLike) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    fig.savefig(path, dpi=110)  # Figure.savefig renders with Agg for a .png, no backend needed
     return path

@@ -209,3 +209,25 @@ def test_every_registered_backbone_resolves_with_its_recipe():
         prep = spec.preprocessing
         assert prep.crop > 0 and prep.resize >= prep.crop and len(prep.mean) == 3, name
         assert spec.key()["weights"] == "none(seed=0)" and not spec.weights.pretrained
+
+
+def test_a_resolution_is_remembered_while_the_weights_file_is_unchanged(tmp_path, monkeypatch):
+    torch.manual_seed(4)
+    state = resolve_backbone("resnet18", "none").build_classifier().state_dict()
+    torch.save(state, tmp_path / "mine.pth")
+    first = resolve_backbone("resnet18", str(tmp_path / "mine.pth"))
+    hashed = []
+    monkeypatch.setattr("pipeline.weights.file_sha256", lambda p: hashed.append(p) or "x" * 64)
+    again = resolve_backbone("resnet18", str(tmp_path / "mine.pth"))
+    assert again.key() == first.key() and hashed == []  # remembered: not hashed again
+    torch.save({k: v + 1 if v.is_floating_point() else v for k, v in state.items()},
+               tmp_path / "mine.pth")  # another size or mtime: resolved and hashed again
+    changed = resolve_backbone("resnet18", str(tmp_path / "mine.pth"))
+    assert hashed and changed.weights.sha256 == "x" * 64
+
+
+def test_a_remembered_resolution_builds_nothing_and_imports_no_family(monkeypatch):
+    first = resolve_backbone("resnet18", "none", image_size=48, seed=2)
+    monkeypatch.setattr("pipeline.families.get_family", lambda name: pytest.fail("resolved"))
+    again = resolve_backbone("resnet18", "none", image_size=48, seed=2)
+    assert again == first and again.request["seed"] == 2
