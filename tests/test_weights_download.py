@@ -201,10 +201,11 @@ def test_a_timm_tag_falls_back_to_the_pytorch_file_as_timm_does(tmp_path, fake_h
     assert_same_weights(spec.build_classifier(), timm_state)
 
 
-def test_a_timm_tag_offline_uses_the_cache_only(fake_hf, monkeypatch):
+def test_a_timm_tag_offline_uses_the_cache_only(tmp_path, fake_hf, monkeypatch):
     assert resolve_backbone(f"timm/{TAG}", offline=True).weights.identity == f"timm:{TAG}"
     assert fake_hf.calls == [(f"timm/{TAG}", "model.safetensors", True)]
-    fake_hf.files = {}
+    fake_hf.files = {}  # the Hugging Face cache emptied: the file remembered is gone too
+    (tmp_path / "model.safetensors").unlink()
     monkeypatch.setenv("PIPELINE_OFFLINE", "1")
     with pytest.raises(WeightsError) as err:
         resolve_backbone(f"timm/{TAG}")
