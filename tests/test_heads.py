@@ -22,6 +22,7 @@ from pipeline.heads import (
     head_name,
     make_head,
 )
+from pipeline.heads.linear_probe import GridAdamW
 
 # Small enough for the many fits of the estimator checks, large enough to pass their accuracy
 # bar (check_classifiers_train wants > 0.83 on blobs). device="cpu" keeps the checks that need
@@ -231,6 +232,48 @@ def test_linear_probe_stops_early_and_is_deterministic():
     assert first.n_epochs_ < 200
     np.testing.assert_array_equal(first.coef_, again.coef_)
     np.testing.assert_array_equal(first.predict_proba(X_test), again.predict_proba(X_test))
+
+
+def test_grid_adamw_is_torch_adamw_head_by_head():
+    # G heads, each with its own learning rate and weight decay, against G torch.optim.AdamW
+    # (its default betas and eps), each on its own head's slice, fed the same gradients. The
+    # weights start away from zero and the decays are large, so decay of the intercept or
+    # decay through the gradient (Adam's L2) shows; gradients from 1e-9 to 1e2 make a wrong
+    # bias correction or a misplaced eps show.
+    g = torch.Generator().manual_seed(0)
+    n_heads, n_features, n_classes, n_steps = 4, 5, 3, 6
+    lr = torch.tensor([1e-3, 1e-2, 1e-1, 5e-2], dtype=torch.float64)
+    weight_decay = torch.tensor([0.0, 1e-2, 1.0, 5.0], dtype=torch.float64)
+    W0 = torch.randn(n_heads, n_features, n_classes, generator=g, dtype=torch.float64)
+    b0 = torch.randn(n_heads, n_classes, generator=g, dtype=torch.float64)
+
+    def gradient(shape):
+        scale = 10 ** (torch.rand(shape, generator=g, dtype=torch.float64) * 11 - 9)
+        return torch.randn(shape, generator=g, dtype=torch.float64) * scale
+
+    grads = [(gradient(W0.shape), gradient(b0.shape)) for _ in range(n_steps)]
+    W, b = W0.clone().requires_grad_(), b0.clone().requires_grad_()
+    grid = GridAdamW([W, b], [True, False], lr, weight_decay)
+    alone = [(W0[h].clone().requires_grad_(), b0[h].clone().requires_grad_())
+             for h in range(n_heads)]
+    optimizers = [
+        torch.optim.AdamW([{"params": [w]}, {"params": [c], "weight_decay": 0.0}],
+                          lr=float(lr[h]), weight_decay=float(weight_decay[h]))
+        for h, (w, c) in enumerate(alone)
+    ]
+    for grad_W, grad_b in grads:
+        grid.zero_grad()
+        W.grad, b.grad = grad_W.clone(), grad_b.clone()
+        grid.step()
+        for h, ((w, c), optimizer) in enumerate(zip(alone, optimizers)):
+            optimizer.zero_grad()
+            w.grad, c.grad = grad_W[h].clone(), grad_b[h].clone()
+            optimizer.step()
+    for h, (w, c) in enumerate(alone):
+        torch.testing.assert_close(W[h], w, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(b[h], c, rtol=1e-10, atol=1e-12)
+    # the steps moved every head's weights well past the tolerance
+    assert (W - W0).abs().amin(dim=(1, 2)).min() > 1e-6 and (b - b0).abs().min() > 1e-6
 
 
 # --- make_head ----------------------------------------------------------------------------------
