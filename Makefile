@@ -84,9 +84,10 @@ demo: $(REPORT) ## run every stage on the bundled demo data and say where the re
 	@echo "features: $(CACHE_OF)"
 	@echo "heads:    $(RUN)/heads/ (results, per_class, comparison.png, confusion_matrix.png,"
 	@echo "          shots.png, models/*.head)"
-	@echo "finetune: $(RUN)/finetune/unfreeze-K/ (history.csv|png, checkpoint.pt, models/)"
+	@echo "finetune: $(RUN)/finetune/unfreeze-K/ (history.csv|png, checkpoint.pt, models/*.net)"
 	@echo "report:   $(RUN)/report/ (report.md|csv|png)"
 	@echo "predict:  $(BIN)/pipeline predict $(RUN)/heads/models/<model>.head IMAGES..."
+	@echo "          (or a fine-tuned $(RUN)/finetune/unfreeze-K/models/<model>.net)"
 
 test: $(BIN)/.installed ## run the test suite (installs first if needed)
 	$(BIN)/ruff check pipeline tests scripts
@@ -95,7 +96,7 @@ test: $(BIN)/.installed ## run the test suite (installs first if needed)
 lint: $(BIN)/.installed ## ruff over the code
 	$(BIN)/ruff check pipeline tests scripts
 
-bench: $(BIN)/.installed ## extraction throughput against forward-only, cache-hit time, memory
+bench: $(BIN)/.installed ## startup against import torch, extraction throughput, cache hits, memory
 	$(BIN)/python -m pipeline.bench --data $(DATA) --out bench $(BENCH_ARGS)
 
 demo-data: ## regenerate data/fashion-mnist-mini from Debian's dataset-fashion-mnist

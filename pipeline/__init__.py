@@ -20,6 +20,9 @@ _EXPORTS = {
     "list_backbones": "pipeline.backbones",
     "resolve_backbone": "pipeline.backbones",
     "parse_weights": "pipeline.weights",
+    "ExtractOptions": "pipeline.options",
+    "FinetuneConfig": "pipeline.options",
+    "HeadsOptions": "pipeline.options",
     "cache_info": "pipeline.cache",
     "list_caches": "pipeline.cache",
     "read_split": "pipeline.cache",
@@ -36,6 +39,8 @@ _EXPORTS = {
     "MLPHead": "pipeline.heads",
     "make_head": "pipeline.heads",
     "predict_images": "pipeline.predict",
+    "load_model": "pipeline.persistence",
+    "FinetunedNetwork": "pipeline.network",
     "write_report": "pipeline.report",
 }
 

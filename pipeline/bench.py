@@ -1,11 +1,14 @@
-"""What ``make bench`` runs: extraction throughput against forward-only, cache hits, memory.
+"""What ``make bench`` runs: startup, extraction throughput against forward-only, cache hits,
+memory, heads, fine-tuning, several processes.
 
-Extraction and forward-only each run in a fresh process, so both start from the same state
+Extraction and forward-only each run in a fresh process (:func:`in_child`, which runs
+:func:`child` under ``python -m pipeline.bench --child``), so both start from the same state
 and each peak memory is its own; forward-only runs the same model, prepared the same way
 (:func:`pipeline.extract.prepare_model`), on the same batch size of ready tensors. On a GPU
 the peak GPU memory (``torch.cuda.max_memory_allocated``) is reported too; ``--weights none``
 measures a torchvision backbone whose weight file is not on the machine (speed does not depend
-on the weights' values).
+on the weights' values). Startup times the command line in fresh processes against
+``import torch``.
 """
 
 from __future__ import annotations
@@ -31,28 +34,10 @@ from pipeline.devices import autocast, default_batch_size, resolve_device
 from pipeline.extract import extract_features, prepare_model
 
 FORWARD_SECONDS = 8.0
-# Peak memory from VmHWM, which exec resets; ru_maxrss would carry the parent's peak over.
-_CHILD = """
-import json, sys
-from pipeline import bench
-mode, kw = sys.argv[1], json.loads(sys.argv[2])
-if mode == "extract":
-    from pipeline.extract import extract_features
-    out = extract_features(**kw).to_json()
-elif mode == "finetune":
-    from pipeline.finetune import finetune
-    result = finetune(**kw)
-    out = {"epoch_s": [h["seconds"] for h in result.history],
-           "trainable_parameters": result.row["trainable_parameters"]}
-else:
-    out = {"img_s": bench.forward_only(**kw)}
-hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM")][0].split()[1]
-out["peak_rss_mb"] = int(hwm) / 1024
-import torch
-if torch.cuda.is_available():
-    out["gpu_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
-print(json.dumps(out))
-"""
+CHILD_MODES = ("extract", "finetune", "forward")
+# Startup time against `import torch`, the floor of any command that runs a model: --help and
+# a cache hit need no model, so they should cost a fraction of it.
+STARTUP_TARGETS = {"help": 0.1, "cache_hit": 0.5}
 
 
 def generate_images(root: Path, n: int, classes: int = 10, size: int = 256, seed: int = 0) -> Path:
@@ -72,10 +57,57 @@ def generate_images(root: Path, n: int, classes: int = 10, size: int = 256, seed
 
 
 def in_child(mode: str, **kw) -> dict:
-    """Run an extraction or a forward-only measurement in a fresh Python process."""
-    out = subprocess.run([sys.executable, "-c", _CHILD, mode, json.dumps(kw)], check=True,
-                         capture_output=True, text=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    """:func:`child` in a fresh Python process, so that its time and peak memory are its own."""
+    run = subprocess.run([sys.executable, "-m", "pipeline.bench", "--child", mode,
+                          json.dumps(kw)], capture_output=True, text=True)
+    if run.returncode != 0:
+        raise RuntimeError(f"bench child {mode} failed:\n{run.stderr[-4000:]}")
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def child(mode: str, kw: dict) -> dict:
+    """One measurement in this process: an extraction (its summary), a fine-tune (seconds per
+    epoch) or forward-only (images per second); with the process's peak memory.
+
+    Parameters
+    ----------
+    mode
+        ``"extract"`` (``kw`` for :func:`pipeline.extract_features`), ``"finetune"`` (for
+        :func:`pipeline.finetune`) or ``"forward"`` (for :func:`forward_only`).
+    """
+    if mode == "extract":
+        out = extract_features(**kw).to_json()
+    elif mode == "finetune":
+        from pipeline.finetune import finetune
+
+        result = finetune(**kw)
+        out = {"epoch_s": [h["seconds"] for h in result.history],
+               "trainable_parameters": result.row["trainable_parameters"]}
+    elif mode == "forward":
+        out = {"img_s": forward_only(**kw)}
+    else:
+        raise ValueError(f"mode must be one of {', '.join(CHILD_MODES)}, not {mode!r}")
+    out["peak_rss_mb"] = peak_rss_mb()
+    if torch.cuda.is_available():
+        out["gpu_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return out
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory in MiB.
+
+    VmHWM, which exec resets, on Linux: ``ru_maxrss`` would carry over the peak of the process
+    that forked this one.
+    """
+    try:
+        with open("/proc/self/status") as fh:
+            hwm = next(line for line in fh if line.startswith("VmHWM"))
+        return int(hwm.split()[1]) / 1024
+    except (OSError, StopIteration):
+        import resource
+
+        scale = 2**20 if sys.platform == "darwin" else 1024  # bytes there, KiB on Linux
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale
 
 
 @torch.inference_mode()
@@ -203,6 +235,61 @@ def bench_finetune(args) -> dict:
     return {"rows": rows, "epoch_ratio": ratio}
 
 
+def timed_runs(command: list[str], runs: int) -> tuple[float, str]:
+    """Median wall seconds of ``command`` over ``runs`` fresh processes, and the last one's
+    standard output; a failing run stops the bench with its error."""
+    seconds, stdout = [], ""
+    for _ in range(runs):
+        started = time.perf_counter()
+        run = subprocess.run(command, capture_output=True, text=True)
+        seconds.append(time.perf_counter() - started)
+        if run.returncode != 0:
+            raise RuntimeError(f"{' '.join(command)} failed:\n{run.stderr[-4000:]}")
+        stdout = run.stdout
+    return float(np.median(seconds)), stdout
+
+
+def pipeline_command() -> list[str]:
+    """The console script next to this Python, as a user runs it; else ``python -m pipeline``."""
+    script = Path(sys.executable).with_name("pipeline")
+    return [str(script)] if script.is_file() else [sys.executable, "-m", "pipeline"]
+
+
+def startup_ratios(seconds: dict) -> dict:
+    """Each startup time over ``import torch``'s, with its target (at most that ratio)."""
+    floor = seconds["import_torch"]
+    return {name: {"seconds": seconds[name], "ratio": seconds[name] / floor,
+                   "target": STARTUP_TARGETS[name]} for name in STARTUP_TARGETS}
+
+
+def bench_startup(args) -> dict:
+    """``import torch``, ``pipeline --help`` and a cache hit of ``pipeline extract``, each the
+    median of ``args.startup_runs`` fresh processes, on demo-like generated images (28 px)."""
+    data = generate_images(args.out / f"generated-startup-{args.startup_images}",
+                           args.startup_images, size=28)
+    cache_dir = args.out / "cache-startup"
+    shutil.rmtree(cache_dir, ignore_errors=True)
+    extract = [*pipeline_command(), "extract", str(data), "--backbone", args.backbone,
+               "--weights", args.weights, "--cache-dir", str(cache_dir), "--json"]
+    timed_runs(extract, 1)  # the miss: from here on the features are in the cache
+    runs = args.startup_runs
+    seconds = {"import_torch": timed_runs([sys.executable, "-c", "import torch"], runs)[0],
+               "help": timed_runs([*pipeline_command(), "--help"], runs)[0]}
+    seconds["cache_hit"], summary = timed_runs(extract, runs)
+    if not json.loads(summary.strip().splitlines()[-1])["hit"]:
+        raise RuntimeError(f"the second `pipeline extract` of {data} was not a cache hit")
+    ratios = startup_ratios(seconds)
+    print(f"startup, median of {runs} fresh processes ({' '.join(pipeline_command())}; cache "
+          f"hit on {args.startup_images} generated 28 px images, {args.backbone}):")
+    print("command | s | x import torch | target")
+    print(f"python -c 'import torch' | {seconds['import_torch']:.2f} | 1.00 | -")
+    for name, label in (("help", "pipeline --help"), ("cache_hit", "pipeline extract (hit)")):
+        r = ratios[name]
+        print(f"{label} | {r['seconds']:.2f} | {r['ratio']:.2f} | <= {r['target']}")
+    return {"runs": runs, "images": args.startup_images, "command": pipeline_command(),
+            "import_torch_s": seconds["import_torch"], **ratios}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=Path("data/fashion-mnist-mini"))
@@ -214,11 +301,22 @@ def main(argv: list[str] | None = None) -> None:
                         help="processes for --only distributed [default: GPUs, or 2]")
     parser.add_argument("--out", type=Path, default=Path("bench"))
     parser.add_argument("--head-rows", type=int, default=60000, help="rows for the head fits")
-    parser.add_argument("--only", choices=("extract", "heads", "finetune", "distributed"),
-                        default=None)
+    parser.add_argument("--startup-images", type=int, default=1700,
+                        help="generated 28 px images for the startup cache hit (the demo's 1,700)")
+    parser.add_argument("--startup-runs", type=int, default=3,
+                        help="fresh processes per startup measurement (median)")
+    parser.add_argument("--only", choices=("startup", "extract", "heads", "finetune",
+                                           "distributed"), default=None)
+    # One measurement in this fresh process (what in_child runs), its result as JSON.
+    parser.add_argument("--child", nargs=2, metavar=("MODE", "KWARGS"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.child:
+        print(json.dumps(child(args.child[0], json.loads(args.child[1]))))
+        return
     args.out.mkdir(parents=True, exist_ok=True)
     results = {}
+    if args.only in (None, "startup"):
+        results["startup"] = bench_startup(args)
     if args.only in (None, "heads"):
         results["heads"] = bench_heads(args.head_rows)
         print_heads(results["heads"])

@@ -1,4 +1,9 @@
-"""The ``pipeline`` command: one thin click command per stage over the library functions."""
+"""The ``pipeline`` command: one thin click command per stage over the library functions.
+
+Each command imports the library modules it runs only when it runs, so ``pipeline --help``
+answers at once and a cache hit loads no framework; option defaults come from the stages'
+options dataclasses (:mod:`pipeline.options`).
+"""
 
 from __future__ import annotations
 
@@ -8,14 +13,24 @@ from pathlib import Path
 
 import click
 
-from pipeline import backbones, blocks, cache, compare, distributed, distribution, report
-from pipeline.devices import DEVICES
+from pipeline import distributed, distribution
 from pipeline.errors import PipelineError
-from pipeline.export import FORMATS, export_cache
-from pipeline.extract import DEFAULT_CACHE_DIR, DTYPES, extract_features
-from pipeline.finetune import AUGMENTS, HEAD_INITS, OPTIMIZERS, SCHEDULES, sweep_depths
-from pipeline.layouts import display
-from pipeline.predict import predict_images, write_predictions
+from pipeline.options import (
+    AUGMENTS,
+    DEFAULT_BACKBONE,
+    DEFAULT_CACHE_DIR,
+    DEVICES,
+    DTYPES,
+    EXPORT_FORMATS,
+    HEAD_INITS,
+    OPTIMIZERS,
+    POOLS,
+    SCHEDULES,
+    ExtractOptions,
+    FinetuneConfig,
+    HeadsOptions,
+    default,
+)
 
 
 class _Group(click.Group):
@@ -44,10 +59,33 @@ def _emit_json(obj) -> None:
     click.echo(json.dumps(obj, indent=None, default=str))
 
 
+def _display(path) -> str:
+    from pipeline.layouts import display
+
+    return display(path)
+
+
+def _markdown(rows) -> str:
+    from pipeline.report import markdown_table
+
+    return markdown_table(rows)
+
+
+def _keep_freed_memory(device: str) -> None:
+    """The CLI's choice for its own process: on a CPU, keep freed memory for the next batch
+    (about 2x faster forward passes here; see :func:`pipeline.devices.keep_freed_memory`)."""
+    from pipeline import devices
+
+    if devices.device_type(device) == "cpu":
+        devices.keep_freed_memory()
+
+
 compile_option = click.option(
-    "--compile", is_flag=True, help="torch.compile the network (pays off on long GPU runs).")
+    "--compile", is_flag=True, default=default(ExtractOptions, "compile"),
+    help="torch.compile the network (pays off on long GPU runs).")
 split_option = click.option(
-    "--split", "split_fractions", default="0.8,0.1,0.1", show_default=True, callback=_fractions,
+    "--split", "split_fractions", show_default=True, callback=_fractions,
+    default=",".join(map(str, default(ExtractOptions, "split_fractions"))),
     help="train,val,test fractions of the training images, for the splits the data does not "
          "give (carved, stratified and seeded, out of train).")
 offline_option = click.option(
@@ -64,31 +102,39 @@ def main() -> None:
     """Bottleneck features from pretrained CNNs, cached once, reused by every experiment."""
 
 
+weights_option = click.option(
+    "--weights", default="default", show_default=True,
+    help="default, a torchvision weights name (IMAGENET1K_V2, ResNet50_Weights.IMAGENET1K_V2, "
+         "DEFAULT), tag:<timm tag>, bundled, a state-dict PATH, or none (random init). Missing "
+         "torchvision and timm files are downloaded into the hub cache unless --offline.")
+device_option = click.option("--device", type=click.Choice(DEVICES), show_default=True,
+                             default=default(ExtractOptions, "device"))
+
+
 @main.command()
 @click.argument("data", type=click.Path())
-@click.option("--backbone", default=backbones.DEFAULT_BACKBONE, show_default=True,
+@click.option("--backbone", default=DEFAULT_BACKBONE, show_default=True,
               help="efficientnet_lite0, any torchvision model name, or timm/<arch>[.<tag>].")
-@click.option("--weights", default="default", show_default=True,
-              help="default, a torchvision weights name (IMAGENET1K_V2, "
-                   "ResNet50_Weights.IMAGENET1K_V2, DEFAULT), a state-dict PATH, or none "
-                   "(random init). Missing torchvision and timm files are downloaded into the "
-                   "hub cache unless --offline.")
+@weights_option
 @click.option("--layer", default=None, help="Graph node to take instead of the bottleneck.")
-@click.option("--pool", type=click.Choice(backbones.POOLS), default="avg", show_default=True)
+@click.option("--pool", type=click.Choice(POOLS), default="avg", show_default=True)
 @click.option("--image-size", type=int, default=None,
               help="Crop size instead of the weights' recipe (e.g. 96 for small images).")
-@click.option("--dtype", type=click.Choice(DTYPES), default="float32", show_default=True)
+@click.option("--dtype", type=click.Choice(DTYPES), default=default(ExtractOptions, "dtype"),
+              show_default=True)
 @cache_dir_option
-@click.option("--batch-size", type=click.IntRange(min=1), default=None,
+@click.option("--batch-size", type=click.IntRange(min=1),
+              default=default(ExtractOptions, "batch_size"),
               help="Images per forward pass [default: 8 on CPU, 64 on GPU].")
-@click.option("--workers", type=click.IntRange(min=0), default=None,
+@click.option("--workers", type=click.IntRange(min=0), default=default(ExtractOptions, "workers"),
               help="DataLoader processes [default: 0 on 2 cores or fewer, else half the cores].")
-@click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
-@click.option("--strict", is_flag=True, help="Stop at the first unreadable image.")
-@click.option("--hash-contents", is_flag=True,
+@device_option
+@click.option("--strict", is_flag=True, default=default(ExtractOptions, "strict"),
+              help="Stop at the first unreadable image.")
+@click.option("--hash-contents", is_flag=True, default=default(ExtractOptions, "hash_contents"),
               help="Fingerprint images by content hash, not size and mtime.")
 @split_option
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=int, default=default(ExtractOptions, "seed"), show_default=True)
 @compile_option
 @offline_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object, nothing else.")
@@ -103,6 +149,9 @@ def extract(data, as_json, write_json, **options) -> None:
     Under torchrun (torchrun --standalone --nproc-per-node N -m pipeline extract ...) each
     process extracts a shard and rank 0 assembles the same cache one process writes.
     """
+    from pipeline.extract import extract_features
+
+    _keep_freed_memory(options["device"])
     try:
         result = extract_features(data, progress=False if as_json else None, **options)
     except KeyboardInterrupt:
@@ -132,6 +181,8 @@ def extract(data, as_json, write_json, **options) -> None:
 
 def _describe_data(result) -> None:
     """Where the splits came from, what was ignored, skipped or found twice."""
+    from pipeline import cache
+
     if result.labelled:
         click.echo("splits: " + "; ".join(f"{s} {result.splits[s]}: {result.split_sources[s]}"
                                           for s in result.splits))
@@ -144,7 +195,7 @@ def _describe_data(result) -> None:
             f"{n} {kind}" for kind, n in counts.items()) + f" (`pipeline cache info "
             f"{result.key[:8]}` lists them)", err=True)
     for path, reason in result.failures:
-        click.echo(f"skipped unreadable {display(path)}: {reason}", err=True)
+        click.echo(f"skipped unreadable {_display(path)}: {reason}", err=True)
     if result.failed:
         click.echo(f"{result.failed} unreadable image(s) skipped and listed in the cache",
                    err=True)
@@ -154,7 +205,7 @@ def _describe_data(result) -> None:
 def _warn_duplicates(duplicates: dict | None, key: str) -> None:
     if not duplicates or not (duplicates["across_splits"] or duplicates["across_classes"]):
         return
-    shown = "; ".join(" = ".join(display(p) for p in g["paths"])
+    shown = "; ".join(" = ".join(_display(p) for p in g["paths"])
                       for g in duplicates["shown"][:3])
     click.echo(f"warning: identical images under other paths: {duplicates['across_splits']} "
                f"group(s) span two splits (a test image that is also a training image inflates "
@@ -177,26 +228,30 @@ def _shots(_ctx, _param, value: str | None) -> list:
 
 @main.command()
 @click.argument("caches", nargs=-1, required=True, type=click.Path())
-@click.option("--heads", "head_specs", default=",".join(compare.DEFAULT_HEADS), show_default=True,
+@click.option("--heads", "head_specs", default=",".join(default(HeadsOptions, "heads")),
+              show_default=True,
               help="Comma-separated heads: logreg, mlp, linear, or an import path with "
                    "parameters (sklearn.svm.LinearSVC:C=0.1); separate several with ';'.")
-@click.option("--out", type=click.Path(file_okay=False), default="results/heads",
+@click.option("--out", type=click.Path(file_okay=False), default=default(HeadsOptions, "out"),
               show_default=True, help="Folder of the tables, plots and saved heads.")
-@click.option("--shots", callback=_shots, default=None,
+@click.option("--shots", callback=_shots, default=",".join(default(HeadsOptions, "shots")),
               help="Examples per class for the data-efficiency curve, e.g. 1,2,5,10,all.")
-@click.option("--draws", type=click.IntRange(min=1), default=compare.DEFAULT_DRAWS,
+@click.option("--draws", type=click.IntRange(min=1), default=default(HeadsOptions, "draws"),
               show_default=True, help="Random draws per k.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=int, default=default(HeadsOptions, "seed"), show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the results as one JSON object.")
 def heads(caches, head_specs, out, shots, draws, seed, as_json) -> None:
     """Fit heads on cached features (CACHES: one or more .h5 files) and compare them."""
-    result = compare.fit_heads(caches, _split_heads(head_specs), out, shots, draws, seed)
+    from pipeline import compare
+
+    options = HeadsOptions(tuple(_split_heads(head_specs)), out, tuple(shots), draws, seed)
+    result = compare.fit_heads(caches, options=options)
     if as_json:
         _emit_json(result.to_json())
         return
-    click.echo(report.markdown_table(_display(result.rows)))
+    click.echo(_markdown(_table_columns(result.rows)))
     if result.shots:
-        click.echo(report.markdown_table(result.shots))
+        click.echo(_markdown(result.shots))
     click.echo(f"tables, plots and saved heads in {out}/")
 
 
@@ -207,7 +262,7 @@ def _split_heads(value: str) -> list[str]:
     return [p.strip() for p in parts if p.strip()]
 
 
-def _display(rows: list[dict]) -> list[dict]:
+def _table_columns(rows: list[dict]) -> list[dict]:
     keep = ("backbone", "head", "chosen", "test_accuracy", "balanced_accuracy", "macro_f1",
             "log_loss", "fit_s", "predict_s")
     return [{k: r[k] for k in keep} for r in rows]
@@ -219,7 +274,7 @@ def _display(rows: list[dict]) -> list[dict]:
 @click.option("--top-k", type=click.IntRange(min=1), default=5, show_default=True)
 @click.option("--out", type=click.Path(dir_okay=False), default=None,
               help="CSV file to write [default: print CSV to stdout].")
-@click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
+@device_option
 @click.option("--batch-size", type=click.IntRange(min=1), default=None)
 @click.option("--workers", type=click.IntRange(min=0), default=None)
 @offline_option
@@ -227,9 +282,13 @@ def _display(rows: list[dict]) -> list[dict]:
 def predict(model, inputs, top_k, out, device, batch_size, workers, offline, as_json) -> None:
     """Classify images (INPUTS: files, folders or feature caches) with a saved MODEL.
 
-    A head classifies a cache's stored features (.h5, labelled or not) without running its
-    backbone; images and folders run through the head's own backbone first.
+    A head (.head) classifies a cache's stored features (.h5, labelled or not) without running
+    its backbone; images and folders run through the head's own backbone first. A fine-tuned
+    network (.net) classifies images end to end, and reads a cache's images again.
     """
+    from pipeline.predict import predict_images, write_predictions
+
+    _keep_freed_memory(device)
     rows = predict_images(model, inputs, top_k, device, batch_size, workers,
                           progress=False if as_json else None, offline=offline)
     if as_json:
@@ -251,37 +310,48 @@ def _depths(_ctx, _param, value: str) -> list:
         raise click.BadParameter("give block counts or 'all', such as 0,1,2,all") from None
 
 
+def _finetune_default(name: str):
+    return default(FinetuneConfig, name)
+
+
 @main.command(name="finetune")
 @click.argument("data", type=click.Path())
-@click.option("--backbone", default=backbones.DEFAULT_BACKBONE, show_default=True)
-@click.option("--weights", default="default", show_default=True)
+@click.option("--backbone", default=DEFAULT_BACKBONE, show_default=True)
+@weights_option
 @click.option("--image-size", type=int, default=None)
-@click.option("--unfreeze", callback=_depths, default="1", show_default=True,
+@click.option("--unfreeze", callback=_depths, default=str(_finetune_default("unfreeze")),
+              show_default=True,
               help="Top blocks to train; several (0,1,2,all) run the freeze-depth experiment, "
                    "one run each in OUT/unfreeze-K/.")
 @click.option("--out", type=click.Path(file_okay=False), default="results/finetune",
               show_default=True)
-@click.option("--epochs", type=click.IntRange(min=0), default=10, show_default=True)
-@click.option("--lr", type=float, default=1e-3, show_default=True, help="Head learning rate.")
-@click.option("--backbone-lr-ratio", type=float, default=0.1, show_default=True,
-              help="Backbone learning rate as a fraction of the head's.")
-@click.option("--optimizer", type=click.Choice(OPTIMIZERS), default="adamw",
+@click.option("--epochs", type=click.IntRange(min=0), default=_finetune_default("epochs"),
               show_default=True)
-@click.option("--weight-decay", type=float, default=1e-4, show_default=True)
-@click.option("--schedule", type=click.Choice(SCHEDULES), default="cosine",
+@click.option("--lr", type=float, default=_finetune_default("lr"), show_default=True,
+              help="Head learning rate.")
+@click.option("--backbone-lr-ratio", type=float, default=_finetune_default("backbone_lr_ratio"),
+              show_default=True, help="Backbone learning rate as a fraction of the head's.")
+@click.option("--optimizer", type=click.Choice(OPTIMIZERS),
+              default=_finetune_default("optimizer"), show_default=True)
+@click.option("--weight-decay", type=float, default=_finetune_default("weight_decay"),
               show_default=True)
-@click.option("--patience", type=click.IntRange(min=1), default=3, show_default=True,
-              help="Epochs without a better validation loss before stopping.")
-@click.option("--augment", type=click.Choice(AUGMENTS), default="standard",
+@click.option("--schedule", type=click.Choice(SCHEDULES), default=_finetune_default("schedule"),
               show_default=True)
-@click.option("--bn-train", is_flag=True, help="Update BatchNorm statistics (default: frozen).")
-@click.option("--head-init", type=click.Choice(HEAD_INITS), default="linear",
-              show_default=True, help="Warm-start the head from a linear probe, or random.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--patience", type=click.IntRange(min=1), default=_finetune_default("patience"),
+              show_default=True, help="Epochs without a better validation loss before stopping.")
+@click.option("--augment", type=click.Choice(AUGMENTS), default=_finetune_default("augment"),
+              show_default=True)
+@click.option("--bn-train", is_flag=True, default=_finetune_default("bn_train"),
+              help="Update BatchNorm statistics (default: frozen).")
+@click.option("--head-init", type=click.Choice(HEAD_INITS),
+              default=_finetune_default("head_init"), show_default=True,
+              help="Warm-start the head from a linear probe, or random.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=_finetune_default("batch_size"),
+              show_default=True)
 @split_option
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=int, default=_finetune_default("seed"), show_default=True)
 @cache_dir_option
-@click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
+@device_option
 @click.option("--workers", type=click.IntRange(min=0), default=None)
 @compile_option
 @offline_option
@@ -292,6 +362,9 @@ def finetune_command(data, unfreeze, out, as_json, **options) -> None:
     Under torchrun (torchrun --standalone --nproc-per-node N -m pipeline finetune ...) the
     processes train one model with DistributedDataParallel; --batch-size is per process.
     """
+    from pipeline.finetune import sweep_depths
+
+    _keep_freed_memory(options["device"])
     progress = False if as_json else None
     try:
         rows = sweep_depths(data, unfreeze, out, progress=progress, **options)
@@ -304,7 +377,7 @@ def finetune_command(data, unfreeze, out, as_json, **options) -> None:
     if as_json:
         _emit_json(rows)
         return
-    click.echo(report.markdown_table(rows))
+    click.echo(_markdown(rows))
     click.echo(f"freeze-depth table, curves, checkpoints and models in {out}/")
 
 
@@ -314,9 +387,11 @@ def finetune_command(data, unfreeze, out, as_json, **options) -> None:
               help="Weights to build the model with (blocks do not depend on them).")
 def blocks_command(backbone, weights) -> None:
     """The blocks of BACKBONE that --unfreeze counts, lowest first."""
-    spec = backbones.resolve_backbone(backbone, weights)
-    rows = blocks.describe_blocks(spec.build_classifier(), spec.family)
-    click.echo(report.markdown_table(rows), nl=False)
+    from pipeline.backbones import resolve_backbone
+    from pipeline.blocks import describe_blocks
+
+    spec = resolve_backbone(backbone, weights)
+    click.echo(_markdown(describe_blocks(spec.build_classifier(), spec.family)), nl=False)
 
 
 @main.command(name="report")
@@ -326,11 +401,13 @@ def blocks_command(backbone, weights) -> None:
 @click.option("--json", "as_json", is_flag=True)
 def report_command(folder, out, as_json) -> None:
     """One table of the heads and fine-tunes found under FOLDER, with a chart."""
+    from pipeline import report
+
     result = report.write_report(folder, out)
     if as_json:
         _emit_json(result)
         return
-    click.echo(report.markdown_table(result["rows"]), nl=False)
+    click.echo(_markdown(result["rows"]), nl=False)
     if len(result["cache_keys"]) > 1:
         click.echo(f"note: rows come from {len(result['cache_keys'])} feature caches; only rows "
                    "with the same cache_key share features and test images")
@@ -347,6 +424,8 @@ def cache_group() -> None:
 @click.option("--json", "as_json", is_flag=True)
 def cache_list(cache_dir, as_json) -> None:
     """One line per cache file."""
+    from pipeline import cache
+
     rows = cache.list_caches(cache_dir)
     if as_json:
         _emit_json(rows)
@@ -367,6 +446,8 @@ def cache_list(cache_dir, as_json) -> None:
 @click.option("--json", "as_json", is_flag=True)
 def cache_info(name, cache_dir, as_json) -> None:
     """Key spec, sizes and failures of one cache (NAME: a path, file name or key prefix)."""
+    from pipeline import cache
+
     info = cache.cache_info(cache.find_cache(cache_dir, name))
     if as_json:
         _emit_json(info)
@@ -384,7 +465,7 @@ def cache_info(name, cache_dir, as_json) -> None:
                    f"({duplicates['images']} images): {duplicates['across_splits']} across "
                    f"splits, {duplicates['across_classes']} across classes")
         for group in duplicates["shown"]:
-            click.echo("           " + " = ".join(display(p) for p in group["paths"]))
+            click.echo("           " + " = ".join(_display(p) for p in group["paths"]))
     click.echo("spec")
     click.echo(json.dumps(info["spec"], indent=2, sort_keys=True))
 
@@ -392,14 +473,14 @@ def cache_info(name, cache_dir, as_json) -> None:
 def _list(title: str, rows: list[tuple[str, str]], most: int = 50) -> None:
     click.echo(f"{title:10s} {len(rows)}")
     for path, reason in rows[:most]:
-        click.echo(f"           {display(path)}: {reason}")
+        click.echo(f"           {_display(path)}: {reason}")
     if len(rows) > most:
         click.echo(f"           ... and {len(rows) - most} more (--json lists every one)")
 
 
 @cache_group.command(name="export")
 @click.argument("name")
-@click.option("--format", "fmt", type=click.Choice(FORMATS), default="parquet",
+@click.option("--format", "fmt", type=click.Choice(EXPORT_FORMATS), default="parquet",
               show_default=True)
 @click.option("--out", type=click.Path(), required=True,
               help="File to write (parquet, csv), or folder (npy).")
@@ -412,6 +493,9 @@ def cache_export(name, fmt, out, cache_dir, as_json) -> None:
     memory-maps); parquet one file with a fixed-size list column 'features'; csv one file
     with columns f0..f<D-1>.
     """
+    from pipeline import cache
+    from pipeline.export import export_cache
+
     result = export_cache(cache.find_cache(cache_dir, name), out, fmt)
     if as_json:
         _emit_json(result)
@@ -424,6 +508,8 @@ def cache_export(name, fmt, out, cache_dir, as_json) -> None:
 @cache_dir_option
 def cache_rm(names, cache_dir) -> None:
     """Remove caches (NAMES: paths, file names or key prefixes)."""
+    from pipeline import cache
+
     for name in names:
         path = cache.find_cache(cache_dir, name)
         cache.remove_cache(path)
@@ -433,7 +519,9 @@ def cache_rm(names, cache_dir) -> None:
 @main.command(name="backbones")
 def list_backbones() -> None:
     """Backbone names that --backbone accepts (plus timm/<arch>)."""
-    for name in backbones.list_backbones():
+    from pipeline.backbones import list_backbones as backbone_names
+
+    for name in backbone_names():
         click.echo(name)
 
 
@@ -443,5 +531,7 @@ def list_backbones() -> None:
               help="Weights to build the model with (names do not depend on them).")
 def layers(backbone, weights) -> None:
     """Graph node names of BACKBONE that --layer accepts, in execution order."""
-    for name in backbones.layer_names(backbones.resolve_backbone(backbone, weights)):
+    from pipeline.backbones import layer_names, resolve_backbone
+
+    for name in layer_names(resolve_backbone(backbone, weights)):
         click.echo(name)

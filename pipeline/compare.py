@@ -6,28 +6,23 @@ import json
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 from sklearn.base import clone
-from sklearn.metrics import (
-    accuracy_score,
-    balanced_accuracy_score,
-    classification_report,
-    f1_score,
-    log_loss,
-)
+from sklearn.metrics import classification_report
 from sklearn.utils.validation import has_fit_parameter
 
 from pipeline import report
 from pipeline.cache import FeatureSplit, cache_info, read_splits
 from pipeline.errors import DataError
 from pipeline.heads import head_name, make_head
-from pipeline.persistence import SUFFIX, save_head
+from pipeline.options import DEFAULT_HEADS, HeadsOptions
+from pipeline.persistence import HEAD_SUFFIX, save_head
+from pipeline.scoring import class_probabilities, results_row
 
-DEFAULT_HEADS = ("logreg", "mlp", "linear")
-DEFAULT_DRAWS = 5
+__all__ = ["DEFAULT_HEADS", "Comparison", "HeadsOptions", "fit_heads"]
 # Learned attributes that say which hyperparameters a head chose on the validation split.
 _CHOSEN = ("C_", "weight_decay_", "lr_", "best_epoch_")
 
@@ -81,13 +76,18 @@ def load_cache_data(path: str | os.PathLike) -> CacheData:
 
 def fit_heads(
     caches: Sequence[str | os.PathLike],
-    heads: Sequence[str] = DEFAULT_HEADS,
-    out: str | os.PathLike = "results/heads",
-    shots: Sequence[int | str] = (),
-    draws: int = DEFAULT_DRAWS,
-    seed: int = 0,
+    heads: Sequence[str] | None = None,
+    out: str | os.PathLike | None = None,
+    shots: Sequence[int | str] | None = None,
+    draws: int | None = None,
+    seed: int | None = None,
+    *,
+    options: HeadsOptions | None = None,
 ) -> Comparison:
     """Fit each head on each cache with the same splits and seed; write tables and plots.
+
+    The settings come from ``options`` (:class:`~pipeline.options.HeadsOptions`, whose defaults
+    the CLI shows); any of ``heads`` .. ``seed`` given overrides its field.
 
     Parameters
     ----------
@@ -106,7 +106,9 @@ def fit_heads(
     seed
         Seed of every head and every draw: the same seed gives the same table.
     """
-    out = Path(out)
+    given = {"heads": heads, "out": out, "shots": shots, "draws": draws, "seed": seed}
+    opts = replace(options or HeadsOptions(), **{k: v for k, v in given.items() if v is not None})
+    heads, shots, draws, seed, out = opts.heads, opts.shots, opts.draws, opts.seed, Path(opts.out)
     estimators = [(spec, make_head(spec)) for spec in heads]  # bad specs fail before any fit
     data = [load_cache_data(path) for path in caches]
     rows, per_class, best = [], [], None
@@ -134,26 +136,14 @@ def _fit_and_score(cache: CacheData, spec: str, template, seed: int):
     _fit(estimator, cache.train, cache.val)
     fit_s = time.perf_counter() - started
     started = time.perf_counter()
-    proba = _proba(estimator, cache.test.X, len(cache.classes))
+    proba = class_probabilities(estimator, cache.test.X, len(cache.classes))
     y_pred = proba.argmax(1) if proba is not None else estimator.predict(cache.test.X)
     predict_s = time.perf_counter() - started
-    y = cache.test.y
-    row = {
-        "backbone": cache.backbone,
-        "head": head_name(spec),
-        "chosen": _chosen(estimator, spec),
-        "test_accuracy": accuracy_score(y, y_pred),
-        "balanced_accuracy": balanced_accuracy_score(y, y_pred),
-        "macro_f1": f1_score(y, y_pred, average="macro"),
-        "log_loss": (log_loss(y, proba, labels=np.arange(len(cache.classes)))
-                     if proba is not None else float("nan")),
-        "fit_s": fit_s,
-        "predict_s": predict_s,
-        "train_n": len(cache.train.y),
-        "test_n": len(y),
-        "cache_key": cache.info["key"],
-        "method": "transfer",
-    }
+    row = results_row(
+        backbone=cache.backbone, head=head_name(spec), chosen=_chosen(estimator, spec),
+        y_true=cache.test.y, y_pred=y_pred, proba=proba, n_classes=len(cache.classes),
+        fit_s=fit_s, predict_s=predict_s, train_n=len(cache.train.y), test_n=len(cache.test.y),
+        cache_key=cache.info["key"], method="transfer")
     return estimator, row, y_pred
 
 
@@ -164,18 +154,6 @@ def _fit(estimator, train: FeatureSplit, val: FeatureSplit) -> None:
         estimator.fit(train.X, train.y, X_val=val.X, y_val=val.y)
     else:
         estimator.fit(train.X, train.y)
-
-
-def _proba(estimator, X: np.ndarray, n_classes: int) -> np.ndarray | None:
-    """Class probabilities over *all* classes, or None for a head without them."""
-    if not hasattr(estimator, "predict_proba"):
-        return None
-    # Columns follow estimator.classes_; place them by label so they line up with the
-    # cache's classes whatever the estimator saw.
-    full = np.zeros((len(X), n_classes))
-    full[:, estimator.classes_.astype(int)] = estimator.predict_proba(X)
-    # float32 heads sum to 1 within 1e-7; log_loss checks sums in float64.
-    return full / full.sum(axis=1, keepdims=True)
 
 
 def _chosen(estimator, spec: str) -> str:
@@ -203,7 +181,7 @@ def _save(out: Path, cache: CacheData, spec: str, estimator) -> Path:
             "spec": cache.info["spec"], "request": cache.info["request"]}
     # The key keeps apart heads of one backbone on different caches (image size, data, ...).
     name = f"{cache.backbone}-{cache.info['key'][:8]}-{head_name(spec)}".replace("/", "_")
-    return save_head(out / "models" / f"{name}{SUFFIX}", estimator, meta)
+    return save_head(out / "models" / f"{name}{HEAD_SUFFIX}", estimator, meta)
 
 
 def _write_results(out: Path, rows: list[dict], per_class: list[dict], best) -> dict:

@@ -12,105 +12,103 @@ import json
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score, log_loss
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torchvision.transforms import InterpolationMode, v2
 
 from pipeline import distributed, report
-from pipeline.backbones import DEFAULT_BACKBONE, BackboneSpec, replace_classifier, resolve_backbone
+from pipeline.backbones import BackboneSpec, replace_classifier, resolve_backbone
 from pipeline.blocks import freeze_below
-from pipeline.cache import cache_info, read_splits
+from pipeline.cache import open_cache, read_splits
 from pipeline.data import ImageFiles, ImageSet, load_image_set
-from pipeline.devices import autocast, autocast_dtype, default_workers, keep_freed_memory
+from pipeline.devices import autocast, autocast_dtype, default_workers
+from pipeline.early_stopping import EarlyStopping
 from pipeline.errors import DataError, PipelineError
-from pipeline.extract import DEFAULT_CACHE_DIR, extract_features
+from pipeline.extract import extract_features
 from pipeline.heads import LinearProbe
 from pipeline.layouts import display
-from pipeline.persistence import SUFFIX, save_state_dict
+from pipeline.network import FinetunedNetwork
+from pipeline.options import (
+    AUGMENTS,
+    DEFAULT_BACKBONE,
+    HEAD_INITS,
+    OPTIMIZERS,
+    SCHEDULES,
+    ExtractOptions,
+    FinetuneConfig,
+    split_settings,
+)
+from pipeline.persistence import NETWORK_SUFFIX
+from pipeline.scoring import results_row
+
+__all__ = ["AUGMENTS", "HEAD_INITS", "OPTIMIZERS", "SCHEDULES", "FinetuneConfig",
+           "FinetuneError", "FinetuneResult", "finetune", "sweep_depths"]
 
 CHECKPOINT = "checkpoint.pt"
-OPTIMIZERS = ("adamw", "sgd")
-SCHEDULES = ("cosine", "step")
-AUGMENTS = ("standard", "none")
-HEAD_INITS = ("linear", "random")
+# The resolve_backbone arguments finetune also takes, when given a backbone name.
+_BACKBONE_ARGS = ("weights", "image_size", "offline")
 
 
 class FinetuneError(PipelineError):
     """A fine-tuning run that cannot start or resume as asked."""
 
 
-@dataclass(frozen=True)
-class FinetuneConfig:
-    """How the top blocks are trained; every field is recorded in the checkpoint."""
-
-    unfreeze: int | str = 1  # top blocks trained, or "all"; 0 is the linear probe by this loop
-    epochs: int = 10
-    lr: float = 1e-3  # the new head's learning rate
-    backbone_lr_ratio: float = 0.1  # pretrained blocks move ~10x slower than the new head
-    optimizer: str = "adamw"  # or "sgd" (momentum 0.9, Nesterov)
-    weight_decay: float = 1e-4
-    schedule: str = "cosine"  # or "step": x0.1 every `step_size` epochs
-    step_size: int = 5
-    clip_grad: float = 1.0  # max gradient norm: a safety rail for the first steps
-    patience: int = 3  # epochs without a better validation loss before stopping
-    augment: str = "standard"  # random resized crop, flip, rotation, shear, zoom; or "none"
-    bn_train: bool = False  # update BatchNorm running statistics (small data: keep frozen)
-    head_init: str = "linear"  # warm start from a linear probe on cached features; or "random"
-    batch_size: int = 32
-    seed: int = 0
-
-
 @dataclass
 class FinetuneResult:
-    """The results row, the per-epoch history and the files written."""
+    """The results row, the per-epoch history, the trained network and the files written."""
 
     row: dict
     history: list[dict]
     test_pred: np.ndarray
+    # The best epoch's weights, in eval mode on the CPU: predict_images(result.model, ...).
+    model: FinetunedNetwork | None = None
     files: dict[str, str] = field(default_factory=dict)
 
 
 def finetune(
     data: str | os.PathLike,
-    backbone: str = DEFAULT_BACKBONE,
-    weights: str = "default",
-    image_size: int | None = None,
+    backbone: str | BackboneSpec = DEFAULT_BACKBONE,
+    config: FinetuneConfig | None = None,
+    *,
     out: str | os.PathLike = "results/finetune",
-    cache_dir: str | os.PathLike = DEFAULT_CACHE_DIR,
-    device: str = "auto",
-    workers: int | None = None,
-    split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1),
+    options: ExtractOptions | None = None,
     progress: bool | None = None,
     on_epoch: Callable[[int, dict], None] | None = None,
-    compile: bool = False,
-    offline: bool | None = None,
-    **config,
+    **settings,
 ) -> FinetuneResult:
     """Fine-tune the top ``unfreeze`` blocks of ``backbone`` on ``data``; resume if stopped.
 
     Parameters
     ----------
-    data, backbone, weights, image_size, cache_dir, split_fractions
+    data
         As for :func:`pipeline.extract_features`; the features of these settings (cached, or
         extracted now) warm-start the head, and their splits are the ones trained on.
+    backbone
+        A :class:`~pipeline.backbones.BackboneSpec`, or a name resolved here with the
+        ``weights``, ``image_size`` and ``offline`` given in ``settings`` (random init seeded
+        by ``config.seed``).
+    config
+        How the blocks are trained (:class:`~pipeline.options.FinetuneConfig`); its fields,
+        recorded in the checkpoint, decide whether a run resumes.
     out
         Folder of ``checkpoint.pt`` (each epoch), ``history.csv|png``, ``results.csv|md|json``
-        and ``models/*.head``. A run whose checkpoint is there resumes from it.
+        and the saved model. A run whose checkpoint is there resumes from it.
+    options
+        Where the features are cached and how images are read
+        (:class:`~pipeline.options.ExtractOptions`: ``cache_dir``, ``device``, ``workers``,
+        ``split_fractions``; ``compile`` compiles the training steps). Its ``seed`` is
+        ``config.seed``, so the splits are those of the same seed's extraction.
     on_epoch
         Called with ``(epoch, history_row)`` after each epoch's checkpoint is written.
-    compile
-        Train through :func:`torch.compile` (worth it for long runs on a GPU).
-    offline
-        Never download weights (None: the environment variable ``PIPELINE_OFFLINE``).
-    **config
-        Fields of :class:`FinetuneConfig` (``unfreeze`` may be ``"all"``).
+    **settings
+        Fields of ``FinetuneConfig`` (``unfreeze`` may be ``"all"``) and of ``ExtractOptions``
+        overriding ``config``'s and ``options``'s, and the backbone arguments above.
 
     Under ``torchrun`` the ranks train one model with DistributedDataParallel: each takes its
     share of every epoch's shuffled training images (``batch_size`` per rank), gradients of
@@ -119,28 +117,39 @@ def finetune(
     checkpoints and results. A restarted job resumes from rank 0's checkpoint.
     """
     started = time.perf_counter()
-    cfg = _config(config)
-    ctx, run_on = distributed.setup(device)
-    images = load_image_set(data, split_fractions, cfg.seed)
+    cfg_settings, extract_settings, rest = split_settings(settings, FinetuneConfig,
+                                                          ExtractOptions)
+    backbone_args = {k: rest.pop(k) for k in _BACKBONE_ARGS if k in rest}
+    if rest:
+        raise TypeError(f"unexpected setting(s) {', '.join(sorted(rest))} for finetune")
+    cfg = _config(replace(config or FinetuneConfig(), **cfg_settings))
+    opts = replace(options or ExtractOptions(), **extract_settings, seed=cfg.seed)
+    ctx, run_on = distributed.setup(opts.device)
+    images = load_image_set(data, opts.split_fractions, cfg.seed)
     if not images.labelled:
         raise FinetuneError(f"{display(str(data))}: unlabelled images (no class folders or "
                             "label column); fine-tuning needs labels")
-    spec = resolve_backbone(backbone, weights, image_size=image_size, seed=cfg.seed,
-                            offline=offline)
-    cache = extract_features(data, backbone, weights, image_size=image_size, cache_dir=cache_dir,
-                             split_fractions=split_fractions, seed=cfg.seed, progress=progress,
-                             workers=workers, offline=offline)
+    if isinstance(backbone, BackboneSpec):
+        if backbone_args:
+            raise TypeError(f"{', '.join(backbone_args)} belong to resolve_backbone when a "
+                            "BackboneSpec is given")
+        spec = backbone
+    else:
+        spec = resolve_backbone(backbone, **backbone_args, seed=cfg.seed)
+    # The features are extracted as plain float32 (compile is for the training steps).
+    cache = extract_features(data, spec, replace(opts, compile=False), progress=progress)
     splits = read_splits(cache.cache_path)
     _check_splits(splits, images)
     model, head, unfrozen = build_model(spec, images.classes, cfg, splits)
     out = Path(out)
     args = _run_args(spec, cfg, cache.key, images)
-    trainer = _Trainer(model, head, unfrozen, cfg, run_on, args, out / CHECKPOINT, ctx, compile)
-    loaders = _Loaders(images, spec, cfg, splits, run_on, workers, ctx)
+    trainer = _Trainer(model, head, unfrozen, cfg, run_on, args, out / CHECKPOINT, ctx,
+                       opts.compile)
+    loaders = _Loaders(images, spec, cfg, splits, run_on, opts.workers, ctx)
     history = trainer.fit(loaders, on_epoch)
     _, _, proba = evaluate(model, loaders.eval("test"), run_on)
     y_test = loaders.labels("test")
-    result = _result(spec, cfg, cache.key, trainer, history, y_test, proba, started)
+    result = _result(spec, cfg, cache, images.classes, trainer, history, y_test, proba, started)
     if ctx.is_main:
         result.files = _write(out, spec, images.classes, cache, args, model, result)
     distributed.barrier()  # no rank returns before the results are on disk
@@ -165,8 +174,7 @@ def sweep_depths(data: str | os.PathLike, depths: Sequence[int | str],
     return table
 
 
-def _config(config: dict) -> FinetuneConfig:
-    cfg = FinetuneConfig(**config)
+def _config(cfg: FinetuneConfig) -> FinetuneConfig:
     for name, allowed in (("optimizer", OPTIMIZERS), ("schedule", SCHEDULES),
                           ("augment", AUGMENTS), ("head_init", HEAD_INITS)):
         if getattr(cfg, name) not in allowed:
@@ -375,8 +383,6 @@ class _Trainer:
         self.ctx = ctx or distributed.Context()
         self.trainable = [model.get_submodule(n) for b in unfrozen for n in b.modules] + [head]
         self.unfrozen_blocks = len(unfrozen)
-        if device.type == "cpu":
-            keep_freed_memory()
         model.to(device, memory_format=torch.channels_last)
         self.net = self._wrap(compile)
         self.optimizer = self._optimizer()
@@ -384,7 +390,8 @@ class _Trainer:
         amp = autocast_dtype(device)
         self.scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
         self.history: list[dict] = []
-        self.best = {"val_loss": float("inf"), "epoch": -1, "state": None}
+        # The best weights wait on the CPU: GPU memory is for training.
+        self.stopping = EarlyStopping(cfg.patience, keep_on="cpu")
         self.start_epoch = 0
 
     def _wrap(self, compile: bool) -> nn.Module:
@@ -398,6 +405,15 @@ class _Trainer:
                 net, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 forward_sync_buffers=self.cfg.bn_train)
         return torch.compile(net) if compile else net
+
+    @property
+    def best(self) -> dict:
+        """The best epoch so far (counted from 1 as in the history; -1 for none) and its
+        validation loss."""
+        epoch = self.stopping.best_epoch
+        if epoch is None or epoch < 0:
+            return {"epoch": -1, "val_loss": float("inf")}
+        return {"epoch": int(epoch) + 1, "val_loss": float(self.stopping.best_loss)}
 
     @property
     def trainable_parameters(self) -> int:
@@ -421,9 +437,8 @@ class _Trainer:
 
     def fit(self, loaders: _Loaders, on_epoch) -> list[dict]:
         self._resume()
-        stalled = self._stalled()
         for epoch in range(self.start_epoch, self.cfg.epochs):
-            if stalled >= self.cfg.patience:
+            if self.stopping.should_stop:
                 break
             started = time.perf_counter()
             # Dropout and augmentation: seeded per epoch, and per rank so ranks differ.
@@ -438,26 +453,20 @@ class _Trainer:
                    "val_loss": val_loss, "val_accuracy": val_acc, "lr": lr,
                    "seconds": time.perf_counter() - started}
             self.history.append(row)
-            if val_loss < self.best["val_loss"]:
-                self.best = {"val_loss": val_loss, "epoch": epoch + 1,
-                             "state": _cpu_copy(self.model.state_dict())}
-            stalled = self._stalled()
+            self.stopping.step(val_loss, self.model.state_dict())
             if self.ctx.is_main:  # every rank holds the same weights; one file is enough
                 self._save(epoch + 1)
             if on_epoch is not None:
                 on_epoch(epoch + 1, row)
-        if self.best["state"] is not None:  # early stopping restores the best weights
-            self.model.load_state_dict(self.best["state"])
+        if self.stopping.best_state is not None:  # early stopping restores the best weights
+            self.model.load_state_dict(self.stopping.best_state)
         return self.history
-
-    def _stalled(self) -> int:
-        return len(self.history) - max(self.best["epoch"], 0)
 
     def _save(self, epoch: int) -> None:
         state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                  "lr_scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
                  "epoch": epoch, "args": json.dumps(self.args, sort_keys=True),
-                 "history": json.dumps(self.history), "best": self.best}
+                 "history": json.dumps(self.history), "best": self.stopping.state_dict()}
         self.checkpoint.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.checkpoint.with_name(self.checkpoint.name + ".tmp")
         torch.save(state, tmp)
@@ -478,46 +487,44 @@ class _Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["lr_scheduler"])
         self.scaler.load_state_dict(state["scaler"])
-        self.history, self.best = json.loads(state["history"]), state["best"]
+        self.history = json.loads(state["history"])
+        self.stopping.load_state_dict(_early_stopping_state(state["best"], len(self.history)))
         self.start_epoch = state["epoch"]
 
 
-def _cpu_copy(state: dict) -> dict:
-    return {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
+def _early_stopping_state(best: dict, epochs: int) -> dict:
+    """The checkpoint's ``best`` as EarlyStopping.load_state_dict reads it."""
+    if "val_loss" not in best:
+        return best
+    # A checkpoint from before EarlyStopping: its own record, epochs counted from 1.
+    epoch = best["epoch"] - 1 if best["epoch"] > 0 else -1
+    return {"epochs": epochs, "loss": torch.tensor(best["val_loss"], dtype=torch.float64),
+            "epoch": torch.tensor(epoch), "state": best["state"]}
 
 
 # --- results -------------------------------------------------------------------------------------
 
-def _result(spec, cfg, cache_key, trainer: _Trainer, history, y, proba, started) -> FinetuneResult:
+def _result(spec, cfg, cache, classes, trainer: _Trainer, history, y, proba, started
+            ) -> FinetuneResult:
     y_pred = proba.argmax(1)
-    n_classes = proba.shape[1]
-    row = {
-        "backbone": spec.name,
-        "head": f"finetune-{trainer.unfrozen_blocks}",
-        "chosen": f"unfreeze={trainer.unfrozen_blocks},best_epoch={trainer.best['epoch']}",
-        "test_accuracy": accuracy_score(y, y_pred),
-        "balanced_accuracy": balanced_accuracy_score(y, y_pred),
-        "macro_f1": f1_score(y, y_pred, average="macro"),
-        "log_loss": log_loss(y, proba / proba.sum(1, keepdims=True), labels=np.arange(n_classes)),
-        "fit_s": time.perf_counter() - started,
-        "predict_s": float("nan"),
-        "blocks_unfrozen": trainer.unfrozen_blocks,
-        "trainable_parameters": trainer.trainable_parameters,
-        "best_epoch": trainer.best["epoch"],
-        "epochs_run": len(history),
-        "cache_key": cache_key,
-        "method": "fine-tune",
-    }
-    return FinetuneResult(row, history, y_pred)
+    blocks = trainer.unfrozen_blocks
+    row = results_row(
+        backbone=spec.name, head=f"finetune-{blocks}",
+        chosen=f"unfreeze={blocks},best_epoch={trainer.best['epoch']}", y_true=y,
+        y_pred=y_pred, proba=proba, n_classes=proba.shape[1],
+        fit_s=time.perf_counter() - started, predict_s=float("nan"), blocks_unfrozen=blocks,
+        trainable_parameters=trainer.trainable_parameters, best_epoch=trainer.best["epoch"],
+        epochs_run=len(history), cache_key=cache.key, method="fine-tune")
+    # Training is over and the best weights are back in trainer.model: it moves to the CPU.
+    network = FinetunedNetwork.from_module(trainer.model, spec, classes,
+                                           request=_request(cache.cache_path),
+                                           cache_key=cache.key, unfrozen=blocks)
+    return FinetuneResult(row, history, y_pred, network)
 
 
 def _write(out: Path, spec, classes, cache, args, model, result: FinetuneResult) -> dict:
     name = f"{spec.name}-{cache.key[:8]}-finetune-{result.row['blocks_unfrozen']}"
-    meta = {"kind": "finetuned", "backbone": spec.name, "classes": list(classes),
-            "dim": len(classes), "cache_key": cache.key, "request": _request(cache.cache_path),
-            "spec": spec.key(), "head": result.row["head"]}
-    model_path = save_state_dict(out / "models" / f"{name.replace('/', '_')}{SUFFIX}",
-                                 _cpu_copy(model.state_dict()), meta)
+    model_path = result.model.save(out / "models" / f"{name.replace('/', '_')}{NETWORK_SUFFIX}")
     result.row["model"] = str(model_path)
     csv, md = report.write_table([result.row], out / "results")
     (out / "results.json").write_text(json.dumps([result.row], indent=2) + "\n")
@@ -532,5 +539,6 @@ def _write(out: Path, spec, classes, cache, args, model, result: FinetuneResult)
 
 
 def _request(cache_path: Path) -> dict:
-    return cache_info(cache_path)["request"]
-
+    """The arguments that resolve the backbone again, as the cache recorded them."""
+    with open_cache(cache_path) as f:  # one attribute: cache_info would read the whole cache
+        return json.loads(f.attrs.get("request", "{}"))

@@ -1,27 +1,34 @@
-"""Predictions on new images: the saved head's own backbone, then the head."""
+"""Predictions on new images with a saved model of either kind.
+
+A head (``.head``) classifies bottleneck features: images run through the head's own backbone
+first, and a feature cache of that backbone gives its stored features without running it. A
+fine-tuned network (``.net``) classifies images end to end, through its own logits and a
+softmax; a cache gives it the paths of its images, which are read again.
+"""
 
 from __future__ import annotations
 
 import csv
 import json
 import os
+import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 import numpy as np
-import torch
-from torch import nn
 
-from pipeline.backbones import BackboneSpec, replace_classifier, resolve_backbone
+from pipeline.backbones import BackboneSpec, resolve_backbone
 from pipeline.cache import SUFFIX as CACHE_SUFFIX
 from pipeline.cache import open_cache, read_strings
 from pipeline.data import ImageSet
-from pipeline.devices import keep_freed_memory, resolve_device
 from pipeline.errors import DataError
-from pipeline.extract import FeatureBatch, feature_batches, prepare_model
 from pipeline.layouts import display, find_images
-from pipeline.persistence import ModelFileError, SavedHead, load_head
+from pipeline.persistence import ModelFileError, SavedHead, SavedNetwork, load_model
+from pipeline.scoring import class_probabilities
+
+if TYPE_CHECKING:
+    from pipeline.network import FinetunedNetwork
 
 # Key fields that decide the features a head was trained on; all must match at prediction.
 _FEATURE_FIELDS = ("backbone", "weights", "weights_sha256", "layer", "pool", "preprocessing")
@@ -68,7 +75,7 @@ def _check_features(saved: SavedHead, here: dict, where: str) -> None:
 
 
 def predict_images(
-    model: str | os.PathLike,
+    model: str | os.PathLike | SavedHead | SavedNetwork | FinetunedNetwork,
     inputs: Sequence[str | os.PathLike],
     top_k: int = 5,
     device: str = "auto",
@@ -77,43 +84,76 @@ def predict_images(
     progress: bool | None = None,
     offline: bool | None = None,
 ) -> list[dict]:
-    """Classify images with a saved head and its matching backbone.
+    """Classify images with a saved head and its backbone, or with a fine-tuned network.
 
-    ``inputs`` are image files, folders (searched recursively) and feature caches (``.h5``,
-    labelled or not): a head classifies a cache's stored features without running the
-    backbone; a fine-tuned network reads the cache's images. Images come first, in the order
-    given, then the caches' rows.
+    Parameters
+    ----------
+    model
+        A ``.head`` or ``.net`` file (:func:`pipeline.persistence.load_model`), or a model in
+        memory: a loaded head or network, or the ``model`` of a :func:`pipeline.finetune`
+        result (left on its device, in its train/eval mode).
+    inputs
+        Image files, folders (searched recursively) and feature caches (``.h5``, labelled or
+        not). A head classifies a cache's stored features without running the backbone; a
+        network reads the cache's images. Images come first, in the order given, then the
+        caches' rows.
+    offline
+        Never download the backbone's weights (None: ``PIPELINE_OFFLINE``).
 
-    Returns one dict per image: ``path``, ``prediction``, ``probability`` and ``top_k`` (a list
-    of ``(class, probability)``), or ``error`` for an image that could not be read.
+    Returns
+    -------
+    list of dict
+        One per image: ``path``, ``prediction``, ``probability`` and ``top_k`` (a list of
+        ``(class, probability)``), or ``path`` and ``error`` for an image that could not be
+        read.
     """
-    saved = load_head(model)
+    predictor = _predictor(model, offline)
     caches = [Path(i) for i in inputs if is_cache(i)]
     files = [i for i in inputs if not is_cache(i)]
-    if _is_finetuned(saved):  # the network needs pixels: read the cached images again
+    if not isinstance(predictor, SavedHead):  # a network needs pixels: read the images again
         files += [p for c in caches for p in _cache_images(c)]
-        caches = []
-    rows = (_image_rows(saved, files, top_k, device, batch_size, workers, progress, offline)
-            if files else [])
+        return _network_rows(predictor, files, top_k, device, batch_size, workers, progress)
+    rows = (_head_image_rows(predictor, files, top_k, device, batch_size, workers, progress,
+                             offline) if files else [])
     for path in caches:
-        rows += _cached_rows(saved, path, top_k)
+        rows += _head_cached_rows(predictor, path, top_k)
     return rows
 
 
-def _image_rows(saved: SavedHead, inputs, top_k: int, device: str, batch_size, workers,
-                progress, offline) -> list[dict]:
+def _predictor(model, offline: bool | None) -> SavedHead | FinetunedNetwork:
+    if isinstance(model, (str, os.PathLike)):
+        model = load_model(model)
+    if isinstance(model, SavedNetwork):
+        from pipeline.network import FinetunedNetwork
+
+        model = FinetunedNetwork.from_saved(model, offline)
+    return model
+
+
+def _image_set(paths: list[Path], classes: list[str]) -> ImageSet:
+    # Absolute paths under "/" reuse the robust loader of stage 1 unchanged.
+    return ImageSet(Path("/"), [p.as_posix() for p in paths], np.zeros(len(paths), np.int64),
+                    classes, np.full(len(paths), "test"), {})
+
+
+# --- a head: features, then the head --------------------------------------------------------------
+
+def _head_image_rows(saved: SavedHead, inputs, top_k: int, device: str, batch_size, workers,
+                     progress, offline) -> list[dict]:
+    from pipeline.devices import resolve_device
+    from pipeline.extract import feature_batches, prepare_model
+
     spec = matching_backbone(saved, offline)
     paths = collect_images(inputs)
-    classes = saved.meta["classes"]
-    # Absolute paths under "/" reuse the robust loader of stage 1 unchanged.
-    images = ImageSet(Path("/"), [p.as_posix() for p in paths], np.zeros(len(paths), np.int64),
-                      classes, np.full(len(paths), "test"), {})
     run_on = resolve_device(device)
-    net = _network(saved, spec, run_on)
     rows = []
-    for batch in feature_batches(net, spec, images, run_on, None, batch_size, workers, progress,
-                                 desc="predict"):
-        rows += _batch_rows(saved, batch, paths, classes, top_k)
+    for batch in feature_batches(prepare_model(spec, run_on), spec,
+                                 _image_set(paths, saved.meta["classes"]), run_on, None,
+                                 batch_size, workers, progress, desc="predict"):
+        errors = dict(batch.failures)
+        rows += _head_rows(saved, batch.features, batch.valid,
+                           [errors.get(int(i), "") for i in batch.index],
+                           [paths[i] for i in batch.index], top_k)
     return rows
 
 
@@ -127,7 +167,7 @@ def _cached_paths(f) -> list[Path]:
     return [root / p for p in read_strings(f["paths"])]
 
 
-def _cached_rows(saved: SavedHead, cache: Path, top_k: int) -> list[dict]:
+def _head_cached_rows(saved: SavedHead, cache: Path, top_k: int) -> list[dict]:
     """Predictions from a cache's stored features: no image is decoded, no network runs."""
     with open_cache(cache) as f:
         _check_features(saved, json.loads(f.attrs["spec"]),
@@ -139,56 +179,78 @@ def _cached_rows(saved: SavedHead, cache: Path, top_k: int) -> list[dict]:
         rows = []
         for lo in range(0, len(paths), block):
             hi = min(len(paths), lo + block)
-            batch = FeatureBatch(np.arange(lo, hi), features[lo:hi].astype(np.float32),
-                                 valid[lo:hi], [(i, r) for i, r in failed.items() if lo <= i < hi],
-                                 0.0, np.zeros(hi - lo, "S64"))
-            rows += _batch_rows(saved, batch, paths, saved.meta["classes"], top_k)
+            rows += _head_rows(saved, features[lo:hi].astype(np.float32), valid[lo:hi],
+                               [failed.get(i, "") for i in range(lo, hi)], paths[lo:hi],
+                               top_k)
     return rows
 
 
-def _is_finetuned(saved: SavedHead) -> bool:
-    return saved.meta.get("kind") == "finetuned"
-
-
-def _network(saved: SavedHead, spec: BackboneSpec, device: torch.device) -> nn.Module:
-    """The feature model for a head; for a fine-tuned model, the whole network and softmax."""
-    if not _is_finetuned(saved):
-        return prepare_model(spec, device)
-    model = spec.build_classifier()
-    replace_classifier(spec, model, len(saved.meta["classes"]))
-    model.load_state_dict(saved.estimator)
-    if device.type == "cpu":
-        keep_freed_memory()
-    return nn.Sequential(model, nn.Softmax(dim=1)).eval().to(
-        device, memory_format=torch.channels_last)
-
-
-def _batch_rows(saved: SavedHead, batch, paths, classes, top_k: int) -> list[dict]:
-    if batch.features.shape[1] != saved.meta["dim"]:
+def _head_rows(saved: SavedHead, features: np.ndarray, valid: np.ndarray, errors: list[str],
+               paths: list[Path], top_k: int) -> list[dict]:
+    if features.shape[1] != saved.meta["dim"]:
         raise ModelFileError(f"the head expects {saved.meta['dim']} features, the backbone "
-                             f"gives {batch.features.shape[1]}")
-    rows = {i: {"path": str(paths[i]), "error": reason} for i, reason in batch.failures}
-    ok = np.flatnonzero(batch.valid)
+                             f"gives {features.shape[1]}")
+    classes = saved.meta["classes"]
+    proba = np.full((len(features), len(classes)), np.nan)
+    ok = np.flatnonzero(valid)
     if len(ok):
-        proba = _class_proba(saved, batch.features[ok], len(classes))
-        for i, p in zip(ok + batch.start, proba):
-            order = np.argsort(-p, kind="stable")[:top_k]
-            rows[i] = {"path": str(paths[i]), "prediction": classes[order[0]],
-                       "probability": float(p[order[0]]),
-                       "top_k": [(classes[j], float(p[j])) for j in order]}
-    return [rows[i] for i in sorted(rows)]  # in the order the images were given
+        proba[ok] = _head_proba(saved.estimator, features[ok], len(classes))
+    return _rows(paths, proba, errors, classes, top_k)
 
 
-def _class_proba(saved: SavedHead, X: np.ndarray, n_classes: int) -> np.ndarray:
-    if _is_finetuned(saved):  # the network's own softmax
-        return X.astype(np.float64)
-    estimator = saved.estimator
-    full = np.zeros((len(X), n_classes))
-    if hasattr(estimator, "predict_proba"):
-        full[:, estimator.classes_.astype(int)] = estimator.predict_proba(X)
-    else:  # a head without probabilities: its decision, with probability 1
-        full[np.arange(len(X)), estimator.predict(X).astype(int)] = 1.0
-    return full
+def _head_proba(estimator, X: np.ndarray, n_classes: int) -> np.ndarray:
+    proba = class_probabilities(estimator, X, n_classes)
+    if proba is None:  # a head without probabilities: its decision, with probability 1
+        proba = np.eye(n_classes)[estimator.predict(X).astype(int)]
+    return proba
+
+
+# --- a network: images end to end -----------------------------------------------------------------
+
+def _network_rows(net: FinetunedNetwork, inputs, top_k: int, device: str, batch_size,
+                  workers, progress) -> list[dict]:
+    """The network's own softmax over its logits, batch by batch: no feature model runs."""
+    import torch
+    from tqdm import tqdm
+
+    from pipeline.data import ImageFiles
+    from pipeline.devices import default_batch_size, default_workers, resolve_device
+
+    paths = collect_images(inputs)
+    run_on = resolve_device(device)
+    crop = net.spec.preprocessing.crop
+    files = ImageFiles(_image_set(paths, net.classes), net.spec.preprocessing.transform(),
+                       (3, crop, crop))
+    workers = default_workers() if workers is None else workers
+    loader = torch.utils.data.DataLoader(
+        files, batch_size=batch_size or default_batch_size(run_on), shuffle=False,
+        num_workers=workers, pin_memory=run_on.type == "cuda")
+    show = sys.stderr.isatty() if progress is None else progress
+    rows = []
+    with net.placed(run_on), tqdm(total=len(files), unit="img", disable=not show,
+                                  desc=f"predict {net.spec.name}", dynamic_ncols=True) as bar:
+        for x, index, errors, _digest in loader:
+            proba = net.predict_proba(x)
+            rows += _rows([paths[i] for i in index], proba, list(errors), net.classes, top_k)
+            bar.update(len(index))
+    return rows
+
+
+# --- rows -----------------------------------------------------------------------------------------
+
+def _rows(paths: Sequence[Path], proba: np.ndarray, errors: Sequence[str],
+          classes: list[str], top_k: int) -> list[dict]:
+    """One row per image, in the order given: its top classes, or why it could not be read."""
+    rows = []
+    for path, p, error in zip(paths, proba, errors):
+        if error:
+            rows.append({"path": str(path), "error": error})
+            continue
+        order = np.argsort(-p, kind="stable")[:top_k]
+        rows.append({"path": str(path), "prediction": classes[order[0]],
+                     "probability": float(p[order[0]]),
+                     "top_k": [(classes[j], float(p[j])) for j in order]})
+    return rows
 
 
 def write_predictions(rows: list[dict], stream: TextIO, top_k: int) -> None:

@@ -24,7 +24,7 @@ from pipeline import distributed
 from pipeline.backbones import resolve_backbone
 from pipeline.cache import cache_info, shard_paths
 from pipeline.extract import extract_features
-from pipeline.persistence import load_head
+from pipeline.persistence import load_network
 from tests.conftest import TINY, make_folder
 
 TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
@@ -240,7 +240,7 @@ def ddp_run(images, single, tmp_path_factory):
 
 
 def _model(out: Path) -> dict:
-    return load_head(next((out / "models").glob("*.head"))).estimator
+    return load_network(next((out / "models").glob("*.net"))).state_dict
 
 
 def test_ddp_ranks_agree_and_train_only_the_unfrozen_block(ddp_run):

@@ -12,7 +12,7 @@ from pipeline.compare import fit_heads
 from pipeline.errors import DataError, PipelineError
 from pipeline.finetune import FinetuneError, finetune, sweep_depths
 from pipeline.heads import LinearProbe
-from pipeline.persistence import load_head
+from pipeline.persistence import load_model, load_network
 from pipeline.predict import predict_images
 from pipeline.report import write_report
 from tests.conftest import make_folder, make_split_folder
@@ -35,7 +35,7 @@ def _initial_state():
 
 
 def _final_state(result):
-    return load_head(result.files["model"]).estimator
+    return load_network(result.files["model"]).state_dict
 
 
 def _is_bn_buffer(key: str) -> bool:
@@ -105,6 +105,23 @@ def test_early_stopping_restores_the_best_epoch(data, tmp_path):
     assert not all(torch.equal(saved[k], last[k]) for k in last)  # not the last epoch's
 
 
+def test_a_resumed_run_stops_at_the_epoch_an_uninterrupted_one_does(data, tmp_path):
+    def stop_after_fourth(epoch, _row):
+        if epoch == 4:  # one epoch short of patience: the count must survive the restart
+            raise KeyboardInterrupt
+
+    settings = {"epochs": 8, "patience": 2, "lr": 0.5}
+    whole = _run(data, tmp_path, name="whole", **settings)
+    assert 4 < len(whole.history) < 8
+    with pytest.raises(KeyboardInterrupt):
+        _run(data, tmp_path, name="resumed", on_epoch=stop_after_fourth, **settings)
+    resumed = _run(data, tmp_path, name="resumed", **settings)
+    assert [h["val_loss"] for h in resumed.history] == [h["val_loss"] for h in whole.history]
+    assert resumed.row["best_epoch"] == whole.row["best_epoch"]
+    a, b = _final_state(resumed), _final_state(whole)
+    assert all(torch.equal(a[k], b[k]) for k in b)
+
+
 def test_bad_requests_are_clear_errors(data, tmp_path):
     with pytest.raises(PipelineError, match="blocks"):
         _run(data, tmp_path, unfreeze=9)
@@ -131,12 +148,26 @@ def test_depth_sweep_table(data, tmp_path):
 
 def test_predict_takes_a_fine_tuned_model(data, tmp_path):
     result = _run(data, tmp_path, epochs=1)
+    assert result.files["model"].endswith("-finetune-1.net")
+    saved = load_model(result.files["model"])
+    assert saved.meta["unfrozen"] == 1 and saved.meta["classes"] == result.model.classes
     rows = predict_images(result.files["model"], [data], workers=0)
-    classes = load_head(result.files["model"]).meta["classes"]
     by_path = {r["path"]: r["prediction"] for r in rows}
     splits = read_splits(next((tmp_path / "c").glob("*.h5")))
-    expected = [classes[c] for c in result.test_pred]
+    expected = [saved.meta["classes"][c] for c in result.test_pred]
     assert [by_path[str(data / p)] for p in splits["test"].paths] == expected
+
+
+def test_the_result_holds_the_best_network_ready_to_predict(data, tmp_path):
+    result = _run(data, tmp_path, epochs=2)
+    network = result.model
+    assert not network.module.training
+    assert {p.device.type for p in network.module.parameters()} == {"cpu"}
+    saved = _final_state(result)  # the best epoch's weights, as saved
+    assert all(torch.equal(v, saved[k]) for k, v in network.module.state_dict().items())
+    in_memory = predict_images(network, [data], workers=0)
+    from_file = predict_images(result.files["model"], [data], workers=0)
+    assert [r["prediction"] for r in in_memory] == [r["prediction"] for r in from_file]
 
 
 def test_report_puts_heads_and_fine_tunes_in_one_table(data, tmp_path):

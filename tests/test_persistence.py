@@ -1,12 +1,28 @@
-"""Saved heads: checksummed before unpickling, atomically written."""
+"""Saved heads and networks: each loaded as its kind, checksummed before unpickling, atomically
+written."""
 
 from __future__ import annotations
 
+import io
+import json
+
 import numpy as np
 import pytest
+import torch
 from sklearn.linear_model import LogisticRegression
 
-from pipeline.persistence import ModelFileError, load_head, read_header, save_head
+from pipeline import persistence
+from pipeline.persistence import (
+    ModelFileError,
+    SavedHead,
+    SavedNetwork,
+    load_head,
+    load_model,
+    load_network,
+    read_header,
+    save_head,
+    save_network,
+)
 
 
 def _fitted():
@@ -43,3 +59,65 @@ def test_foreign_and_missing_files_are_refused(tmp_path):
     (tmp_path / "x.head").write_bytes(b"\x80\x04 a pickle, say\n")
     with pytest.raises(ModelFileError, match="not a model saved by pipeline"):
         load_head(tmp_path / "x.head")
+
+
+def _state():
+    return {"fc.weight": torch.arange(6.0).reshape(2, 3), "fc.bias": torch.zeros(2)}
+
+
+_NETWORK_META = {"classes": ["a", "b"], "backbone": "resnet18", "unfrozen": 1,
+                 "head": "finetune-1"}
+
+
+def test_a_network_round_trips_as_a_network(tmp_path):
+    path = save_network(tmp_path / "m.net", _state(), _NETWORK_META)
+    header = read_header(path)
+    assert header["format"] == "pipeline-network" and "fine-tuned network" in header["about"]
+    for saved in (load_network(path), load_model(path)):
+        assert isinstance(saved, SavedNetwork) and saved.meta == _NETWORK_META
+        assert all(torch.equal(saved.state_dict[k], v) for k, v in _state().items())
+    assert isinstance(load_model(save_head(tmp_path / "m.head", _fitted()[0], {})), SavedHead)
+
+
+def test_each_kind_is_refused_where_the_other_is_expected(tmp_path):
+    net = save_network(tmp_path / "m.net", _state(), _NETWORK_META)
+    head = save_head(tmp_path / "m.head", _fitted()[0], {})
+    with pytest.raises(ModelFileError, match="is a fine-tuned network, not a head"):
+        load_head(net)
+    with pytest.raises(ModelFileError, match="is a head for bottleneck features"):
+        load_network(head)
+
+
+def test_a_changed_network_payload_is_refused_before_loading(tmp_path, monkeypatch):
+    path = save_network(tmp_path / "m.net", _state(), _NETWORK_META)
+    data = bytearray(path.read_bytes())
+    data[-10] ^= 0xFF
+    path.write_bytes(bytes(data))
+    monkeypatch.setattr(torch, "load", lambda *_, **__: pytest.fail("loaded a corrupt file"))
+    with pytest.raises(ModelFileError, match="checksum"):
+        load_model(path)
+
+
+def test_a_fine_tuned_head_file_of_the_previous_version_loads_as_a_network(tmp_path):
+    # What finetune wrote before networks had a format: a .head of meta kind "finetuned".
+    old = {"kind": "finetuned", "backbone": "resnet18", "classes": ["a", "b"], "dim": 2,
+           "cache_key": "k", "request": {"backbone": "resnet18"}, "spec": {},
+           "head": "finetune-2"}
+    buffer = io.BytesIO()
+    torch.save(_state(), buffer)
+    path = persistence._write(tmp_path / "old.head", persistence.HEAD_FORMAT,
+                              buffer.getvalue(), "torch", old)
+    saved = load_model(path)
+    assert isinstance(saved, SavedNetwork) and saved.meta["unfrozen"] == 2
+    assert "kind" not in saved.meta and "dim" not in saved.meta
+    with pytest.raises(ModelFileError, match="not a head"):
+        load_head(path)
+
+
+def test_another_format_version_is_refused_in_one_line(tmp_path):
+    path = save_network(tmp_path / "m.net", _state(), _NETWORK_META)
+    header, payload = path.read_bytes().split(b"\n", 1)
+    newer = json.loads(header) | {"format_version": 2}
+    path.write_bytes(json.dumps(newer).encode() + b"\n" + payload)
+    with pytest.raises(ModelFileError, match="format version 2"):
+        load_model(path)
