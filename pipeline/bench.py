@@ -30,7 +30,13 @@ from PIL import Image
 from pipeline.backbones import DEFAULT_BACKBONE, resolve_backbone
 from pipeline.cache import cache_info
 from pipeline.data import ImageFiles, load_image_set
-from pipeline.devices import autocast, default_batch_size, resolve_device
+from pipeline.devices import (
+    autocast,
+    default_batch_size,
+    device_type,
+    keep_freed_memory,
+    resolve_device,
+)
 from pipeline.extract import extract_features, prepare_model
 
 FORWARD_SECONDS = 8.0
@@ -75,6 +81,8 @@ def child(mode: str, kw: dict) -> dict:
         ``"extract"`` (``kw`` for :func:`pipeline.extract_features`), ``"finetune"`` (for
         :func:`pipeline.finetune`) or ``"forward"`` (for :func:`forward_only`).
     """
+    if device_type("auto") == "cpu":  # as the `pipeline` command does on a CPU
+        keep_freed_memory()
     if mode == "extract":
         out = extract_features(**kw).to_json()
     elif mode == "finetune":
