@@ -424,7 +424,9 @@ def list_caches(cache_dir: str | os.PathLike) -> list[dict]:
             except CacheError as err:
                 rows.append({"path": str(path), "status": str(err)})
                 continue
-            rows.append({"path": str(path), "status": "complete", "backbone":
+            # Activation caches (pipeline.activations) hold block inputs, not features.
+            kind = "activations" if "activations" in info["spec"] else "features"
+            rows.append({"path": str(path), "status": "complete", "kind": kind, "backbone":
                          info["spec"]["backbone"], "images": info["images"], "dim": info["dim"],
                          "bytes": info["bytes"], "created": info["created"]})
         elif SUFFIX + SHARD in path.name:

@@ -16,6 +16,7 @@ import click
 from pipeline import distributed, distribution
 from pipeline.errors import PipelineError
 from pipeline.options import (
+    ACTIVATION_DTYPES,
     AUGMENTS,
     DEFAULT_BACKBONE,
     DEFAULT_CACHE_DIR,
@@ -341,6 +342,16 @@ def _finetune_default(name: str):
               show_default=True, help="Epochs without a better validation loss before stopping.")
 @click.option("--augment", type=click.Choice(AUGMENTS), default=_finetune_default("augment"),
               show_default=True)
+@click.option("--from-images", is_flag=True, default=_finetune_default("from_images"),
+              help="Run every image through the frozen trunk each epoch instead of training "
+                   "from its cached activations (which --bn-train and --unfreeze all do anyway).")
+@click.option("--views", type=click.IntRange(min=1), default=_finetune_default("views"),
+              show_default=True,
+              help="Augmented views of each training image cached for the epochs to draw from "
+                   "(with --augment standard).")
+@click.option("--activation-dtype", type=click.Choice(ACTIVATION_DTYPES),
+              default=_finetune_default("activation_dtype"), show_default=True,
+              help="Stored type of the cached activations.")
 @click.option("--bn-train", is_flag=True, default=_finetune_default("bn_train"),
               help="Update BatchNorm statistics (default: frozen).")
 @click.option("--head-init", type=click.Choice(HEAD_INITS),
@@ -434,8 +445,9 @@ def cache_list(cache_dir, as_json) -> None:
         click.echo(f"no caches in {cache_dir}")
     for row in rows:
         if row["status"] == "complete":
-            click.echo(f"{row['path']}  {row['backbone']}  {row['images']} images  "
-                       f"{row['dim']}-d  {row['bytes'] / 1e6:.1f} MB  {row['created']}")
+            unit = "images" if row["kind"] == "features" else "rows"
+            click.echo(f"{row['path']}  {row['kind']}  {row['backbone']}  {row['images']} {unit}"
+                       f"  {row['dim']}-d  {row['bytes'] / 1e6:.1f} MB  {row['created']}")
         else:
             click.echo(f"{row['path']}  {row['status']}")
 

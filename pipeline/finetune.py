@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -23,11 +24,20 @@ from torch.nn.parallel import DistributedDataParallel
 from torchvision.transforms import InterpolationMode, v2
 
 from pipeline import distributed, report
+from pipeline.activations import (
+    ActivationPlan,
+    CachedActivations,
+    activation_file,
+    activation_key_spec,
+    cut_network,
+    shard_rows,
+    write_activations,
+)
 from pipeline.backbones import BackboneSpec, replace_classifier, resolve_backbone
 from pipeline.blocks import freeze_below
-from pipeline.cache import open_cache, read_splits
+from pipeline.cache import cache_key, open_cache, read_splits
 from pipeline.data import ImageFiles, ImageSet, load_image_set
-from pipeline.devices import autocast, autocast_dtype, default_workers
+from pipeline.devices import autocast, autocast_dtype, default_batch_size, default_workers
 from pipeline.early_stopping import EarlyStopping
 from pipeline.errors import DataError, PipelineError
 from pipeline.extract import extract_features
@@ -35,6 +45,8 @@ from pipeline.heads import LinearProbe
 from pipeline.layouts import display
 from pipeline.network import FinetunedNetwork
 from pipeline.options import (
+    ACTIVATION_DTYPES,
+    ACTIVATION_FIELDS,
     AUGMENTS,
     DEFAULT_BACKBONE,
     HEAD_INITS,
@@ -80,6 +92,7 @@ def finetune(
     options: ExtractOptions | None = None,
     progress: bool | None = None,
     on_epoch: Callable[[int, dict], None] | None = None,
+    activation_depths: Sequence[int] = (),
     **settings,
 ) -> FinetuneResult:
     """Fine-tune the top ``unfreeze`` blocks of ``backbone`` on ``data``; resume if stopped.
@@ -106,6 +119,9 @@ def finetune(
         ``config.seed``, so the splits are those of the same seed's extraction.
     on_epoch
         Called with ``(epoch, history_row)`` after each epoch's checkpoint is written.
+    activation_depths
+        Other ``unfreeze`` depths whose activation caches the same trunk pass should write
+        (a sweep's), so that the trunk runs once for all of them.
     **settings
         Fields of ``FinetuneConfig`` (``unfreeze`` may be ``"all"``) and of ``ExtractOptions``
         overriding ``config``'s and ``options``'s, and the backbone arguments above.
@@ -143,13 +159,25 @@ def finetune(
     model, head, unfrozen = build_model(spec, images.classes, cfg, splits)
     out = Path(out)
     args = _run_args(spec, cfg, cache.key, images)
+    n_blocks = len(spec.adapter.blocks(model))
+    why_images = _needs_images(cfg, len(unfrozen), n_blocks)
+    if why_images is None:  # exact: train the top blocks from the trunk's cached activations
+        depths = {len(unfrozen)} | {d for d in activation_depths if 0 <= d < n_blocks}
+        cut, path, plan = _activations(spec, model, images, splits, cache.cache_path, cfg, opts,
+                                       run_on, ctx, progress, len(unfrozen), sorted(depths))
+        args["activations"] = path.name
+        loaders = _CachedLoaders(path, plan, images, splits, cfg, run_on, opts.workers, ctx)
+        forward, trained_from = cut.upper, "cached activations"
+    else:
+        loaders = _Loaders(images, spec, cfg, splits, run_on, opts.workers, ctx)
+        forward, trained_from = model, f"images ({why_images})"
     trainer = _Trainer(model, head, unfrozen, cfg, run_on, args, out / CHECKPOINT, ctx,
-                       opts.compile)
-    loaders = _Loaders(images, spec, cfg, splits, run_on, opts.workers, ctx)
+                       opts.compile, forward=forward)
     history = trainer.fit(loaders, on_epoch)
-    _, _, proba = evaluate(model, loaders.eval("test"), run_on)
+    _, _, proba = evaluate(forward, loaders.eval("test"), run_on)
     y_test = loaders.labels("test")
     result = _result(spec, cfg, cache, images.classes, trainer, history, y_test, proba, started)
+    result.row["trained_from"] = trained_from
     if ctx.is_main:
         result.files = _write(out, spec, images.classes, cache, args, model, result)
     distributed.barrier()  # no rank returns before the results are on disk
@@ -164,7 +192,10 @@ def sweep_depths(data: str | os.PathLike, depths: Sequence[int | str],
     ``freeze_depth.csv|md`` and each run's files under ``unfreeze-<K>/``.
     """
     out = Path(out)
-    rows = [finetune(data, out=out / f"unfreeze-{k}", unfreeze=k, **kwargs).row for k in depths]
+    # One trunk pass writes the activation caches of every depth (all: no cache, images).
+    counts = [k for k in depths if k != "all"]
+    rows = [finetune(data, out=out / f"unfreeze-{k}", unfreeze=k, activation_depths=counts,
+                     **kwargs).row for k in depths]
     table = [{"blocks_unfrozen": r["blocks_unfrozen"],
               "trainable_parameters": r["trainable_parameters"], "best_epoch": r["best_epoch"],
               "test_accuracy": r["test_accuracy"], "macro_f1": r["macro_f1"],
@@ -176,11 +207,12 @@ def sweep_depths(data: str | os.PathLike, depths: Sequence[int | str],
 
 def _config(cfg: FinetuneConfig) -> FinetuneConfig:
     for name, allowed in (("optimizer", OPTIMIZERS), ("schedule", SCHEDULES),
-                          ("augment", AUGMENTS), ("head_init", HEAD_INITS)):
+                          ("augment", AUGMENTS), ("head_init", HEAD_INITS),
+                          ("activation_dtype", ACTIVATION_DTYPES)):
         if getattr(cfg, name) not in allowed:
             raise FinetuneError(f"{name} must be one of {', '.join(allowed)}")
-    if cfg.epochs < 0 or cfg.lr <= 0 or cfg.batch_size < 1:
-        raise FinetuneError("epochs must be >= 0, lr > 0 and batch size >= 1")
+    if cfg.epochs < 0 or cfg.lr <= 0 or cfg.batch_size < 1 or cfg.views < 1:
+        raise FinetuneError("epochs must be >= 0, lr > 0, batch size and views >= 1")
     return cfg
 
 
@@ -222,9 +254,95 @@ def warm_start(head: nn.Linear, splits, seed: int) -> LinearProbe:
 
 
 def _run_args(spec: BackboneSpec, cfg: FinetuneConfig, cache_key: str, images: ImageSet) -> dict:
-    """What a checkpoint must match to be resumed."""
+    """What a checkpoint must match to be resumed (the activation cache, if used, is added)."""
+    config = {k: v for k, v in asdict(cfg).items() if k not in ACTIVATION_FIELDS}
     return {"backbone": spec.name, "weights": spec.weights.identity, "cache_key": cache_key,
-            "classes": images.classes, "config": asdict(cfg)}
+            "classes": images.classes, "config": config}
+
+
+# --- cached activations ------------------------------------------------------------------------
+
+def _needs_images(cfg: FinetuneConfig, k: int, n_blocks: int) -> str | None:
+    """Why this run must read images every epoch, or None when cached activations are exact."""
+    if cfg.from_images:
+        return "--from-images"
+    if cfg.bn_train:
+        return "--bn-train: BatchNorm statistics below the trained blocks would change"
+    if k == n_blocks:
+        return "every block trained: nothing below them to cache"
+    return None
+
+
+def _activations(spec, model, images, splits, feature_cache: Path, cfg, opts, device, ctx,
+                 progress, k, depths):
+    """The cut below the top ``k`` blocks and its activation cache, written by rank 0 if new,
+    in one trunk pass with those of the other ``depths``."""
+    cuts = {d: cut_network(spec, model, d) for d in depths}
+    views = cfg.views if cfg.augment == "standard" else 0
+    index = {p: i for i, p in enumerate(images.paths)}
+    plan = ActivationPlan(len(images), np.array([index[p] for p in splits["train"].paths],
+                                                dtype=np.int64), views)
+    with open_cache(feature_cache) as f:
+        feature_spec = json.loads(f.attrs["spec"])
+    keys = {d: activation_key_spec(feature_spec, cut, cfg.activation_dtype, views, cfg.augment,
+                                   cfg.seed) for d, cut in cuts.items()}
+    keys = {d: (spec_, cache_key(spec_)) for d, spec_ in keys.items()}
+    paths = {d: activation_file(opts.cache_dir, spec.name, key) for d, (_, key) in keys.items()}
+    if ctx.is_main and not paths[k].exists():
+        show = sys.stderr.isatty() if progress is None else progress
+        write_activations(list(cuts.values()), list(keys.values()), list(paths.values()),
+                          images, plan, spec,
+                          spec.preprocessing.transform(), train_transform(spec),
+                          cfg.activation_dtype, cfg.seed, device,
+                          opts.batch_size or default_batch_size(device),
+                          default_workers(ctx.local_world_size) if opts.workers is None
+                          else opts.workers, show)
+    distributed.barrier()  # every rank reads the file rank 0 wrote
+    return cuts[k], paths[k], plan
+
+
+class _CachedLoaders:
+    """Train, val and test loaders over cached activations, in the image loaders' order."""
+
+    def __init__(self, path: Path, plan: ActivationPlan, images, splits, cfg, device, workers,
+                 ctx: distributed.Context):
+        self.path, self.plan, self.cfg, self.device, self.ctx = path, plan, cfg, device, ctx
+        self.workers = default_workers(ctx.local_world_size) if workers is None else workers
+        index = {p: i for i, p in enumerate(images.paths)}
+        self.rows = {s: np.array([index[p] for p in splits[s].paths], dtype=np.int64)
+                     for s in ("train", "val", "test")}
+        self.labels_of = images.labels
+
+    def labels(self, split: str) -> np.ndarray:
+        return self.labels_of[self.rows[split]]
+
+    def train(self, epoch: int) -> torch.utils.data.DataLoader:
+        images = self.rows["train"]
+        rows = images
+        if self.plan.views:  # one cached view of each image per epoch, drawn with a seed
+            draw = np.random.default_rng([self.cfg.seed, epoch]).integers(
+                self.plan.views, size=len(images))
+            rows = np.array([self.plan.view_row(v, j) for j, v in enumerate(draw)])
+        data = CachedActivations(self.path, rows, images, self.labels_of[images])
+        # The same shuffle as the image loop's, so with --augment none both see the same batches.
+        if not self.ctx.distributed:
+            generator = torch.Generator().manual_seed(self.cfg.seed * 100_003 + epoch)
+            return self._loader(data, shuffle=True, generator=generator)
+        sampler = torch.utils.data.DistributedSampler(
+            data, self.ctx.world_size, self.ctx.rank, shuffle=True, seed=self.cfg.seed)
+        sampler.set_epoch(epoch)
+        return self._loader(data, sampler=sampler)
+
+    def eval(self, split: str) -> torch.utils.data.DataLoader:
+        images = shard_rows(self.rows[split], self.ctx)
+        data = CachedActivations(self.path, images, images, self.labels_of[images])
+        return self._loader(data, shuffle=False)
+
+    def _loader(self, data, shuffle=False, generator=None, sampler=None):
+        return torch.utils.data.DataLoader(
+            data, batch_size=self.cfg.batch_size, shuffle=shuffle, generator=generator,
+            sampler=sampler, num_workers=self.workers, pin_memory=self.device.type == "cuda",
+            drop_last=False)
 
 
 # --- data ----------------------------------------------------------------------------------------
@@ -370,15 +488,20 @@ def evaluate(model, loader, device) -> tuple[float, float, np.ndarray]:
 
 def _to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
     x = x.to(device, non_blocking=True)
-    return x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x
+    if device.type == "cuda" and x.ndim == 4:  # cached activations may be feature vectors
+        return x.contiguous(memory_format=torch.channels_last)
+    return x
 
 
 class _Trainer:
     """Optimizer, schedule, early stopping and per-epoch checkpoints of one run."""
 
     def __init__(self, model, head, unfrozen, cfg, device, args, checkpoint: Path,
-                 ctx: distributed.Context | None = None, compile: bool = False):
+                 ctx: distributed.Context | None = None, compile: bool = False,
+                 forward: nn.Module | None = None):
         self.model, self.head, self.cfg, self.device = model, head, cfg, device
+        # What the steps run: the model, or its part above cached activations (same modules).
+        self.forward = model if forward is None else forward
         self.args, self.checkpoint = args, checkpoint
         self.ctx = ctx or distributed.Context()
         self.trainable = [model.get_submodule(n) for b in unfrozen for n in b.modules] + [head]
@@ -396,7 +519,7 @@ class _Trainer:
 
     def _wrap(self, compile: bool) -> nn.Module:
         """What the training steps call: the model, under DDP across ranks, maybe compiled."""
-        net = self.model
+        net = self.forward
         if self.ctx.distributed:
             # DDP averages only gradients of parameters that require them: the frozen trunk
             # is not synced. It also starts every rank from rank 0's weights. Frozen BatchNorm
@@ -446,7 +569,7 @@ class _Trainer:
             train_loss, train_acc = train_one_epoch(
                 self.net, self.trainable, loaders.train(epoch), self.optimizer, self.scaler,
                 self.device, self.cfg)
-            val_loss, val_acc, _ = evaluate(self.model, loaders.eval("val"), self.device)
+            val_loss, val_acc, _ = evaluate(self.forward, loaders.eval("val"), self.device)
             lr = self.optimizer.param_groups[0]["lr"]
             self.scheduler.step()
             row = {"epoch": epoch + 1, "train_loss": train_loss, "train_accuracy": train_acc,

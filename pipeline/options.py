@@ -11,6 +11,7 @@ from dataclasses import dataclass, fields
 DEFAULT_BACKBONE = "efficientnet_lite0"
 DEVICES = ("auto", "cuda", "mps", "cpu")
 DTYPES = ("float32", "float16")
+ACTIVATION_DTYPES = ("float16", "float32")
 POOLS = ("avg", "max")
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("cosine", "step")
@@ -68,6 +69,14 @@ class FinetuneConfig:
     head_init: str = "linear"  # warm start from a linear probe on cached features; or "random"
     batch_size: int = 32
     seed: int = 0
+    # Train the top blocks from the trunk's cached activations where that is exact (frozen
+    # trunk and BatchNorm, not every block); True runs every image through the trunk each epoch.
+    from_images: bool = False
+    views: int = 4  # augmented views of each training image cached for the epochs to draw from
+    activation_dtype: str = "float16"  # stored activations; float32 doubles the disk
+
+
+ACTIVATION_FIELDS = ("from_images", "views", "activation_dtype")
 
 
 def default(cls: type, name: str):

@@ -30,6 +30,11 @@ def _run(data, tmp_path, name="o", **kw):
     return finetune(data, cache_dir=tmp_path / "c", out=tmp_path / name, **{**FT, **kw})
 
 
+def _feature_cache(cache_dir):
+    """The feature cache (fine-tuning also writes ``*.activations.h5`` beside it)."""
+    return next(p for p in cache_dir.glob("*.h5") if not p.name.endswith(".activations.h5"))
+
+
 def _initial_state():
     return resolve_backbone("resnet18", "none", image_size=32).build_classifier().state_dict()
 
@@ -65,7 +70,7 @@ def test_bn_train_updates_the_statistics_of_trained_blocks_only(data, tmp_path):
 
 def test_warm_start_predicts_what_the_linear_probe_predicts(data, tmp_path):
     result = _run(data, tmp_path, epochs=0)
-    splits = read_splits(next((tmp_path / "c").glob("*.h5")))
+    splits = read_splits(_feature_cache(tmp_path / "c"))
     probe = LinearProbe(random_state=0).fit(splits["train"].X, splits["train"].y,
                                             X_val=splits["val"].X, y_val=splits["val"].y)
     np.testing.assert_array_equal(result.test_pred, probe.predict(splits["test"].X))
@@ -110,7 +115,8 @@ def test_a_resumed_run_stops_at_the_epoch_an_uninterrupted_one_does(data, tmp_pa
         if epoch == 4:  # one epoch short of patience: the count must survive the restart
             raise KeyboardInterrupt
 
-    settings = {"epochs": 8, "patience": 2, "lr": 0.5}
+    # From images: this trajectory (a diverging lr) stops early; cached views take another.
+    settings = {"epochs": 8, "patience": 2, "lr": 0.5, "from_images": True}
     whole = _run(data, tmp_path, name="whole", **settings)
     assert 4 < len(whole.history) < 8
     with pytest.raises(KeyboardInterrupt):
@@ -153,7 +159,7 @@ def test_predict_takes_a_fine_tuned_model(data, tmp_path):
     assert saved.meta["unfrozen"] == 1 and saved.meta["classes"] == result.model.classes
     rows = predict_images(result.files["model"], [data], workers=0)
     by_path = {r["path"]: r["prediction"] for r in rows}
-    splits = read_splits(next((tmp_path / "c").glob("*.h5")))
+    splits = read_splits(_feature_cache(tmp_path / "c"))
     expected = [saved.meta["classes"][c] for c in result.test_pred]
     assert [by_path[str(data / p)] for p in splits["test"].paths] == expected
 
@@ -172,7 +178,7 @@ def test_the_result_holds_the_best_network_ready_to_predict(data, tmp_path):
 
 def test_report_puts_heads_and_fine_tunes_in_one_table(data, tmp_path):
     _run(data, tmp_path, name="runs/finetune", epochs=1)
-    cache = next((tmp_path / "c").glob("*.h5"))
+    cache = _feature_cache(tmp_path / "c")
     fit_heads([cache], ["logreg"], tmp_path / "runs" / "heads")
     result = write_report(tmp_path / "runs")
     assert {r["method"] for r in result["rows"]} == {"transfer", "fine-tune"}

@@ -1,0 +1,133 @@
+"""Cached block activations: the trained blocks see exactly what the frozen trunk would give."""
+
+from __future__ import annotations
+
+import sys
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from pipeline import activations
+from pipeline.activations import ActivationError, cut_network
+from pipeline.backbones import replace_classifier, resolve_backbone
+from pipeline.blocks import Block
+from pipeline.cache import list_caches
+from pipeline.errors import CacheError
+from pipeline.finetune import finetune, sweep_depths
+from tests.conftest import make_folder
+
+FT = {"backbone": "resnet18", "weights": "none", "image_size": 32, "workers": 0,
+      "batch_size": 4, "epochs": 1, "lr": 1e-2, "split_fractions": (0.5, 0.25, 0.25)}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_folder(tmp_path_factory.mktemp("act") / "images", classes=("a", "b", "c"),
+                       per_class=8)
+
+
+def _run(data, tmp_path, name, **kw):
+    return finetune(data, cache_dir=tmp_path / "c", out=tmp_path / name, **{**FT, **kw})
+
+
+def _states_equal(a, b, atol=1e-6):
+    sa, sb = a.model.module.state_dict(), b.model.module.state_dict()
+    assert sa.keys() == sb.keys()
+    for key in sa:
+        torch.testing.assert_close(sa[key].float(), sb[key].float(), atol=atol, rtol=1e-5,
+                                   msg=key)
+
+
+@pytest.mark.parametrize("unfreeze", [0, 1, 2])
+def test_cached_and_image_paths_end_an_epoch_with_the_same_weights(data, tmp_path, unfreeze):
+    """--augment none: the same batches, the same trunk outputs, so the same training.
+
+    At 0 this is the linear probe trained by the loop, from cached bottleneck features.
+    """
+    cached = _run(data, tmp_path, "cached", unfreeze=unfreeze, augment="none",
+                  activation_dtype="float32")
+    images = _run(data, tmp_path, "images", unfreeze=unfreeze, augment="none", from_images=True)
+    assert cached.row["trained_from"] == "cached activations"
+    assert images.row["trained_from"] == "images (--from-images)"
+    _states_equal(cached, images)
+    for key in ("train_loss", "val_loss", "val_accuracy"):
+        assert cached.history[0][key] == pytest.approx(images.history[0][key], rel=1e-5)
+    assert cached.row["test_accuracy"] == images.row["test_accuracy"]
+    np.testing.assert_array_equal(cached.test_pred, images.test_pred)
+    # The test is not vacuous: training moved the head away from its warm start.
+    assert cached.history[0]["train_loss"] > 0
+
+
+def test_float16_activations_train_close_to_the_images(data, tmp_path):
+    cached = _run(data, tmp_path, "half", unfreeze=1, augment="none")
+    images = _run(data, tmp_path, "images", unfreeze=1, augment="none", from_images=True)
+    _states_equal(cached, images, atol=1e-2)
+
+
+@pytest.mark.parametrize("settings, why", [
+    ({"unfreeze": "all"}, "every block trained"),
+    ({"unfreeze": 1, "bn_train": True}, "--bn-train"),
+])
+def test_runs_that_cached_activations_cannot_serve_read_images_and_say_so(
+        data, tmp_path, settings, why):
+    result = _run(data, tmp_path, "o", **settings)
+    assert result.row["trained_from"].startswith("images") and why in result.row["trained_from"]
+    assert not list((tmp_path / "c").glob("*.activations.h5"))
+
+
+def test_views_are_seeded_and_drawn_per_epoch(data, tmp_path):
+    first = _run(data, tmp_path, "v1", unfreeze=1, views=2, epochs=2)
+    path = next((tmp_path / "c").glob("*.activations.h5"))
+    with h5py.File(path) as f:
+        n_images = 24
+        rows, shape = f["features"][:], tuple(f.attrs["activation_shape"])
+        assert len(rows) == n_images + 2 * 12 and shape == (256, 2, 2)  # layer4's input at 32 px
+        plain, views = rows[:n_images], rows[n_images:]
+        paths = list(f["paths"][:])
+        assert paths[n_images:n_images + 12] == paths[n_images + 12:]  # view 0, then view 1
+        same_image = [paths.index(p) for p in paths[n_images:n_images + 12]]
+        assert not np.allclose(views[:12], views[12:])  # two different views of each image
+        assert not np.allclose(views[:12], plain[same_image])  # augmented, not the plain one
+    again = _run(data, tmp_path / "again", "v2", unfreeze=1, views=2, epochs=2)
+    with h5py.File(next((tmp_path / "again" / "c").glob("*.activations.h5"))) as f:
+        np.testing.assert_array_equal(f["features"][:], rows)  # seeded: the same crops
+    _states_equal(first, again, atol=0)
+
+
+def test_a_sweep_runs_the_trunk_once_for_every_depth(data, tmp_path, monkeypatch):
+    calls = []
+    write = activations.write_activations
+    # sys.modules: the package's attribute `finetune` is the function, not the module.
+    monkeypatch.setattr(sys.modules["pipeline.finetune"], "write_activations",
+                        lambda cuts, *a, **k: calls.append(len(cuts)) or write(cuts, *a, **k))
+    table = sweep_depths(data, [0, 1, 2, "all"], tmp_path / "sweep", cache_dir=tmp_path / "c",
+                         augment="none", **FT)
+    assert [r["blocks_unfrozen"] for r in table] == [0, 1, 2, 4]
+    assert calls == [3]  # one pass, three boundaries; "all" reads images
+    kinds = [r["kind"] for r in list_caches(tmp_path / "c")]
+    assert kinds.count("activations") == 3 and kinds.count("features") == 1
+
+
+def test_a_cut_across_a_skip_connection_is_refused():
+    spec = resolve_backbone("resnet18", "none", image_size=32)
+    model = spec.build_classifier()
+    replace_classifier(spec, model, 3)
+    assert cut_network(spec, model, 1).block == "layer4"
+    # Cutting inside a residual block would drop its shortcut: refused, not silently wrong.
+    spec.adapter.blocks = lambda m: [Block("layer4.0.conv2", ("layer4.0.conv2",))]
+    try:
+        with pytest.raises(ActivationError, match="cross its boundary"):
+            cut_network(spec, model, 1)
+    finally:
+        del spec.adapter.blocks
+
+
+def test_a_full_disk_stops_before_writing(data, tmp_path, monkeypatch):
+    monkeypatch.setattr(activations.shutil, "disk_usage",
+                        lambda path: type("Usage", (), {"free": 1000})())
+    with pytest.raises(CacheError, match="needs .* GB but .* free") as err:
+        _run(data, tmp_path, "o", unfreeze=1)
+    assert "\n" not in str(err.value)
+    assert not list((tmp_path / "c").glob("*.activations.h5*"))
