@@ -131,3 +131,27 @@ def test_a_full_disk_stops_before_writing(data, tmp_path, monkeypatch):
         _run(data, tmp_path, "o", unfreeze=1)
     assert "\n" not in str(err.value)
     assert not list((tmp_path / "c").glob("*.activations.h5*"))
+
+
+def test_an_interrupted_activation_pass_resumes_to_the_same_file(data, tmp_path, monkeypatch):
+    whole = _run(data, tmp_path / "whole", "o", unfreeze=1, views=2, epochs=0)
+    expected = next((tmp_path / "whole" / "c").glob("*.activations.h5"))
+    written = []
+    write = activations.FeatureWriter.write
+
+    def killed_among_the_views(self, *args, **kwargs):
+        if len(written) == 8:  # 32 of 24 + 2 x 12 rows: inside the augmented views
+            raise KeyboardInterrupt
+        written.append(args[0])
+        return write(self, *args, **kwargs)
+
+    monkeypatch.setattr(activations.FeatureWriter, "write", killed_among_the_views)
+    with pytest.raises(KeyboardInterrupt):
+        _run(data, tmp_path / "cut", "o", unfreeze=1, views=2, epochs=0)
+    assert list((tmp_path / "cut" / "c").glob("*.activations.h5.partial"))
+    monkeypatch.setattr(activations.FeatureWriter, "write", write)
+    resumed = _run(data, tmp_path / "cut", "o", unfreeze=1, views=2, epochs=0)
+    path = next((tmp_path / "cut" / "c").glob("*.activations.h5"))
+    with h5py.File(expected) as a, h5py.File(path) as b:
+        np.testing.assert_array_equal(a["features"][:], b["features"][:])
+    assert whole.row["trained_from"] == resumed.row["trained_from"] == "cached activations"
