@@ -1,5 +1,6 @@
 """What ``make bench`` runs: startup, extraction throughput against forward-only, cache hits,
-memory, heads, fine-tuning, several processes.
+memory, heads, fine-tuning (from cached block activations against from images), several
+processes.
 
 Extraction and forward-only each run in a fresh process (:func:`in_child`, which runs
 :func:`child` under ``python -m pipeline.bench --child``), so both start from the same state
@@ -38,12 +39,17 @@ from pipeline.devices import (
     resolve_device,
 )
 from pipeline.extract import extract_features, prepare_model
+from pipeline.options import FinetuneConfig
 
 FORWARD_SECONDS = 8.0
-CHILD_MODES = ("extract", "finetune", "forward")
+CHILD_MODES = ("extract", "finetune", "forward", "sweep")
 # Startup time against `import torch`, the floor of any command that runs a model: --help and
 # a cache hit need no model, so they should cost a fraction of it.
 STARTUP_TARGETS = {"help": 0.1, "cache_hit": 0.5}
+# Issue 11: a top-block epoch from cached activations against an every-block epoch, and the
+# freeze-depth sweep from the cache (its one-off activation pass included) against from images.
+FINETUNE_TARGETS = {"epoch": 0.1, "sweep": 0.25}
+SWEEP_DEPTHS = (0, 1, 2)
 
 
 def generate_images(root: Path, n: int, classes: int = 10, size: int = 256, seed: int = 0) -> Path:
@@ -72,14 +78,15 @@ def in_child(mode: str, **kw) -> dict:
 
 
 def child(mode: str, kw: dict) -> dict:
-    """One measurement in this process: an extraction (its summary), a fine-tune (seconds per
-    epoch) or forward-only (images per second); with the process's peak memory.
+    """One measurement in this process: an extraction (its summary), a fine-tune or a sweep
+    (seconds per epoch), or forward-only (images per second); with the process's peak memory.
 
     Parameters
     ----------
     mode
         ``"extract"`` (``kw`` for :func:`pipeline.extract_features`), ``"finetune"`` (for
-        :func:`pipeline.finetune`) or ``"forward"`` (for :func:`forward_only`).
+        :func:`pipeline.finetune`), ``"sweep"`` (for :func:`pipeline.finetune.sweep_depths`,
+        into a fresh ``out``) or ``"forward"`` (for :func:`forward_only`).
     """
     if device_type("auto") == "cpu":  # as the `pipeline` command does on a CPU
         keep_freed_memory()
@@ -88,9 +95,14 @@ def child(mode: str, kw: dict) -> dict:
     elif mode == "finetune":
         from pipeline.finetune import finetune
 
+        started = time.perf_counter()
         result = finetune(**kw)
-        out = {"epoch_s": [h["seconds"] for h in result.history],
-               "trainable_parameters": result.row["trainable_parameters"]}
+        out = {"seconds": time.perf_counter() - started,
+               "epoch_s": [h["seconds"] for h in result.history],
+               "trainable_parameters": result.row["trainable_parameters"],
+               "trained_from": result.row["trained_from"]}
+    elif mode == "sweep":
+        out = _sweep(kw)
     elif mode == "forward":
         out = {"img_s": forward_only(**kw)}
     else:
@@ -99,6 +111,27 @@ def child(mode: str, kw: dict) -> dict:
     if torch.cuda.is_available():
         out["gpu_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
     return out
+
+
+def _sweep(kw: dict) -> dict:
+    """A freeze-depth sweep: its seconds, each run's epoch seconds, and the seconds before its
+    first epoch (features read, models built, probes fitted, the one-off activation pass)."""
+    from pipeline.finetune import sweep_depths
+
+    runs: list[list[float]] = []
+    first_epoch_at = []
+
+    def on_epoch(epoch: int, row: dict) -> None:
+        if not first_epoch_at:
+            first_epoch_at.append(time.perf_counter() - row["seconds"])
+        if epoch == 1:  # the sweep's next depth (``out`` is fresh: no run resumes)
+            runs.append([])
+        runs[-1].append(row["seconds"])
+
+    started = time.perf_counter()
+    sweep_depths(on_epoch=on_epoch, **kw)
+    return {"seconds": time.perf_counter() - started, "epoch_s": runs,
+            "before_first_epoch_s": first_epoch_at[0] - started if first_epoch_at else None}
 
 
 def peak_rss_mb() -> float:
@@ -221,26 +254,181 @@ def print_heads(result: dict) -> None:
           " (target <= 2)")
 
 
+def sized_image_set(source: Path, root: Path, n: int) -> Path:
+    """``n`` of ``source``'s images under ``root``, same relative paths (so the same splits and
+    classes), evenly spread over the sorted files so that splits and classes keep their shares;
+    where ``n`` exceeds them each file is repeated as ``<stem>-copyK``. ``source`` itself when
+    ``n`` is its size; an existing ``root`` is reused (it is moved into place only when whole).
+    """
+    suffixes = set(Image.registered_extensions())
+    files = sorted(p.relative_to(source) for p in source.rglob("*")
+                   if p.is_file() and p.suffix.lower() in suffixes)
+    if n == len(files):
+        return source
+    if root.exists():
+        return root
+    partial = root.with_name(root.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    for index, copy in spread(len(files), n):
+        rel = files[index]
+        if copy:
+            rel = rel.with_name(f"{rel.stem}-copy{copy}{rel.suffix}")
+        (partial / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source / files[index], partial / rel)
+    os.replace(partial, root)
+    return root
+
+
+def spread(total: int, n: int) -> list[tuple[int, int]]:
+    """``n`` picks of ``total`` ordered items, evenly spaced: ``(index, copy)`` pairs, ``copy``
+    counting an item's repeats from 0 (above 0 only when ``n`` exceeds ``total``)."""
+    seen: dict[int, int] = {}
+    picks = []
+    for index in (np.arange(n, dtype=np.int64) * total) // max(n, 1):
+        copy = seen.get(int(index), 0)
+        seen[int(index)] = copy + 1
+        picks.append((int(index), copy))
+    return picks
+
+
+def finetune_ratios(cached_epoch_s: float, all_epoch_s: float, cached_sweep_s: float,
+                    images_sweep_s: float) -> dict:
+    """Issue 11's two ratios with their targets (at most that ratio): a top-block epoch from
+    cached activations against an every-block epoch, and the sweep from the cache (one-off pass
+    included) against the sweep from images."""
+    ratios = {"epoch": cached_epoch_s / all_epoch_s, "sweep": cached_sweep_s / images_sweep_s}
+    return {name: {"ratio": ratio, "target": FINETUNE_TARGETS[name],
+                   "met": ratio <= FINETUNE_TARGETS[name]} for name, ratio in ratios.items()}
+
+
+def activation_bytes(path: Path) -> dict:
+    """What one activation cache holds per row: the stored values (``row_bytes``: flattened
+    size x dtype) and the file's size over its rows (values plus paths, labels, hashes)."""
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        features = f["features"]
+        rows, dim = features.shape
+        shape = [int(s) for s in f.attrs["activation_shape"]]
+        dtype = str(features.dtype)
+        row_bytes = dim * features.dtype.itemsize
+    size = path.stat().st_size
+    return {"file": path.name, "shape": shape, "dtype": dtype, "rows": rows,
+            "row_bytes": row_bytes, "file_bytes": size, "file_bytes_per_row": size / rows}
+
+
+def _timed_child(mode: str, **kw) -> dict:
+    """:func:`in_child`, with the wall seconds of the whole child (start and imports too)."""
+    started = time.perf_counter()
+    out = in_child(mode, **kw)
+    out["wall_s"] = time.perf_counter() - started
+    return out
+
+
 def bench_finetune(args) -> dict:
-    """Seconds per epoch and peak memory when training the top block against every block."""
-    rows = []
-    for depth in ("1", "all"):
-        out = args.out / f"finetune-{depth}"
-        shutil.rmtree(out, ignore_errors=True)
-        run = in_child("finetune", data=str(args.data), backbone=args.backbone,
-                       weights=args.weights, cache_dir=str(args.out / "cache-demo"),
-                       out=str(out), unfreeze=depth, epochs=2, patience=5, progress=False)
-        rows.append({"unfreeze": depth, "epoch_s": float(np.mean(run["epoch_s"])),
-                     "trainable_parameters": run["trainable_parameters"],
-                     "peak_rss_mb": run["peak_rss_mb"], "gpu_peak_mb": run.get("gpu_peak_mb")})
-    ratio = rows[0]["epoch_s"] / rows[1]["epoch_s"]
-    print(f"fine-tuning {args.backbone} on {args.data} (2 epochs, mean seconds per epoch):")
-    print("unfreeze | trainable parameters | s/epoch | peak RSS MB | peak GPU MB")
-    for r in rows:
-        print(f"{r['unfreeze']} | {r['trainable_parameters']} | {r['epoch_s']:.1f} | "
-              f"{r['peak_rss_mb']:.0f} | {_mb(r['gpu_peak_mb'])}")
-    print(f"unfreeze 1 / unfreeze all, seconds per epoch: {ratio:.2f} (target <= 0.5)")
-    return {"rows": rows, "epoch_ratio": ratio}
+    """Fine-tuning from cached block activations against from images (issue 11).
+
+    On ``args.finetune_images`` images of ``args.data``, each run a fresh child process, one
+    cache folder made empty first (so the one-off activation pass is measured), patience above
+    the epochs (no run stops early), augmentation on both ways (the cache with its default
+    views per training image, images with a fresh crop every epoch, as before the cache):
+
+    - the sweep ``--unfreeze 0,1,2`` x ``args.finetune_epochs`` from the cache
+      (:func:`pipeline.finetune.sweep_depths`: one trunk pass writes the three caches) and from
+      images (``from_images=True``); each sweep's time is its child's wall time; the seconds
+      per epoch of each depth come from these runs;
+    - ``--unfreeze all`` (images: nothing to cache) for 2 epochs;
+    - the bytes per image of each depth's activation cache;
+    - peak RSS of a cached ``--unfreeze 1`` run (features, activation pass, 2 epochs, a fresh
+      cache) at ``args.finetune_images`` and at twice as many images.
+    The features are extracted first in their own child, so neither sweep pays for them.
+    """
+    n, epochs = args.finetune_images, args.finetune_epochs
+    data = sized_image_set(args.data, args.out / f"finetune-data-{n}", n)
+    root = args.out / "finetune"
+    shutil.rmtree(root, ignore_errors=True)
+    cache_dir = root / "cache"
+    net = {"backbone": args.backbone, "weights": args.weights}
+    common = {**net, "data": str(data), "cache_dir": str(cache_dir), "progress": False}
+    started = time.perf_counter()
+    features = _timed_child("extract", **common)
+    # patience above the epochs: every run trains every epoch, so both ways do the same work.
+    train = {**common, "epochs": epochs, "patience": epochs + 1}
+    sweeps, per_epoch = {}, []
+    for way, extra in (("cached", {}), ("images", {"from_images": True})):
+        out = root / f"sweep-{way}"
+        run = _timed_child("sweep", depths=list(SWEEP_DEPTHS), out=str(out), **train, **extra)
+        sweeps[way] = {key: run[key] for key in ("wall_s", "seconds", "before_first_epoch_s",
+                                                 "peak_rss_mb")}
+        sweeps[way]["epochs_s"] = float(sum(sum(s) for s in run["epoch_s"]))
+        sweeps[way]["gpu_peak_mb"] = run.get("gpu_peak_mb")
+        for depth, seconds in zip(SWEEP_DEPTHS, run["epoch_s"]):
+            row = json.loads((out / f"unfreeze-{depth}" / "results.json").read_text())[0]
+            per_epoch.append({"unfreeze": str(depth), "way": way,
+                              "trained_from": row["trained_from"], "epochs": len(seconds),
+                              "epoch_s": float(np.mean(seconds)),
+                              "trainable_parameters": row["trainable_parameters"]})
+    every = _timed_child("finetune", out=str(root / "unfreeze-all"), unfreeze="all",
+                         **{**train, "epochs": 2, "patience": 3})
+    per_epoch.append({"unfreeze": "all", "way": "images", "trained_from": every["trained_from"],
+                      "epochs": len(every["epoch_s"]), "epoch_s": float(np.mean(every["epoch_s"])),
+                      "trainable_parameters": every["trainable_parameters"],
+                      "peak_rss_mb": every["peak_rss_mb"]})
+    boundaries = []
+    for depth in SWEEP_DEPTHS:
+        checkpoint = torch.load(root / "sweep-cached" / f"unfreeze-{depth}" / "checkpoint.pt",
+                                map_location="cpu", weights_only=True)
+        name = json.loads(checkpoint["args"])["activations"]
+        boundaries.append({"unfreeze": depth, **activation_bytes(cache_dir / name)})
+    memory = []
+    for size in (n, 2 * n):
+        sized = sized_image_set(args.data, args.out / f"finetune-data-{size}", size)
+        run = _timed_child("finetune", **net, data=str(sized), progress=False,
+                           cache_dir=str(root / f"cache-memory-{size}"),
+                           out=str(root / f"memory-{size}"), unfreeze=1, epochs=2, patience=3)
+        memory.append({"images": size, "trained_from": run["trained_from"],
+                       "peak_rss_mb": run["peak_rss_mb"], "gpu_peak_mb": run.get("gpu_peak_mb"),
+                       "wall_s": run["wall_s"]})
+    cached_u1 = next(r for r in per_epoch if r["unfreeze"] == "1" and r["way"] == "cached")
+    ratios = finetune_ratios(cached_u1["epoch_s"], per_epoch[-1]["epoch_s"],
+                             sweeps["cached"]["wall_s"], sweeps["images"]["wall_s"])
+    result = {"data": str(data), "images": features["images"], "epochs": epochs,
+              "views": FinetuneConfig.views, "augment": FinetuneConfig.augment,
+              "features_s": features["wall_s"], "per_epoch": per_epoch, "sweeps": sweeps,
+              "boundaries": boundaries, "memory": memory, "ratios": ratios,
+              "section_s": time.perf_counter() - started}
+    print_finetune(result, args.backbone)
+    return result
+
+
+def print_finetune(result: dict, backbone: str) -> None:
+    print(f"fine-tuning {backbone} on {result['data']} ({result['images']} images), augment "
+          f"{result['augment']} both ways (cache: {result['views']} views per training image), "
+          f"patience above the epochs; features extracted first ({result['features_s']:.1f} s)")
+    print("unfreeze | trained from | trainable parameters | epochs | mean s/epoch | peak RSS MB "
+          "(the sweeps': below)")
+    for r in result["per_epoch"]:
+        print(f"{r['unfreeze']} | {r['trained_from']} | {r['trainable_parameters']} | "
+              f"{r['epochs']} | {r['epoch_s']:.2f} | {_mb(r.get('peak_rss_mb'))}")
+    depths = ",".join(str(d) for d in SWEEP_DEPTHS)
+    print(f"sweep --unfreeze {depths} x {result['epochs']} epochs | child wall s | in-process s | "
+          "before the first epoch s | epochs s | peak RSS MB")
+    for way, s in result["sweeps"].items():
+        print(f"{way} | {s['wall_s']:.1f} | {s['seconds']:.1f} | {s['before_first_epoch_s']:.1f} "
+              f"| {s['epochs_s']:.1f} | {s['peak_rss_mb']:.0f}")
+    print("unfreeze | boundary shape | dtype | rows | row bytes | file bytes / row | file MiB")
+    for b in result["boundaries"]:
+        print(f"{b['unfreeze']} | {'x'.join(map(str, b['shape']))} | {b['dtype']} | {b['rows']} | "
+              f"{b['row_bytes']} | {b['file_bytes_per_row']:.0f} | {b['file_bytes'] / 2**20:.1f}")
+    print("peak RSS of a cached --unfreeze 1 run (features, activation pass, 2 epochs): " +
+          ", ".join(f"{m['images']} images {m['peak_rss_mb']:.0f} MB ({m['wall_s']:.0f} s)"
+                    for m in result["memory"]))
+    r = result["ratios"]
+    print(f"top-block epoch from the cache / every-block epoch: {r['epoch']['ratio']:.3f} "
+          f"(target <= {r['epoch']['target']})")
+    print(f"sweep from the cache, activation pass included / sweep from images: "
+          f"{r['sweep']['ratio']:.3f} (target <= {r['sweep']['target']})")
+    print(f"finetune section: {result['section_s'] / 60:.1f} min")
 
 
 def timed_runs(command: list[str], runs: int) -> tuple[float, str]:
@@ -313,6 +501,11 @@ def main(argv: list[str] | None = None) -> None:
                         help="generated 28 px images for the startup cache hit (the demo's 1,700)")
     parser.add_argument("--startup-runs", type=int, default=3,
                         help="fresh processes per startup measurement (median)")
+    parser.add_argument("--finetune-images", type=int, default=600,
+                        help="images of --data for the fine-tuning runs (spread over its splits "
+                             "and classes; more than it has repeats them)")
+    parser.add_argument("--finetune-epochs", type=int, default=10,
+                        help="epochs of each freeze depth in the sweeps")
     parser.add_argument("--only", choices=("startup", "extract", "heads", "finetune",
                                            "distributed"), default=None)
     # One measurement in this fresh process (what in_child runs), its result as JSON.
