@@ -240,12 +240,17 @@ def _shots(_ctx, _param, value: str | None) -> list:
 @click.option("--draws", type=click.IntRange(min=1), default=default(HeadsOptions, "draws"),
               show_default=True, help="Random draws per k.")
 @click.option("--seed", type=int, default=default(HeadsOptions, "seed"), show_default=True)
+@click.option("--repeats", type=click.IntRange(min=1), default=default(HeadsOptions, "repeats"),
+              show_default=True,
+              help="Fit each head with this many seeds (seed, seed+1, ...) on the same splits "
+                   "and report the spread of test accuracy over them.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as one JSON object.")
-def heads(caches, head_specs, out, shots, draws, seed, as_json) -> None:
+def heads(caches, head_specs, out, shots, draws, seed, repeats, as_json) -> None:
     """Fit heads on cached features (CACHES: one or more .h5 files) and compare them."""
     from pipeline import compare
 
-    options = HeadsOptions(tuple(_split_heads(head_specs)), out, tuple(shots), draws, seed)
+    options = HeadsOptions(tuple(_split_heads(head_specs)), out, tuple(shots), draws, seed,
+                           repeats)
     result = compare.fit_heads(caches, options=options)
     if as_json:
         _emit_json(result.to_json())
@@ -264,9 +269,10 @@ def _split_heads(value: str) -> list[str]:
 
 
 def _table_columns(rows: list[dict]) -> list[dict]:
-    keep = ("backbone", "head", "chosen", "test_accuracy", "balanced_accuracy", "macro_f1",
-            "log_loss", "fit_s", "predict_s")
-    return [{k: r[k] for k in keep} for r in rows]
+    keep = ("backbone", "head", "chosen", "test_accuracy", "test_accuracy_ci_low",
+            "test_accuracy_ci_high", "test_accuracy_seeds_mean", "test_accuracy_seeds_std",
+            "balanced_accuracy", "macro_f1", "log_loss", "ece", "fit_s", "predict_s")
+    return [{k: r[k] for k in keep if k in r} for r in rows]
 
 
 @main.command()
@@ -361,6 +367,10 @@ def _finetune_default(name: str):
               show_default=True)
 @split_option
 @click.option("--seed", type=int, default=_finetune_default("seed"), show_default=True)
+@click.option("--repeats", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Train each depth with this many seeds (seed, seed+1, ...: head, minibatch "
+                   "order, augmentation) on the same splits; the others in OUT/unfreeze-K/"
+                   "repeats/.")
 @cache_dir_option
 @device_option
 @click.option("--workers", type=click.IntRange(min=0), default=None)
@@ -418,6 +428,8 @@ def report_command(folder, out, as_json) -> None:
     if as_json:
         _emit_json(result)
         return
+    for sentence in result["summary"]:
+        click.echo(sentence + "\n")
     click.echo(_markdown(result["rows"]), nl=False)
     if len(result["cache_keys"]) > 1:
         click.echo(f"note: rows come from {len(result['cache_keys'])} feature caches; only rows "

@@ -16,11 +16,21 @@ from sklearn.utils.validation import has_fit_parameter
 
 from pipeline import report
 from pipeline.cache import FeatureSplit, cache_info, read_splits
-from pipeline.errors import DataError
+from pipeline.calibration import reliability_curve
+from pipeline.errors import DataError, PipelineError
 from pipeline.heads import head_name, make_head
+from pipeline.leakage import leaked_test_images
 from pipeline.options import DEFAULT_HEADS, HeadsOptions
 from pipeline.persistence import HEAD_SUFFIX, save_head
-from pipeline.scoring import class_probabilities, results_row
+from pipeline.scoring import (
+    SCORE_COLUMNS,
+    RowPredictions,
+    class_probabilities,
+    interval_columns,
+    results_row,
+    with_repeats,
+)
+from pipeline.significance import draws_interval
 
 __all__ = ["DEFAULT_HEADS", "Comparison", "HeadsOptions", "fit_heads"]
 # Learned attributes that say which hyperparameters a head chose on the validation split.
@@ -36,6 +46,8 @@ class CacheData:
     train: FeatureSplit
     val: FeatureSplit
     test: FeatureSplit
+    # Per test image: an identical image is in train or val (None: the cache has no hashes).
+    leaked: np.ndarray | None = None
 
     @property
     def backbone(self) -> str:
@@ -71,7 +83,8 @@ def load_cache_data(path: str | os.PathLike) -> CacheData:
     if missing:
         names = ", ".join(info["classes"][i] for i in missing)
         raise DataError(f"{path}: class(es) {names} have no training examples")
-    return CacheData(Path(path), info, **splits)
+    _, leaked = leaked_test_images(path)
+    return CacheData(Path(path), info, **splits, leaked=leaked)
 
 
 def fit_heads(
@@ -81,13 +94,14 @@ def fit_heads(
     shots: Sequence[int | str] | None = None,
     draws: int | None = None,
     seed: int | None = None,
+    repeats: int | None = None,
     *,
     options: HeadsOptions | None = None,
 ) -> Comparison:
     """Fit each head on each cache with the same splits and seed; write tables and plots.
 
     The settings come from ``options`` (:class:`~pipeline.options.HeadsOptions`, whose defaults
-    the CLI shows); any of ``heads`` .. ``seed`` given overrides its field.
+    the CLI shows); any of ``heads`` .. ``repeats`` given overrides its field.
 
     Parameters
     ----------
@@ -97,38 +111,59 @@ def fit_heads(
         Head specs for :func:`pipeline.heads.make_head`: ``logreg``, ``mlp``, ``linear``, or a
         classifier's import path with parameters (``sklearn.svm.LinearSVC:C=0.1``).
     out
-        Folder of ``results.csv|md``, ``per_class.csv``, ``confusion_matrix.png``,
-        ``comparison.png``, ``models/*.head`` and, with ``shots``, ``shots.csv|md|png``.
+        Folder of ``results.csv|md|json`` (each score with its 95% interval),
+        ``per_class.csv``, ``confusion_matrix.png`` and ``reliability.png`` (best head),
+        ``comparison.png``, ``models/*.head``, ``predictions/*.npz`` (each head's test
+        predictions, :class:`~pipeline.scoring.RowPredictions`), with ``shots``,
+        ``shots.csv|md|png``, and with ``repeats`` above 1, ``repeats.csv|md``.
     shots
         Training examples per class for the data-efficiency curve (``"all"`` for the full set).
     draws
         Random draws of the k-shot training set per k.
     seed
         Seed of every head and every draw: the same seed gives the same table.
+    repeats
+        Fits of each head with seeds ``seed``, ``seed + 1``, ... on the same splits; above 1,
+        each row adds the mean, standard deviation and t-interval of its test accuracy over
+        the seeds (its scores and predictions stay those of ``seed``).
     """
-    given = {"heads": heads, "out": out, "shots": shots, "draws": draws, "seed": seed}
+    given = {"heads": heads, "out": out, "shots": shots, "draws": draws, "seed": seed,
+             "repeats": repeats}
     opts = replace(options or HeadsOptions(), **{k: v for k, v in given.items() if v is not None})
     heads, shots, draws, seed, out = opts.heads, opts.shots, opts.draws, opts.seed, Path(opts.out)
+    if opts.repeats < 1:
+        raise PipelineError("repeats must be at least 1")
     estimators = [(spec, make_head(spec)) for spec in heads]  # bad specs fail before any fit
     data = [load_cache_data(path) for path in caches]
-    rows, per_class, best = [], [], None
+    rows, per_class, per_seed, best = [], [], [], None
     for cache in data:
         for spec, template in estimators:
-            estimator, row, y_pred = _fit_and_score(cache, spec, template, seed)
+            estimator, row, proba, y_pred = _fit_and_score(cache, spec, template, seed)
+            if opts.repeats > 1:
+                seeds = [row] + [_fit_and_score(cache, spec, template, seed + r, False)[1]
+                                 for r in range(1, opts.repeats)]
+                per_seed += [_seed_row(r, seed + i) for i, r in enumerate(seeds)]
+                row = with_repeats(row, [r["test_accuracy"] for r in seeds])
             row["model"] = str(_save(out, cache, spec, estimator))
+            row["predictions"] = _save_predictions(out, cache, spec, proba, y_pred)
             rows.append(row)
             per_class += _per_class_rows(cache, row["head"], y_pred)
             if best is None or row["test_accuracy"] > best[0]["test_accuracy"]:
-                best = (row, cache, y_pred)
+                best = (row, cache, y_pred, proba)
     result = Comparison(rows)
     result.files = _write_results(out, rows, per_class, best)
+    if per_seed:
+        result.files.update(zip(("repeats_csv", "repeats_md"),
+                                map(str, report.write_table(per_seed, out / "repeats"))))
     if shots:
         result.shots = data_efficiency(data, estimators, shots, draws, seed)
         result.files.update(_write_shots(out, result.shots))
     return result
 
 
-def _fit_and_score(cache: CacheData, spec: str, template, seed: int):
+def _fit_and_score(cache: CacheData, spec: str, template, seed: int, intervals: bool = True):
+    """Fit one head, score it on the test split: the estimator, its row, probabilities and
+    predictions."""
     estimator = clone(template)
     if "random_state" in estimator.get_params():
         estimator.set_params(random_state=seed)
@@ -143,8 +178,15 @@ def _fit_and_score(cache: CacheData, spec: str, template, seed: int):
         backbone=cache.backbone, head=head_name(spec), chosen=_chosen(estimator, spec),
         y_true=cache.test.y, y_pred=y_pred, proba=proba, n_classes=len(cache.classes),
         fit_s=fit_s, predict_s=predict_s, train_n=len(cache.train.y), test_n=len(cache.test.y),
-        cache_key=cache.info["key"], method="transfer")
-    return estimator, row, y_pred
+        cache_key=cache.info["key"], method="transfer", intervals=intervals)
+    return estimator, row, proba, y_pred
+
+
+def _seed_row(row: dict, seed: int) -> dict:
+    """One line of ``repeats.csv``: a head's scores with one seed."""
+    return {"backbone": row["backbone"], "head": row["head"], "seed": seed,
+            "chosen": row["chosen"], **{k: row[k] for k in SCORE_COLUMNS},
+            "cache_key": row["cache_key"]}
 
 
 def _fit(estimator, train: FeatureSplit, val: FeatureSplit) -> None:
@@ -179,9 +221,20 @@ def _save(out: Path, cache: CacheData, spec: str, estimator) -> Path:
     meta = {"head": spec, "backbone": cache.backbone, "classes": cache.classes,
             "dim": int(cache.train.X.shape[1]), "cache_key": cache.info["key"],
             "spec": cache.info["spec"], "request": cache.info["request"]}
+    return save_head(out / "models" / f"{_name(cache, spec)}{HEAD_SUFFIX}", estimator, meta)
+
+
+def _name(cache: CacheData, spec: str) -> str:
     # The key keeps apart heads of one backbone on different caches (image size, data, ...).
-    name = f"{cache.backbone}-{cache.info['key'][:8]}-{head_name(spec)}".replace("/", "_")
-    return save_head(out / "models" / f"{name}{HEAD_SUFFIX}", estimator, meta)
+    return f"{cache.backbone}-{cache.info['key'][:8]}-{head_name(spec)}".replace("/", "_")
+
+
+def _save_predictions(out: Path, cache: CacheData, spec: str, proba, y_pred) -> str:
+    """Store a head's test predictions; the path returned is relative to ``out``."""
+    relative = Path("predictions") / f"{_name(cache, spec)}.npz"
+    RowPredictions(cache.test.paths, cache.test.y, y_pred, proba, cache.leaked,
+                   cache.classes).save(out / relative)
+    return relative.as_posix()
 
 
 def _write_results(out: Path, rows: list[dict], per_class: list[dict], best) -> dict:
@@ -191,12 +244,17 @@ def _write_results(out: Path, rows: list[dict], per_class: list[dict], best) -> 
     labels = [f"{r['backbone']} / {r['head']}" for r in rows]
     files["comparison_png"] = str(report.bar_chart(
         labels, [r["test_accuracy"] for r in rows], out / "comparison.png",
-        "Heads on frozen features: test accuracy"))
-    row, cache, y_pred = best
+        "Heads on frozen features: test accuracy (95% interval)",
+        intervals=[[r[c] for c in interval_columns("test_accuracy")] for r in rows]))
+    row, cache, y_pred, proba = best
+    name = f"{row['backbone']} / {row['head']}"
     files["confusion_png"] = str(report.confusion_matrix_plot(
         cache.test.y, y_pred, cache.classes, out / "confusion_matrix.png",
-        f"Best head: {row['backbone']} / {row['head']} "
-        f"(accuracy {row['test_accuracy']:.3f})"))
+        f"Best head: {name} (accuracy {row['test_accuracy']:.3f})"))
+    if proba is not None:
+        files["reliability_png"] = str(report.reliability_diagram(
+            {name: reliability_curve(cache.test.y, proba)}, out / "reliability.png",
+            "Calibration of the best head on the test split"))
     (out / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
     return files
 
@@ -214,45 +272,56 @@ def data_efficiency(data: Sequence[CacheData], estimators, shots: Sequence[int |
     """Test accuracy of each head refitted on k examples per class, over seeded draws.
 
     Only the training split is subsampled; validation and test stay whole and untouched.
+    Each row gives the mean and standard deviation over draws and a 95% interval of the
+    mean that holds both the draws' spread and the test images' sampling
+    (:func:`pipeline.significance.draws_interval`).
     """
     rows = []
     for cache in data:
         for spec, template in estimators:
             for k in shots:
-                scores = _shot_scores(cache, spec, template, k, draws, seed)
+                correct = _shot_correct(cache, spec, template, k, draws, seed)
+                scores = correct.mean(1)
+                low, high = draws_interval(correct)
                 largest = int(np.bincount(cache.train.y).max())
                 rows.append({"backbone": cache.backbone, "head": head_name(spec),
                              "shots": "all" if k == "all" else int(k),
                              "k": largest if k == "all" else min(int(k), largest),
                              "draws": len(scores),
                              "mean_accuracy": float(np.mean(scores)),
-                             "std_accuracy": float(np.std(scores))})
+                             "std_accuracy": float(np.std(scores)),
+                             "accuracy_ci_low": low, "accuracy_ci_high": high})
     return rows
 
 
-def _shot_scores(cache: CacheData, spec: str, template, k, draws: int, seed: int) -> list[float]:
+def _shot_correct(cache: CacheData, spec: str, template, k, draws: int, seed: int
+                  ) -> np.ndarray:
+    """``(draws, test images)``: whether each draw's head got each test image right."""
     if k == "all":
-        return [_fit_and_score(cache, spec, template, seed)[1]["test_accuracy"]]
-    scores = []
+        return _fit_and_score(cache, spec, template, seed, False)[3][None] == cache.test.y
+    correct = []
     for draw in range(draws):
         rng = np.random.default_rng([seed, int(k), draw])
         keep = sample_shots(cache.train.y, int(k), rng)
         subset = FeatureSplit(cache.train.X[keep], cache.train.y[keep],
                               [cache.train.paths[i] for i in keep])
         shot_cache = CacheData(cache.path, cache.info, subset, cache.val, cache.test)
-        scores.append(_fit_and_score(shot_cache, spec, template, seed + draw)[1]["test_accuracy"])
-    return scores
+        y_pred = _fit_and_score(shot_cache, spec, template, seed + draw, False)[3]
+        correct.append(y_pred == cache.test.y)
+    return np.array(correct)
 
 
 def _write_shots(out: Path, rows: list[dict]) -> dict:
     csv, md = report.write_table(rows, out / "shots")
-    series: dict[str, tuple[list, list, list]] = {}
+    series: dict[str, tuple[list, list, list, list]] = {}
     for r in rows:  # "all" is drawn at k = the largest class's training size
-        xs, means, spreads = series.setdefault(f"{r['backbone']} / {r['head']}", ([], [], []))
+        xs, means, lows, highs = series.setdefault(f"{r['backbone']} / {r['head']}",
+                                                   ([], [], [], []))
         xs.append(r["k"])
         means.append(r["mean_accuracy"])
-        spreads.append(r["std_accuracy"])
+        lows.append(r["accuracy_ci_low"])
+        highs.append(r["accuracy_ci_high"])
     png = report.curve_plot(series, out / "shots.png", "Data efficiency: accuracy against "
                             "training examples per class", "examples per class (k)",
-                            "test accuracy (mean ± std over draws)", log_x=True)
+                            "test accuracy (mean over draws, 95% interval)", log_x=True)
     return {"shots_csv": str(csv), "shots_md": str(md), "shots_png": str(png)}

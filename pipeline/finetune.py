@@ -36,6 +36,7 @@ from pipeline.activations import (
 from pipeline.backbones import BackboneSpec, replace_classifier, resolve_backbone
 from pipeline.blocks import freeze_below
 from pipeline.cache import cache_key, open_cache, read_splits
+from pipeline.calibration import reliability_curve
 from pipeline.data import ImageFiles, ImageSet, load_image_set
 from pipeline.devices import autocast, autocast_dtype, default_batch_size, default_workers
 from pipeline.early_stopping import EarlyStopping
@@ -43,6 +44,7 @@ from pipeline.errors import DataError, PipelineError
 from pipeline.extract import extract_features
 from pipeline.heads import LinearProbe
 from pipeline.layouts import display
+from pipeline.leakage import leaked_test_images
 from pipeline.network import FinetunedNetwork
 from pipeline.options import (
     ACTIVATION_DTYPES,
@@ -57,10 +59,10 @@ from pipeline.options import (
     split_settings,
 )
 from pipeline.persistence import NETWORK_SUFFIX
-from pipeline.scoring import results_row
+from pipeline.scoring import SCORE_COLUMNS, RowPredictions, results_row, with_repeats
 
 __all__ = ["AUGMENTS", "HEAD_INITS", "OPTIMIZERS", "SCHEDULES", "FinetuneConfig",
-           "FinetuneError", "FinetuneResult", "finetune", "sweep_depths"]
+           "FinetuneError", "FinetuneResult", "finetune", "repeat_seeds", "sweep_depths"]
 
 CHECKPOINT = "checkpoint.pt"
 # The resolve_backbone arguments finetune also takes, when given a backbone name.
@@ -81,6 +83,9 @@ class FinetuneResult:
     # The best epoch's weights, in eval mode on the CPU: predict_images(result.model, ...).
     model: FinetunedNetwork | None = None
     files: dict[str, str] = field(default_factory=dict)
+    # Labels and class probabilities of the test images, in the order of test_pred.
+    test_labels: np.ndarray | None = None
+    test_proba: np.ndarray | None = None
 
 
 def finetune(
@@ -93,6 +98,7 @@ def finetune(
     progress: bool | None = None,
     on_epoch: Callable[[int, dict], None] | None = None,
     activation_depths: Sequence[int] = (),
+    split_seed: int | None = None,
     **settings,
 ) -> FinetuneResult:
     """Fine-tune the top ``unfreeze`` blocks of ``backbone`` on ``data``; resume if stopped.
@@ -122,6 +128,10 @@ def finetune(
     activation_depths
         Other ``unfreeze`` depths whose activation caches the same trunk pass should write
         (a sweep's), so that the trunk runs once for all of them.
+    split_seed
+        Seed of the carved splits and of a random backbone init instead of ``config.seed``,
+        which then seeds training alone (head, minibatch order, augmentation): the repeats of
+        :func:`sweep_depths` train with other seeds on the same splits and features.
     **settings
         Fields of ``FinetuneConfig`` (``unfreeze`` may be ``"all"``) and of ``ExtractOptions``
         overriding ``config``'s and ``options``'s, and the backbone arguments above.
@@ -139,9 +149,10 @@ def finetune(
     if rest:
         raise TypeError(f"unexpected setting(s) {', '.join(sorted(rest))} for finetune")
     cfg = _config(replace(config or FinetuneConfig(), **cfg_settings))
-    opts = replace(options or ExtractOptions(), **extract_settings, seed=cfg.seed)
+    data_seed = cfg.seed if split_seed is None else split_seed
+    opts = replace(options or ExtractOptions(), **extract_settings, seed=data_seed)
     ctx, run_on = distributed.setup(opts.device)
-    images = load_image_set(data, opts.split_fractions, cfg.seed)
+    images = load_image_set(data, opts.split_fractions, data_seed)
     if not images.labelled:
         raise FinetuneError(f"{display(str(data))}: unlabelled images (no class folders or "
                             "label column); fine-tuning needs labels")
@@ -151,7 +162,7 @@ def finetune(
                             "BackboneSpec is given")
         spec = backbone
     else:
-        spec = resolve_backbone(backbone, **backbone_args, seed=cfg.seed)
+        spec = resolve_backbone(backbone, **backbone_args, seed=data_seed)
     # The features are extracted as plain float32 (compile is for the training steps).
     cache = extract_features(data, spec, replace(opts, compile=False), progress=progress)
     splits = read_splits(cache.cache_path)
@@ -185,24 +196,80 @@ def finetune(
 
 
 def sweep_depths(data: str | os.PathLike, depths: Sequence[int | str],
-                 out: str | os.PathLike = "results/finetune", **kwargs) -> list[dict]:
+                 out: str | os.PathLike = "results/finetune", repeats: int = 1,
+                 **kwargs) -> list[dict]:
     """One fine-tune per number of unfrozen blocks, everything else equal, and one table.
 
     Depth 0 trains only the new head by the same loop: the linear probe baseline. Writes
-    ``freeze_depth.csv|md`` and each run's files under ``unfreeze-<K>/``.
+    ``freeze_depth.csv|md`` and each run's files under ``unfreeze-<K>/``. With ``repeats``
+    above 1, each depth is trained again with seeds ``seed + 1`` .. ``seed + repeats - 1``
+    on the same splits (:func:`repeat_seeds`), and its row adds the spread over seeds.
     """
+    if repeats < 1:
+        raise FinetuneError("repeats must be at least 1")
     out = Path(out)
     # One trunk pass writes the activation caches of every depth (all: no cache, images).
     counts = [k for k in depths if k != "all"]
-    rows = [finetune(data, out=out / f"unfreeze-{k}", unfreeze=k, activation_depths=counts,
-                     **kwargs).row for k in depths]
+    rows = []
+    for k in depths:
+        run = finetune(data, out=out / f"unfreeze-{k}", unfreeze=k, activation_depths=counts,
+                       **kwargs)
+        if repeats > 1:
+            repeat_seeds(data, run, out / f"unfreeze-{k}", repeats, unfreeze=k,
+                         activation_depths=counts, **kwargs)
+        rows.append(run.row)
     table = [{"blocks_unfrozen": r["blocks_unfrozen"],
               "trainable_parameters": r["trainable_parameters"], "best_epoch": r["best_epoch"],
-              "test_accuracy": r["test_accuracy"], "macro_f1": r["macro_f1"],
+              **{c: r[c] for c in r if c.startswith("test_accuracy") or c == "repeats"},
+              "macro_f1": r["macro_f1"],
               "seconds": r["fit_s"]} for r in rows]
     if distributed.context().is_main:
         report.write_table(table, out / "freeze_depth")
     return table
+
+
+def repeat_seeds(data: str | os.PathLike, first: FinetuneResult, out: str | os.PathLike,
+                 repeats: int, **kwargs) -> list[dict]:
+    """Train ``first``'s run again with the next ``repeats - 1`` seeds; summarise the seeds.
+
+    Only training is reseeded (head init, minibatch order, augmentation): the splits and the
+    features stay those of ``first``'s seed, so every seed is scored on the same test images.
+    Each repeat writes its own run under ``out/repeats/seed-<S>/`` (``pipeline report`` does
+    not take those as rows); ``first.row`` gains the mean, standard deviation and t-interval
+    of the test accuracy over the seeds
+    (:func:`pipeline.scoring.with_repeats`), written again into ``out/results.*``, and
+    ``out/repeats.csv|md`` lists every seed's scores.
+
+    Parameters
+    ----------
+    data, kwargs
+        As given to :func:`finetune` for ``first`` (``seed`` and ``config`` included).
+    first
+        The run of the first seed.
+    out
+        ``first``'s folder.
+    repeats
+        Seeds in all, ``first``'s included.
+
+    Returns
+    -------
+    list of dict
+        One row of ``repeats.csv`` per seed.
+    """
+    out = Path(out)
+    config = kwargs.get("config") or FinetuneConfig()
+    seed = kwargs.pop("seed", config.seed)
+    runs = [first] + [finetune(data, out=out / "repeats" / f"seed-{seed + r}", seed=seed + r,
+                               split_seed=seed, **kwargs) for r in range(1, repeats)]
+    per_seed = [{"seed": seed + r, "best_epoch": run.row["best_epoch"],
+                 **{c: run.row[c] for c in SCORE_COLUMNS}, "seconds": run.row["fit_s"]}
+                for r, run in enumerate(runs)]
+    first.row = with_repeats(first.row, [run.row["test_accuracy"] for run in runs])
+    if distributed.context().is_main:
+        first.files.update(_write_row(out, first.row))
+        first.files.update(zip(("repeats_csv", "repeats_md"),
+                               map(str, report.write_table(per_seed, out / "repeats"))))
+    return per_seed
 
 
 def _config(cfg: FinetuneConfig) -> FinetuneConfig:
@@ -642,23 +709,41 @@ def _result(spec, cfg, cache, classes, trainer: _Trainer, history, y, proba, sta
     network = FinetunedNetwork.from_module(trainer.model, spec, classes,
                                            request=_request(cache.cache_path),
                                            cache_key=cache.key, unfrozen=blocks)
-    return FinetuneResult(row, history, y_pred, network)
+    return FinetuneResult(row, history, y_pred, network, test_labels=y, test_proba=proba)
 
 
 def _write(out: Path, spec, classes, cache, args, model, result: FinetuneResult) -> dict:
     name = f"{spec.name}-{cache.key[:8]}-finetune-{result.row['blocks_unfrozen']}"
-    model_path = result.model.save(out / "models" / f"{name.replace('/', '_')}{NETWORK_SUFFIX}")
+    name = name.replace("/", "_")
+    model_path = result.model.save(out / "models" / f"{name}{NETWORK_SUFFIX}")
     result.row["model"] = str(model_path)
-    csv, md = report.write_table([result.row], out / "results")
-    (out / "results.json").write_text(json.dumps([result.row], indent=2) + "\n")
+    # The test images in the order they were scored (the cache's), for pipeline report to
+    # pair this run with the heads and fine-tunes of the same cache key, image by image.
+    paths, leaked = leaked_test_images(cache.cache_path)
+    predictions = Path("predictions") / f"{name}.npz"
+    RowPredictions(paths, result.test_labels, result.test_pred, result.test_proba, leaked,
+                   classes).save(out / predictions)
+    result.row["predictions"] = predictions.as_posix()
+    files = _write_row(out, result.row)
     history_csv, _ = report.write_table(result.history, out / "history")
-    files = {"results_csv": str(csv), "results_md": str(md), "history_csv": str(history_csv),
-             "model": str(model_path)}
+    files.update({"history_csv": str(history_csv), "model": str(model_path),
+                  "predictions": str(out / predictions)})
+    files["reliability_png"] = str(report.reliability_diagram(
+        {f"top {result.row['blocks_unfrozen']} block(s)":
+         reliability_curve(result.test_labels, result.test_proba)},
+        out / "reliability.png", f"{spec.name}, fine-tuned: calibration on the test split"))
     if result.history:
         files["history_png"] = str(report.training_curves(
             result.history, out / "history.png",
             f"{spec.name}, top {result.row['blocks_unfrozen']} block(s) fine-tuned"))
     return files
+
+
+def _write_row(out: Path, row: dict) -> dict:
+    """``results.csv|md|json`` of one run: its row, each score with its 95% interval."""
+    csv, md = report.write_table([row], out / "results")
+    (out / "results.json").write_text(json.dumps([row], indent=2) + "\n")
+    return {"results_csv": str(csv), "results_md": str(md)}
 
 
 def _request(cache_path: Path) -> dict:

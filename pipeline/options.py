@@ -48,6 +48,9 @@ class HeadsOptions:
     shots: tuple[int | str, ...] = ()  # examples per class for the data-efficiency curve
     draws: int = 5  # random draws per number of shots
     seed: int = 0
+    # fits per head with seeds seed, seed+1, ... on the same splits: the spread over seeds
+    # (initialisation, minibatch order) beside the single run's interval over test images
+    repeats: int = 1
 
 
 @dataclass(frozen=True)

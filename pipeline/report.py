@@ -1,4 +1,11 @@
-"""Tables and plots of the stages' results: CSV and Markdown tables, bar charts, curves.
+"""Tables and plots of the stages' results, and ``pipeline report``: which differences are real.
+
+``pipeline report`` gathers every results row of heads and fine-tunes, and compares the rows
+scored on the same test images (the same cache key) image by image, from the test predictions
+each stage stores beside its ``results.json`` (:class:`pipeline.scoring.RowPredictions`):
+each row against the best one (McNemar's test and the paired bootstrap interval of the
+accuracy difference, :mod:`pipeline.significance`), and the best fine-tune against the best
+transfer head, in one sentence at the top of ``report.md``.
 
 Plots are drawn on a :class:`matplotlib.figure.Figure` and written to a file: no pyplot, so
 the caller's matplotlib backend and figures are left alone (and matplotlib is imported only
@@ -15,8 +22,11 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.calibration import ReliabilityCurve, reliability_curve
 from pipeline.errors import PipelineError
 from pipeline.layouts import display
+from pipeline.scoring import SCORE_COLUMNS, RowPredictions, interval_columns
+from pipeline.significance import SIGNIFICANCE_LEVEL, accuracy_interval, paired_difference
 
 
 def _cell(value) -> str:
@@ -25,8 +35,12 @@ def _cell(value) -> str:
     return display(str(value))  # class names from folders may hold bytes that are not UTF-8
 
 
-def write_table(rows: Sequence[dict], stem: str | os.PathLike) -> tuple[Path, Path]:
-    """``stem.csv`` and ``stem.md`` with the same columns, in the order of the first row."""
+def write_table(rows: Sequence[dict], stem: str | os.PathLike, preamble: str = ""
+                ) -> tuple[Path, Path]:
+    """``stem.csv`` and ``stem.md`` with the same columns, in the order of the first row.
+
+    ``preamble`` (Markdown) goes above the table in ``stem.md``.
+    """
     stem = Path(stem)
     stem.parent.mkdir(parents=True, exist_ok=True)
     columns = list(rows[0]) if rows else []
@@ -34,7 +48,8 @@ def write_table(rows: Sequence[dict], stem: str | os.PathLike) -> tuple[Path, Pa
         writer = csv.DictWriter(fh, columns)
         writer.writeheader()
         writer.writerows({c: _cell(r.get(c, "")) for c in columns} for r in rows)
-    stem.with_suffix(".md").write_text(markdown_table(rows))
+    stem.with_suffix(".md").write_text((preamble.rstrip() + "\n\n" if preamble else "")
+                                       + markdown_table(rows))
     return stem.with_suffix(".csv"), stem.with_suffix(".md")
 
 
@@ -47,18 +62,42 @@ def markdown_table(rows: Sequence[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-REPORT_COLUMNS = ("method", "backbone", "head", "chosen", "test_accuracy", "balanced_accuracy",
-                  "macro_f1", "log_loss", "fit_s", "cache_key")
+_SCORES = tuple(c for name in SCORE_COLUMNS for c in (name, *interval_columns(name)))
+SEED_COLUMNS = ("repeats", "test_accuracy_seeds_mean", "test_accuracy_seeds_std",
+                "test_accuracy_seeds_ci_low", "test_accuracy_seeds_ci_high")
+# What the report takes from each results.json row.
+REPORT_COLUMNS = ("method", "backbone", "head", "chosen", *_SCORES, *SEED_COLUMNS, "fit_s",
+                  "cache_key")
+# What it adds: the comparison with the best row of the same test images ...
+COMPARISON_COLUMNS = ("diff_vs_best", *interval_columns("diff_vs_best"), "p_vs_best")
+# ... and, where test images are also training images, the scores without them.
+LEAK_COLUMNS = ("leaked_test_images", "test_accuracy_without_leaked",
+                *interval_columns("test_accuracy_without_leaked"))
+# The report's columns in order: accuracy, its spread over seeds and the comparison first.
+_ORDER = ("method", "backbone", "head", "chosen", *_SCORES[:3], *SEED_COLUMNS,
+          *COMPARISON_COLUMNS, *_SCORES[3:], *LEAK_COLUMNS, "fit_s", "cache_key", "predictions")
 
 
 def gather_results(folder: str | os.PathLike) -> list[dict]:
-    """Every results row that stage 2 (heads) and stage 3 (fine-tunes) wrote under ``folder``."""
+    """Every results row that stage 2 (heads) and stage 3 (fine-tunes) wrote under ``folder``.
+
+    Each row has :data:`REPORT_COLUMNS` (blank where a row lacks one) and ``predictions``:
+    the path of its stored test predictions, blank for rows written without them. The
+    report's own folder and the seed repeats of a fine-tune (``repeats/seed-<S>/``,
+    summarised in their first seed's row) are not rows.
+    """
+    folder = Path(folder)
     rows = []
-    for path in sorted(Path(folder).rglob("results.json")):
-        if path.parent.name == "report":
+    for path in sorted(folder.rglob("results.json")):
+        run = path.parent
+        if run.name == "report" or (run.parent.name == "repeats"
+                                    and run.name.startswith("seed-")):
             continue
         for row in json.loads(path.read_text()):
-            rows.append({c: row.get(c, "") for c in REPORT_COLUMNS})
+            entry = {c: row.get(c, "") for c in REPORT_COLUMNS}
+            entry["predictions"] = str(run / row["predictions"]) if row.get("predictions") \
+                else ""
+            rows.append(entry)
     return rows
 
 
@@ -66,7 +105,18 @@ def write_report(folder: str | os.PathLike, out: str | os.PathLike | None = None
     """One table and one chart: transfer learning and fine-tuning on the same features.
 
     Rows are grouped by cache key (backbone, weights, preprocessing, data and splits); only
-    rows that share one are measured on the same test images.
+    rows that share one are measured on the same test images, and only those are compared:
+    each with the best row of its key (``diff_vs_best`` with its paired bootstrap interval,
+    ``p_vs_best`` from McNemar's exact test), and the best fine-tune with the best transfer
+    head, in one sentence per key at the top of ``report.md``. Test images identical to a
+    training or validation image are counted, and the rows scored without them too.
+
+    Returns
+    -------
+    dict
+        ``summary`` (the sentences), ``rows`` (the table), ``cache_keys`` and ``files``
+        (``report.csv|md|json|png`` and, where rows have probabilities, ``reliability.png``
+        of the best head and the best fine-tune).
     """
     out = Path(out) if out else Path(folder) / "report"
     rows = gather_results(folder)
@@ -74,29 +124,183 @@ def write_report(folder: str | os.PathLike, out: str | os.PathLike | None = None
         raise PipelineError(f"no results.json of heads or fine-tunes under {folder}; "
                             "run `pipeline heads` or `pipeline finetune` first")
     rows.sort(key=lambda r: (r["cache_key"], -r["test_accuracy"]))
-    csv, md = write_table(rows, out / "report")
-    labels = [f"{r['method']}: {r['backbone']} / {r['head']}" for r in rows]
-    png = bar_chart(labels, [r["test_accuracy"] for r in rows], out / "report.png",
-                    "Transfer learning (frozen trunk) against fine-tuning",
-                    colors=["tab:orange" if r["method"] == "fine-tune" else "tab:blue"
-                            for r in rows])
+    predictions = [_load_predictions(r["predictions"]) for r in rows]
     keys = sorted({r["cache_key"] for r in rows})
-    return {"rows": rows, "cache_keys": keys, "files": {"report_csv": str(csv),
-                                                        "report_md": str(md),
-                                                        "report_png": str(png)}}
+    summary = []
+    for key in keys:
+        mine = [i for i, r in enumerate(rows) if r["cache_key"] == key]
+        summary += _compare_key([rows[i] for i in mine], [predictions[i] for i in mine],
+                                f"On cache {key[:8]} ({rows[mine[0]]['backbone']}): "
+                                if len(keys) > 1 else "")
+    missing = sum(p is None for p in predictions)
+    if missing:
+        summary.append(f"{missing} row(s) have no stored test predictions (results written "
+                       "before predictions were stored): run their stage again to compare "
+                       "them image by image.")
+    table = _table(rows)
+    csv, md = write_table(table, out / "report", preamble="\n\n".join(summary))
+    (out / "report.json").write_text(json.dumps({"summary": summary, "rows": table},
+                                                indent=2) + "\n")
+    files = {"report_csv": str(csv), "report_md": str(md), "report_json": str(out / "report.json")}
+    labels = [f"{r['method']}: {r['backbone']} / {r['head']}" for r in rows]
+    files["report_png"] = str(bar_chart(
+        labels, [r["test_accuracy"] for r in rows], out / "report.png",
+        "Transfer learning (frozen trunk) against fine-tuning\n(test accuracy, 95% interval)",
+        colors=["tab:orange" if r["method"] == "fine-tune" else "tab:blue" for r in rows],
+        intervals=[[r[c] for c in interval_columns("test_accuracy")] for r in rows]))
+    curves = _best_curves(rows, predictions)
+    if curves:
+        files["reliability_png"] = str(reliability_diagram(
+            curves, out / "reliability.png", "Calibration of the best head and fine-tune"))
+    return {"summary": summary, "rows": table, "cache_keys": keys, "files": files}
+
+
+def _load_predictions(path: str) -> RowPredictions | None:
+    if not path or not Path(path).exists():
+        return None
+    try:
+        return RowPredictions.load(path)
+    except (OSError, ValueError) as err:  # a damaged or foreign file: numpy raises either
+        raise PipelineError(f"cannot read stored predictions {path}: {err}; run the stage "
+                            "that wrote them again") from None
+
+
+def _aligned(predictions: RowPredictions, reference: RowPredictions) -> RowPredictions | None:
+    """``predictions`` in the order of ``reference``'s images; None if the images differ."""
+    if np.array_equal(predictions.paths, reference.paths):
+        out = predictions
+    elif sorted(predictions.paths.tolist()) == sorted(reference.paths.tolist()):
+        position = {p: i for i, p in enumerate(predictions.paths.tolist())}
+        order = np.array([position[p] for p in reference.paths.tolist()], dtype=np.int64)
+        out = RowPredictions(
+            predictions.paths[order], predictions.y_true[order], predictions.y_pred[order],
+            None if predictions.proba is None else predictions.proba[order],
+            None if predictions.leaked is None else predictions.leaked[order],
+            predictions.classes)
+    else:
+        return None
+    return out if np.array_equal(out.y_true, reference.y_true) else None
+
+
+def _compare_key(rows: list[dict], predictions: list, prefix: str) -> list[str]:
+    """Add the comparison (and leakage) columns to the rows of one cache key; its sentences.
+
+    ``rows`` are sorted best first.
+    """
+    stored = [i for i, p in enumerate(predictions) if p is not None]
+    if not stored:
+        return []
+    best = stored[0]  # the most accurate row with predictions (ties: the first listed)
+    reference = predictions[best]
+    paired = {i: _aligned(predictions[i], reference) for i in stored}
+    paired = {i: p for i, p in paired.items() if p is not None}
+    for i, p in paired.items():
+        d = paired_difference(reference.y_true, p.y_pred, reference.y_pred)
+        rows[i].update(zip(COMPARISON_COLUMNS, (d.difference, d.ci_low, d.ci_high, d.p_value)))
+    sentences = [_verdict(rows, paired, best, prefix)]
+    if reference.leaked is not None and reference.leaked.any():
+        sentences.append(_leakage(rows, paired, best, reference.leaked, prefix))
+    return sentences
+
+
+def _verdict(rows: list[dict], paired: dict, best: int, prefix: str) -> str:
+    """Which row is best, how many are within noise of it, and transfer against fine-tuning."""
+    top, y = rows[best], paired[best].y_true
+    low, high = (top[c] for c in interval_columns("test_accuracy"))
+    text = (f"{prefix}Best: {top['method']} {top['backbone']} / {top['head']}, test accuracy "
+            f"{top['test_accuracy']:.3f} (95% CI {low:.3f} to {high:.3f}) on {len(y)} test "
+            "images")
+    others = [i for i in paired if i != best]
+    close = sum(rows[i]["p_vs_best"] >= SIGNIFICANCE_LEVEL for i in others)
+    rows_word = "row" if len(others) == 1 else "rows"
+    if close:
+        text += (f", though {close} of the {len(others)} other {rows_word} "
+                 f"{'is' if close == 1 else 'are'} not significantly worse (McNemar p >= "
+                 f"{SIGNIFICANCE_LEVEL})")
+    elif others:
+        text += f", significantly better than the {len(others)} other {rows_word}"
+    first = {}  # the best row of each method: rows are sorted best first
+    for i in paired:
+        first.setdefault(rows[i]["method"], i)
+    if {"transfer", "fine-tune"} <= set(first):
+        tuned, transfer = first["fine-tune"], first["transfer"]
+        d = paired_difference(y, paired[tuned].y_pred, paired[transfer].y_pred)
+        verdict = "differ" if d.p_value < SIGNIFICANCE_LEVEL else "do not differ"
+        text += (f"; fine-tuning (best: {rows[tuned]['head']}, "
+                 f"{rows[tuned]['test_accuracy']:.3f}) and transfer (best: "
+                 f"{rows[transfer]['head']}, {rows[transfer]['test_accuracy']:.3f}) {verdict} "
+                 f"significantly on this data (difference {d.difference:+.3f}, 95% CI "
+                 f"{d.ci_low:+.3f} to {d.ci_high:+.3f}, McNemar p = {_p(d.p_value)})")
+    else:
+        only = next(iter(first))
+        text += (f"; only {only} rows were scored on these images, so transfer and "
+                 "fine-tuning are not compared")
+    return text + "."
+
+
+def _leakage(rows: list[dict], paired: dict, best: int, leaked: np.ndarray, prefix: str) -> str:
+    """Score every row without the test images that are also training images; say so."""
+    keep = ~leaked
+    for i, p in paired.items():
+        right = int(np.sum(p.y_pred[keep] == p.y_true[keep]))
+        low, high = (accuracy_interval(right, int(keep.sum())) if keep.any()
+                     else (float("nan"), float("nan")))
+        rows[i].update(zip(LEAK_COLUMNS, (int(leaked.sum()),
+                                          right / keep.sum() if keep.any() else float("nan"),
+                                          low, high)))
+    top = rows[best]
+    return (f"{prefix}Warning: {int(leaked.sum())} of {len(leaked)} test images are "
+            "identical to a training or validation image (same bytes), which inflates every "
+            f"score; without them the best row scores {top['test_accuracy_without_leaked']:.3f} "
+            f"instead of {top['test_accuracy']:.3f} (column test_accuracy_without_leaked).")
+
+
+def _p(value: float) -> str:
+    return "< 0.001" if value < 0.001 else f"{value:.3f}"
+
+
+def _table(rows: list[dict]) -> list[dict]:
+    """The rows in the report's column order; seed, comparison and leakage columns only where
+    some row has them."""
+    optional = {*SEED_COLUMNS, *COMPARISON_COLUMNS, *LEAK_COLUMNS}
+    columns = [c for c in _ORDER
+               if c not in optional or any(r.get(c, "") != "" for r in rows)]
+    return [{c: r.get(c, "") for c in columns} for r in rows]
+
+
+def _best_curves(rows: list[dict], predictions: list) -> dict[str, ReliabilityCurve]:
+    """Reliability of the most accurate head and fine-tune that have probabilities."""
+    curves = {}
+    for method in ("transfer", "fine-tune"):
+        found = [i for i, p in enumerate(predictions)
+                 if p is not None and p.proba is not None and rows[i]["method"] == method]
+        if found:
+            i = max(found, key=lambda i: rows[i]["test_accuracy"])
+            name = f"{method}: {rows[i]['backbone']} / {rows[i]['head']}"
+            curves[name] = reliability_curve(predictions[i].y_true, predictions[i].proba)
+    return curves
 
 
 def bar_chart(labels: Sequence[str], values: Sequence[float], path: str | os.PathLike,
-              title: str, xlabel: str = "test accuracy", colors: Sequence[str] | None = None
-              ) -> Path:
-    """Horizontal bars, best on top, each labelled with its value."""
+              title: str, xlabel: str = "test accuracy", colors: Sequence[str] | None = None,
+              intervals: Sequence[Sequence[float]] | None = None) -> Path:
+    """Horizontal bars, best on top, each labelled with its value.
+
+    ``intervals`` (one ``(low, high)`` per bar; blank or NaN for none) are drawn as error
+    bars.
+    """
     order = np.argsort(values, kind="stable")
     colors = colors or ["tab:blue"] * len(labels)
     fig, ax = _figure(figsize=(8, 0.45 * len(labels) + 1.2))
-    bars = ax.barh([labels[i] for i in order], [values[i] for i in order],
-                   color=[colors[i] for i in order])
-    ax.bar_label(bars, fmt="%.3f", padding=3)
-    ax.set_xlim(0, 1.08)
+    values = np.asarray(values, dtype=np.float64)[order]
+    bounds = np.array([[_number(v) for v in intervals[i]] for i in order]
+                      if intervals else np.full((len(order), 2), np.nan)).reshape(-1, 2)
+    errors = np.nan_to_num(np.abs(bounds - values[:, None]).T)  # (2, bars): below, above
+    ax.barh([labels[i] for i in order], values, color=[colors[i] for i in order],
+            xerr=errors, error_kw={"capsize": 3, "elinewidth": 1})
+    for y, (value, top) in enumerate(zip(values, np.fmax(bounds[:, 1], values))):
+        ax.text(top + 0.01, y, f"{value:.3f}", va="center")
+    ax.set_xlim(0, 1.12)
     ax.set_xlabel(xlabel)
     ax.set_title(title)
     return _save(fig, path)
@@ -115,14 +319,13 @@ def confusion_matrix_plot(y_true, y_pred, classes: Sequence[str], path: str | os
     return _save(fig, path)
 
 
-def curve_plot(series: dict[str, tuple[list, list, list]], path: str | os.PathLike, title: str,
-               xlabel: str, ylabel: str, log_x: bool = False) -> Path:
-    """One line per series ``name -> (x, mean, spread)``, the spread drawn as a band."""
+def curve_plot(series: dict[str, tuple[list, list, list, list]], path: str | os.PathLike,
+               title: str, xlabel: str, ylabel: str, log_x: bool = False) -> Path:
+    """One line per series ``name -> (x, mean, low, high)``, ``low`` to ``high`` a band."""
     fig, ax = _figure(figsize=(7, 4.5))
-    for name, (x, mean, spread) in series.items():
-        x, mean, spread = map(np.asarray, (x, mean, spread))
+    for name, (x, mean, low, high) in series.items():
         ax.plot(x, mean, marker="o", label=name)
-        ax.fill_between(x, mean - spread, mean + spread, alpha=0.2)
+        ax.fill_between(x, low, high, alpha=0.2)
     if log_x:
         ax.set_xscale("log")
     ax.set_xlabel(xlabel)
@@ -130,6 +333,39 @@ def curve_plot(series: dict[str, tuple[list, list, list]], path: str | os.PathLi
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
+    return _save(fig, path)
+
+
+def reliability_diagram(curves: dict[str, ReliabilityCurve], path: str | os.PathLike,
+                        title: str) -> Path:
+    """Accuracy against confidence per bin (on the diagonal: calibrated), and bin sizes.
+
+    Parameters
+    ----------
+    curves
+        Name (with which the legend shows its expected calibration error) to curve, from
+        :func:`pipeline.calibration.reliability_curve`.
+    path, title
+        The image file and its title.
+    """
+    fig, (ax, share) = _figure(2, 1, figsize=(6, 6.5), sharex=True,
+                               gridspec_kw={"height_ratios": [3, 1]})
+    ax.plot([0, 1], [0, 1], color="grey", linestyle=":", label="calibrated")
+    for name, curve in curves.items():
+        filled = curve.count > 0
+        ax.plot(curve.confidence[filled], curve.accuracy[filled], marker="o",
+                label=f"{name} (ECE {curve.ece:.3f})")
+        centres = (curve.edges[:-1] + curve.edges[1:]) / 2
+        share.plot(centres, curve.count / curve.count.sum(), drawstyle="steps-mid")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("accuracy in bin")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small", loc="upper left")
+    share.set_xlabel("confidence (largest class probability)")
+    share.set_ylabel("share of images")
+    share.grid(alpha=0.3)
     return _save(fig, path)
 
 
@@ -153,12 +389,17 @@ def training_curves(history: Sequence[dict], path: str | os.PathLike, title: str
     return _save(fig, path)
 
 
-def _figure(*grid: int, figsize: tuple[float, float]):
+def _figure(*grid: int, figsize: tuple[float, float], **subplots):
     """A figure of its own and its axes, outside pyplot's registry of open figures."""
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=figsize)
-    return fig, fig.subplots(*grid)
+    return fig, fig.subplots(*grid, **subplots)
+
+
+def _number(value) -> float:
+    """A table cell as a float: blank (a row written without it) is NaN."""
+    return float("nan") if value == "" or value is None else float(value)
 
 
 def _save(fig, path: str | os.PathLike) -> Path:

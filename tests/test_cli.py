@@ -152,6 +152,51 @@ def test_finetune_blocks_and_report_commands(tmp_path, image_folder):
     _assert_one_line_error(_run("blocks", "squeezenet1_0"), "cannot find the blocks")
 
 
+def test_repeats_and_the_report_that_compares_rows(tmp_path, image_folder):
+    out = tmp_path / "run"
+    heads = _run("heads", _cache(tmp_path, image_folder), "--heads", "logreg,mlp", "--repeats",
+                 "2", "--out", out / "heads", "--json")
+    assert heads.exit_code == 0, heads.output
+    assert [r["repeats"] for r in json.loads(heads.stdout)["results"]] == [2, 2]
+
+    def tune(folder):
+        tuned = _run("finetune", image_folder, *TINY_ARGS, "--cache-dir", tmp_path / "c",
+                     "--unfreeze", "1", "--epochs", "1", "--batch-size", "8", "--repeats", "2",
+                     "--out", folder, "--json")
+        assert tuned.exit_code == 0, tuned.output
+        return json.loads(tuned.stdout)
+
+    rows = tune(out / "finetune")
+    assert rows[0]["repeats"] == 2 and "test_accuracy_seeds_std" in rows[0]
+    run = out / "finetune" / "unfreeze-1"
+    saved = json.loads((run / "results.json").read_text())[0]
+    assert saved["repeats"] == 2 and saved["predictions"].endswith(".npz")
+    seeds = (run / "repeats.csv").read_text().splitlines()
+    assert [line.split(",")[0] for line in seeds[1:]] == ["0", "1"]
+    # The repeat kept the splits and features: its cache key is the first seed's.
+    repeat = json.loads((run / "repeats" / "seed-1" / "results.json").read_text())[0]
+    assert repeat["cache_key"] == saved["cache_key"]
+    import torch  # the repeat trained with its own seed: its checkpoint says so
+
+    args = torch.load(run / "repeats" / "seed-1" / "checkpoint.pt", weights_only=True)["args"]
+    assert json.loads(args)["config"]["seed"] == 1
+    tune(tmp_path / "again")  # the same seed, the same scores for every seed
+
+    def scores(folder):
+        return [line.rsplit(",", 1)[0] for line in  # all but the seconds
+                (folder / "unfreeze-1" / "repeats.csv").read_text().splitlines()]
+    assert scores(tmp_path / "again") == scores(out / "finetune")
+
+    report = _run("report", out)
+    assert report.exit_code == 0, report.output
+    assert report.output.startswith("Best: ")
+    assert "fine-tuning (best: finetune-1" in report.output.splitlines()[0]
+    table = json.loads(_run("report", out, "--json").stdout)
+    assert [r["head"] for r in table["rows"]].count("finetune-1") == 1  # repeats are not rows
+    assert all(0 <= r["p_vs_best"] <= 1 for r in table["rows"])
+    assert (out / "report" / "reliability.png").exists()
+
+
 def _manifest(root, split_cells):
     """A CSV manifest of 2 classes x 10 images; ``split_cells(i)`` gives image i's split."""
     lines = ["path,label" + (",split" if split_cells else "")]

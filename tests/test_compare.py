@@ -10,6 +10,8 @@ import pytest
 from pipeline.compare import fit_heads, load_cache_data, sample_shots
 from pipeline.errors import DataError, PipelineError
 from pipeline.extract import extract_features
+from pipeline.scoring import RowPredictions
+from pipeline.significance import accuracy_interval
 from tests.conftest import TINY, make_folder, make_split_folder
 
 
@@ -29,11 +31,56 @@ def test_table_plots_and_models_are_written(tmp_path, cache_file):
     assert row["backbone"] == "resnet18" and row["chosen"].startswith("C=")
     assert 0 <= row["test_accuracy"] <= 1 and row["test_n"] == 6 and row["fit_s"] > 0
     for name in ("results.csv", "results.md", "per_class.csv", "comparison.png",
-                 "confusion_matrix.png"):
+                 "confusion_matrix.png", "reliability.png"):
         assert (tmp_path / "out" / name).stat().st_size > 0, name
     assert result.rows[0]["model"].endswith("-logreg.head")
     lines = (tmp_path / "out" / "per_class.csv").read_text().splitlines()
     assert len(lines) == 1 + 2 * 3  # header + 2 heads x 3 classes
+
+
+def test_each_row_has_intervals_and_its_test_predictions(tmp_path, cache_file):
+    result = fit_heads([cache_file], HEADS, tmp_path / "out")
+    data = load_cache_data(cache_file)
+    for row in result.rows:
+        stored = RowPredictions.load(tmp_path / "out" / row["predictions"])
+        assert stored.paths.tolist() == data.test.paths
+        np.testing.assert_array_equal(stored.y_true, data.test.y)
+        right = int((stored.y_pred == stored.y_true).sum())
+        assert row["test_accuracy"] == right / len(data.test.y)
+        assert (row["test_accuracy_ci_low"], row["test_accuracy_ci_high"]) == \
+            accuracy_interval(right, len(data.test.y))
+        assert stored.proba.shape == (len(data.test.y), 3) and not stored.leaked.any()
+        assert row["macro_f1_ci_low"] <= row["macro_f1"] <= row["macro_f1_ci_high"]
+    header = (tmp_path / "out" / "results.csv").read_text().splitlines()[0].split(",")
+    assert header[3:6] == ["test_accuracy", "test_accuracy_ci_low", "test_accuracy_ci_high"]
+    saved = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert saved[0]["ece_ci_high"] == result.rows[0]["ece_ci_high"]
+
+
+def test_repeats_refit_with_other_seeds_on_the_same_splits(tmp_path, cache_file):
+    def run(out):
+        return fit_heads([cache_file], ["logreg", "mlp"], out, repeats=3, seed=5)
+
+    first, again = run(tmp_path / "a"), run(tmp_path / "b")
+    single = fit_heads([cache_file], ["logreg", "mlp"], tmp_path / "c", seed=5)
+    logreg, mlp = first.rows
+    assert logreg["repeats"] == mlp["repeats"] == 3
+    assert logreg["test_accuracy_seeds_std"] == 0  # L-BFGS on the same split: no seed in it
+    seeds = (tmp_path / "a" / "repeats.csv").read_text().splitlines()
+    assert len(seeds) == 1 + 2 * 3 and [line.split(",")[2] for line in seeds[4:]] == \
+        ["5", "6", "7"]
+    accuracies = [float(line.split(",")[4]) for line in seeds[4:]]
+    assert mlp["test_accuracy_seeds_mean"] == pytest.approx(np.mean(accuracies), abs=1e-4)
+    # The first seed is the single run: repeats add columns and change no score.
+    for row, alone in zip(first.rows, single.rows):
+        assert {k: row[k] for k in alone if not k.endswith("_s") and k != "model"} == \
+            {k: alone[k] for k in alone if not k.endswith("_s") and k != "model"}
+    strip = [{k: v for k, v in r.items() if not k.endswith("_s") and k != "model"}
+             for r in first.rows]
+    assert strip == [{k: v for k, v in r.items() if not k.endswith("_s") and k != "model"}
+                     for r in again.rows]
+    with pytest.raises(PipelineError, match="repeats"):
+        fit_heads([cache_file], ["logreg"], tmp_path / "d", repeats=0)
 
 
 def test_same_seed_same_table_to_the_digit(tmp_path, cache_file):
@@ -67,6 +114,9 @@ def test_shots_table_has_a_row_per_k_with_spread(tmp_path, cache_file):
     largest = int(np.bincount(load_cache_data(cache_file).train.y).max())
     assert by_k["all"]["k"] == largest and by_k[3]["k"] == 3
     assert by_k["all"]["mean_accuracy"] == result.rows[0]["test_accuracy"]
+    assert by_k["all"]["accuracy_ci_low"] == result.rows[0]["test_accuracy_ci_low"]
+    for row in result.shots:
+        assert row["accuracy_ci_low"] <= row["mean_accuracy"] <= row["accuracy_ci_high"]
     assert (tmp_path / "out" / "shots.png").stat().st_size > 0
 
 

@@ -9,8 +9,17 @@ import pytest
 from sklearn.linear_model import LogisticRegression
 from sklearn.svm import LinearSVC
 
-from pipeline.report import REPORT_COLUMNS
-from pipeline.scoring import class_probabilities, results_row, score_predictions
+from pipeline.calibration import expected_calibration_error
+from pipeline.report import REPORT_COLUMNS, SEED_COLUMNS
+from pipeline.scoring import (
+    RowPredictions,
+    class_probabilities,
+    results_row,
+    score_predictions,
+    scores_with_intervals,
+    with_repeats,
+)
+from pipeline.significance import accuracy_interval
 
 
 def _two_of_four_classes():
@@ -41,6 +50,7 @@ def test_scores_on_a_small_example():
     assert scores["macro_f1"] == pytest.approx((2 / 3 + 2 / 3 + 1) / 3)
     expected = -np.mean(np.log([0.8, 0.2, 0.7, 0.4]))
     assert scores["log_loss"] == pytest.approx(expected)
+    assert scores["ece"] == pytest.approx(expected_calibration_error(y, proba))
 
 
 def test_log_loss_renormalises_rows_and_counts_absent_classes():
@@ -57,8 +67,57 @@ def test_the_row_has_the_columns_of_both_stages_in_order():
                       y_true=y, y_pred=np.array([0, 1, 0]), proba=None, n_classes=2,
                       fit_s=1.5, predict_s=float("nan"), blocks_unfrozen=1, best_epoch=2,
                       cache_key="abc", method="fine-tune")
-    assert list(row) == ["backbone", "head", "chosen", "test_accuracy", "balanced_accuracy",
-                         "macro_f1", "log_loss", "fit_s", "predict_s", "blocks_unfrozen",
-                         "best_epoch", "cache_key", "method"]
-    assert set(REPORT_COLUMNS) <= set(row)
+    scores = [c for m in ("test_accuracy", "balanced_accuracy", "macro_f1", "log_loss", "ece")
+              for c in (m, f"{m}_ci_low", f"{m}_ci_high")]
+    assert list(row) == ["backbone", "head", "chosen", *scores, "fit_s", "predict_s",
+                         "blocks_unfrozen", "best_epoch", "cache_key", "method"]
+    assert set(REPORT_COLUMNS) - set(SEED_COLUMNS) <= set(row)
     assert row["test_accuracy"] == pytest.approx(2 / 3) and row["blocks_unfrozen"] == 1
+    assert (row["test_accuracy_ci_low"], row["test_accuracy_ci_high"]) == accuracy_interval(2, 3)
+    assert math.isnan(row["log_loss_ci_low"])  # no probabilities, no log loss to bound
+
+
+def test_every_score_sits_inside_its_interval_and_the_same_input_gives_the_same_one():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 4, 300)
+    proba = rng.dirichlet(np.ones(4), 300)
+    proba[np.arange(300), y] += 0.3
+    proba /= proba.sum(1, keepdims=True)
+    first = scores_with_intervals(y, proba.argmax(1), proba, 4)
+    for name in ("test_accuracy", "balanced_accuracy", "macro_f1", "log_loss", "ece"):
+        assert first[f"{name}_ci_low"] < first[name] < first[f"{name}_ci_high"], name
+    assert scores_with_intervals(y, proba.argmax(1), proba, 4) == first
+
+
+def test_repeats_sit_beside_the_single_run_interval():
+    row = results_row(backbone="b", head="mlp", chosen="", y_true=np.array([0, 1]),
+                      y_pred=np.array([0, 1]), proba=None, n_classes=2, fit_s=1.0,
+                      predict_s=0.1, cache_key="k", method="transfer")
+    repeated = with_repeats(row, [1.0, 0.9, 0.8])
+    columns = list(repeated)
+    at = columns.index("test_accuracy_ci_high")
+    assert columns[at + 1:at + 6] == list(SEED_COLUMNS)
+    assert repeated["repeats"] == 3 and repeated["test_accuracy_seeds_mean"] == pytest.approx(0.9)
+    assert repeated["test_accuracy_seeds_std"] == pytest.approx(0.1)
+    assert repeated["test_accuracy"] == 1.0  # the row's own scores stay the first seed's
+
+
+def test_stored_predictions_read_back_as_written(tmp_path):
+    stored = RowPredictions(np.array(["a/1.png", "b/\udcff.png"]), np.array([0, 1]),
+                            np.array([0, 0]), np.array([[0.9, 0.1], [0.6, 0.4]], np.float32),
+                            np.array([False, True]), ["a", "b"])
+    path = stored.save(tmp_path / "p" / "x.npz")
+    back = RowPredictions.load(path)
+    assert back.paths.tolist() == ["a/1.png", "b/\udcff.png"] and back.classes == ["a", "b"]
+    for name in ("y_true", "y_pred", "proba", "leaked"):
+        np.testing.assert_array_equal(getattr(back, name), getattr(stored, name))
+    bare = RowPredictions(stored.paths, stored.y_true, stored.y_pred, None, None, ["a", "b"])
+    back = RowPredictions.load(bare.save(tmp_path / "bare.npz"))
+    assert back.proba is None and back.leaked is None
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["bare.npz", "p", "x.npz"]  # no .partial
+    with pytest.raises(ValueError, match="unequal lengths"):
+        RowPredictions(stored.paths[:1], stored.y_true, stored.y_pred, None, None,
+                       ["a", "b"]).save(tmp_path / "short.npz")
+    np.savez(tmp_path / "other.npz", a=np.zeros(2))
+    with pytest.raises(ValueError, match="not a pipeline-predictions"):
+        RowPredictions.load(tmp_path / "other.npz")
