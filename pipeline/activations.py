@@ -23,11 +23,9 @@ import numpy as np
 import torch
 from torch import fx, nn
 
-from pipeline import distributed
 from pipeline.blocks import Block, is_under
 from pipeline.cache import FeatureWriter, cache_path
 from pipeline.data import ImageFiles, ImageSet
-from pipeline.devices import autocast
 from pipeline.errors import CacheError, PipelineError
 
 # Relative tolerance of the check that a cut network gives the whole network's logits.
@@ -62,23 +60,28 @@ class _Logits(nn.Module):
         return self.graph_module(activation)["features"]
 
 
-def cut_network(spec, model: nn.Module, unfreeze: int) -> Cut:
-    """Cut ``model`` (its classifier already the new head) below its top ``unfreeze`` blocks.
+def lowest_trained(spec, model: nn.Module, blocks: Sequence[Block], unfreeze: int) -> Block:
+    """The block whose input is cached when the top ``unfreeze`` of ``blocks`` are trained."""
+    if not 0 <= unfreeze <= len(blocks):
+        raise ActivationError(f"no block boundary below the top {unfreeze} of {len(blocks)} "
+                              "blocks")
+    if unfreeze:
+        return blocks[len(blocks) - unfreeze]
+    # At 0 the head alone trains: the boundary is the classifier's input (the bottleneck).
+    classifier = spec.adapter.classifier(model)[0]
+    return Block(classifier, (classifier,))
+
+
+def cut_network(spec, model: nn.Module, block: Block) -> Cut:
+    """Cut ``model`` (its classifier already the new head) at the input of ``block``.
 
     Raises
     ------
     ActivationError
-        For ``unfreeze`` outside 0 .. blocks, or a boundary that other tensors cross.
+        For a boundary that other tensors cross, or that does not give the model's logits.
     """
     adapter = spec.adapter
-    blocks = adapter.blocks(model)
-    if not 0 <= unfreeze <= len(blocks):
-        raise ActivationError(f"no block boundary below the top {unfreeze} of {len(blocks)} "
-                              "blocks")
-    classifier = adapter.classifier(model)[0]
-    # At 0 the head alone trains: the boundary is the classifier's input (the bottleneck).
-    block = (blocks[len(blocks) - unfreeze] if unfreeze else Block(classifier, (classifier,)))
-    whole = adapter.extractor(model, classifier).eval()
+    whole = adapter.extractor(model, adapter.classifier(model)[0]).eval()
     graph = whole.graph
     first = next((n for n in graph.nodes
                   if n.op == "call_module" and is_under(n.target, block.modules)), None)
@@ -165,16 +168,17 @@ class ActivationPlan:
     def rows(self) -> int:
         return self.n_images + self.views * len(self.train)
 
-    def view_row(self, view: int, j: int) -> int:
-        """The row of view ``view`` of the ``j``-th training image."""
-        return self.n_images + view * len(self.train) + j
+    def view_rows(self, views: np.ndarray) -> np.ndarray:
+        """The rows of view ``views[j]`` of the ``j``-th training image, for every ``j``."""
+        return self.n_images + views * len(self.train) + np.arange(len(self.train))
 
 
-def activation_key_spec(feature_spec: dict, cut: Cut, dtype: str, views: int,
+def activation_key_spec(feature_spec: dict, block: str, dtype: str, views: int,
                         augment: str, seed: int) -> dict:
-    """The feature key's inputs, plus what decides the stored activations."""
+    """The feature key's inputs, plus what decides the stored activations (the graph node
+    cut at follows from the block, the network being the feature key's)."""
     return {**feature_spec, "activations": {
-        "block": cut.block, "node": cut.node, "dtype": dtype, "views": views,
+        "block": block, "dtype": dtype, "views": views,
         "augment": augment if views else "none", "view_seed": seed if views else None}}
 
 
@@ -193,68 +197,74 @@ def check_disk(folder: Path, needed: int) -> None:
                          "fewer --views, or --from-images")
 
 
-class _SeededViews:
-    """View ``view`` of image ``i`` augmented with its own seed: the same crops after a resume."""
+class _Views(ImageFiles):
+    """Augmented view ``view`` of each image, seeded by image and view: a resumed pass
+    writes the very crops an uninterrupted one would."""
 
-    def __init__(self, transform, seed: int, view: int):
-        self.transform, self.seed, self.view = transform, seed, view
+    def __init__(self, images: ImageSet, transform, shape, seed: int, view: int):
+        super().__init__(images, transform, shape)
+        self.seed, self.view = seed, view
 
-    def __call__(self, image, index: int):
+    def preprocess(self, image, i: int):
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.seed * 1_000_003 + self.view * 100_003 + index)
+            torch.manual_seed(self.seed * 1_000_003 + self.view * 100_003 + i)
             return self.transform(image)
 
 
-class _ViewFiles(ImageFiles):
-    """Images whose transform also takes the image index (for per-image seeds)."""
+class _Concatenated(nn.Module):
+    """Every boundary's activation of a multi-output lower graph, flattened side by side."""
 
-    def __getitem__(self, i: int):
-        plain, self.transform = self.transform, (lambda image: self.views(image, i))
-        try:
-            return super().__getitem__(i)
-        finally:
-            self.transform = plain
+    def __init__(self, lower: fx.GraphModule):
+        super().__init__()
+        self.lower = lower
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.lower(x)
+        return torch.cat([out[k].flatten(1) for k in sorted(out, key=_ordinal)], dim=1)
 
 
 def write_activations(cuts: Sequence[Cut], keys: Sequence[tuple[dict, str]], paths: Sequence[Path],
-                      images: ImageSet, plan: ActivationPlan, spec, plain_transform,
-                      view_transform, dtype: str, seed: int, device: torch.device,
-                      batch_size: int, workers: int, progress: bool) -> None:
-    """One trunk pass that writes every cut's activation file (resuming unfinished ones)."""
-    from tqdm import tqdm
+                      images: ImageSet, plan: ActivationPlan, spec, view_transform, dtype: str,
+                      seed: int, device: torch.device, batch_size: int, workers: int,
+                      progress: bool) -> None:
+    """One trunk pass that writes every cut's activation file (resuming unfinished ones).
 
-    todo = [i for i, p in enumerate(paths) if not p.exists()]
-    if not todo:
-        return
-    model_lower = _lower_many(cuts, todo)
-    model_lower.to(device, memory_format=torch.channels_last).eval()
+    The rows go through extraction's own loop (:func:`pipeline.extract.feature_batches`):
+    the plain images, then each view of the training images.
+    """
+    from pipeline.extract import feature_batches
+
+    lower = _lower_many(cuts)
+    lower.to(device, memory_format=torch.channels_last).eval()
     crop = spec.preprocessing.crop
-    shapes = _shapes(model_lower, crop, device)
+    shapes = _shapes(lower, crop, device)
     dims = [int(np.prod(s)) for s in shapes]
-    needed = sum(plan.rows * d * np.dtype(dtype).itemsize for d in dims)
-    check_disk(paths[todo[0]].parent, needed)
-    writers = []
-    for j, i in enumerate(todo):
-        meta = _meta(images, plan, spec)
-        writer = FeatureWriter(paths[i], keys[i][0], keys[i][1], dims[j], dtype, meta)
-        writer.file.attrs["activation_shape"] = list(shapes[j])
-        writers.append(writer)
-    started = min(w.rows_done for w in writers)
-    sources = [(np.arange(plan.n_images), ImageFiles(images, plain_transform, (3, crop, crop)))]
-    for view in range(plan.views):
-        files = _ViewFiles(images, plain_transform, (3, crop, crop))
-        files.views = _SeededViews(view_transform, seed, view)
-        sources.append((plan.train, files))
+    check_disk(paths[0].parent, sum(plan.rows * d * np.dtype(dtype).itemsize for d in dims))
+    meta = _meta(images, plan, spec)
+    writers = [FeatureWriter(path, key_spec, key, dim, dtype, meta)
+               for path, (key_spec, key), dim in zip(paths, keys, dims)]
+    for writer, shape in zip(writers, shapes):
+        writer.file.attrs["activation_shape"] = list(shape)
+    bounds = np.cumsum([0, *dims])
+    shape = (3, crop, crop)
+    sources = [(np.arange(plan.n_images), ImageFiles(images, spec.preprocessing.transform(),
+                                                     shape), "activations")]
+    sources += [(plan.train, _Views(images, view_transform, shape, seed, v), f"view {v + 1}")
+                for v in range(plan.views)]
+    model = _Concatenated(lower)
     try:
-        with tqdm(total=plan.rows, initial=started, unit="img", disable=not progress,
-                  desc=f"activations {spec.name}", dynamic_ncols=True) as bar:
-            offset = 0
-            for indices, files in sources:
-                lo = max(0, started - offset)
-                if lo < len(indices):
-                    _pass(model_lower, files, indices[lo:], offset + lo, writers, device,
-                          batch_size, workers, bar)
-                offset += len(indices)
+        row, done = 0, min(w.rows_done for w in writers)
+        for indices, files, desc in sources:
+            lo = min(len(indices), max(0, done - row))
+            row += lo
+            for batch in feature_batches(model, spec, images, device, indices[lo:], batch_size,
+                                         workers, progress, desc, lo, files):
+                failed = np.flatnonzero(~batch.valid) + row
+                failures = [(int(r), reason) for r, (_, reason) in zip(failed, batch.failures)]
+                for writer, a, b in zip(writers, bounds[:-1], bounds[1:]):
+                    if writer.rows_done < row + len(batch.index):  # else written before a kill
+                        writer.write(row, batch.features[:, a:b], batch.valid, failures)
+                row += len(batch.index)
         for w in writers:
             w.finish({"timings": {"written": time.strftime("%Y-%m-%dT%H:%M:%S%z")},
                       "plan": {"n_images": plan.n_images, "views": plan.views}})
@@ -263,14 +273,14 @@ def write_activations(cuts: Sequence[Cut], keys: Sequence[tuple[dict, str]], pat
             w.close()
 
 
-def _lower_many(cuts: Sequence[Cut], todo: Sequence[int]) -> fx.GraphModule:
-    """One lower graph returning every boundary of ``todo``'s cuts (they share one network).
+def _lower_many(cuts: Sequence[Cut]) -> fx.GraphModule:
+    """One lower graph returning every cut's boundary (they share one network).
 
     The graph of the highest boundary holds every lower one: the trunk runs once for all.
     """
-    deepest = max(todo, key=lambda i: len(cuts[i].lower.graph.nodes))
-    nodes = {n.name: n for n in cuts[deepest].lower.graph.nodes}
-    return _lower(cuts[deepest].lower, [nodes[cuts[i].node] for i in todo])
+    deepest = max(cuts, key=lambda cut: len(cut.lower.graph.nodes))
+    nodes = {n.name: n for n in deepest.lower.graph.nodes}
+    return _lower(deepest.lower, [nodes[cut.node] for cut in cuts])
 
 
 @torch.no_grad()
@@ -290,35 +300,15 @@ def _meta(images: ImageSet, plan: ActivationPlan, spec) -> dict:
             "data_root": str(images.root), "ignored": [], "request": spec.request}
 
 
-def _pass(lower, files, indices, start, writers, device, batch_size, workers, bar) -> None:
-    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(files, indices.tolist()),
-                                         batch_size=batch_size, shuffle=False,
-                                         num_workers=workers)
-    row = start
-    for x, _index, errors, _digest in loader:
-        x = x.to(device, non_blocking=True)
-        if device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
-        with torch.inference_mode(), autocast(device):
-            out = lower(x)
-        valid = np.array([not e for e in errors])
-        for name in sorted(out, key=_ordinal):
-            writer = writers[_ordinal(name)]
-            if writer.rows_done >= row + len(x):
-                continue  # this file already holds the batch (written before a kill)
-            values = out[name].float().flatten(1).cpu().numpy()
-            values[~valid] = np.nan
-            failures = [(row + k, e) for k, e in enumerate(errors) if e]
-            writer.write(row, values, valid, failures)
-        row += len(x)
-        bar.update(len(x))
-
-
 # --- reading ---------------------------------------------------------------------------------
 
 class CachedActivations(torch.utils.data.Dataset):
     """Rows of an activation cache as ``(activation, image index, error, "", label)``, like the
-    image loaders' items; the file is opened lazily in each process (h5py handles do not pickle)."""
+    image loaders' items; the file is opened lazily in each process (h5py handles do not pickle).
+
+    A DataLoader fetches a batch through ``__getitems__``: its rows in one sorted HDF5 read
+    instead of one read per row.
+    """
 
     def __init__(self, path: Path, rows: np.ndarray, images: np.ndarray, labels: np.ndarray):
         self.path, self.rows, self.images, self.labels = path, rows, images, labels
@@ -328,15 +318,18 @@ class CachedActivations(torch.utils.data.Dataset):
         return len(self.rows)
 
     def __getitem__(self, j: int):
+        return self.__getitems__([j])[0]
+
+    def __getitems__(self, js: Sequence[int]) -> list[tuple]:
         import h5py
 
         if self._file is None:
             self._file = h5py.File(self.path, "r")
             self._shape = tuple(self._file.attrs["activation_shape"])
-        values = self._file["features"][int(self.rows[j])]
-        x = torch.from_numpy(values.astype(np.float32)).view(self._shape)
-        return x, int(self.images[j]), "", "", int(self.labels[j])
-
-
-def shard_rows(rows: np.ndarray, ctx: distributed.Context) -> np.ndarray:
-    return rows[distributed.shard_indices(len(rows), ctx)]
+        rows = self.rows[np.asarray(js)]
+        # h5py reads increasing, distinct rows; a padded DDP shard may repeat one.
+        wanted, where = np.unique(rows, return_inverse=True)
+        values = self._file["features"][wanted].astype(np.float32)[where]
+        x = torch.from_numpy(values).view(len(js), *self._shape)
+        return [(x[k], int(self.images[j]), "", "", int(self.labels[j]))
+                for k, j in enumerate(js)]

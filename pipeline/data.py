@@ -230,11 +230,15 @@ class ImageFiles:
     def __len__(self) -> int:
         return len(self.image_set)
 
+    def preprocess(self, image: Image.Image, i: int):
+        """Image ``i`` as the network's input (a subclass may use ``i``, to seed it say)."""
+        return self.transform(image)
+
     def __getitem__(self, i: int):
         path = self.image_set.absolute(i)
         try:
             image, digest = read_image(path, self.hash_files)
-            return self.transform(image), i, "", digest
+            return self.preprocess(image, i), i, "", digest
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError,
                 Image.DecompressionBombWarning) as err:
             import torch

@@ -6,7 +6,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from importlib.metadata import version
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -15,7 +15,7 @@ import numpy as np
 from tqdm import tqdm
 
 from pipeline import distributed, distribution
-from pipeline.backbones import BackboneSpec, resolve_backbone
+from pipeline.backbones import BackboneSpec, as_spec
 from pipeline.cache import (
     FeatureWriter,
     assemble_shards,
@@ -43,7 +43,13 @@ from pipeline.devices import (
 )
 from pipeline.errors import DataError
 from pipeline.layouts import display
-from pipeline.options import DEFAULT_BACKBONE, DEFAULT_CACHE_DIR, DTYPES, ExtractOptions
+from pipeline.options import (
+    DEFAULT_BACKBONE,
+    DEFAULT_CACHE_DIR,
+    DTYPES,
+    ExtractOptions,
+    split_settings,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -92,7 +98,7 @@ class ExtractResult:
 
 
 def extract_features(
-    data: str | os.PathLike,
+    data: str | os.PathLike | ImageSet,
     backbone: str | BackboneSpec = DEFAULT_BACKBONE,
     options: ExtractOptions | None = None,
     *,
@@ -105,7 +111,8 @@ def extract_features(
     Parameters
     ----------
     data
-        Image folder, split folder or CSV manifest (see :func:`pipeline.data.load_image_set`).
+        Image folder, split folder or CSV manifest (see :func:`pipeline.data.load_image_set`),
+        or an image set already read with ``options``' split fractions and seed.
     backbone
         A :class:`~pipeline.backbones.BackboneSpec` from :func:`pipeline.resolve_backbone`, or a
         backbone name resolved here with the ``weights``, ``layer``, ``pool``, ``image_size``
@@ -133,12 +140,13 @@ def extract_features(
         machine without a GPU a hit does not even import torch).
     """
     started = time.perf_counter()
-    backbone_args = {k: settings.pop(k) for k in _BACKBONE_ARGS if k in settings}
-    opts = replace(options or ExtractOptions(), **_known(settings, ExtractOptions))
+    opts_settings, backbone_args = split_settings(settings, ExtractOptions)
+    opts = replace(options or ExtractOptions(), **opts_settings)
     if opts.dtype not in DTYPES:
         raise DataError(f"dtype must be one of {', '.join(DTYPES)}, not {opts.dtype!r}")
-    images = load_image_set(data, opts.split_fractions, opts.seed)
-    spec = _spec(backbone, backbone_args, opts.seed)
+    images = (data if isinstance(data, ImageSet)
+              else load_image_set(data, opts.split_fractions, opts.seed))
+    spec = as_spec(backbone, opts.seed, _BACKBONE_ARGS, backbone_args)
     ctx, run_on = distributed.context(), None
     if ctx.distributed:  # before the ranks share out work over their image lists
         ctx, run_on = distributed.setup(opts.device)
@@ -185,25 +193,6 @@ def extract_features(
         writer.close()
     return ExtractResult(final, False, len(images), len(failures), dim, seconds, key,
                          resumed_from, failures).described(images)
-
-
-def _known(settings: dict, cls: type) -> dict:
-    """``settings`` that are fields of ``cls``; any other name is the caller's mistake."""
-    names = {f.name for f in fields(cls)}
-    unknown = sorted(set(settings) - names)
-    if unknown:
-        raise TypeError(f"unexpected setting(s) {', '.join(unknown)}; {cls.__name__} has "
-                        f"{', '.join(sorted(names))}")
-    return settings
-
-
-def _spec(backbone: str | BackboneSpec, backbone_args: dict, seed: int) -> BackboneSpec:
-    if isinstance(backbone, BackboneSpec):
-        if backbone_args:
-            raise TypeError(f"{', '.join(backbone_args)} belong to resolve_backbone when a "
-                            "BackboneSpec is given")
-        return backbone
-    return resolve_backbone(backbone, **backbone_args, seed=seed)
 
 
 def _amp_name(amp) -> str | None:
@@ -331,12 +320,14 @@ def _feature_dim(model: torch.nn.Module, spec: BackboneSpec, device: torch.devic
 
 
 def _loader(images: ImageSet, spec: BackboneSpec, indices: Sequence[int],
-            batch_size: int | None, workers: int | None, device: torch.device
-            ) -> torch.utils.data.DataLoader:
+            batch_size: int | None, workers: int | None, device: torch.device,
+            files: ImageFiles | None = None) -> torch.utils.data.DataLoader:
     import torch
 
     crop = spec.preprocessing.crop
-    files = ImageFiles(images, spec.preprocessing.transform(), (3, crop, crop), hash_files=True)
+    if files is None:  # extraction's own: the recipe's preprocessing, each file hashed once
+        files = ImageFiles(images, spec.preprocessing.transform(), (3, crop, crop),
+                           hash_files=True)
     workers = default_workers() if workers is None else workers
     return torch.utils.data.DataLoader(
         torch.utils.data.Subset(files, indices),
@@ -363,11 +354,12 @@ class FeatureBatch:
 def feature_batches(model: torch.nn.Module, spec: BackboneSpec, images: ImageSet,
                     device: torch.device, indices: Sequence[int] | None = None,
                     batch_size: int | None = None, workers: int | None = None,
-                    progress: bool | None = None, desc: str = "extract", done: int = 0
-                    ) -> Iterator[FeatureBatch]:
+                    progress: bool | None = None, desc: str = "extract", done: int = 0,
+                    files: ImageFiles | None = None) -> Iterator[FeatureBatch]:
     """Decode, preprocess and run images ``indices`` (default: all) through ``model``, in order.
 
-    ``done`` rows already handled elsewhere start the progress bar part-full.
+    ``done`` rows already handled elsewhere start the progress bar part-full. ``files`` reads
+    the images instead of the recipe's preprocessing with hashing (augmented views, say).
     """
     import torch
 
@@ -376,7 +368,7 @@ def feature_batches(model: torch.nn.Module, spec: BackboneSpec, images: ImageSet
     with tqdm(total=done + len(indices), initial=done, unit="img", disable=not show,
               desc=f"{desc} {spec.name}", dynamic_ncols=True) as bar:
         for x, index, errors, digests in _loader(images, spec, indices, batch_size, workers,
-                                                 device):
+                                                 device, files):
             started = time.perf_counter()
             x = x.to(device, non_blocking=True)
             if device.type == "cuda":

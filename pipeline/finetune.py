@@ -30,10 +30,10 @@ from pipeline.activations import (
     activation_file,
     activation_key_spec,
     cut_network,
-    shard_rows,
+    lowest_trained,
     write_activations,
 )
-from pipeline.backbones import BackboneSpec, replace_classifier, resolve_backbone
+from pipeline.backbones import BackboneSpec, as_spec, replace_classifier
 from pipeline.blocks import freeze_below
 from pipeline.cache import cache_key, open_cache, read_splits
 from pipeline.calibration import reliability_curve
@@ -145,9 +145,6 @@ def finetune(
     started = time.perf_counter()
     cfg_settings, extract_settings, rest = split_settings(settings, FinetuneConfig,
                                                           ExtractOptions)
-    backbone_args = {k: rest.pop(k) for k in _BACKBONE_ARGS if k in rest}
-    if rest:
-        raise TypeError(f"unexpected setting(s) {', '.join(sorted(rest))} for finetune")
     cfg = _config(replace(config or FinetuneConfig(), **cfg_settings))
     data_seed = cfg.seed if split_seed is None else split_seed
     opts = replace(options or ExtractOptions(), **extract_settings, seed=data_seed)
@@ -156,15 +153,9 @@ def finetune(
     if not images.labelled:
         raise FinetuneError(f"{display(str(data))}: unlabelled images (no class folders or "
                             "label column); fine-tuning needs labels")
-    if isinstance(backbone, BackboneSpec):
-        if backbone_args:
-            raise TypeError(f"{', '.join(backbone_args)} belong to resolve_backbone when a "
-                            "BackboneSpec is given")
-        spec = backbone
-    else:
-        spec = resolve_backbone(backbone, **backbone_args, seed=data_seed)
+    spec = as_spec(backbone, data_seed, _BACKBONE_ARGS, rest)
     # The features are extracted as plain float32 (compile is for the training steps).
-    cache = extract_features(data, spec, replace(opts, compile=False), progress=progress)
+    cache = extract_features(images, spec, replace(opts, compile=False), progress=progress)
     splits = read_splits(cache.cache_path)
     _check_splits(splits, images)
     model, head, unfrozen = build_model(spec, images.classes, cfg, splits)
@@ -172,15 +163,18 @@ def finetune(
     args = _run_args(spec, cfg, cache.key, images)
     n_blocks = len(spec.adapter.blocks(model))
     why_images = _needs_images(cfg, len(unfrozen), n_blocks)
+    rows = split_rows(images, splits)
     if why_images is None:  # exact: train the top blocks from the trunk's cached activations
         depths = {len(unfrozen)} | {d for d in activation_depths if 0 <= d < n_blocks}
-        cut, path, plan = _activations(spec, model, images, splits, cache.cache_path, cfg, opts,
-                                       run_on, ctx, progress, len(unfrozen), sorted(depths))
+        cut, path, plan = _activations(spec, model, images, rows["train"], cache.cache_path,
+                                       cfg, opts, run_on, ctx, progress, len(unfrozen),
+                                       sorted(depths))
         args["activations"] = path.name
-        loaders = _CachedLoaders(path, plan, images, splits, cfg, run_on, opts.workers, ctx)
+        loaders = _CachedLoaders(path, plan, images.labels, rows, cfg, run_on, opts.workers,
+                                 ctx)
         forward, trained_from = cut.upper, "cached activations"
     else:
-        loaders = _Loaders(images, spec, cfg, splits, run_on, opts.workers, ctx)
+        loaders = _ImageLoaders(images, spec, rows, cfg, run_on, opts.workers, ctx)
         forward, trained_from = model, f"images ({why_images})"
     trainer = _Trainer(model, head, unfrozen, cfg, run_on, args, out / CHECKPOINT, ctx,
                        opts.compile, forward=forward)
@@ -340,76 +334,34 @@ def _needs_images(cfg: FinetuneConfig, k: int, n_blocks: int) -> str | None:
     return None
 
 
-def _activations(spec, model, images, splits, feature_cache: Path, cfg, opts, device, ctx,
+def _activations(spec, model, images, train_rows, feature_cache: Path, cfg, opts, device, ctx,
                  progress, k, depths):
-    """The cut below the top ``k`` blocks and its activation cache, written by rank 0 if new,
-    in one trunk pass with those of the other ``depths``."""
-    cuts = {d: cut_network(spec, model, d) for d in depths}
+    """The cut below the top ``k`` blocks and its activation cache. Rank 0 writes the caches
+    missing among those of ``depths`` in one trunk pass (a sweep's later runs find theirs)."""
+    blocks = spec.adapter.blocks(model)
+    boundaries = {d: lowest_trained(spec, model, blocks, d) for d in depths}
     views = cfg.views if cfg.augment == "standard" else 0
-    index = {p: i for i, p in enumerate(images.paths)}
-    plan = ActivationPlan(len(images), np.array([index[p] for p in splits["train"].paths],
-                                                dtype=np.int64), views)
     with open_cache(feature_cache) as f:
         feature_spec = json.loads(f.attrs["spec"])
-    keys = {d: activation_key_spec(feature_spec, cut, cfg.activation_dtype, views, cfg.augment,
-                                   cfg.seed) for d, cut in cuts.items()}
-    keys = {d: (spec_, cache_key(spec_)) for d, spec_ in keys.items()}
+    keys = {}
+    for d, block in boundaries.items():
+        key_spec = activation_key_spec(feature_spec, block.name, cfg.activation_dtype, views,
+                                       cfg.augment, cfg.seed)
+        keys[d] = (key_spec, cache_key(key_spec))
     paths = {d: activation_file(opts.cache_dir, spec.name, key) for d, (_, key) in keys.items()}
-    if ctx.is_main and not paths[k].exists():
+    cuts = {k: cut_network(spec, model, boundaries[k])}
+    missing = [d for d in depths if not paths[d].exists()]
+    plan = ActivationPlan(len(images), train_rows, views)
+    if ctx.is_main and missing:
+        cuts.update({d: cut_network(spec, model, boundaries[d]) for d in missing if d not in cuts})
         show = sys.stderr.isatty() if progress is None else progress
-        write_activations(list(cuts.values()), list(keys.values()), list(paths.values()),
-                          images, plan, spec,
-                          spec.preprocessing.transform(), train_transform(spec),
-                          cfg.activation_dtype, cfg.seed, device,
-                          opts.batch_size or default_batch_size(device),
-                          default_workers(ctx.local_world_size) if opts.workers is None
-                          else opts.workers, show)
-    distributed.barrier()  # every rank reads the file rank 0 wrote
+        workers = default_workers(ctx.local_world_size) if opts.workers is None else opts.workers
+        write_activations([cuts[d] for d in missing], [keys[d] for d in missing],
+                          [paths[d] for d in missing], images, plan, spec,
+                          train_transform(spec), cfg.activation_dtype, cfg.seed, device,
+                          opts.batch_size or default_batch_size(device), workers, show)
+    distributed.barrier()  # every rank reads the files rank 0 wrote
     return cuts[k], paths[k], plan
-
-
-class _CachedLoaders:
-    """Train, val and test loaders over cached activations, in the image loaders' order."""
-
-    def __init__(self, path: Path, plan: ActivationPlan, images, splits, cfg, device, workers,
-                 ctx: distributed.Context):
-        self.path, self.plan, self.cfg, self.device, self.ctx = path, plan, cfg, device, ctx
-        self.workers = default_workers(ctx.local_world_size) if workers is None else workers
-        index = {p: i for i, p in enumerate(images.paths)}
-        self.rows = {s: np.array([index[p] for p in splits[s].paths], dtype=np.int64)
-                     for s in ("train", "val", "test")}
-        self.labels_of = images.labels
-
-    def labels(self, split: str) -> np.ndarray:
-        return self.labels_of[self.rows[split]]
-
-    def train(self, epoch: int) -> torch.utils.data.DataLoader:
-        images = self.rows["train"]
-        rows = images
-        if self.plan.views:  # one cached view of each image per epoch, drawn with a seed
-            draw = np.random.default_rng([self.cfg.seed, epoch]).integers(
-                self.plan.views, size=len(images))
-            rows = np.array([self.plan.view_row(v, j) for j, v in enumerate(draw)])
-        data = CachedActivations(self.path, rows, images, self.labels_of[images])
-        # The same shuffle as the image loop's, so with --augment none both see the same batches.
-        if not self.ctx.distributed:
-            generator = torch.Generator().manual_seed(self.cfg.seed * 100_003 + epoch)
-            return self._loader(data, shuffle=True, generator=generator)
-        sampler = torch.utils.data.DistributedSampler(
-            data, self.ctx.world_size, self.ctx.rank, shuffle=True, seed=self.cfg.seed)
-        sampler.set_epoch(epoch)
-        return self._loader(data, sampler=sampler)
-
-    def eval(self, split: str) -> torch.utils.data.DataLoader:
-        images = shard_rows(self.rows[split], self.ctx)
-        data = CachedActivations(self.path, images, images, self.labels_of[images])
-        return self._loader(data, shuffle=False)
-
-    def _loader(self, data, shuffle=False, generator=None, sampler=None):
-        return torch.utils.data.DataLoader(
-            data, batch_size=self.cfg.batch_size, shuffle=shuffle, generator=generator,
-            sampler=sampler, num_workers=self.workers, pin_memory=self.device.type == "cuda",
-            drop_last=False)
 
 
 # --- data ----------------------------------------------------------------------------------------
@@ -432,39 +384,41 @@ class _Labelled(torch.utils.data.Dataset):
     """Rows of an :class:`ImageFiles` with their labels: ``(tensor, index, error, sha256,
     label)``."""
 
-    def __init__(self, files: ImageFiles, rows: list[int]):
-        self.files, self.rows = files, rows
+    def __init__(self, files: ImageFiles, rows: np.ndarray, labels: np.ndarray):
+        self.files, self.rows, self.labels = files, rows, labels
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def __getitem__(self, j: int):
-        i = self.rows[j]
-        return (*self.files[i], int(self.files.image_set.labels[i]))
+        i = int(self.rows[j])
+        return (*self.files[i], int(self.labels[i]))
+
+
+def split_rows(images: ImageSet, splits) -> dict[str, np.ndarray]:
+    """Each split's rows of the image set: the images the feature cache could read."""
+    index = {p: i for i, p in enumerate(images.paths)}
+    return {s: np.array([index[p] for p in splits[s].paths], dtype=np.int64)
+            for s in ("train", "val", "test")}
 
 
 class _Loaders:
-    """Train, val and test loaders over the images the cache could read."""
+    """Train, val and test loaders over the images the cache could read.
 
-    def __init__(self, images, spec, cfg, splits, device, workers, ctx: distributed.Context):
-        self.cfg, self.device, self.ctx = cfg, device, ctx
+    Items are ``(input, index, error, sha256, label)``; the training order is seeded per epoch
+    (per rank under torchrun), so a resumed run sees the same batches as an uninterrupted one.
+    """
+
+    def __init__(self, rows: dict[str, np.ndarray], labels: np.ndarray, cfg, device, workers,
+                 ctx: distributed.Context):
+        self.rows, self.labels_of, self.cfg, self.device, self.ctx = rows, labels, cfg, device, ctx
         self.workers = default_workers(ctx.local_world_size) if workers is None else workers
-        crop = spec.preprocessing.crop
-        shape = (3, crop, crop)
-        train_tf = train_transform(spec) if cfg.augment == "standard" else None
-        index = {p: i for i, p in enumerate(images.paths)}
-        self.rows = {s: [index[p] for p in splits[s].paths] for s in ("train", "val", "test")}
-        self.y = {s: torch.as_tensor(images.labels[r]) for s, r in self.rows.items()}
-        self.plain = ImageFiles(images, spec.preprocessing.transform(), shape)
-        self.augmented = ImageFiles(images, train_tf or spec.preprocessing.transform(), shape)
 
     def labels(self, split: str) -> np.ndarray:
-        return self.y[split].numpy()
+        return self.labels_of[self.rows[split]]
 
     def train(self, epoch: int) -> torch.utils.data.DataLoader:
-        # Shuffling and augmentation are seeded per epoch, so a resumed run sees the same
-        # batches and crops as an uninterrupted one.
-        data = _Labelled(self.augmented, self.rows["train"])
+        data = self._train_data(epoch)
         if not self.ctx.distributed:
             generator = torch.Generator().manual_seed(self.cfg.seed * 100_003 + epoch)
             return self._loader(data, shuffle=True, generator=generator)
@@ -478,14 +432,53 @@ class _Loaders:
     def eval(self, split: str) -> torch.utils.data.DataLoader:
         """This rank's images of ``split`` (all of them in a world of one), none repeated."""
         rows = self.rows[split]
-        mine = distributed.shard_indices(len(rows), self.ctx)
-        return self._loader(_Labelled(self.plain, [rows[i] for i in mine]), shuffle=False)
+        return self._loader(self._eval_data(rows[distributed.shard_indices(len(rows),
+                                                                            self.ctx)]))
 
     def _loader(self, data, shuffle=False, generator=None, sampler=None):
         return torch.utils.data.DataLoader(
             data, batch_size=self.cfg.batch_size, shuffle=shuffle, generator=generator,
             sampler=sampler, num_workers=self.workers, pin_memory=self.device.type == "cuda",
             drop_last=False)
+
+
+class _ImageLoaders(_Loaders):
+    """Every epoch decodes the images and runs them through the whole network."""
+
+    def __init__(self, images, spec, rows, cfg, device, workers, ctx):
+        super().__init__(rows, images.labels, cfg, device, workers, ctx)
+        crop = spec.preprocessing.crop
+        shape = (3, crop, crop)
+        train_tf = train_transform(spec) if cfg.augment == "standard" else None
+        self.plain = ImageFiles(images, spec.preprocessing.transform(), shape)
+        self.augmented = ImageFiles(images, train_tf or spec.preprocessing.transform(), shape)
+
+    def _train_data(self, epoch: int):
+        return _Labelled(self.augmented, self.rows["train"], self.labels_of)
+
+    def _eval_data(self, rows: np.ndarray):
+        return _Labelled(self.plain, rows, self.labels_of)
+
+
+class _CachedLoaders(_Loaders):
+    """Cached activations in the image loaders' order: with --augment none, the same batches."""
+
+    def __init__(self, path: Path, plan: ActivationPlan, labels, rows, cfg, device, workers,
+                 ctx):
+        super().__init__(rows, labels, cfg, device, workers, ctx)
+        self.path, self.plan = path, plan
+
+    def _train_data(self, epoch: int):
+        images = self.rows["train"]
+        rows = images
+        if self.plan.views:  # one cached view of each image per epoch, drawn with a seed
+            draw = np.random.default_rng([self.cfg.seed, epoch]).integers(
+                self.plan.views, size=len(images))
+            rows = self.plan.view_rows(draw)
+        return CachedActivations(self.path, rows, images, self.labels_of[images])
+
+    def _eval_data(self, rows: np.ndarray):
+        return CachedActivations(self.path, rows, rows, self.labels_of[rows])
 
 
 # --- training ------------------------------------------------------------------------------------
@@ -707,7 +700,7 @@ def _result(spec, cfg, cache, classes, trainer: _Trainer, history, y, proba, sta
         epochs_run=len(history), cache_key=cache.key, method="fine-tune")
     # Training is over and the best weights are back in trainer.model: it moves to the CPU.
     network = FinetunedNetwork.from_module(trainer.model, spec, classes,
-                                           request=_request(cache.cache_path),
+                                           request=spec.request,
                                            cache_key=cache.key, unfrozen=blocks)
     return FinetuneResult(row, history, y_pred, network, test_labels=y, test_proba=proba)
 
@@ -744,9 +737,3 @@ def _write_row(out: Path, row: dict) -> dict:
     csv, md = report.write_table([row], out / "results")
     (out / "results.json").write_text(json.dumps([row], indent=2) + "\n")
     return {"results_csv": str(csv), "results_md": str(md)}
-
-
-def _request(cache_path: Path) -> dict:
-    """The arguments that resolve the backbone again, as the cache recorded them."""
-    with open_cache(cache_path) as f:  # one attribute: cache_info would read the whole cache
-        return json.loads(f.attrs.get("request", "{}"))

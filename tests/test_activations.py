@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from pipeline import activations
-from pipeline.activations import ActivationError, cut_network
+from pipeline.activations import ActivationError, cut_network, lowest_trained
 from pipeline.backbones import replace_classifier, resolve_backbone
 from pipeline.blocks import Block
 from pipeline.cache import list_caches
@@ -114,14 +114,14 @@ def test_a_cut_across_a_skip_connection_is_refused():
     spec = resolve_backbone("resnet18", "none", image_size=32)
     model = spec.build_classifier()
     replace_classifier(spec, model, 3)
-    assert cut_network(spec, model, 1).block == "layer4"
+    blocks = spec.adapter.blocks(model)
+    assert cut_network(spec, model, lowest_trained(spec, model, blocks, 1)).block == "layer4"
+    assert lowest_trained(spec, model, blocks, 0).name == "fc"
     # Cutting inside a residual block would drop its shortcut: refused, not silently wrong.
-    spec.adapter.blocks = lambda m: [Block("layer4.0.conv2", ("layer4.0.conv2",))]
-    try:
-        with pytest.raises(ActivationError, match="cross its boundary"):
-            cut_network(spec, model, 1)
-    finally:
-        del spec.adapter.blocks
+    with pytest.raises(ActivationError, match="cross its boundary"):
+        cut_network(spec, model, Block("layer4.0.conv2", ("layer4.0.conv2",)))
+    with pytest.raises(ActivationError, match="no block boundary"):
+        lowest_trained(spec, model, blocks, 5)
 
 
 def test_a_full_disk_stops_before_writing(data, tmp_path, monkeypatch):
