@@ -19,6 +19,10 @@ SHOTS ?= 1,5,10,all
 DRAWS ?= 3
 UNFREEZE ?= 0,1,2
 EPOCHS ?= 3
+# make sweep: learning rates, then batch sizes, then UNFREEZE, each at the best so far (SWEEP=grid: all)
+LRS ?= 0.1,0.01,0.001,0.0001,0.00001
+BATCHES ?= 16,32,64,100
+SWEEP ?= one-at-a-time
 # Processes (GPUs) on this machine for extract and finetune; set it to run them under torchrun.
 NPROC ?=
 BENCH_ARGS ?=
@@ -28,6 +32,7 @@ FEATURES := $(RUN)/features.json
 HEADS_TABLE := $(RUN)/heads/results.md
 FINETUNE_TABLE := $(RUN)/finetune/freeze_depth.md
 REPORT := $(RUN)/report/report.md
+SWEEP_TABLE := $(RUN)/sweep/sweep.md
 # The cache file that `make features` recorded in its JSON summary.
 CACHE_OF = $$($(BIN)/python -c 'import json,sys; print(json.load(open(sys.argv[1]))["cache_path"])' $(FEATURES))
 DATA_FILES := $(shell find $(DATA) -type f 2>/dev/null)
@@ -35,7 +40,7 @@ STAGE := $(if $(NPROC),$(BIN)/torchrun --standalone --nproc-per-node $(NPROC) -m
 EXTRACT_ARGS := --backbone $(BACKBONE) --weights $(WEIGHTS) --cache-dir $(CACHE_DIR) \
 	$(if $(IMAGE_SIZE),--image-size $(IMAGE_SIZE)) $(if $(SPLIT),--split $(SPLIT))
 
-.PHONY: help install demo features heads finetune report test lint bench demo-data clean
+.PHONY: help install demo features heads finetune sweep report test lint bench demo-data clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 14
@@ -67,6 +72,12 @@ finetune: $(FINETUNE_TABLE) ## stage 3: fine-tune the top UNFREEZE blocks for EP
 $(FINETUNE_TABLE): $(FEATURES)
 	$(STAGE) finetune $(DATA) $(EXTRACT_ARGS) --unfreeze $(UNFREEZE) --epochs $(EPOCHS) \
 		--out $(@D)
+
+sweep: $(SWEEP_TABLE) ## fine-tuning sweep of LRS, BATCHES and UNFREEZE (SWEEP: one-at-a-time or grid), chosen on validation
+
+$(SWEEP_TABLE): $(FEATURES)
+	$(STAGE) finetune $(DATA) $(EXTRACT_ARGS) --lr $(LRS) --batch-size $(BATCHES) \
+		--unfreeze $(UNFREEZE) --sweep $(SWEEP) --epochs $(EPOCHS) --out $(@D)
 
 report: $(REPORT) ## heads and fine-tunes of DATA and BACKBONE in one table and chart
 

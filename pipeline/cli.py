@@ -27,6 +27,7 @@ from pipeline.options import (
     OPTIMIZERS,
     POOLS,
     SCHEDULES,
+    SWEEP_MODES,
     ExtractOptions,
     FinetuneConfig,
     HeadsOptions,
@@ -317,6 +318,19 @@ def _depths(_ctx, _param, value: str) -> list:
         raise click.BadParameter("give block counts or 'all', such as 0,1,2,all") from None
 
 
+def _numbers(kind: type, example: str):
+    """A click callback: one value, or several separated by commas (a sweep's)."""
+    def parse(_ctx, _param, value) -> list:
+        try:
+            values = [kind(v) for v in str(value).split(",")]
+        except ValueError:
+            raise click.BadParameter(f"give one value or several, such as {example}") from None
+        if any(v <= 0 for v in values):
+            raise click.BadParameter("every value must be positive")
+        return values
+    return parse
+
+
 def _finetune_default(name: str):
     return default(FinetuneConfig, name)
 
@@ -334,8 +348,9 @@ def _finetune_default(name: str):
               show_default=True)
 @click.option("--epochs", type=click.IntRange(min=0), default=_finetune_default("epochs"),
               show_default=True)
-@click.option("--lr", type=float, default=_finetune_default("lr"), show_default=True,
-              help="Head learning rate.")
+@click.option("--lr", callback=_numbers(float, "0.1,0.01,0.001"),
+              default=str(_finetune_default("lr")), show_default=True,
+              help="Head learning rate; several (0.1,0.01,...) sweep it.")
 @click.option("--backbone-lr-ratio", type=float, default=_finetune_default("backbone_lr_ratio"),
               show_default=True, help="Backbone learning rate as a fraction of the head's.")
 @click.option("--optimizer", type=click.Choice(OPTIMIZERS),
@@ -363,8 +378,14 @@ def _finetune_default(name: str):
 @click.option("--head-init", type=click.Choice(HEAD_INITS),
               default=_finetune_default("head_init"), show_default=True,
               help="Warm-start the head from a linear probe, or random.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=_finetune_default("batch_size"),
-              show_default=True)
+@click.option("--batch-size", callback=_numbers(int, "16,32,64,100"),
+              default=str(_finetune_default("batch_size")), show_default=True,
+              help="Images per step; several sweep it.")
+@click.option("--sweep", "sweep_mode", type=click.Choice(SWEEP_MODES), default=None,
+              help="How several --lr, --batch-size and --unfreeze values combine: every "
+                   "combination (grid, the default when --lr or --batch-size has several), "
+                   "or one factor at a time in that order, each at the best so far on "
+                   "validation. Runs in OUT/runs/, the table in OUT/sweep.md.")
 @split_option
 @click.option("--seed", type=int, default=_finetune_default("seed"), show_default=True)
 @click.option("--repeats", type=click.IntRange(min=1), default=1, show_default=True,
@@ -377,7 +398,8 @@ def _finetune_default(name: str):
 @compile_option
 @offline_option
 @click.option("--json", "as_json", is_flag=True, help="Print the results as one JSON object.")
-def finetune_command(data, unfreeze, out, as_json, **options) -> None:
+def finetune_command(data, unfreeze, out, as_json, lr, batch_size, sweep_mode,
+                     **options) -> None:
     """Fine-tune the top blocks of a backbone on DATA (linear probe first, then fine-tune).
 
     Under torchrun (torchrun --standalone --nproc-per-node N -m pipeline finetune ...) the
@@ -387,8 +409,13 @@ def finetune_command(data, unfreeze, out, as_json, **options) -> None:
 
     _keep_freed_memory(options["device"])
     progress = False if as_json else None
+    if sweep_mode or len(lr) > 1 or len(batch_size) > 1:
+        _sweep(data, {"lr": lr, "batch_size": batch_size, "unfreeze": unfreeze},
+               sweep_mode or "grid", out, as_json, progress=progress, **options)
+        return
     try:
-        rows = sweep_depths(data, unfreeze, out, progress=progress, **options)
+        rows = sweep_depths(data, unfreeze, out, progress=progress, lr=lr[0],
+                            batch_size=batch_size[0], **options)
     except KeyboardInterrupt:
         click.echo("interrupted: the last epoch's checkpoint is kept; run the same command "
                    "again to resume", err=True)
@@ -400,6 +427,27 @@ def finetune_command(data, unfreeze, out, as_json, **options) -> None:
         return
     click.echo(_markdown(rows))
     click.echo(f"freeze-depth table, curves, checkpoints and models in {out}/")
+
+
+def _sweep(data, factors: dict, mode: str, out, as_json: bool, repeats: int, **options) -> None:
+    from pipeline.sweep import sweep
+
+    if repeats > 1:
+        raise PipelineError("--repeats trains one setting with several seeds; run it on the "
+                            "sweep's chosen setting, not with --sweep")
+    try:
+        result = sweep(data, factors, mode, out, **options)
+    except KeyboardInterrupt:
+        click.echo("interrupted: finished runs and the last epoch's checkpoint are kept; run "
+                   "the same command again to resume the sweep", err=True)
+        sys.exit(130)
+    if not distributed.context().is_main:
+        return
+    if as_json:
+        _emit_json({"best": result.best, "runs": result.rows})
+        return
+    click.echo(Path(result.files["sweep_md"]).read_text(), nl=False)
+    click.echo(f"sweep table and plot in {out}/, each run in {out}/runs/")
 
 
 @main.command(name="blocks")

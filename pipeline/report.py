@@ -389,6 +389,39 @@ def training_curves(history: Sequence[dict], path: str | os.PathLike, title: str
     return _save(fig, path)
 
 
+def factor_plot(rows: Sequence[dict], factors: Sequence[str], metric: str,
+                path: str | os.PathLike, title: str, chosen: dict | None = None) -> Path:
+    """``metric`` against each factor of a sweep, one panel per factor: every run a point,
+    the best run per value joined by a line, the chosen run ringed."""
+    fig, axes = _figure(1, len(factors), figsize=(4.5 * len(factors), 4), squeeze=False)
+    for ax, factor in zip(axes[0], factors):
+        values = list(dict.fromkeys(r[factor] for r in rows))
+        # "all" (every block) sits right of the counts; learning rates spread on a log axis.
+        position = {v: i for i, v in enumerate(values)}
+        numeric = all(isinstance(v, (int, float)) for v in values)
+        x = (lambda v: v) if numeric else position.__getitem__
+        ax.scatter([x(r[factor]) for r in rows], [_number(r[metric]) for r in rows],
+                   alpha=0.5, label="runs")
+        best = [max((_number(r[metric]) for r in rows if r[factor] == v), default=np.nan)
+                for v in values]
+        order = np.argsort([x(v) for v in values])
+        ax.plot([x(values[i]) for i in order], [best[i] for i in order], marker="o",
+                label="best per value")
+        if chosen is not None:
+            ax.scatter([x(chosen[factor])], [_number(chosen[metric])], s=160,
+                       facecolors="none", edgecolors="red", label="chosen")
+        if numeric and factor == "lr" and min(values) > 0:
+            ax.set_xscale("log")
+        if not numeric:
+            ax.set_xticks(range(len(values)), [str(v) for v in values])
+        ax.set_xlabel(factor)
+        ax.set_ylabel(metric)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend()
+    fig.suptitle(title)
+    return _save(fig, path)
+
+
 def _figure(*grid: int, figsize: tuple[float, float], **subplots):
     """A figure of its own and its axes, outside pyplot's registry of open figures."""
     from matplotlib.figure import Figure
