@@ -109,6 +109,10 @@ weights_option = click.option(
     help="default, a torchvision weights name (IMAGENET1K_V2, ResNet50_Weights.IMAGENET1K_V2, "
          "DEFAULT), tag:<timm tag>, bundled, a state-dict PATH, or none (random init). Missing "
          "torchvision and timm files are downloaded into the hub cache unless --offline.")
+positive_option = click.option(
+    "--positive", default=None, metavar="CLASS",
+    help="Two-class data: the positive class, whose recall and false-negative rate each "
+         "results row adds [default: the second class].")
 device_option = click.option("--device", type=click.Choice(DEVICES), show_default=True,
                              default=default(ExtractOptions, "device"))
 
@@ -245,13 +249,14 @@ def _shots(_ctx, _param, value: str | None) -> list:
               show_default=True,
               help="Fit each head with this many seeds (seed, seed+1, ...) on the same splits "
                    "and report the spread of test accuracy over them.")
+@positive_option
 @click.option("--json", "as_json", is_flag=True, help="Print the results as one JSON object.")
-def heads(caches, head_specs, out, shots, draws, seed, repeats, as_json) -> None:
+def heads(caches, head_specs, out, shots, draws, seed, repeats, positive, as_json) -> None:
     """Fit heads on cached features (CACHES: one or more .h5 files) and compare them."""
     from pipeline import compare
 
     options = HeadsOptions(tuple(_split_heads(head_specs)), out, tuple(shots), draws, seed,
-                           repeats)
+                           repeats, positive=positive)
     result = compare.fit_heads(caches, options=options)
     if as_json:
         _emit_json(result.to_json())
@@ -388,6 +393,7 @@ def _finetune_default(name: str):
                    "validation. Runs in OUT/runs/, the table in OUT/sweep.md.")
 @split_option
 @click.option("--seed", type=int, default=_finetune_default("seed"), show_default=True)
+@positive_option
 @click.option("--repeats", type=click.IntRange(min=1), default=1, show_default=True,
               help="Train each depth with this many seeds (seed, seed+1, ...: head, minibatch "
                    "order, augmentation) on the same splits; the others in OUT/unfreeze-K/"

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 from sklearn.base import clone
-from sklearn.metrics import classification_report
 from sklearn.utils.validation import has_fit_parameter
 
 from pipeline import report
@@ -27,6 +26,9 @@ from pipeline.scoring import (
     RowPredictions,
     class_probabilities,
     interval_columns,
+    per_class_rows,
+    positive_class,
+    positive_scores,
     results_row,
     with_repeats,
 )
@@ -135,10 +137,13 @@ def fit_heads(
         raise PipelineError("repeats must be at least 1")
     estimators = [(spec, make_head(spec)) for spec in heads]  # bad specs fail before any fit
     data = [load_cache_data(path) for path in caches]
+    for cache in data:  # a wrong --positive fails before any fit
+        positive_class(cache.classes, opts.positive)
     rows, per_class, per_seed, best = [], [], [], None
     for cache in data:
         for spec, template in estimators:
-            estimator, row, proba, y_pred = _fit_and_score(cache, spec, template, seed)
+            estimator, row, proba, y_pred = _fit_and_score(cache, spec, template, seed,
+                                                           positive=opts.positive)
             if opts.repeats > 1:
                 seeds = [row] + [_fit_and_score(cache, spec, template, seed + r, False)[1]
                                  for r in range(1, opts.repeats)]
@@ -147,7 +152,8 @@ def fit_heads(
             row["model"] = str(_save(out, cache, spec, estimator))
             row["predictions"] = _save_predictions(out, cache, spec, proba, y_pred)
             rows.append(row)
-            per_class += _per_class_rows(cache, row["head"], y_pred)
+            per_class += per_class_rows(cache.test.y, y_pred, cache.classes,
+                                        backbone=cache.backbone, head=row["head"])
             if best is None or row["test_accuracy"] > best[0]["test_accuracy"]:
                 best = (row, cache, y_pred, proba)
     result = Comparison(rows)
@@ -161,7 +167,8 @@ def fit_heads(
     return result
 
 
-def _fit_and_score(cache: CacheData, spec: str, template, seed: int, intervals: bool = True):
+def _fit_and_score(cache: CacheData, spec: str, template, seed: int, intervals: bool = True,
+                   positive: str | None = None):
     """Fit one head, score it on the test split: the estimator, its row, probabilities and
     predictions."""
     estimator = clone(template)
@@ -178,7 +185,8 @@ def _fit_and_score(cache: CacheData, spec: str, template, seed: int, intervals: 
         backbone=cache.backbone, head=head_name(spec), chosen=_chosen(estimator, spec),
         y_true=cache.test.y, y_pred=y_pred, proba=proba, n_classes=len(cache.classes),
         fit_s=fit_s, predict_s=predict_s, train_n=len(cache.train.y), test_n=len(cache.test.y),
-        cache_key=cache.info["key"], method="transfer", intervals=intervals)
+        cache_key=cache.info["key"], method="transfer", intervals=intervals,
+        **positive_scores(cache.test.y, y_pred, cache.classes, positive))
     return estimator, row, proba, y_pred
 
 
@@ -204,17 +212,6 @@ def _chosen(estimator, spec: str) -> str:
         return spec.partition(":")[2]
     return ",".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
                     for k, v in found.items())
-
-
-def _per_class_rows(cache: CacheData, head: str, y_pred: np.ndarray) -> list[dict]:
-    labels = np.arange(len(cache.classes))
-    table = classification_report(cache.test.y, y_pred, labels=labels,
-                                  target_names=cache.classes, output_dict=True,
-                                  zero_division=0)
-    return [{"backbone": cache.backbone, "head": head, "class": name,
-             "precision": table[name]["precision"], "recall": table[name]["recall"],
-             "f1": table[name]["f1-score"], "support": int(table[name]["support"])}
-            for name in cache.classes]
 
 
 def _save(out: Path, cache: CacheData, spec: str, estimator) -> Path:

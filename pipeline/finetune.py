@@ -59,7 +59,16 @@ from pipeline.options import (
     split_settings,
 )
 from pipeline.persistence import NETWORK_SUFFIX
-from pipeline.scoring import SCORE_COLUMNS, RowPredictions, results_row, with_repeats
+from pipeline.scoring import (
+    POSITIVE_COLUMNS,
+    SCORE_COLUMNS,
+    RowPredictions,
+    per_class_rows,
+    positive_class,
+    positive_scores,
+    results_row,
+    with_repeats,
+)
 
 __all__ = ["AUGMENTS", "HEAD_INITS", "OPTIMIZERS", "SCHEDULES", "FinetuneConfig",
            "FinetuneError", "FinetuneResult", "finetune", "repeat_seeds", "sweep_depths"]
@@ -99,6 +108,7 @@ def finetune(
     on_epoch: Callable[[int, dict], None] | None = None,
     activation_depths: Sequence[int] = (),
     split_seed: int | None = None,
+    positive: str | None = None,
     **settings,
 ) -> FinetuneResult:
     """Fine-tune the top ``unfreeze`` blocks of ``backbone`` on ``data``; resume if stopped.
@@ -132,6 +142,9 @@ def finetune(
         Seed of the carved splits and of a random backbone init instead of ``config.seed``,
         which then seeds training alone (head, minibatch order, augmentation): the repeats of
         :func:`sweep_depths` train with other seeds on the same splits and features.
+    positive
+        Two-class data: the positive class (default the second), whose recall and
+        false-negative rate the results row adds.
     **settings
         Fields of ``FinetuneConfig`` (``unfreeze`` may be ``"all"``) and of ``ExtractOptions``
         overriding ``config``'s and ``options``'s, and the backbone arguments above.
@@ -153,6 +166,7 @@ def finetune(
     if not images.labelled:
         raise FinetuneError(f"{display(str(data))}: unlabelled images (no class folders or "
                             "label column); fine-tuning needs labels")
+    positive_class(images.classes, positive)  # a wrong class fails before any training
     spec = as_spec(backbone, data_seed, _BACKBONE_ARGS, rest)
     # The features are extracted as plain float32 (compile is for the training steps).
     cache = extract_features(images, spec, replace(opts, compile=False), progress=progress)
@@ -183,6 +197,7 @@ def finetune(
     y_test = loaders.labels("test")
     result = _result(spec, cfg, cache, images.classes, trainer, history, y_test, proba, started)
     result.row["trained_from"] = trained_from
+    result.row.update(positive_scores(y_test, result.test_pred, images.classes, positive))
     if ctx.is_main:
         result.files = _write(out, spec, images.classes, cache, args, model, result)
     distributed.barrier()  # no rank returns before the results are on disk
@@ -216,6 +231,7 @@ def sweep_depths(data: str | os.PathLike, depths: Sequence[int | str],
               "trainable_parameters": r["trainable_parameters"], "best_epoch": r["best_epoch"],
               **{c: r[c] for c in r if c.startswith("test_accuracy") or c == "repeats"},
               "macro_f1": r["macro_f1"],
+              **{c: r[c] for c in POSITIVE_COLUMNS if c in r},
               "seconds": r["fit_s"]} for r in rows]
     if distributed.context().is_main:
         report.write_table(table, out / "freeze_depth")
@@ -721,6 +737,13 @@ def _write(out: Path, spec, classes, cache, args, model, result: FinetuneResult)
     history_csv, _ = report.write_table(result.history, out / "history")
     files.update({"history_csv": str(history_csv), "model": str(model_path),
                   "predictions": str(out / predictions)})
+    per_class = per_class_rows(result.test_labels, result.test_pred, classes,
+                               backbone=spec.name, head=result.row["head"])
+    files["per_class"] = str(report.write_table(per_class, out / "per_class")[0])
+    files["confusion_png"] = str(report.confusion_matrix_plot(
+        result.test_labels, result.test_pred, classes, out / "confusion_matrix.png",
+        f"{spec.name}, top {result.row['blocks_unfrozen']} block(s) fine-tuned "
+        f"(accuracy {result.row['test_accuracy']:.3f})"))
     files["reliability_png"] = str(report.reliability_diagram(
         {f"top {result.row['blocks_unfrozen']} block(s)":
          reliability_curve(result.test_labels, result.test_proba)},

@@ -53,6 +53,9 @@ class HeadsOptions:
     # fits per head with seeds seed, seed+1, ... on the same splits: the spread over seeds
     # (initialisation, minibatch order) beside the single run's interval over test images
     repeats: int = 1
+    # a two-class problem's positive class (None: the second class), whose recall and
+    # false-negative rate each row adds
+    positive: str | None = None
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ import numpy as np
 from pipeline.calibration import ReliabilityCurve, reliability_curve
 from pipeline.errors import PipelineError
 from pipeline.layouts import display
-from pipeline.scoring import SCORE_COLUMNS, RowPredictions, interval_columns
+from pipeline.scoring import POSITIVE_COLUMNS, SCORE_COLUMNS, RowPredictions, interval_columns
 from pipeline.significance import SIGNIFICANCE_LEVEL, accuracy_interval, paired_difference
 
 
@@ -66,8 +66,8 @@ _SCORES = tuple(c for name in SCORE_COLUMNS for c in (name, *interval_columns(na
 SEED_COLUMNS = ("repeats", "test_accuracy_seeds_mean", "test_accuracy_seeds_std",
                 "test_accuracy_seeds_ci_low", "test_accuracy_seeds_ci_high")
 # What the report takes from each results.json row.
-REPORT_COLUMNS = ("method", "backbone", "head", "chosen", *_SCORES, *SEED_COLUMNS, "fit_s",
-                  "cache_key")
+REPORT_COLUMNS = ("method", "backbone", "head", "chosen", *_SCORES, *SEED_COLUMNS,
+                  *POSITIVE_COLUMNS, "fit_s", "cache_key")
 # What it adds: the comparison with the best row of the same test images ...
 COMPARISON_COLUMNS = ("diff_vs_best", *interval_columns("diff_vs_best"), "p_vs_best")
 # ... and, where test images are also training images, the scores without them.
@@ -75,7 +75,8 @@ LEAK_COLUMNS = ("leaked_test_images", "test_accuracy_without_leaked",
                 *interval_columns("test_accuracy_without_leaked"))
 # The report's columns in order: accuracy, its spread over seeds and the comparison first.
 _ORDER = ("method", "backbone", "head", "chosen", *_SCORES[:3], *SEED_COLUMNS,
-          *COMPARISON_COLUMNS, *_SCORES[3:], *LEAK_COLUMNS, "fit_s", "cache_key", "predictions")
+          *COMPARISON_COLUMNS, *_SCORES[3:], *POSITIVE_COLUMNS, *LEAK_COLUMNS, "fit_s",
+          "cache_key", "predictions")
 
 
 def gather_results(folder: str | os.PathLike) -> list[dict]:
@@ -262,7 +263,7 @@ def _p(value: float) -> str:
 def _table(rows: list[dict]) -> list[dict]:
     """The rows in the report's column order; seed, comparison and leakage columns only where
     some row has them."""
-    optional = {*SEED_COLUMNS, *COMPARISON_COLUMNS, *LEAK_COLUMNS}
+    optional = {*SEED_COLUMNS, *COMPARISON_COLUMNS, *POSITIVE_COLUMNS, *LEAK_COLUMNS}
     columns = [c for c in _ORDER
                if c not in optional or any(r.get(c, "") != "" for r in rows)]
     return [{c: r.get(c, "") for c in columns} for r in rows]

@@ -13,12 +13,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score, log_loss
+from sklearn.metrics import (
+    accuracy_score,
+    balanced_accuracy_score,
+    classification_report,
+    f1_score,
+    log_loss,
+)
 
 from pipeline.calibration import expected_calibration_error
+from pipeline.errors import PipelineError
 from pipeline.significance import score_intervals, seed_interval
 
 SCORE_COLUMNS = ("test_accuracy", "balanced_accuracy", "macro_f1", "log_loss", "ece")
+# Two-class data only: the positive class, its recall and its false-negative rate.
+POSITIVE_COLUMNS = ("positive_class", "positive_recall", "false_negative_rate")
 PREDICTIONS_FORMAT = "pipeline-predictions"
 PREDICTIONS_VERSION = 1
 
@@ -143,6 +152,45 @@ def results_row(*, backbone: str, head: str, chosen: str, y_true: np.ndarray,
         "cache_key": cache_key,
         "method": method,
     }
+
+
+def per_class_rows(y_true: np.ndarray, y_pred: np.ndarray, classes: list[str],
+                   **identity) -> list[dict]:
+    """Precision, recall, F1 and support of each class on the test split, one row per class,
+    each led by ``identity`` (backbone, head): the rows of ``per_class.csv``."""
+    table = classification_report(y_true, y_pred, labels=np.arange(len(classes)),
+                                  target_names=classes, output_dict=True, zero_division=0)
+    return [{**identity, "class": name, "precision": table[name]["precision"],
+             "recall": table[name]["recall"], "f1": table[name]["f1-score"],
+             "support": int(table[name]["support"])} for name in classes]
+
+
+def positive_class(classes: list[str], positive: str | None) -> int | None:
+    """The label of a two-class problem's positive class: ``positive``, by default the second
+    class (as scikit-learn's ``pos_label=1``); None for more classes and no ``positive``."""
+    if positive is None:
+        return 1 if len(classes) == 2 else None
+    if len(classes) != 2:
+        raise PipelineError(f"--positive {positive!r}: the positive class is for two-class "
+                            f"data; this has {len(classes)} classes")
+    if positive not in classes:
+        raise PipelineError(f"--positive {positive!r} is not a class; the classes are "
+                            f"{', '.join(classes)}")
+    return classes.index(positive)
+
+
+def positive_scores(y_true: np.ndarray, y_pred: np.ndarray, classes: list[str],
+                    positive: str | None = None) -> dict:
+    """A two-class problem's positive class, its recall (sensitivity) and false-negative rate
+    (the positives called negative, 1 - recall); empty for more classes. A screening task
+    reads these first: a missed positive usually costs more than a false alarm."""
+    label = positive_class(classes, positive)
+    if label is None:
+        return {}
+    positives = np.asarray(y_true) == label
+    recall = float(np.mean(np.asarray(y_pred)[positives] == label)) if positives.any() else np.nan
+    return {"positive_class": classes[label], "positive_recall": recall,
+            "false_negative_rate": 1.0 - recall}
 
 
 def with_repeats(row: dict, accuracies) -> dict:

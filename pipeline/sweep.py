@@ -23,6 +23,7 @@ from pathlib import Path
 from pipeline import distributed, report
 from pipeline.errors import PipelineError
 from pipeline.options import SWEEP_MODES, FinetuneConfig, split_settings
+from pipeline.scoring import POSITIVE_COLUMNS
 
 __all__ = ["FACTORS", "SWEEP_MODES", "SweepError", "SweepResult", "plan_grid", "sweep"]
 
@@ -191,6 +192,7 @@ def _row(settings: dict, result, folder: Path) -> dict:
             "val_loss": best["val_loss"] if best else math.nan,
             "val_accuracy": best["val_accuracy"] if best else math.nan,
             "test_accuracy": row["test_accuracy"], "macro_f1": row["macro_f1"],
+            **{c: row[c] for c in POSITIVE_COLUMNS if c in row},
             "trained_from": row.get("trained_from", ""), "seconds": row["fit_s"],
             "run": folder.as_posix(), "resumed": False}
 

@@ -10,6 +10,7 @@ import pytest
 from pipeline.compare import fit_heads, load_cache_data, sample_shots
 from pipeline.errors import DataError, PipelineError
 from pipeline.extract import extract_features
+from pipeline.options import HeadsOptions
 from pipeline.scoring import RowPredictions
 from pipeline.significance import accuracy_interval
 from tests.conftest import TINY, make_folder, make_split_folder
@@ -149,3 +150,18 @@ def test_bad_inputs_are_pipeline_errors(tmp_path, cache_file):
         fit_heads([path], ["logreg"], tmp_path / "out")
     with pytest.raises(PipelineError, match="no such cache"):
         fit_heads([tmp_path / "missing.h5"], ["logreg"], tmp_path / "out")
+
+
+def test_two_class_rows_carry_the_positive_class_recall(tmp_path):
+    root = make_folder(tmp_path / "images", classes=("cat", "dog"), per_class=15)
+    cache = extract_features(root, cache_dir=tmp_path / "c", **TINY).cache_path
+    default = fit_heads([cache], ["logreg"], tmp_path / "a").rows[0]
+    chosen = fit_heads([cache], ["logreg"], tmp_path / "b",
+                       options=HeadsOptions(positive="cat")).rows[0]
+    assert (default["positive_class"], chosen["positive_class"]) == ("dog", "cat")
+    stored = RowPredictions.load(tmp_path / "a" / default["predictions"])
+    dogs = stored.y_true == 1
+    assert default["positive_recall"] == pytest.approx(np.mean(stored.y_pred[dogs] == 1))
+    assert default["false_negative_rate"] == pytest.approx(1 - default["positive_recall"])
+    with pytest.raises(PipelineError, match="not a class"):
+        fit_heads([cache], ["logreg"], tmp_path / "c2", options=HeadsOptions(positive="fox"))

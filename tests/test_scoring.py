@@ -12,6 +12,7 @@ from sklearn.svm import LinearSVC
 from pipeline.calibration import expected_calibration_error
 from pipeline.report import REPORT_COLUMNS, SEED_COLUMNS
 from pipeline.scoring import (
+    POSITIVE_COLUMNS,
     RowPredictions,
     class_probabilities,
     results_row,
@@ -71,7 +72,8 @@ def test_the_row_has_the_columns_of_both_stages_in_order():
               for c in (m, f"{m}_ci_low", f"{m}_ci_high")]
     assert list(row) == ["backbone", "head", "chosen", *scores, "fit_s", "predict_s",
                          "blocks_unfrozen", "best_epoch", "cache_key", "method"]
-    assert set(REPORT_COLUMNS) - set(SEED_COLUMNS) <= set(row)
+    # seeds: rows with --repeats; the positive class: stages add it for two-class data
+    assert set(REPORT_COLUMNS) - set(SEED_COLUMNS) - set(POSITIVE_COLUMNS) <= set(row)
     assert row["test_accuracy"] == pytest.approx(2 / 3) and row["blocks_unfrozen"] == 1
     assert (row["test_accuracy_ci_low"], row["test_accuracy_ci_high"]) == accuracy_interval(2, 3)
     assert math.isnan(row["log_loss_ci_low"])  # no probabilities, no log loss to bound
@@ -121,3 +123,47 @@ def test_stored_predictions_read_back_as_written(tmp_path):
     np.savez(tmp_path / "other.npz", a=np.zeros(2))
     with pytest.raises(ValueError, match="not a pipeline-predictions"):
         RowPredictions.load(tmp_path / "other.npz")
+
+
+def test_positive_class_scores_match_scikit_learn():
+    from sklearn.metrics import recall_score
+
+    from pipeline.scoring import positive_scores
+
+    rng = np.random.default_rng(1)
+    y, pred = rng.integers(0, 2, 60), rng.integers(0, 2, 60)
+    default = positive_scores(y, pred, ["healthy", "sick"])
+    assert default["positive_class"] == "sick"
+    assert default["positive_recall"] == pytest.approx(recall_score(y, pred, pos_label=1))
+    assert default["false_negative_rate"] == pytest.approx(
+        np.sum((y == 1) & (pred == 0)) / np.sum(y == 1))
+    chosen = positive_scores(y, pred, ["healthy", "sick"], "healthy")
+    assert chosen["positive_recall"] == pytest.approx(recall_score(y, pred, pos_label=0))
+    assert positive_scores(y % 3, pred, ["a", "b", "c"]) == {}
+
+
+@pytest.mark.parametrize(("classes", "positive", "message"), [
+    (["a", "b"], "c", "not a class; the classes are a, b"),
+    (["a", "b", "c"], "a", "for two-class data; this has 3 classes"),
+])
+def test_a_wrong_positive_class_is_one_clear_error(classes, positive, message):
+    from pipeline.errors import PipelineError
+    from pipeline.scoring import positive_class
+
+    with pytest.raises(PipelineError, match=message):
+        positive_class(classes, positive)
+
+
+def test_per_class_rows_match_precision_recall_f1():
+    from sklearn.metrics import precision_recall_fscore_support
+
+    from pipeline.scoring import per_class_rows
+
+    y, pred = np.array([0, 0, 1, 1, 2, 2, 2]), np.array([0, 1, 1, 1, 2, 0, 1])
+    rows = per_class_rows(y, pred, ["a", "b", "c"], head="h")
+    p, r, f, n = precision_recall_fscore_support(y, pred, zero_division=0)
+    assert [row["class"] for row in rows] == ["a", "b", "c"] and rows[0]["head"] == "h"
+    np.testing.assert_allclose([row["precision"] for row in rows], p)
+    np.testing.assert_allclose([row["recall"] for row in rows], r)
+    np.testing.assert_allclose([row["f1"] for row in rows], f)
+    assert [row["support"] for row in rows] == list(n)
