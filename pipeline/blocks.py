@@ -42,8 +42,9 @@ from pipeline.errors import PipelineError
 if TYPE_CHECKING:
     from torch import nn
 
-__all__ = ["Block", "BlockError", "block_parameters", "describe_blocks", "find_blocks",
-           "freeze_below", "parse_unfreeze"]
+__all__ = ["Block", "BlockError", "block_parameters", "describe_blocks", "describe_layers",
+           "find_blocks", "freeze_below", "parameterised_layers", "parse_layers",
+           "parse_unfreeze", "unfreeze_depth"]
 
 _SUPPORTED = ("resnet, efficientnet, mobilenet, mnasnet, regnet, vgg, convnext, densenet "
               "and timm models")
@@ -174,9 +175,63 @@ def parse_unfreeze(value: str | int, n_blocks: int, *, backbone: str | None = No
     return k
 
 
+def parse_layers(value: str | int) -> int | None:
+    """The number of layers in an ``--unfreeze`` value counted in layers (``"15L"``), or None
+    for a count of blocks or ``"all"``."""
+    if (not isinstance(value, str) or value.strip().lower() == "all"
+            or not value.strip().upper().endswith("L")):
+        return None
+    try:
+        n = int(value.strip()[:-1])
+    except ValueError:
+        raise BlockError(f"unfreeze takes a number of blocks, of layers (15L) or 'all', "
+                         f"not {value!r}") from None
+    if n < 1:
+        raise BlockError(f"unfreeze {value!r}: count at least one layer")
+    return n
+
+
+def parameterised_layers(model: nn.Module, head: nn.Module | None = None) -> list[str]:
+    """The layers with parameters of their own (convolutions, norms, linear layers), in model
+    order, lowest first, without ``head``: what ``--unfreeze 15L`` counts from the top, as
+    Keras users count the trainable layers of ``model.layers[-15:]`` (Keras also lists layers
+    without weights, activations and pooling, which train nothing and are not counted here)."""
+    skip = {name for name, module in model.named_modules() if module is head}
+    return [name for name in parameter_owners(model) if name and not is_under(name, skip)]
+
+
+def _top_layers(model: nn.Module, n: int, head: nn.Module | None) -> list[str]:
+    layers = parameterised_layers(model, head)
+    if n > len(layers):
+        raise BlockError(f"cannot unfreeze {n} layers: the backbone has {len(layers)} layers "
+                         "with parameters below its head; `pipeline blocks BACKBONE --layers` "
+                         "lists them")
+    return layers[len(layers) - n:]
+
+
+def unfreeze_depth(model: nn.Module, family: str, k: str | int,
+                   head: nn.Module | None = None) -> int:
+    """How many top blocks hold everything ``--unfreeze k`` trains: ``k`` for a count of
+    blocks; for layers, the blocks from the one holding the lowest trained layer up (one more
+    than the blocks when that layer is in the stem). The input of the lowest of them is what
+    cached activations store."""
+    blocks = find_blocks(model, family)
+    n = parse_layers(k)
+    if n is None:
+        return parse_unfreeze(k, len(blocks))
+    trained = _top_layers(model, n, head)
+    # Layers above the last stage belong to the top block: a layer in no block is the stem's.
+    owner = [i for i, block in enumerate(blocks) if is_under(trained[0], block.modules)]
+    return len(blocks) - owner[0] if owner else len(blocks) + 1
+
+
 def freeze_below(model: nn.Module, family: str, k: str | int,
                  head: nn.Module | None = None) -> list[Block]:
     """Freeze every parameter of ``model`` except those of its top ``k`` blocks and of ``head``.
+
+    ``k`` counted in layers (``"15L"``) trains the top 15 of :func:`parameterised_layers`
+    instead, which may start inside a block or reach into the stem; they are returned as one
+    block named ``top 15 layers``.
 
     Only ``requires_grad`` changes. Buffers (BatchNorm running statistics) are the training
     loop's concern: it keeps the BatchNorm layers in eval mode so that their statistics stay
@@ -200,8 +255,12 @@ def freeze_below(model: nn.Module, family: str, k: str | int,
         The unfrozen blocks, lowest first.
     """
     blocks = find_blocks(model, family)
-    k = parse_unfreeze(k, len(blocks))
-    unfrozen = blocks[len(blocks) - k:]  # not blocks[-k:], which is every block when k is 0
+    n = parse_layers(k)
+    if n is None:
+        k = parse_unfreeze(k, len(blocks))
+        unfrozen = blocks[len(blocks) - k:]  # not blocks[-k:], which is every block when k is 0
+    else:
+        unfrozen = [Block(f"top {n} layers", tuple(_top_layers(model, n, head)))]
     model.requires_grad_(False)
     for params in block_parameters(model, unfrozen):
         for param in params:
@@ -226,3 +285,18 @@ def describe_blocks(model: nn.Module, family: str) -> list[dict]:
          "parameters": sum(p.numel() for p in params)}
         for i, (block, params) in enumerate(zip(blocks, block_parameters(model, blocks)), start=1)
     ]
+
+
+def describe_layers(model: nn.Module, family: str, head: nn.Module | None = None) -> list[dict]:
+    """One row per layer with parameters, topmost first, for ``pipeline blocks --layers``:
+    ``from_top`` (what ``--unfreeze NL`` counts), ``name``, ``type``, ``parameters`` and the
+    ``block`` it belongs to (``stem`` below the first block)."""
+    blocks = find_blocks(model, family)
+    rows = []
+    for i, name in enumerate(reversed(parameterised_layers(model, head)), start=1):
+        module = model.get_submodule(name)
+        block = next((b.name for b in blocks if is_under(name, b.modules)), "stem")
+        rows.append({"from_top": i, "name": name, "type": type(module).__name__,
+                     "parameters": sum(p.numel() for p in module.parameters(recurse=False)),
+                     "block": block})
+    return rows

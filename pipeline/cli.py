@@ -317,10 +317,13 @@ def predict(model, inputs, top_k, out, device, batch_size, workers, offline, as_
 
 
 def _depths(_ctx, _param, value: str) -> list:
+    from pipeline.blocks import BlockError, parse_layers
+
     try:
-        return [v if v == "all" else int(v) for v in value.split(",")]
-    except ValueError:
-        raise click.BadParameter("give block counts or 'all', such as 0,1,2,all") from None
+        return [v if v == "all" or parse_layers(v) else int(v) for v in value.split(",")]
+    except (ValueError, BlockError):
+        raise click.BadParameter("give block counts, layer counts or 'all', such as "
+                                 "0,1,2,all or 15L,25L") from None
 
 
 def _numbers(kind: type, example: str):
@@ -347,8 +350,9 @@ def _finetune_default(name: str):
 @click.option("--image-size", type=int, default=None)
 @click.option("--unfreeze", callback=_depths, default=str(_finetune_default("unfreeze")),
               show_default=True,
-              help="Top blocks to train; several (0,1,2,all) run the freeze-depth experiment, "
-                   "one run each in OUT/unfreeze-K/.")
+              help="Top blocks to train, or top layers with parameters (15L); several "
+                   "(0,1,2,all) run the freeze-depth experiment, one run each in "
+                   "OUT/unfreeze-K/.")
 @click.option("--out", type=click.Path(file_okay=False), default="results/finetune",
               show_default=True)
 @click.option("--epochs", type=click.IntRange(min=0), default=_finetune_default("epochs"),
@@ -460,13 +464,21 @@ def _sweep(data, factors: dict, mode: str, out, as_json: bool, repeats: int, **o
 @click.argument("backbone")
 @click.option("--weights", default="none", show_default=True,
               help="Weights to build the model with (blocks do not depend on them).")
-def blocks_command(backbone, weights) -> None:
+@click.option("--layers", is_flag=True,
+              help="List the layers with parameters instead, topmost first, as --unfreeze NL "
+                   "counts them, each with its block.")
+def blocks_command(backbone, weights, layers) -> None:
     """The blocks of BACKBONE that --unfreeze counts, lowest first."""
     from pipeline.backbones import resolve_backbone
-    from pipeline.blocks import describe_blocks
+    from pipeline.blocks import describe_blocks, describe_layers
 
     spec = resolve_backbone(backbone, weights)
-    click.echo(_markdown(describe_blocks(spec.build_classifier(), spec.family)), nl=False)
+    model = spec.build_classifier()
+    if layers:
+        head = model.get_submodule(spec.adapter.classifier(model)[0])
+        click.echo(_markdown(describe_layers(model, spec.family, head)), nl=False)
+        return
+    click.echo(_markdown(describe_blocks(model, spec.family)), nl=False)
 
 
 @main.command(name="report")

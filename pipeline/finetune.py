@@ -34,7 +34,7 @@ from pipeline.activations import (
     write_activations,
 )
 from pipeline.backbones import BackboneSpec, as_spec, replace_classifier
-from pipeline.blocks import freeze_below
+from pipeline.blocks import freeze_below, parse_layers, unfreeze_depth
 from pipeline.cache import cache_key, open_cache, read_splits
 from pipeline.calibration import reliability_curve
 from pipeline.data import ImageFiles, ImageSet, load_image_set
@@ -176,12 +176,15 @@ def finetune(
     out = Path(out)
     args = _run_args(spec, cfg, cache.key, images)
     n_blocks = len(spec.adapter.blocks(model))
-    why_images = _needs_images(cfg, len(unfrozen), n_blocks)
+    # The top blocks that hold every trained layer (the blocks themselves, for a block count).
+    depth = unfreeze_depth(model, spec.family, cfg.unfreeze, head)
+    why_images = _needs_images(cfg, depth, n_blocks)
     rows = split_rows(images, splits)
     if why_images is None:  # exact: train the top blocks from the trunk's cached activations
-        depths = {len(unfrozen)} | {d for d in activation_depths if 0 <= d < n_blocks}
+        others = {unfreeze_depth(model, spec.family, d, head) for d in activation_depths}
+        depths = {depth} | {d for d in others if 0 <= d < n_blocks}
         cut, path, plan = _activations(spec, model, images, rows["train"], cache.cache_path,
-                                       cfg, opts, run_on, ctx, progress, len(unfrozen),
+                                       cfg, opts, run_on, ctx, progress, depth,
                                        sorted(depths))
         args["activations"] = path.name
         loaders = _CachedLoaders(path, plan, images.labels, rows, cfg, run_on, opts.workers,
@@ -347,6 +350,8 @@ def _needs_images(cfg: FinetuneConfig, k: int, n_blocks: int) -> str | None:
         return "--bn-train: BatchNorm statistics below the trained blocks would change"
     if k == n_blocks:
         return "every block trained: nothing below them to cache"
+    if k > n_blocks:
+        return "the stem is trained: nothing below it to cache"
     return None
 
 
@@ -581,7 +586,8 @@ class _Trainer:
         self.args, self.checkpoint = args, checkpoint
         self.ctx = ctx or distributed.Context()
         self.trainable = [model.get_submodule(n) for b in unfrozen for n in b.modules] + [head]
-        self.unfrozen_blocks = len(unfrozen)
+        # What the rows call the trained part: a number of blocks, or of layers ("15L").
+        self.unfrozen_blocks = cfg.unfreeze if parse_layers(cfg.unfreeze) else len(unfrozen)
         model.to(device, memory_format=torch.channels_last)
         self.net = self._wrap(compile)
         self.optimizer = self._optimizer()
@@ -742,17 +748,23 @@ def _write(out: Path, spec, classes, cache, args, model, result: FinetuneResult)
     files["per_class"] = str(report.write_table(per_class, out / "per_class")[0])
     files["confusion_png"] = str(report.confusion_matrix_plot(
         result.test_labels, result.test_pred, classes, out / "confusion_matrix.png",
-        f"{spec.name}, top {result.row['blocks_unfrozen']} block(s) fine-tuned "
+        f"{spec.name}, {_trained(result.row)} fine-tuned "
         f"(accuracy {result.row['test_accuracy']:.3f})"))
     files["reliability_png"] = str(report.reliability_diagram(
-        {f"top {result.row['blocks_unfrozen']} block(s)":
+        {_trained(result.row):
          reliability_curve(result.test_labels, result.test_proba)},
         out / "reliability.png", f"{spec.name}, fine-tuned: calibration on the test split"))
     if result.history:
         files["history_png"] = str(report.training_curves(
             result.history, out / "history.png",
-            f"{spec.name}, top {result.row['blocks_unfrozen']} block(s) fine-tuned"))
+            f"{spec.name}, {_trained(result.row)} fine-tuned"))
     return files
+
+
+def _trained(row: dict) -> str:
+    """What a run trained, for titles: "top 2 block(s)" or "top 15 layers"."""
+    layers = parse_layers(row["blocks_unfrozen"])
+    return f"top {layers} layers" if layers else f"top {row['blocks_unfrozen']} block(s)"
 
 
 def _write_row(out: Path, row: dict) -> dict:

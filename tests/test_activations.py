@@ -40,7 +40,7 @@ def _states_equal(a, b, atol=1e-6):
                                    msg=key)
 
 
-@pytest.mark.parametrize("unfreeze", [0, 1, 2])
+@pytest.mark.parametrize("unfreeze", [0, 1, 2, "15L"])
 def test_cached_and_image_paths_end_an_epoch_with_the_same_weights(data, tmp_path, unfreeze):
     """--augment none: the same batches, the same trunk outputs, so the same training.
 
@@ -68,6 +68,7 @@ def test_float16_activations_train_close_to_the_images(data, tmp_path):
 
 @pytest.mark.parametrize("settings, why", [
     ({"unfreeze": "all"}, "every block trained"),
+    ({"unfreeze": "39L"}, "the stem is trained"),
     ({"unfreeze": 1, "bn_train": True}, "--bn-train"),
 ])
 def test_runs_that_cached_activations_cannot_serve_read_images_and_say_so(
@@ -155,3 +156,20 @@ def test_an_interrupted_activation_pass_resumes_to_the_same_file(data, tmp_path,
     with h5py.File(expected) as a, h5py.File(path) as b:
         np.testing.assert_array_equal(a["features"][:], b["features"][:])
     assert whole.row["trained_from"] == resumed.row["trained_from"] == "cached activations"
+
+
+def test_layer_counts_train_those_layers_from_the_blocks_that_hold_them(data, tmp_path):
+    """15 layers of resnet18 reach into layer3: the cache holds layer3's input, layer3's
+    lower layers run frozen on it, and only the 15 layers and the head change."""
+    before = resolve_backbone("resnet18", "none", image_size=32).build_classifier().state_dict()
+    result = _run(data, tmp_path, "layers", unfreeze="15L", augment="none")
+    after = result.model.module.state_dict()
+    assert result.row["trained_from"] == "cached activations"
+    assert result.row["head"] == "finetune-15L"
+    changed = {k.rsplit(".", 1)[0] for k in before
+               if not k.startswith("fc.") and not torch.equal(before[k], after[k])}
+    # counted from the top by hand: layer4's 10 layers, layer3.1's 4, layer3.0's downsample bn
+    top15 = {f"layer4.{b}.{m}" for b in (0, 1) for m in ("conv1", "bn1", "conv2", "bn2")}
+    top15 |= {"layer4.0.downsample.0", "layer4.0.downsample.1", "layer3.0.downsample.1"}
+    top15 |= {f"layer3.1.{m}" for m in ("conv1", "bn1", "conv2", "bn2")}
+    assert len(top15) == 15 and changed == top15

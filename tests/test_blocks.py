@@ -12,9 +12,13 @@ from pipeline.blocks import (
     BlockError,
     block_parameters,
     describe_blocks,
+    describe_layers,
     find_blocks,
     freeze_below,
+    parameterised_layers,
+    parse_layers,
     parse_unfreeze,
+    unfreeze_depth,
 )
 from pipeline.families import get_family
 
@@ -207,3 +211,76 @@ def test_unknown_family_is_a_bug(network):
     _, model = network("resnet18")
     with pytest.raises(ValueError, match="unknown backbone family"):
         find_blocks(model, "keras")
+
+
+def _resnet18():
+    spec = resolve_backbone("resnet18", "none")
+    return spec, spec.build_classifier()
+
+
+def test_layers_are_counted_by_hand_on_resnet18():
+    _, model = _resnet18()
+    layers = parameterised_layers(model, model.fc)
+    # stem conv1 + bn1, then 4 stages x 2 basic blocks x (conv1, bn1, conv2, bn2), plus the
+    # downsample conv and bn of layer2.0, layer3.0 and layer4.0; fc is the head: 2+32+6 = 40
+    assert len(layers) == 40
+    assert layers[:2] == ["conv1", "bn1"] and layers[-1] == "layer4.1.bn2" and "fc" not in layers
+    assert layers[-6:] == ["layer4.0.downsample.0", "layer4.0.downsample.1", "layer4.1.conv1",
+                           "layer4.1.bn1", "layer4.1.conv2", "layer4.1.bn2"]
+
+
+def test_a_hand_built_sequence_counts_layers_with_parameters_only():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2),
+                          nn.Sequential(nn.Conv2d(4, 4, 1), nn.ReLU(), nn.Dropout()),
+                          nn.Flatten(), nn.Linear(4, 2))
+    assert parameterised_layers(model) == ["0", "1", "4.0", "6"]
+    assert parameterised_layers(model, model[6]) == ["0", "1", "4.0"]
+
+
+def test_layer_counts_freeze_exactly_the_top_layers_and_give_the_covering_depth():
+    spec, model = _resnet18()
+    unfrozen = freeze_below(model, spec.family, "6L", model.fc)
+    trained = {name.rsplit(".", 1)[0] for name, p in model.named_parameters() if p.requires_grad}
+    assert trained == {"layer4.0.downsample.0", "layer4.0.downsample.1", "layer4.1.conv1",
+                       "layer4.1.bn1", "layer4.1.conv2", "layer4.1.bn2", "fc"}
+    assert unfrozen[0].name == "top 6 layers"
+    assert unfreeze_depth(model, spec.family, "6L", model.fc) == 1  # all inside layer4
+    assert unfreeze_depth(model, spec.family, "15L", model.fc) == 2  # reaches into layer3
+    assert unfreeze_depth(model, spec.family, "39L", model.fc) == 5  # bn1 of the stem
+    assert unfreeze_depth(model, spec.family, 3, model.fc) == 3
+    with pytest.raises(BlockError, match="has 40 layers"):
+        freeze_below(model, spec.family, "41L", model.fc)
+
+
+@pytest.mark.parametrize(("text", "layers"), [("15L", 15), ("15l", 15), ("2", None),
+                                              ("all", None), (3, None)])
+def test_parse_layers(text, layers):
+    assert parse_layers(text) == layers
+
+
+@pytest.mark.parametrize("text", ["L", "xL", "0L"])
+def test_bad_layer_counts_are_refused(text):
+    with pytest.raises(BlockError):
+        parse_layers(text)
+
+
+def test_describe_layers_lists_them_topmost_first_with_their_block():
+    spec, model = _resnet18()
+    rows = describe_layers(model, spec.family, model.fc)
+    assert [r["from_top"] for r in rows] == list(range(1, 41))
+    assert (rows[0]["name"], rows[0]["block"]) == ("layer4.1.bn2", "layer4")
+    assert (rows[-1]["name"], rows[-1]["block"], rows[-1]["type"]) == ("conv1", "stem", "Conv2d")
+    assert rows[-1]["parameters"] == 64 * 3 * 7 * 7
+
+
+def test_the_blocks_command_lists_layers_and_the_finetune_command_parses_them(tmp_path):
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+
+    listed = CliRunner().invoke(main, ["blocks", "resnet18", "--layers"])
+    assert listed.exit_code == 0, listed.output
+    lines = listed.output.splitlines()
+    assert len(lines) == 2 + 40 and "| 1 | layer4.1.bn2 | BatchNorm2d |" in lines[2]
+    refused = CliRunner().invoke(main, ["finetune", str(tmp_path), "--unfreeze", "1,15X"])
+    assert refused.exit_code == 2 and "layer counts" in refused.output
