@@ -44,10 +44,13 @@ if TYPE_CHECKING:
 
 __all__ = ["Block", "BlockError", "block_parameters", "describe_blocks", "describe_layers",
            "find_blocks", "freeze_below", "parameterised_layers", "parse_layers",
-           "parse_unfreeze", "unfreeze_depth"]
+           "parse_unfreeze", "stem", "unfreeze_depth"]
 
 _SUPPORTED = ("resnet, efficientnet, mobilenet, mnasnet, regnet, vgg, convnext, densenet "
               "and timm models")
+
+
+STEM = "stem"  # the name of the layers below the first block
 
 
 class BlockError(PipelineError):
@@ -207,6 +210,15 @@ def _top_layers(model: nn.Module, n: int, head: nn.Module | None) -> list[str]:
                          "with parameters below its head; `pipeline blocks BACKBONE --layers` "
                          "lists them")
     return layers[len(layers) - n:]
+
+
+def stem(model: nn.Module, family: str, head: nn.Module | None = None) -> Block:
+    """The layers with parameters below the first block (in no block), as one block: what
+    only a from-scratch run trains."""
+    blocks = find_blocks(model, family)
+    inside = [name for block in blocks for name in block.modules]
+    return Block(STEM, tuple(name for name in parameterised_layers(model, head)
+                             if not is_under(name, inside)))
 
 
 def unfreeze_depth(model: nn.Module, family: str, k: str | int,

@@ -34,7 +34,7 @@ from pipeline.activations import (
     write_activations,
 )
 from pipeline.backbones import BackboneSpec, as_spec, replace_classifier
-from pipeline.blocks import freeze_below, parse_layers, unfreeze_depth
+from pipeline.blocks import STEM, freeze_below, parse_layers, stem, unfreeze_depth
 from pipeline.cache import cache_key, open_cache, read_splits
 from pipeline.calibration import reliability_curve
 from pipeline.data import ImageFiles, ImageSet, load_image_set
@@ -74,6 +74,8 @@ __all__ = ["AUGMENTS", "HEAD_INITS", "OPTIMIZERS", "SCHEDULES", "FinetuneConfig"
            "FinetuneError", "FinetuneResult", "finetune", "repeat_seeds", "sweep_depths"]
 
 CHECKPOINT = "checkpoint.pt"
+# The method of a run with random weights and every block trained, beside transfer and fine-tune.
+FROM_SCRATCH = "from scratch"
 # The resolve_backbone arguments finetune also takes, when given a backbone name.
 _BACKBONE_ARGS = ("weights", "image_size", "offline")
 
@@ -168,6 +170,9 @@ def finetune(
                             "label column); fine-tuning needs labels")
     positive_class(images.classes, positive)  # a wrong class fails before any training
     spec = as_spec(backbone, data_seed, _BACKBONE_ARGS, rest)
+    if from_scratch(spec, cfg):
+        # Nothing pretrained to keep: BatchNorm statistics are learnt, every layer at one rate.
+        cfg = replace(cfg, bn_train=True, backbone_lr_ratio=1.0)
     # The features are extracted as plain float32 (compile is for the training steps).
     cache = extract_features(images, spec, replace(opts, compile=False), progress=progress)
     splits = read_splits(cache.cache_path)
@@ -316,7 +321,17 @@ def build_model(spec: BackboneSpec, classes: Sequence[str], cfg: FinetuneConfig,
             torch.manual_seed(cfg.seed)
             head.reset_parameters()
     # freeze_below finds the blocks and checks unfreeze (a count or "all") against them.
-    return model, head, freeze_below(model, spec.family, cfg.unfreeze, head)
+    unfrozen = freeze_below(model, spec.family, cfg.unfreeze, head)
+    if from_scratch(spec, cfg):  # the stem too, which fine-tuning never trains
+        unfrozen = [stem(model, spec.family, head), *unfrozen]
+        model.requires_grad_(True)
+    return model, head, unfrozen
+
+
+def from_scratch(spec: BackboneSpec, cfg: FinetuneConfig) -> bool:
+    """Random weights and every block trained: the retrain-from-scratch baseline, which trains
+    the stem and BatchNorm statistics too, the backbone at the head's learning rate."""
+    return not spec.weights.pretrained and cfg.unfreeze == "all"
 
 
 def warm_start(head: nn.Linear, splits, seed: int) -> LinearProbe:
@@ -346,12 +361,12 @@ def _needs_images(cfg: FinetuneConfig, k: int, n_blocks: int) -> str | None:
     """Why this run must read images every epoch, or None when cached activations are exact."""
     if cfg.from_images:
         return "--from-images"
-    if cfg.bn_train:
-        return "--bn-train: BatchNorm statistics below the trained blocks would change"
     if k == n_blocks:
         return "every block trained: nothing below them to cache"
     if k > n_blocks:
         return "the stem is trained: nothing below it to cache"
+    if cfg.bn_train:
+        return "--bn-train: BatchNorm statistics below the trained blocks would change"
     return None
 
 
@@ -587,7 +602,8 @@ class _Trainer:
         self.ctx = ctx or distributed.Context()
         self.trainable = [model.get_submodule(n) for b in unfrozen for n in b.modules] + [head]
         # What the rows call the trained part: a number of blocks, or of layers ("15L").
-        self.unfrozen_blocks = cfg.unfreeze if parse_layers(cfg.unfreeze) else len(unfrozen)
+        self.unfrozen_blocks = (cfg.unfreeze if parse_layers(cfg.unfreeze)
+                                else sum(block.name != STEM for block in unfrozen))
         model.to(device, memory_format=torch.channels_last)
         self.net = self._wrap(compile)
         self.optimizer = self._optimizer()
@@ -713,13 +729,15 @@ def _result(spec, cfg, cache, classes, trainer: _Trainer, history, y, proba, sta
             ) -> FinetuneResult:
     y_pred = proba.argmax(1)
     blocks = trainer.unfrozen_blocks
+    scratch = from_scratch(spec, cfg)
     row = results_row(
-        backbone=spec.name, head=f"finetune-{blocks}",
+        backbone=spec.name, head="from-scratch" if scratch else f"finetune-{blocks}",
         chosen=f"unfreeze={blocks},best_epoch={trainer.best['epoch']}", y_true=y,
         y_pred=y_pred, proba=proba, n_classes=proba.shape[1],
         fit_s=time.perf_counter() - started, predict_s=float("nan"), blocks_unfrozen=blocks,
         trainable_parameters=trainer.trainable_parameters, best_epoch=trainer.best["epoch"],
-        epochs_run=len(history), cache_key=cache.key, method="fine-tune")
+        epochs_run=len(history), cache_key=cache.key,
+        method=FROM_SCRATCH if scratch else "fine-tune")
     # Training is over and the best weights are back in trainer.model: it moves to the CPU.
     network = FinetunedNetwork.from_module(trainer.model, spec, classes,
                                            request=spec.request,
@@ -763,6 +781,8 @@ def _write(out: Path, spec, classes, cache, args, model, result: FinetuneResult)
 
 def _trained(row: dict) -> str:
     """What a run trained, for titles: "top 2 block(s)" or "top 15 layers"."""
+    if row["method"] == FROM_SCRATCH:
+        return "every layer (from scratch)"
     layers = parse_layers(row["blocks_unfrozen"])
     return f"top {layers} layers" if layers else f"top {row['blocks_unfrozen']} block(s)"
 

@@ -74,6 +74,8 @@ COMPARISON_COLUMNS = ("diff_vs_best", *interval_columns("diff_vs_best"), "p_vs_b
 LEAK_COLUMNS = ("leaked_test_images", "test_accuracy_without_leaked",
                 *interval_columns("test_accuracy_without_leaked"))
 # The report's columns in order: accuracy, its spread over seeds and the comparison first.
+# Bars by method: transfer blue, fine-tune orange, anything else (from scratch) grey.
+_METHOD_COLOURS = {"transfer": "tab:blue", "fine-tune": "tab:orange"}
 _ORDER = ("method", "backbone", "head", "chosen", *_SCORES[:3], *SEED_COLUMNS,
           *COMPARISON_COLUMNS, *_SCORES[3:], *POSITIVE_COLUMNS, *LEAK_COLUMNS, "fit_s",
           "cache_key", "predictions")
@@ -147,7 +149,7 @@ def write_report(folder: str | os.PathLike, out: str | os.PathLike | None = None
     files["report_png"] = str(bar_chart(
         labels, [r["test_accuracy"] for r in rows], out / "report.png",
         "Transfer learning (frozen trunk) against fine-tuning\n(test accuracy, 95% interval)",
-        colors=["tab:orange" if r["method"] == "fine-tune" else "tab:blue" for r in rows],
+        colors=[_METHOD_COLOURS.get(r["method"], "tab:gray") for r in rows],
         intervals=[[r[c] for c in interval_columns("test_accuracy")] for r in rows]))
     curves = _best_curves(rows, predictions)
     if curves:

@@ -239,3 +239,23 @@ def test_a_fine_tune_writes_per_class_scores_and_the_positive_class_recall(tmp_p
     with pytest.raises(PipelineError, match="not a class"):
         finetune(two, cache_dir=tmp_path / "c", out=tmp_path / "x", positive="cat", **FT)
     assert not (tmp_path / "x").exists()  # refused before any training
+
+
+def test_random_weights_and_every_block_is_the_from_scratch_baseline(data, tmp_path):
+    before = _initial_state()
+    scratch = _run(data, tmp_path, name="scratch", unfreeze="all", epochs=1)
+    after = _final_state(scratch)
+    assert (scratch.row["method"], scratch.row["head"]) == ("from scratch", "from-scratch")
+    assert scratch.row["blocks_unfrozen"] == 4
+    # the stem trains, and BatchNorm statistics are learnt: there are none pretrained to keep
+    assert not torch.equal(after["conv1.weight"], before["conv1.weight"])
+    assert not torch.equal(after["bn1.running_mean"], before["bn1.running_mean"])
+    model = resolve_backbone("resnet18", "none").build_classifier()
+    assert scratch.row["trainable_parameters"] == sum(
+        p.numel() for n, p in model.named_parameters() if not n.startswith("fc.")) + 512 * 3 + 3
+    # random weights at a smaller depth are an ordinary fine-tune: the stem stays as it was
+    tuned = _run(data, tmp_path, name="tuned", unfreeze=1, epochs=1)
+    assert tuned.row["method"] == "fine-tune"
+    assert torch.equal(_final_state(tuned)["conv1.weight"], before["conv1.weight"])
+    report = write_report(tmp_path)
+    assert {r["method"] for r in report["rows"]} == {"from scratch", "fine-tune"}
