@@ -23,6 +23,8 @@ EPOCHS ?= 3
 LRS ?= 0.1,0.01,0.001,0.0001,0.00001
 BATCHES ?= 16,32,64,100
 SWEEP ?= one-at-a-time
+# make sweep's depths: the first is held while the learning rates and batch sizes are swept
+SWEEP_UNFREEZE ?= 1,0,2
 # Processes (GPUs) on this machine for extract and finetune; set it to run them under torchrun.
 NPROC ?=
 BENCH_ARGS ?=
@@ -73,11 +75,11 @@ $(FINETUNE_TABLE): $(FEATURES)
 	$(STAGE) finetune $(DATA) $(EXTRACT_ARGS) --unfreeze $(UNFREEZE) --epochs $(EPOCHS) \
 		--out $(@D)
 
-sweep: $(SWEEP_TABLE) ## fine-tuning sweep of LRS, BATCHES and UNFREEZE (SWEEP: one-at-a-time or grid), chosen on validation
+sweep: $(SWEEP_TABLE) ## fine-tuning sweep of LRS, BATCHES and SWEEP_UNFREEZE (SWEEP: one-at-a-time or grid), chosen on validation
 
 $(SWEEP_TABLE): $(FEATURES)
 	$(STAGE) finetune $(DATA) $(EXTRACT_ARGS) --lr $(LRS) --batch-size $(BATCHES) \
-		--unfreeze $(UNFREEZE) --sweep $(SWEEP) --epochs $(EPOCHS) --out $(@D)
+		--unfreeze $(SWEEP_UNFREEZE) --sweep $(SWEEP) --epochs $(EPOCHS) --out $(@D)
 
 report: $(REPORT) ## heads and fine-tunes of DATA and BACKBONE in one table and chart
 
