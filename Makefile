@@ -25,6 +25,8 @@ BATCHES ?= 16,32,64,100
 SWEEP ?= one-at-a-time
 # make sweep's depths: the first is held while the learning rates and batch sizes are swept
 SWEEP_UNFREEZE ?= 1,0,2
+# What runs the frozen network (--engine: torch, onnxruntime, openvino, auto); unset: torch.
+ENGINE ?=
 # Processes (GPUs) on this machine for extract and finetune; set it to run them under torchrun.
 NPROC ?=
 BENCH_ARGS ?=
@@ -40,7 +42,8 @@ CACHE_OF = $$($(BIN)/python -c 'import json,sys; print(json.load(open(sys.argv[1
 DATA_FILES := $(shell find $(DATA) -type f 2>/dev/null)
 STAGE := $(if $(NPROC),$(BIN)/torchrun --standalone --nproc-per-node $(NPROC) -m pipeline,$(BIN)/pipeline)
 EXTRACT_ARGS := --backbone $(BACKBONE) --weights $(WEIGHTS) --cache-dir $(CACHE_DIR) \
-	$(if $(IMAGE_SIZE),--image-size $(IMAGE_SIZE)) $(if $(SPLIT),--split $(SPLIT))
+	$(if $(IMAGE_SIZE),--image-size $(IMAGE_SIZE)) $(if $(SPLIT),--split $(SPLIT)) \
+	$(if $(ENGINE),--engine $(ENGINE))
 
 .PHONY: help install demo features heads finetune sweep report test lint bench demo-data clean
 

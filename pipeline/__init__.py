@@ -34,6 +34,7 @@ _EXPORTS = {
     "extract_features": "pipeline.extract",
     "finetune": "pipeline.finetune",
     "sweep_depths": "pipeline.finetune",
+    "find_lr": "pipeline.lr_find",
     "LinearProbe": "pipeline.heads",
     "LogRegHead": "pipeline.heads",
     "MLPHead": "pipeline.heads",

@@ -176,7 +176,9 @@ class ActivationPlan:
 def activation_key_spec(feature_spec: dict, block: str, dtype: str, views: int,
                         augment: str, seed: int) -> dict:
     """The feature key's inputs, plus what decides the stored activations (the graph node
-    cut at follows from the block, the network being the feature key's)."""
+    cut at follows from the block, the network being the feature key's). Not the features'
+    engine: the activation pass runs torch whatever engine extracted the features."""
+    feature_spec = {k: v for k, v in feature_spec.items() if k != "engine"}
     return {**feature_spec, "activations": {
         "block": block, "dtype": dtype, "views": views,
         "augment": augment if views else "none", "view_seed": seed if views else None}}
@@ -226,13 +228,14 @@ class _Concatenated(nn.Module):
 def write_activations(cuts: Sequence[Cut], keys: Sequence[tuple[dict, str]], paths: Sequence[Path],
                       images: ImageSet, plan: ActivationPlan, spec, view_transform, dtype: str,
                       seed: int, device: torch.device, batch_size: int, workers: int,
-                      progress: bool) -> None:
+                      progress: bool | str | None = None) -> None:
     """One trunk pass that writes every cut's activation file (resuming unfinished ones).
 
     The rows go through extraction's own loop (:func:`pipeline.extract.feature_batches`):
     the plain images, then each view of the training images.
     """
-    from pipeline.extract import feature_batches
+    from pipeline import engines
+    from pipeline.extract import example_images, feature_batches
 
     lower = _lower_many(cuts)
     lower.to(device, memory_format=torch.channels_last).eval()
@@ -249,9 +252,13 @@ def write_activations(cuts: Sequence[Cut], keys: Sequence[tuple[dict, str]], pat
     shape = (3, crop, crop)
     sources = [(np.arange(plan.n_images), ImageFiles(images, spec.preprocessing.transform(),
                                                      shape), "activations")]
-    sources += [(plan.train, _Views(images, view_transform, shape, seed, v), f"view {v + 1}")
+    sources += [(plan.train, _Views(images, view_transform, shape, seed, v),
+                 f"activations view {v + 1}/{plan.views}")
                 for v in range(plan.views)]
-    model = _Concatenated(lower)
+    # The trunk prepared for inference (BatchNorm folded, static padding), checked against
+    # the eager graph on the data's first images (run as it is if it differs).
+    model = engines.prepare("torch", _Concatenated(lower), example_images(spec, images),
+                            spec.adapter, device).run
     try:
         row, done = 0, min(w.rows_done for w in writers)
         for indices, files, desc in sources:

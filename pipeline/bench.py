@@ -9,7 +9,8 @@ and each peak memory is its own; forward-only runs the same model, prepared the 
 the peak GPU memory (``torch.cuda.max_memory_allocated``) is reported too; ``--weights none``
 measures a torchvision backbone whose weight file is not on the machine (speed does not depend
 on the weights' values). Startup times the command line in fresh processes against
-``import torch``.
+``import torch``. Engines (``--only engines``): forward-only and end-to-end images per second
+of every installed engine against the eager network extraction ran before engines existed.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from pipeline import engines
 from pipeline.backbones import DEFAULT_BACKBONE, resolve_backbone
 from pipeline.cache import cache_info
 from pipeline.data import ImageFiles, load_image_set
@@ -38,11 +40,11 @@ from pipeline.devices import (
     keep_freed_memory,
     resolve_device,
 )
-from pipeline.extract import extract_features, prepare_model
+from pipeline.extract import example_images, extract_features, prepare_model
 from pipeline.options import FinetuneConfig
 
 FORWARD_SECONDS = 8.0
-CHILD_MODES = ("extract", "finetune", "forward", "sweep")
+CHILD_MODES = ("extract", "finetune", "forward", "sweep", "engine")
 # Startup time against `import torch`, the floor of any command that runs a model: --help and
 # a cache hit need no model, so they should cost a fraction of it.
 STARTUP_TARGETS = {"help": 0.1, "cache_hit": 0.5}
@@ -50,6 +52,11 @@ STARTUP_TARGETS = {"help": 0.1, "cache_hit": 0.5}
 # freeze-depth sweep from the cache (its one-off activation pass included) against from images.
 FINETUNE_TARGETS = {"epoch": 0.1, "sweep": 0.25}
 SWEEP_DEPTHS = (0, 1, 2)
+# Issue 12: end-to-end with --engine auto against the eager network's forward-only (at least),
+# and end-to-end with each engine against that engine's forward-only (at least).
+ENGINE_TARGETS = {"auto_over_eager": 1.5, "end_to_end_over_forward": 0.9}
+# "eager": the network as extraction ran it before engines (channels_last, nothing folded).
+BENCH_ENGINES = ("eager", "torch", "onnxruntime", "openvino")
 
 
 def generate_images(root: Path, n: int, classes: int = 10, size: int = 256, seed: int = 0) -> Path:
@@ -91,6 +98,10 @@ def child(mode: str, kw: dict) -> dict:
     if device_type("auto") == "cpu":  # as the `pipeline` command does on a CPU
         keep_freed_memory()
     if mode == "extract":
+        if "prefetch" in kw:  # batches decoded ahead (0: in turn with the forward passes)
+            from pipeline import extract
+
+            extract._PREFETCH_BATCHES = kw.pop("prefetch")
         out = extract_features(**kw).to_json()
     elif mode == "finetune":
         from pipeline.finetune import finetune
@@ -105,6 +116,8 @@ def child(mode: str, kw: dict) -> dict:
         out = _sweep(kw)
     elif mode == "forward":
         out = {"img_s": forward_only(**kw)}
+    elif mode == "engine":
+        out = prepare_engine(**kw)
     else:
         raise ValueError(f"mode must be one of {', '.join(CHILD_MODES)}, not {mode!r}")
     out["peak_rss_mb"] = peak_rss_mb()
@@ -151,14 +164,44 @@ def peak_rss_mb() -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale
 
 
+def _engine_model(spec, images, device: torch.device, engine: str, cache_dir: str | None):
+    """What extraction would run for ``engine`` (``eager``: the unprepared network)."""
+    if engine == "eager":
+        return spec.build().to(device, memory_format=torch.channels_last)
+    if engine == "torch":
+        return prepare_model(spec, device)
+    crop = spec.preprocessing.crop
+    export = engines.export_path(cache_dir or "cache", spec.name, spec.key(), (3, crop, crop))
+    name = engines.resolve_engine(engine, device.type, export=export)
+    return engines.prepare(name, spec.build(), example_images(spec, images), spec.adapter,
+                           device, export, spec.key()).run
+
+
+def prepare_engine(data: str, backbone: str, weights: str, engine: str, cache_dir: str) -> dict:
+    """Prepare ``engine`` (exporting into ``cache_dir`` if needed): its seconds and check."""
+    spec = resolve_backbone(backbone, weights)
+    images = load_image_set(data)
+    crop = spec.preprocessing.crop
+    export = engines.export_path(cache_dir, spec.name, spec.key(), (3, crop, crop))
+    ready = engines.prepare(engine, spec.build(), example_images(spec, images), spec.adapter,
+                            resolve_device("auto"), export, spec.key())
+    return {"engine": ready.engine, "seconds": ready.seconds, "exported": ready.exported,
+            "difference": ready.difference, "note": ready.note}
+
+
 @torch.inference_mode()
-def forward_only(data: str, backbone: str, weights: str = "default") -> float:
-    """Images per second of the model alone, on preprocessed tensors already in memory."""
+def forward_only(data: str, backbone: str, weights: str = "default", engine: str = "torch",
+                 cache_dir: str | None = None) -> float:
+    """Images per second of the model alone, on preprocessed tensors already in memory.
+
+    ``engine`` as extraction takes it, or ``eager`` (the unprepared network); an exported
+    engine's export is looked for (or written) in ``cache_dir``.
+    """
     spec = resolve_backbone(backbone, weights)
     device = resolve_device("auto")
-    model = prepare_model(spec, device)
     bs = default_batch_size(device)
     images = load_image_set(data)
+    model = _engine_model(spec, images, device, engine, cache_dir)
     crop = spec.preprocessing.crop
     files = ImageFiles(images, spec.preprocessing.transform(), (3, crop, crop))
     batches = [torch.stack([files[i][0] for i in range(j, j + bs)]).to(device)
@@ -506,8 +549,8 @@ def main(argv: list[str] | None = None) -> None:
                              "and classes; more than it has repeats them)")
     parser.add_argument("--finetune-epochs", type=int, default=10,
                         help="epochs of each freeze depth in the sweeps")
-    parser.add_argument("--only", choices=("startup", "extract", "heads", "finetune",
-                                           "distributed"), default=None)
+    parser.add_argument("--only", choices=("startup", "extract", "engines", "heads",
+                                           "finetune", "distributed"), default=None)
     # One measurement in this fresh process (what in_child runs), its result as JSON.
     parser.add_argument("--child", nargs=2, metavar=("MODE", "KWARGS"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -523,6 +566,8 @@ def main(argv: list[str] | None = None) -> None:
         print_heads(results["heads"])
     if args.only in (None, "extract"):
         results.update(bench_extract(args))
+    if args.only in (None, "engines"):
+        results["engines"] = bench_engines(args)
     if args.only in (None, "finetune"):
         results["finetune"] = bench_finetune(args)
     if args.only in (None, "distributed"):
@@ -561,6 +606,112 @@ def bench_extract(args) -> dict:
     print("peak memory of extraction against images (same kind of data): " +
           ", ".join(f"{m['images']} images: {m['peak_rss_mb']:.0f} MB" for m in memory))
     return {"extract": rows, "memory": memory}
+
+
+def bench_engines_here(device: torch.device) -> list[str]:
+    """The engines of :data:`BENCH_ENGINES` that run here: eager, torch, and the exported
+    engines that are installed and run on ``device``."""
+    out = []
+    for name in BENCH_ENGINES:
+        engine = None if name == "eager" else engines.get_engine(name)
+        if engine is None or (engine.installed() and device.type in engine.devices):
+            out.append(name)
+    return out
+
+
+def engine_ratios(forward: dict[str, float], end_to_end: dict[str, float]) -> dict:
+    """Issue 12's ratios with their targets (at least): end-to-end with ``auto`` over the
+    eager network's forward-only, and each engine's end-to-end over its own forward-only;
+    beside them each engine's forward-only over the eager one's (no target)."""
+    auto = end_to_end["auto"] / forward["eager"]
+    target = ENGINE_TARGETS["end_to_end_over_forward"]
+    return {
+        "forward_over_eager": {e: forward[e] / forward["eager"] for e in forward},
+        "auto_over_eager": {"ratio": auto, "target": ENGINE_TARGETS["auto_over_eager"],
+                            "met": auto >= ENGINE_TARGETS["auto_over_eager"]},
+        "end_to_end_over_forward": {
+            e: {"ratio": end_to_end[e] / forward[e], "target": target,
+                "met": end_to_end[e] / forward[e] >= target}
+            for e in end_to_end if e in forward},
+    }
+
+
+def bench_engines(args) -> dict:
+    """Every engine that runs here, on the demo set and the generated set (issue 12).
+
+    One cache folder holds the exports, made first in their own children (their seconds are
+    reported on their own), so that neither forward-only nor extraction pays for them.
+    Per set, each measurement a fresh child: forward-only of every engine (and of the eager
+    network), end-to-end extraction with every engine, with ``auto``, and with ``auto``
+    decoding in turn with the forward passes (no background thread), then forward-only
+    again; forward-only is the mean of the two, which bracket the extractions in time.
+    """
+    device = resolve_device("auto")
+    names = bench_engines_here(device)
+    auto = engines.resolve_engine("auto", device.type)
+    net = {"backbone": args.backbone, "weights": args.weights}
+    cache_dir = args.out / "cache-engines"
+    shutil.rmtree(cache_dir, ignore_errors=True)
+    started, loads = time.perf_counter(), [os.getloadavg()]
+    exports = {e: in_child("engine", data=str(args.data), engine=e, cache_dir=str(cache_dir),
+                           **net)
+               for e in names if e not in ("eager", "torch")}
+    large = generate_images(args.out / f"generated-{args.large}", args.large)
+    sets = []
+    for name, data in (("demo", args.data), (f"generated-{args.large}", large)):
+        common = {**net, "data": str(data), "cache_dir": str(cache_dir)}
+        before = {e: in_child("forward", engine=e, **common)["img_s"] for e in names}
+        runs = {}
+        for label, extra in ([(e, {"engine": e}) for e in names if e != "eager"]
+                             + [("auto", {"engine": "auto"}),
+                                ("auto, no background decoding", {"engine": "auto",
+                                                                  "prefetch": 0})]):
+            for old in cache_dir.glob("*.h5*"):
+                old.unlink()
+            runs[label] = in_child("extract", progress=False, **common, **extra)
+        after = {e: in_child("forward", engine=e, **common)["img_s"] for e in names}
+        loads.append(os.getloadavg())
+        forward = {e: (before[e] + after[e]) / 2 for e in names}
+        end_to_end = {label: r["images"] / r["seconds"] for label, r in runs.items()}
+        sets.append({"set": name, "images": runs["auto"]["images"], "auto": auto,
+                     "forward_before": before, "forward_after": after, "forward": forward,
+                     "end_to_end": end_to_end,
+                     "engine_of": {label: r["engine"] for label, r in runs.items()},
+                     "ratios": engine_ratios(forward, {k: v for k, v in end_to_end.items()
+                                                       if k in forward or k == "auto"})})
+    result = {"engines": names, "auto": auto, "exports": exports, "sets": sets,
+              "loadavg": loads, "section_s": time.perf_counter() - started}
+    print_engines(result, args.backbone)
+    return result
+
+
+def print_engines(result: dict, backbone: str) -> None:
+    print(f"engines, {backbone}: auto is {result['auto']} here; exports: " + ", ".join(
+        f"{e} {x['seconds']:.1f} s (check {x['difference']:.1e})"
+        for e, x in result["exports"].items()))
+    for s in result["sets"]:
+        r = s["ratios"]
+        print(f"{s['set']} ({s['images']} images): engine | forward-only img/s (before, after) "
+              "| x eager | end-to-end img/s | end-to-end / forward-only (target >= "
+              f"{ENGINE_TARGETS['end_to_end_over_forward']})")
+        for e in s["forward"]:
+            e2e = s["end_to_end"].get(e)
+            ratio = r["end_to_end_over_forward"].get(e, {}).get("ratio")
+            print(f"{e} | {s['forward'][e]:.1f} ({s['forward_before'][e]:.1f}, "
+                  f"{s['forward_after'][e]:.1f}) | {r['forward_over_eager'][e]:.2f} | "
+                  f"{_num(e2e, '.1f')} | {_num(ratio, '.2f')}")
+        for label in ("auto", "auto, no background decoding"):
+            print(f"{label} ({s['engine_of'][label]}) | end-to-end {s['end_to_end'][label]:.1f} "
+                  "img/s")
+        print(f"end-to-end with auto / eager forward-only: {r['auto_over_eager']['ratio']:.2f} "
+              f"(target >= {r['auto_over_eager']['target']})")
+    print("load average (1, 5, 15 min) at the start and after each set: " + "; ".join(
+        ", ".join(f"{v:.2f}" for v in load) for load in result["loadavg"]))
+    print(f"engines section: {result['section_s'] / 60:.1f} min")
+
+
+def _num(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
 
 
 def _mb(value: float | None) -> str:

@@ -43,6 +43,7 @@ import numpy as np
 
 from pipeline.errors import CacheError, DataError
 from pipeline.layouts import as_bytes, display
+from pipeline.run_record import extract_record_path
 
 FORMAT = "pipeline-features"
 FORMAT_VERSION = 2
@@ -455,3 +456,5 @@ def remove_cache(path: Path) -> None:
     if not (path.name.endswith((SUFFIX, SUFFIX + PARTIAL)) or SUFFIX + SHARD in path.name):
         raise CacheError(f"{path} is not a cache file")
     path.unlink()
+    if path.name.endswith(SUFFIX):  # the record of the extraction that wrote it goes too
+        extract_record_path(path).unlink(missing_ok=True)

@@ -13,21 +13,28 @@ from pathlib import Path
 
 import click
 
-from pipeline import distributed, distribution
+from pipeline import distributed, distribution, run_record
 from pipeline.errors import PipelineError
 from pipeline.options import (
     ACTIVATION_DTYPES,
     AUGMENTS,
+    AUTO_LR,
     DEFAULT_BACKBONE,
     DEFAULT_CACHE_DIR,
     DEVICES,
     DTYPES,
+    ENGINES,
     EXPORT_FORMATS,
     HEAD_INITS,
+    LR_FIND_END_LR,
+    LR_FIND_START_LR,
+    LR_FIND_STEPS,
+    MISTAKES,
     OPTIMIZERS,
     POOLS,
     SCHEDULES,
     SWEEP_MODES,
+    TTA_MODES,
     ExtractOptions,
     FinetuneConfig,
     HeadsOptions,
@@ -37,6 +44,13 @@ from pipeline.options import (
 
 class _Group(click.Group):
     """Turns our own errors into one line and exit code 1; anything else is a bug and raises."""
+
+    def main(self, args=None, prog_name=None, **extra):
+        # The run records (pipeline.run_record) give the command as it was typed, also when
+        # the CLI runs in-process (click's CliRunner, scripts) under another sys.argv.
+        argv = list(sys.argv[1:] if args is None else args)
+        with run_record.command_line(["pipeline", *map(str, argv)]):
+            return super().main(args, prog_name, **extra)
 
     def invoke(self, ctx: click.Context):
         try:
@@ -85,6 +99,21 @@ def _keep_freed_memory(device: str) -> None:
 compile_option = click.option(
     "--compile", is_flag=True, default=default(ExtractOptions, "compile"),
     help="torch.compile the network (pays off on long GPU runs).")
+tta_option = click.option(
+    "--tta", type=click.Choice(TTA_MODES), default=None,
+    help="Test-time augmentation: average the probabilities over each image and its mirror "
+         "(flip), or over ten crops and mirrors (crops, five times slower).")
+positive_option = click.option(
+    "--positive", default=None, metavar="CLASS",
+    help="Two-class data: the positive class, whose recall and false-negative rate each "
+         "results row adds [default: the second class].")
+engine_option = click.option(
+    "--engine", type=click.Choice(ENGINES), default=default(ExtractOptions, "engine"),
+    show_default=True,
+    help="What runs the frozen network: torch (BatchNorm folded, static padding, "
+         "channels_last), onnxruntime or openvino (an ONNX export kept in the cache folder, "
+         "checked against torch first; pip install 'cnn-bottleneck-pipeline[onnx]' or "
+         "'[openvino]'), or auto: the fastest installed for the device.")
 split_option = click.option(
     "--split", "split_fractions", show_default=True, callback=_fractions,
     default=",".join(map(str, default(ExtractOptions, "split_fractions"))),
@@ -96,6 +125,16 @@ offline_option = click.option(
 cache_dir_option = click.option(
     "--cache-dir", default=DEFAULT_CACHE_DIR, show_default=True, type=click.Path(),
     help="Folder of the HDF5 feature caches (env PIPELINE_CACHE_DIR).")
+quiet_option = click.option(
+    "-q", "--quiet", is_flag=True,
+    help="No progress on stderr (a bar on a terminal; in a log a line every 30 s, env "
+         "PIPELINE_PROGRESS_INTERVAL, and one per fine-tuning epoch).")
+track_option = click.option(
+    "--track/--no-track", default=None,
+    help="Log each fit to MLflow (parameters, per-epoch metrics, results, plots, model): to "
+         "MLFLOW_TRACKING_URI, else to a local store in mlruns/ beside --out. Needs pip "
+         "install 'cnn-bottleneck-pipeline[track]'. [default: on when MLFLOW_TRACKING_URI "
+         "is set]")
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -109,10 +148,6 @@ weights_option = click.option(
     help="default, a torchvision weights name (IMAGENET1K_V2, ResNet50_Weights.IMAGENET1K_V2, "
          "DEFAULT), tag:<timm tag>, bundled, a state-dict PATH, or none (random init). Missing "
          "torchvision and timm files are downloaded into the hub cache unless --offline.")
-positive_option = click.option(
-    "--positive", default=None, metavar="CLASS",
-    help="Two-class data: the positive class, whose recall and false-negative rate each "
-         "results row adds [default: the second class].")
 device_option = click.option("--device", type=click.Choice(DEVICES), show_default=True,
                              default=default(ExtractOptions, "device"))
 
@@ -142,11 +177,14 @@ device_option = click.option("--device", type=click.Choice(DEVICES), show_defaul
 @split_option
 @click.option("--seed", type=int, default=default(ExtractOptions, "seed"), show_default=True)
 @compile_option
+@engine_option
 @offline_option
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object, nothing else.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print one JSON object on stdout, nothing else (progress stays on stderr).")
 @click.option("--write-json", type=click.Path(dir_okay=False), default=None,
               help="Also write the JSON summary to this file.")
-def extract(data, as_json, write_json, **options) -> None:
+@quiet_option
+def extract(data, as_json, write_json, quiet, **options) -> None:
     """Extract bottleneck features of the images in DATA once and cache them in HDF5.
 
     DATA is a folder root/<class>/<image>, a split folder root/{train,val,test}/<class>/<image>,
@@ -159,7 +197,7 @@ def extract(data, as_json, write_json, **options) -> None:
 
     _keep_freed_memory(options["device"])
     try:
-        result = extract_features(data, progress=False if as_json else None, **options)
+        result = extract_features(data, progress=False if quiet else None, **options)
     except KeyboardInterrupt:
         click.echo("interrupted: the features written so far are kept; run the same command "
                    "again to resume", err=True)
@@ -180,8 +218,12 @@ def extract(data, as_json, write_json, **options) -> None:
         rate = (result.images - result.resumed_from) / max(result.seconds, 1e-9)
         resumed = f", resumed at {result.resumed_from}" if result.resumed_from else ""
         procs = f" on {result.world_size} processes" if result.world_size > 1 else ""
+        engine = f", {result.engine}" if result.engine != "torch" else ""
         click.echo(f"extracted {result.images} images ({result.dim}-d){procs} in "
-                   f"{result.seconds:.1f} s ({rate:.0f} img/s{resumed}) -> {result.cache_path}")
+                   f"{result.seconds:.1f} s ({rate:.0f} img/s{resumed}{engine}) -> "
+                   f"{result.cache_path}")
+    if result.engine_note:
+        click.echo(result.engine_note)
     _describe_data(result)
 
 
@@ -251,13 +293,17 @@ def _shots(_ctx, _param, value: str | None) -> list:
                    "and report the spread of test accuracy over them.")
 @positive_option
 @click.option("--json", "as_json", is_flag=True, help="Print the results as one JSON object.")
-def heads(caches, head_specs, out, shots, draws, seed, repeats, positive, as_json) -> None:
+@quiet_option
+@track_option
+def heads(caches, head_specs, out, shots, draws, seed, repeats, positive, as_json, quiet,
+          track) -> None:
     """Fit heads on cached features (CACHES: one or more .h5 files) and compare them."""
     from pipeline import compare
 
     options = HeadsOptions(tuple(_split_heads(head_specs)), out, tuple(shots), draws, seed,
                            repeats, positive=positive)
-    result = compare.fit_heads(caches, options=options)
+    result = compare.fit_heads(caches, options=options, progress=False if quiet else None,
+                               track=track)
     if as_json:
         _emit_json(result.to_json())
         return
@@ -291,8 +337,11 @@ def _table_columns(rows: list[dict]) -> list[dict]:
 @click.option("--batch-size", type=click.IntRange(min=1), default=None)
 @click.option("--workers", type=click.IntRange(min=0), default=None)
 @offline_option
+@tta_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def predict(model, inputs, top_k, out, device, batch_size, workers, offline, as_json) -> None:
+@quiet_option
+def predict(model, inputs, top_k, out, device, batch_size, workers, offline, tta, as_json,
+            quiet) -> None:
     """Classify images (INPUTS: files, folders or feature caches) with a saved MODEL.
 
     A head (.head) classifies a cache's stored features (.h5, labelled or not) without running
@@ -303,7 +352,7 @@ def predict(model, inputs, top_k, out, device, batch_size, workers, offline, as_
 
     _keep_freed_memory(device)
     rows = predict_images(model, inputs, top_k, device, batch_size, workers,
-                          progress=False if as_json else None, offline=offline)
+                          progress=False if quiet else None, offline=offline, tta=tta)
     if as_json:
         _emit_json({"model": str(model), "predictions": rows})
         return
@@ -326,9 +375,14 @@ def _depths(_ctx, _param, value: str) -> list:
                                  "0,1,2,all or 15L,25L") from None
 
 
-def _numbers(kind: type, example: str):
-    """A click callback: one value, or several separated by commas (a sweep's)."""
+def _numbers(kind: type, example: str, word: str | None = None):
+    """A click callback: one value, or several separated by commas (a sweep's); ``word``
+    (``auto``) is taken alone, in place of a number."""
     def parse(_ctx, _param, value) -> list:
+        if word is not None and word in str(value).split(","):
+            if str(value) != word:
+                raise click.BadParameter(f"{word!r} stands alone: give it or numbers, not both")
+            return [word]
         try:
             values = [kind(v) for v in str(value).split(",")]
         except ValueError:
@@ -357,9 +411,11 @@ def _finetune_default(name: str):
               show_default=True)
 @click.option("--epochs", type=click.IntRange(min=0), default=_finetune_default("epochs"),
               show_default=True)
-@click.option("--lr", callback=_numbers(float, "0.1,0.01,0.001"),
+@click.option("--lr", callback=_numbers(float, "0.1,0.01,0.001", AUTO_LR),
               default=str(_finetune_default("lr")), show_default=True,
-              help="Head learning rate; several (0.1,0.01,...) sweep it.")
+              help="Head learning rate; several (0.1,0.01,...) sweep it; auto: the "
+                   "suggestion of a range test run first (pipeline lr-find), kept in "
+                   "OUT/lr-find/.")
 @click.option("--backbone-lr-ratio", type=float, default=_finetune_default("backbone_lr_ratio"),
               show_default=True, help="Backbone learning rate as a fraction of the head's.")
 @click.option("--optimizer", type=click.Choice(OPTIMIZERS),
@@ -406,9 +462,16 @@ def _finetune_default(name: str):
 @device_option
 @click.option("--workers", type=click.IntRange(min=0), default=None)
 @compile_option
+@engine_option
 @offline_option
+@click.option("--tta", type=click.Choice(TTA_MODES), default=None,
+              help="Also score the test images with test-time augmentation (flip: each "
+                   "image and its mirror; crops: ten crops and mirrors), as a second results "
+                   "row finetune-K+tta.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as one JSON object.")
-def finetune_command(data, unfreeze, out, as_json, lr, batch_size, sweep_mode,
+@quiet_option
+@track_option
+def finetune_command(data, unfreeze, out, as_json, lr, batch_size, sweep_mode, quiet, track,
                      **options) -> None:
     """Fine-tune the top blocks of a backbone on DATA (linear probe first, then fine-tune).
 
@@ -418,13 +481,13 @@ def finetune_command(data, unfreeze, out, as_json, lr, batch_size, sweep_mode,
     from pipeline.finetune import sweep_depths
 
     _keep_freed_memory(options["device"])
-    progress = False if as_json else None
+    progress = False if quiet else None
     if sweep_mode or len(lr) > 1 or len(batch_size) > 1:
         _sweep(data, {"lr": lr, "batch_size": batch_size, "unfreeze": unfreeze},
-               sweep_mode or "grid", out, as_json, progress=progress, **options)
+               sweep_mode or "grid", out, as_json, progress=progress, track=track, **options)
         return
     try:
-        rows = sweep_depths(data, unfreeze, out, progress=progress, lr=lr[0],
+        rows = sweep_depths(data, unfreeze, out, progress=progress, track=track, lr=lr[0],
                             batch_size=batch_size[0], **options)
     except KeyboardInterrupt:
         click.echo("interrupted: the last epoch's checkpoint is kept; run the same command "
@@ -460,6 +523,73 @@ def _sweep(data, factors: dict, mode: str, out, as_json: bool, repeats: int, **o
     click.echo(f"sweep table and plot in {out}/, each run in {out}/runs/")
 
 
+@main.command(name="lr-find")
+@click.argument("data", type=click.Path())
+@click.option("--backbone", default=DEFAULT_BACKBONE, show_default=True)
+@weights_option
+@click.option("--image-size", type=int, default=None)
+@click.option("--unfreeze", callback=_depths, default=str(_finetune_default("unfreeze")),
+              show_default=True, help="The one depth the fine-tune will train (as finetune's).")
+@click.option("--out", type=click.Path(file_okay=False), default="results/lr-find",
+              show_default=True)
+@click.option("--steps", type=click.IntRange(min=2), default=LR_FIND_STEPS, show_default=True,
+              help="Steps at most, one learning rate each; fewer once the loss diverges.")
+@click.option("--start-lr", type=click.FloatRange(min=0, min_open=True),
+              default=LR_FIND_START_LR, show_default=True,
+              help="The head's rate at the first step.")
+@click.option("--end-lr", type=click.FloatRange(min=0, min_open=True), default=LR_FIND_END_LR,
+              show_default=True, help="The head's rate at the last step.")
+@click.option("--batch-size", type=click.IntRange(min=1),
+              default=_finetune_default("batch_size"), show_default=True)
+@click.option("--backbone-lr-ratio", type=float, default=_finetune_default("backbone_lr_ratio"),
+              show_default=True, help="Backbone learning rate as a fraction of the head's.")
+@click.option("--optimizer", type=click.Choice(OPTIMIZERS),
+              default=_finetune_default("optimizer"), show_default=True)
+@click.option("--weight-decay", type=float, default=_finetune_default("weight_decay"),
+              show_default=True)
+@click.option("--augment", type=click.Choice(AUGMENTS), default=_finetune_default("augment"),
+              show_default=True)
+@click.option("--from-images", is_flag=True, default=_finetune_default("from_images"))
+@click.option("--views", type=click.IntRange(min=1), default=_finetune_default("views"),
+              show_default=True)
+@click.option("--activation-dtype", type=click.Choice(ACTIVATION_DTYPES),
+              default=_finetune_default("activation_dtype"), show_default=True)
+@click.option("--bn-train", is_flag=True, default=_finetune_default("bn_train"))
+@click.option("--head-init", type=click.Choice(HEAD_INITS),
+              default=_finetune_default("head_init"), show_default=True)
+@split_option
+@click.option("--seed", type=int, default=_finetune_default("seed"), show_default=True)
+@cache_dir_option
+@device_option
+@click.option("--workers", type=click.IntRange(min=0), default=None)
+@engine_option
+@offline_option
+@click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
+@quiet_option
+def lr_find_command(data, unfreeze, as_json, quiet, **options) -> None:
+    """Learning-rate range test on DATA: the network finetune would train, the rate growing
+    each step; suggests the head's --lr (the curve in OUT/lr_find.png)."""
+    from pipeline.lr_find import find_lr
+
+    if len(unfreeze) != 1:
+        raise click.BadParameter("give one depth: the test is for one run",
+                                 param_hint="--unfreeze")
+    _keep_freed_memory(options["device"])
+    result = find_lr(data, unfreeze=unfreeze[0], progress=False if quiet else None, **options)
+    if not distributed.context().is_main:
+        return
+    summary = {"suggested_lr": result.suggested_lr, "steps_run": len(result.lrs),
+               "diverged": result.diverged, "trained_from": result.trained_from,
+               "seconds": result.seconds, "files": result.files}
+    if as_json:
+        _emit_json(summary)
+        return
+    stop = ", stopped when the loss diverged" if result.diverged else ""
+    click.echo(f"suggested lr {result.suggested_lr:.3g} ({len(result.lrs)} steps{stop}, from "
+               f"{result.trained_from}, {result.seconds:.0f} s); curve in "
+               f"{result.files['lr_find_png']}")
+
+
 @main.command(name="blocks")
 @click.argument("backbone")
 @click.option("--weights", default="none", show_default=True,
@@ -485,12 +615,15 @@ def blocks_command(backbone, weights, layers) -> None:
 @click.argument("folder", type=click.Path(exists=True, file_okay=False))
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               help="Folder of the report [default: FOLDER/report].")
+@click.option("--mistakes", type=click.IntRange(min=0), default=MISTAKES, show_default=True,
+              help="Most confident wrong test predictions of the best row drawn in "
+                   "mistakes.png.")
 @click.option("--json", "as_json", is_flag=True)
-def report_command(folder, out, as_json) -> None:
+def report_command(folder, out, mistakes, as_json) -> None:
     """One table of the heads and fine-tunes found under FOLDER, with a chart."""
     from pipeline import report
 
-    result = report.write_report(folder, out)
+    result = report.write_report(folder, out, mistakes)
     if as_json:
         _emit_json(result)
         return

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import numpy as np
 from sklearn.base import clone
 from sklearn.utils.validation import has_fit_parameter
 
-from pipeline import report
+from pipeline import report, tracking
 from pipeline.cache import FeatureSplit, cache_info, read_splits
 from pipeline.calibration import reliability_curve
 from pipeline.errors import DataError, PipelineError
@@ -21,6 +22,8 @@ from pipeline.heads import head_name, make_head
 from pipeline.leakage import leaked_test_images
 from pipeline.options import DEFAULT_HEADS, HeadsOptions
 from pipeline.persistence import HEAD_SUFFIX, save_head
+from pipeline.progress import Progress
+from pipeline.run_record import RECORD, RunRecord, device_name
 from pipeline.scoring import (
     SCORE_COLUMNS,
     RowPredictions,
@@ -99,6 +102,8 @@ def fit_heads(
     repeats: int | None = None,
     *,
     options: HeadsOptions | None = None,
+    progress: bool | str | None = None,
+    track: bool | tracking.Run | None = None,
 ) -> Comparison:
     """Fit each head on each cache with the same splits and seed; write tables and plots.
 
@@ -128,6 +133,14 @@ def fit_heads(
         Fits of each head with seeds ``seed``, ``seed + 1``, ... on the same splits; above 1,
         each row adds the mean, standard deviation and t-interval of its test accuracy over
         the seeds (its scores and predictions stay those of ``seed``).
+    progress
+        Fits done: a bar where stderr is a terminal, elsewhere a line every 30 s and at the
+        end (:mod:`pipeline.progress`); False: nothing.
+    track
+        Log each head fit to MLflow (:mod:`pipeline.tracking`), nested under one run of the
+        whole call; None: only when ``MLFLOW_TRACKING_URI`` is set.
+
+    ``out/run.json`` records the call (:mod:`pipeline.run_record`).
     """
     given = {"heads": heads, "out": out, "shots": shots, "draws": draws, "seed": seed,
              "repeats": repeats}
@@ -139,19 +152,41 @@ def fit_heads(
     data = [load_cache_data(path) for path in caches]
     for cache in data:  # a wrong --positive fails before any fit
         positive_class(cache.classes, opts.positive)
+    record = RunRecord("heads", opts, seed).with_caches(caches)
+    shot_fits = sum(1 if k == "all" else draws for k in shots)
+    fits = len(data) * len(estimators) * (opts.repeats + shot_fits)
+    parent = tracking.start(track, out.parent, out.name, "heads")
+    with tracking.ending(parent), Progress(fits, "heads", "fit", progress=progress) as bar:
+        result = _compare(data, estimators, opts, out, bar, parent)
+        files = [*result.files.values(), out / "results.json", *(r["model"] for r in result.rows),
+                 *(out / r["predictions"] for r in result.rows)]
+        record.update(device=_device(), tracking=parent.describe() if parent else None)
+        files.append(record.write(out / RECORD, files))
+        tracking.log_heads(parent, opts, result.rows, files)
+    return result
+
+
+def _compare(data: list[CacheData], estimators: list, opts: HeadsOptions, out: Path,
+             bar: Progress, parent: tracking.Run | None) -> Comparison:
+    """Fit, score and save every head on every cache; the tables and plots."""
+    seed, shots, draws = opts.seed, opts.shots, opts.draws
     rows, per_class, per_seed, best = [], [], [], None
     for cache in data:
         for spec, template in estimators:
+            started = time.time()
             estimator, row, proba, y_pred = _fit_and_score(cache, spec, template, seed,
                                                            positive=opts.positive)
+            bar.update(1)
             if opts.repeats > 1:
                 seeds = [row] + [_fit_and_score(cache, spec, template, seed + r, False)[1]
                                  for r in range(1, opts.repeats)]
+                bar.update(opts.repeats - 1)
                 per_seed += [_seed_row(r, seed + i) for i, r in enumerate(seeds)]
                 row = with_repeats(row, [r["test_accuracy"] for r in seeds])
             row["model"] = str(_save(out, cache, spec, estimator))
             row["predictions"] = _save_predictions(out, cache, spec, proba, y_pred)
             rows.append(row)
+            tracking.log_head_fit(parent, row, estimator, out, seed, started)
             per_class += per_class_rows(cache.test.y, y_pred, cache.classes,
                                         backbone=cache.backbone, head=row["head"])
             if best is None or row["test_accuracy"] > best[0]["test_accuracy"]:
@@ -162,9 +197,19 @@ def fit_heads(
         result.files.update(zip(("repeats_csv", "repeats_md"),
                                 map(str, report.write_table(per_seed, out / "repeats"))))
     if shots:
-        result.shots = data_efficiency(data, estimators, shots, draws, seed)
+        result.shots = data_efficiency(data, estimators, shots, draws, seed, bar.update)
         result.files.update(_write_shots(out, result.shots))
     return result
+
+
+def _device() -> str:
+    """Where the heads ran: torch's device for the torch heads (MLP, linear probe), the CPU
+    for scikit-learn's alone."""
+    if "torch" not in sys.modules:
+        return "cpu"
+    from pipeline.devices import resolve_device
+
+    return device_name(resolve_device("auto"))
 
 
 def _fit_and_score(cache: CacheData, spec: str, template, seed: int, intervals: bool = True,
@@ -265,19 +310,23 @@ def sample_shots(y: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
 
 
 def data_efficiency(data: Sequence[CacheData], estimators, shots: Sequence[int | str],
-                    draws: int, seed: int) -> list[dict]:
+                    draws: int, seed: int, on_fits: Callable[[int], None] | None = None
+                    ) -> list[dict]:
     """Test accuracy of each head refitted on k examples per class, over seeded draws.
 
     Only the training split is subsampled; validation and test stay whole and untouched.
     Each row gives the mean and standard deviation over draws and a 95% interval of the
     mean that holds both the draws' spread and the test images' sampling
-    (:func:`pipeline.significance.draws_interval`).
+    (:func:`pipeline.significance.draws_interval`). ``on_fits`` is called with the number
+    of fits after each k's draws.
     """
     rows = []
     for cache in data:
         for spec, template in estimators:
             for k in shots:
                 correct = _shot_correct(cache, spec, template, k, draws, seed)
+                if on_fits is not None:
+                    on_fits(len(correct))
                 scores = correct.mean(1)
                 low, high = draws_interval(correct)
                 largest = int(np.bincount(cache.train.y).max())

@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import os
-import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from importlib.metadata import version
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-from tqdm import tqdm
 
-from pipeline import distributed, distribution
+from pipeline import distributed, distribution, engines, run_record
 from pipeline.backbones import BackboneSpec, as_spec
 from pipeline.cache import (
     FeatureWriter,
@@ -40,6 +38,7 @@ from pipeline.devices import (
     autocast_name,
     default_batch_size,
     default_workers,
+    device_type,
 )
 from pipeline.errors import DataError
 from pipeline.layouts import display
@@ -50,14 +49,21 @@ from pipeline.options import (
     ExtractOptions,
     split_settings,
 )
+from pipeline.progress import Progress
 
 if TYPE_CHECKING:
     import torch
 
 __all__ = ["DEFAULT_CACHE_DIR", "DTYPES", "ExtractOptions", "ExtractResult", "FeatureBatch",
-           "extract_features", "feature_batches", "feature_key_spec", "prepare_model"]
+           "example_images", "extract_features", "feature_batches", "feature_key_spec",
+           "prepare_model", "prefetched"]
 # The resolve_backbone arguments that extract_features also takes, when given a backbone name.
 _BACKBONE_ARGS = ("weights", "layer", "pool", "image_size", "offline")
+# Images of the data set an engine's features are checked on against eager torch's.
+_CHECK_IMAGES = 4
+# Batches decoded ahead by a background thread while the engine runs the current one (when
+# no loader processes do it); 0 decodes in turn with the forward passes.
+_PREFETCH_BATCHES = 2
 
 
 @dataclass
@@ -79,6 +85,8 @@ class ExtractResult:
     split_sources: dict[str, str] = field(default_factory=dict)
     ignored: list[tuple[str, str]] = field(default_factory=list)  # files of the data not taken
     duplicates: dict | None = None  # identical files under other paths (cache.find_duplicates)
+    engine: str = "torch"  # what ran the network (pipeline.engines); "auto" resolved
+    engine_note: str = ""  # why auto did not use its first choice, if it did not
 
     def to_json(self) -> dict:
         out = asdict(self)
@@ -102,7 +110,7 @@ def extract_features(
     backbone: str | BackboneSpec = DEFAULT_BACKBONE,
     options: ExtractOptions | None = None,
     *,
-    progress: bool | None = None,
+    progress: bool | str | None = None,
     on_batch: Callable[[int, int], None] | None = None,
     **settings,
 ) -> ExtractResult:
@@ -122,7 +130,8 @@ def extract_features(
         (``dtype``, ``cache_dir``, ``batch_size``, ``workers``, ``device``, ``strict``,
         ``hash_contents``, ``split_fractions``, ``seed``, ``compile``).
     progress
-        Show a progress bar; by default only when stderr is a terminal.
+        A bar where stderr is a terminal, elsewhere a line every 30 s and at the end
+        (:mod:`pipeline.progress`); False: nothing.
     on_batch
         Called with ``(rows_done, total)`` after each batch is safely on disk (under torchrun:
         of this rank's shard).
@@ -133,6 +142,9 @@ def extract_features(
     rank 0 assembles the shards into the same cache, under the same key, that one process
     writes; an interrupted job resumes each shard where it stopped.
 
+    An extraction that ran records itself beside the cache, in ``<backbone>-<key>.run.json``
+    (:mod:`pipeline.run_record`); a cache hit writes nothing.
+
     Returns
     -------
     ExtractResult
@@ -140,6 +152,7 @@ def extract_features(
         machine without a GPU a hit does not even import torch).
     """
     started = time.perf_counter()
+    record = run_record.RunRecord("extract")
     opts_settings, backbone_args = split_settings(settings, ExtractOptions)
     opts = replace(options or ExtractOptions(), **opts_settings)
     if opts.dtype not in DTYPES:
@@ -152,18 +165,35 @@ def extract_features(
         ctx, run_on = distributed.setup(opts.device)
         distributed.check_agree(fingerprint_splits(images), "images (paths, labels or splits)")
     amp = autocast_name(opts.device) if run_on is None else _amp_name(autocast_dtype(run_on))
-    key_spec = feature_key_spec(spec, images, opts.dtype, opts.hash_contents, amp,
-                                _shared_stamps(images, opts.hash_contents, ctx))
+    crop = spec.preprocessing.crop
+    export = engines.export_path(opts.cache_dir, spec.name, spec.key(), (3, crop, crop))
+    engine = engines.resolve_engine(
+        opts.engine, device_type(opts.device) if run_on is None else run_on.type, opts.compile,
+        export)
+    stamps = _shared_stamps(images, opts.hash_contents, ctx)
+    key_spec = feature_key_spec(spec, images, opts.dtype, opts.hash_contents, amp, stamps,
+                                engine)
     key = cache_key(key_spec)
     distributed.check_agree(key, "images or settings (their cache keys differ)")
     final = cache_path(opts.cache_dir, spec.name, key)
     if distributed.broadcast(final.exists()):
-        return _hit(final, key, started).described(images)
+        return _hit(final, key, started, engine).described(images)
     if run_on is None:
         ctx, run_on = distributed.setup(opts.device)
     dtype, batch_size, workers = opts.dtype, opts.batch_size, opts.workers
-    model = prepare_model(spec, run_on)
-    dim = _feature_dim(model, spec, run_on)
+    prepared, dim = _prepare_engine(spec, images, run_on, engine, opts.engine != "auto", export,
+                                    ctx)
+    if prepared.engine != engine:  # auto could not use its choice: torch's cache, maybe a hit
+        engine = prepared.engine
+        key_spec = feature_key_spec(spec, images, opts.dtype, opts.hash_contents, amp, stamps,
+                                    engine)
+        key = cache_key(key_spec)
+        final = cache_path(opts.cache_dir, spec.name, key)
+        if distributed.broadcast(final.exists()):
+            hit = _hit(final, key, started, engine)
+            hit.engine_note = prepared.note
+            return hit.described(images)
+    model = prepared.run
     if opts.compile:
         import torch
 
@@ -172,14 +202,16 @@ def extract_features(
             "classes": images.classes, "data_root": str(images.root), "ignored": images.ignored,
             # The arguments that rebuild this backbone, for `pipeline predict` on new images.
             "request": spec.request}
-    if progress is None:  # one bar per job, not one per rank
-        progress = sys.stderr.isatty() and ctx.is_main
+    if not ctx.is_main:  # one bar or log per job, not one per rank
+        progress = False
     run = _Run(model, spec, images, run_on, batch_size,
                default_workers(ctx.local_world_size) if workers is None else workers,
                opts.strict, progress, on_batch)
     if ctx.distributed:
-        return _extract_sharded(run, ctx, final, key_spec, key, dim, dtype, meta,
-                                started).described(images)
+        return _recorded(_with_engine(
+            _extract_sharded(run, ctx, final, key_spec, key, dim, dtype, meta, started,
+                             prepared), prepared).described(images),
+            record, opts, spec, images, key_spec, run_on, ctx)
     writer = FeatureWriter(final, key_spec, key, dim, dtype, meta)
     resumed_from = writer.rows_done
     try:
@@ -187,31 +219,100 @@ def extract_features(
         failures = writer.failures()
         seconds = time.perf_counter() - started
         writer.finish({"timings": {"seconds": seconds, "forward_seconds": forward_s,
-                                   "resumed_from": resumed_from, "device": str(run_on)},
-                       "versions": _versions()})
+                                   "resumed_from": resumed_from, "device": str(run_on),
+                                   "engine": _engine_record(prepared)},
+                       "versions": _versions(prepared.engine)})
     finally:
         writer.close()
-    return ExtractResult(final, False, len(images), len(failures), dim, seconds, key,
-                         resumed_from, failures).described(images)
+    return _recorded(_with_engine(ExtractResult(final, False, len(images), len(failures), dim,
+                                                seconds, key, resumed_from, failures),
+                                  prepared).described(images),
+                     record, opts, spec, images, key_spec, run_on, ctx)
+
+
+def _recorded(result: ExtractResult, record: run_record.RunRecord, opts: ExtractOptions,
+              spec: BackboneSpec, images: ImageSet, key_spec: dict, device: torch.device,
+              ctx: distributed.Context) -> ExtractResult:
+    """``result``, once rank 0 has written the extraction's record beside the cache."""
+    if ctx.is_main:
+        record.update(settings={"data": str(images.root), "backbone": spec.request,
+                                "options": opts},
+                      seed=opts.seed, device=run_record.device_name(device),
+                      world_size=ctx.world_size, cache_key=result.key,
+                      data_fingerprint=key_spec["dataset"]["fingerprint"],
+                      data=str(images.root), images=result.images, failed=result.failed,
+                      resumed_from=result.resumed_from, engine=result.engine)
+        record.write(run_record.extract_record_path(result.cache_path), [result.cache_path])
+    return result
 
 
 def _amp_name(amp) -> str | None:
     return str(amp).removeprefix("torch.") if amp else None
 
 
-def _hit(final: Path, key: str, started: float) -> ExtractResult:
+def _hit(final: Path, key: str, started: float, engine: str) -> ExtractResult:
     images_n, dim, failures = stored_summary(final)
     return ExtractResult(final, True, images_n, len(failures), dim,
-                         time.perf_counter() - started, key, failures=failures)
+                         time.perf_counter() - started, key, failures=failures, engine=engine)
+
+
+def _with_engine(result: ExtractResult, prepared: engines.Prepared) -> ExtractResult:
+    result.engine, result.engine_note = prepared.engine, prepared.note
+    return result
+
+
+def _engine_record(prepared: engines.Prepared) -> dict:
+    """What the cache records of the engine that computed it."""
+    return {"name": prepared.engine, "version": engines.get_engine(prepared.engine).version(),
+            "prepare_seconds": prepared.seconds, "exported": prepared.exported,
+            "check_difference": prepared.difference, "note": prepared.note}
+
+
+def _prepare_engine(spec: BackboneSpec, images: ImageSet, device: torch.device, engine: str,
+                    strict: bool, export: Path, ctx: distributed.Context
+                    ) -> tuple[engines.Prepared, int]:
+    """``engine`` ready on ``device``, checked on the data's first images, and the feature
+    size. Rank 0 prepares first (it writes any export); the others then take its engine."""
+    eager = spec.build()
+    example = example_images(spec, images)
+    dim = _feature_dim(eager, spec, example.device)
+    prepared = None
+    if ctx.is_main:
+        prepared = engines.prepare(engine, eager, example, spec.adapter, device, export,
+                                   spec.key(), strict)
+    chosen = distributed.broadcast(prepared.engine if prepared is not None else None)
+    if prepared is None:
+        prepared = engines.prepare(chosen, eager, example, spec.adapter, device, export,
+                                   spec.key())
+    return prepared, dim
+
+
+def example_images(spec: BackboneSpec, images: ImageSet) -> torch.Tensor:
+    """The first few readable images of the set, preprocessed (seeded noise if none is)."""
+    import torch
+
+    crop = spec.preprocessing.crop
+    files = ImageFiles(images, spec.preprocessing.transform(), (3, crop, crop))
+    found = []
+    for i in range(min(len(images), 4 * _CHECK_IMAGES)):
+        x, _, error, _ = files[i]
+        if not error:
+            found.append(x)
+        if len(found) == _CHECK_IMAGES:
+            break
+    if not found:
+        return torch.randn(2, 3, crop, crop, generator=torch.Generator().manual_seed(0))
+    return torch.stack(found)
 
 
 def _extract_sharded(run: _Run, ctx: distributed.Context, final: Path, key_spec: dict, key: str,
-                     dim: int, dtype: str, meta: dict, started: float) -> ExtractResult:
+                     dim: int, dtype: str, meta: dict, started: float,
+                     prepared: engines.Prepared) -> ExtractResult:
     """Each rank writes its shard; rank 0 assembles them into the cache one process writes."""
     shard = _extract_shard(run, ctx, final, key_spec, key, dim, dtype, meta)
     shards = distributed.all_gather(shard)  # also waits until every shard is complete
     if ctx.is_main:
-        _assemble(final, shards, key_spec, key, dim, dtype, meta, run.device, started)
+        _assemble(final, shards, key_spec, key, dim, dtype, meta, run.device, started, prepared)
     distributed.barrier()
     if not final.exists():
         raise distributed.DistributedError(
@@ -247,7 +348,8 @@ def _extract_shard(run: _Run, ctx, final, key_spec, key, dim, dtype, meta) -> di
     return info
 
 
-def _assemble(final, shards, key_spec, key, dim, dtype, meta, device, started) -> None:
+def _assemble(final, shards, key_spec, key, dim, dtype, meta, device, started,
+              prepared: engines.Prepared) -> None:
     for s in shards:
         if not Path(s["path"]).exists():
             raise distributed.DistributedError(
@@ -261,8 +363,9 @@ def _assemble(final, shards, key_spec, key, dim, dtype, meta, device, started) -
                    "forward_seconds": sum(s["forward_seconds"] for s in shards),
                    "resumed_from": sum(s["resumed_from"] for s in shards),
                    "assemble_seconds": time.perf_counter() - assembling,
-                   "device": str(device), "world_size": len(shards), "shards": shards}
-        writer.finish({"timings": timings, "versions": _versions()})
+                   "device": str(device), "world_size": len(shards), "shards": shards,
+                   "engine": _engine_record(prepared)}
+        writer.finish({"timings": timings, "versions": _versions(prepared.engine)})
     finally:
         writer.close()
     for old in shard_paths(final):  # this run's shards, and any left by another world size
@@ -270,12 +373,17 @@ def _assemble(final, shards, key_spec, key, dim, dtype, meta, device, started) -
 
 
 def feature_key_spec(spec: BackboneSpec, images: ImageSet, dtype: str, hash_contents: bool,
-                     amp: str | None, stamps: list[str] | None = None) -> dict:
+                     amp: str | None, stamps: list[str] | None = None,
+                     engine: str = "torch") -> dict:
     """Everything that changes the stored numbers; its hash names the cache file.
 
     ``amp`` is the autocast dtype's name ("bfloat16", "float16") on a GPU, None in float32.
+    ``engine`` (resolved, not ``auto``) is recorded unless it is torch, so that caches written
+    before there were engines keep their keys: another engine's features differ from torch's
+    in their last bits.
     """
     return {
+        **({"engine": engine} if engine != "torch" else {}),
         **spec.key(),
         "autocast": amp,
         "dataset": {
@@ -304,11 +412,14 @@ def _shared_stamps(images: ImageSet, hash_contents: bool, ctx: distributed.Conte
 
 
 def prepare_model(spec: BackboneSpec, device: torch.device) -> torch.nn.Module:
-    """The feature model on ``device``, ready for inference."""
+    """The feature model on ``device``, prepared for inference by the torch engine
+    (:func:`pipeline.engines.prepare_for_inference`: BatchNorm folded, static padding,
+    channels_last weights, which are faster on GPUs and, measured here, on this CPU too)."""
     import torch
 
-    # channels_last weights are faster on GPUs and, measured here, on this CPU too.
-    return spec.build().to(device, memory_format=torch.channels_last)
+    crop = spec.preprocessing.crop
+    example = torch.randn(2, 3, crop, crop, generator=torch.Generator().manual_seed(0))
+    return engines.prepare("torch", spec.build(), example, spec.adapter, device).run
 
 
 def _feature_dim(model: torch.nn.Module, spec: BackboneSpec, device: torch.device) -> int:
@@ -354,21 +465,25 @@ class FeatureBatch:
 def feature_batches(model: torch.nn.Module, spec: BackboneSpec, images: ImageSet,
                     device: torch.device, indices: Sequence[int] | None = None,
                     batch_size: int | None = None, workers: int | None = None,
-                    progress: bool | None = None, desc: str = "extract", done: int = 0,
+                    progress: bool | str | None = None, desc: str = "extract", done: int = 0,
                     files: ImageFiles | None = None) -> Iterator[FeatureBatch]:
     """Decode, preprocess and run images ``indices`` (default: all) through ``model``, in order.
 
-    ``done`` rows already handled elsewhere start the progress bar part-full. ``files`` reads
-    the images instead of the recipe's preprocessing with hashing (augmented views, say).
+    ``model`` is any callable from an image batch to a feature batch (a network, or an engine
+    of :mod:`pipeline.engines`). ``done`` rows already handled elsewhere start the progress bar
+    part-full. ``files`` reads the images instead of the recipe's preprocessing with hashing
+    (augmented views, say). Without loader processes a background thread decodes the next
+    batches while ``model`` runs this one (decoding, resizing and hashing release the GIL).
     """
     import torch
 
     indices = range(len(images)) if indices is None else indices
-    show = sys.stderr.isatty() if progress is None else progress
-    with tqdm(total=done + len(indices), initial=done, unit="img", disable=not show,
-              desc=f"{desc} {spec.name}", dynamic_ncols=True) as bar:
-        for x, index, errors, digests in _loader(images, spec, indices, batch_size, workers,
-                                                 device, files):
+    workers = default_workers() if workers is None else workers
+    batches = _loader(images, spec, indices, batch_size, workers, device, files)
+    with Progress(done + len(indices), f"{desc} {spec.name}", "img", progress=progress,
+                  initial=done) as bar:
+        for x, index, errors, digests in (prefetched(batches, _PREFETCH_BATCHES)
+                                          if workers == 0 else batches):
             started = time.perf_counter()
             x = x.to(device, non_blocking=True)
             if device.type == "cuda":
@@ -383,6 +498,53 @@ def feature_batches(model: torch.nn.Module, spec: BackboneSpec, images: ImageSet
             bar.update(len(index))
 
 
+def prefetched(items: Iterable, depth: int) -> Iterator:
+    """``items`` in order, produced ``depth`` ahead by a background thread (``depth`` 0: in
+    this thread). An exception in the producer is raised here; closing the generator (an
+    error or Ctrl-C in the consumer) stops the thread before it returns."""
+    if depth <= 0:
+        yield from items
+        return
+    import queue
+    import threading
+
+    ahead: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                ahead.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not put((True, item)):
+                    return
+        except BaseException as err:  # handed to the consumer, which raises it
+            put((False, err))
+            return
+        put((False, None))
+
+    thread = threading.Thread(target=produce, name="pipeline-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            ok, item = ahead.get()
+            if not ok:
+                if item is not None:
+                    raise item
+                return
+            yield item
+    finally:
+        stop.set()
+        thread.join()
+
+
 @dataclass
 class _Run:
     """One extraction's model and loading settings, to feed any list of images through."""
@@ -394,7 +556,7 @@ class _Run:
     batch_size: int | None
     workers: int
     strict: bool
-    progress: bool | None
+    progress: bool | str | None
     on_batch: Callable[[int, int], None] | None
 
     def rows(self, writer: FeatureWriter, indices: np.ndarray, desc: str = "extract") -> float:
@@ -415,6 +577,9 @@ class _Run:
         return forward_s
 
 
-def _versions() -> dict:
+def _versions(engine: str = "torch") -> dict:
     names = ("torch", "torchvision", "timm", "h5py", "numpy", "pillow")
-    return {"pipeline": distribution.version(), **{n: version(n) for n in names}}
+    out = {"pipeline": distribution.version(), **{n: version(n) for n in names}}
+    if engine != "torch":
+        out[engines.get_engine(engine).distribution] = engines.get_engine(engine).version()
+    return out

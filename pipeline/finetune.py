@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -23,8 +23,9 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torchvision.transforms import InterpolationMode, v2
 
-from pipeline import distributed, report
+from pipeline import distributed, report, tracking
 from pipeline.activations import (
+    ActivationError,
     ActivationPlan,
     CachedActivations,
     activation_file,
@@ -50,6 +51,7 @@ from pipeline.options import (
     ACTIVATION_DTYPES,
     ACTIVATION_FIELDS,
     AUGMENTS,
+    AUTO_LR,
     DEFAULT_BACKBONE,
     HEAD_INITS,
     OPTIMIZERS,
@@ -59,6 +61,8 @@ from pipeline.options import (
     split_settings,
 )
 from pipeline.persistence import NETWORK_SUFFIX
+from pipeline.progress import EpochLines
+from pipeline.run_record import RECORD, RunRecord, device_name, shared_fields
 from pipeline.scoring import (
     POSITIVE_COLUMNS,
     SCORE_COLUMNS,
@@ -69,6 +73,8 @@ from pipeline.scoring import (
     results_row,
     with_repeats,
 )
+from pipeline.tta import check_mode as check_tta
+from pipeline.tta import score_finetune
 
 __all__ = ["AUGMENTS", "HEAD_INITS", "OPTIMIZERS", "SCHEDULES", "FinetuneConfig",
            "FinetuneError", "FinetuneResult", "finetune", "repeat_seeds", "sweep_depths"]
@@ -97,6 +103,14 @@ class FinetuneResult:
     # Labels and class probabilities of the test images, in the order of test_pred.
     test_labels: np.ndarray | None = None
     test_proba: np.ndarray | None = None
+    # With test-time augmentation (pipeline.tta): its results row and probabilities.
+    tta_row: dict | None = None
+    tta_proba: np.ndarray | None = None
+
+    @property
+    def rows(self) -> list[dict]:
+        """The results rows of the run: its row, and its test-time augmented row if any."""
+        return [self.row] + ([self.tta_row] if self.tta_row is not None else [])
 
 
 def finetune(
@@ -111,6 +125,8 @@ def finetune(
     activation_depths: Sequence[int] = (),
     split_seed: int | None = None,
     positive: str | None = None,
+    track: bool | tracking.Run | None = None,
+    tta: str | None = None,
     **settings,
 ) -> FinetuneResult:
     """Fine-tune the top ``unfreeze`` blocks of ``backbone`` on ``data``; resume if stopped.
@@ -135,6 +151,10 @@ def finetune(
         (:class:`~pipeline.options.ExtractOptions`: ``cache_dir``, ``device``, ``workers``,
         ``split_fractions``; ``compile`` compiles the training steps). Its ``seed`` is
         ``config.seed``, so the splits are those of the same seed's extraction.
+    progress
+        Extraction and activation passes: a bar where stderr is a terminal, elsewhere a line
+        every 30 s and at the end; and one line per epoch either way (train and validation
+        loss and accuracy, learning rate, seconds; :mod:`pipeline.progress`). False: nothing.
     on_epoch
         Called with ``(epoch, history_row)`` after each epoch's checkpoint is written.
     activation_depths
@@ -147,102 +167,143 @@ def finetune(
     positive
         Two-class data: the positive class (default the second), whose recall and
         false-negative rate the results row adds.
+    track
+        Log the run to MLflow (:mod:`pipeline.tracking`): parameters, each epoch's metrics as
+        it ends, the results row, plots and the saved network. None: only when
+        ``MLFLOW_TRACKING_URI`` is set; a :class:`pipeline.tracking.Run`: nested under it.
+    tta
+        ``"flip"`` or ``"crops"``: also score the test images with test-time augmentation
+        (:mod:`pipeline.tta`), as a second results row ``finetune-K+tta`` with its own
+        predictions (``result.tta_row``); None: not.
     **settings
         Fields of ``FinetuneConfig`` (``unfreeze`` may be ``"all"``) and of ``ExtractOptions``
         overriding ``config``'s and ``options``'s, and the backbone arguments above.
+        ``lr="auto"``: the learning-rate range test (:mod:`pipeline.lr_find`) runs first on
+        the same network (its weights put back) and its suggestion is the head's rate,
+        recorded in the row (``lr``, ``lr_found_by``); its files in ``out/lr-find/`` are read
+        back by a resumed run.
 
     Under ``torchrun`` the ranks train one model with DistributedDataParallel: each takes its
     share of every epoch's shuffled training images (``batch_size`` per rank), gradients of
     the trained blocks are averaged (the frozen trunk has none to sync), validation and test
     images are split between the ranks and their metrics gathered, and rank 0 alone writes
     checkpoints and results. A restarted job resumes from rank 0's checkpoint.
+
+    ``out/run.json`` records the run (:mod:`pipeline.run_record`).
     """
     started = time.perf_counter()
-    cfg_settings, extract_settings, rest = split_settings(settings, FinetuneConfig,
-                                                          ExtractOptions)
-    cfg = _config(replace(config or FinetuneConfig(), **cfg_settings))
-    data_seed = cfg.seed if split_seed is None else split_seed
-    opts = replace(options or ExtractOptions(), **extract_settings, seed=data_seed)
-    ctx, run_on = distributed.setup(opts.device)
-    images = load_image_set(data, opts.split_fractions, data_seed)
-    if not images.labelled:
-        raise FinetuneError(f"{display(str(data))}: unlabelled images (no class folders or "
-                            "label column); fine-tuning needs labels")
-    positive_class(images.classes, positive)  # a wrong class fails before any training
-    spec = as_spec(backbone, data_seed, _BACKBONE_ARGS, rest)
-    if from_scratch(spec, cfg):
-        # Nothing pretrained to keep: BatchNorm statistics are learnt, every layer at one rate.
-        cfg = replace(cfg, bn_train=True, backbone_lr_ratio=1.0)
-    # The features are extracted as plain float32 (compile is for the training steps).
-    cache = extract_features(images, spec, replace(opts, compile=False), progress=progress)
-    splits = read_splits(cache.cache_path)
-    _check_splits(splits, images)
-    model, head, unfrozen = build_model(spec, images.classes, cfg, splits)
+    record = RunRecord("finetune")
+    check_tta(tta)
+    # Asked here, before any extraction: a missing MLflow stops the run at once.
+    track = track if isinstance(track, tracking.Run) else tracking.check(track)
     out = Path(out)
-    args = _run_args(spec, cfg, cache.key, images)
-    n_blocks = len(spec.adapter.blocks(model))
-    # The top blocks that hold every trained layer (the blocks themselves, for a block count).
-    depth = unfreeze_depth(model, spec.family, cfg.unfreeze, head)
-    why_images = _needs_images(cfg, depth, n_blocks)
-    rows = split_rows(images, splits)
-    if why_images is None:  # exact: train the top blocks from the trunk's cached activations
-        others = {unfreeze_depth(model, spec.family, d, head) for d in activation_depths}
-        depths = {depth} | {d for d in others if 0 <= d < n_blocks}
-        cut, path, plan = _activations(spec, model, images, rows["train"], cache.cache_path,
-                                       cfg, opts, run_on, ctx, progress, depth,
-                                       sorted(depths))
-        args["activations"] = path.name
-        loaders = _CachedLoaders(path, plan, images.labels, rows, cfg, run_on, opts.workers,
-                                 ctx)
-        forward, trained_from = cut.upper, "cached activations"
-    else:
-        loaders = _ImageLoaders(images, spec, rows, cfg, run_on, opts.workers, ctx)
-        forward, trained_from = model, f"images ({why_images})"
+    setup = _prepare(data, backbone, config, options, settings, split_seed=split_seed,
+                     positive=positive, activation_depths=activation_depths, progress=progress)
+    if setup.cfg.lr == AUTO_LR:  # the range test on this network first (weights put back)
+        from pipeline.lr_find import with_found_lr  # it builds on this module
+
+        setup = with_found_lr(setup, out, progress)
+    (cfg, opts, ctx, run_on, data_seed, images, spec, cache, model, head, unfrozen, args,
+     loaders, forward, trained_from, lr_found_by) = setup
     trainer = _Trainer(model, head, unfrozen, cfg, run_on, args, out / CHECKPOINT, ctx,
                        opts.compile, forward=forward)
-    history = trainer.fit(loaders, on_epoch)
-    _, _, proba = evaluate(forward, loaders.eval("test"), run_on)
-    y_test = loaders.labels("test")
-    result = _result(spec, cfg, cache, images.classes, trainer, history, y_test, proba, started)
-    result.row["trained_from"] = trained_from
-    result.row.update(positive_scores(y_test, result.test_pred, images.classes, positive))
-    if ctx.is_main:
-        result.files = _write(out, spec, images.classes, cache, args, model, result)
+    record.update(settings={"data": str(data), "backbone": spec.request, "config": cfg,
+                            "options": opts, "positive": positive, "out": str(out)},
+                  seed=cfg.seed, split_seed=data_seed, device=device_name(run_on),
+                  world_size=ctx.world_size, trained_from=trained_from)
+    record.with_caches([cache.cache_path])
+    run = (tracking.start(track, out.absolute().parent, f"{spec.name} {out.name}", "finetune",
+                          tags={"pipeline.cache_key": cache.key,
+                                "pipeline.out": str(out.absolute())})
+           if ctx.is_main else None)
+    with tracking.ending(run):
+        tracking.log_finetune_start(run, cfg, {
+            "backbone": spec.name, "weights": spec.weights.identity, "cache_key": cache.key,
+            "data": str(data), "trained_from": trained_from, "device": str(run_on),
+            "world_size": ctx.world_size, "split_seed": data_seed, "positive": positive})
+        epochs = tracking.EpochLogger(run)
+        lines = EpochLines(f"finetune {out.name}", cfg.epochs,
+                           progress if ctx.is_main else False)
+        history = trainer.fit(loaders, _each(lines, epochs, on_epoch))
+        _, _, proba = evaluate(forward, loaders.eval("test"), run_on)
+        y_test = loaders.labels("test")
+        result = _result(spec, cfg, cache, images.classes, trainer, history, y_test, proba,
+                         started)
+        result.row["trained_from"] = trained_from
+        result.row.update(lr=cfg.lr, lr_found_by=lr_found_by)
+        result.row.update(positive_scores(y_test, result.test_pred, images.classes, positive))
+        if tta:
+            score_finetune(result, images, loaders.rows["test"], tta, run_on, cfg.batch_size,
+                           opts.workers, positive)
+        if ctx.is_main:
+            result.files = _write(out, spec, images.classes, cache, args, model, result)
+            epochs.finish(history)  # a resumed run's earlier epochs
+            # trainer.start_epoch: the epochs of an interrupted run's checkpoint, resumed.
+            record.update(resumed_from_epoch=trainer.start_epoch,
+                          tracking=run.describe() if run else None)
+            written = record.write(out / RECORD, result.files.values())
+            tracking.log_finetune_end(run, result.row, result.files, written)
     distributed.barrier()  # no rank returns before the results are on disk
     return result
 
 
+def _each(*callbacks: Callable | None) -> Callable[[int, dict], None]:
+    """One ``on_epoch`` that calls each of ``callbacks`` (None skipped) in turn."""
+    def call(epoch: int, row: dict) -> None:
+        for callback in callbacks:
+            if callback is not None:
+                callback(epoch, row)
+    return call
+
+
 def sweep_depths(data: str | os.PathLike, depths: Sequence[int | str],
-                 out: str | os.PathLike = "results/finetune", repeats: int = 1,
-                 **kwargs) -> list[dict]:
+                 out: str | os.PathLike = "results/finetune", repeats: int = 1, *,
+                 track: bool | tracking.Run | None = None, **kwargs) -> list[dict]:
     """One fine-tune per number of unfrozen blocks, everything else equal, and one table.
 
     Depth 0 trains only the new head by the same loop: the linear probe baseline. Writes
     ``freeze_depth.csv|md`` and each run's files under ``unfreeze-<K>/``. With ``repeats``
     above 1, each depth is trained again with seeds ``seed + 1`` .. ``seed + repeats - 1``
     on the same splits (:func:`repeat_seeds`), and its row adds the spread over seeds.
+    With ``track`` every run is logged to MLflow nested under one run of the experiment;
+    ``out/run.json`` records the whole call, each run's folder its own run.
     """
     if repeats < 1:
         raise FinetuneError("repeats must be at least 1")
     out = Path(out)
+    config = kwargs.get("config") or FinetuneConfig()
+    record = RunRecord("freeze-depth", {"data": str(data), "depths": list(depths),
+                                        "repeats": repeats, **kwargs},
+                       seed=kwargs.get("seed", config.seed))
+    is_main = distributed.context().is_main
+    parent = (tracking.start(track, out.absolute().parent, out.name, "freeze-depth")
+              if is_main else None)
     # One trunk pass writes the activation caches of every depth (all: no cache, images).
     counts = [k for k in depths if k != "all"]
     rows = []
-    for k in depths:
-        run = finetune(data, out=out / f"unfreeze-{k}", unfreeze=k, activation_depths=counts,
-                       **kwargs)
-        if repeats > 1:
-            repeat_seeds(data, run, out / f"unfreeze-{k}", repeats, unfreeze=k,
-                         activation_depths=counts, **kwargs)
-        rows.append(run.row)
-    table = [{"blocks_unfrozen": r["blocks_unfrozen"],
-              "trainable_parameters": r["trainable_parameters"], "best_epoch": r["best_epoch"],
-              **{c: r[c] for c in r if c.startswith("test_accuracy") or c == "repeats"},
-              "macro_f1": r["macro_f1"],
-              **{c: r[c] for c in POSITIVE_COLUMNS if c in r},
-              "seconds": r["fit_s"]} for r in rows]
-    if distributed.context().is_main:
-        report.write_table(table, out / "freeze_depth")
+    with tracking.ending(parent):
+        for k in depths:
+            run = finetune(data, out=out / f"unfreeze-{k}", unfreeze=k,
+                           activation_depths=counts, track=parent or track, **kwargs)
+            if repeats > 1:
+                repeat_seeds(data, run, out / f"unfreeze-{k}", repeats, unfreeze=k,
+                             activation_depths=counts, track=parent or track, **kwargs)
+            rows.append(run.row)
+        table = [{"blocks_unfrozen": r["blocks_unfrozen"],
+                  "trainable_parameters": r["trainable_parameters"],
+                  "best_epoch": r["best_epoch"],
+                  **{c: r[c] for c in r if c.startswith("test_accuracy") or c == "repeats"},
+                  "macro_f1": r["macro_f1"],
+                  **{c: r[c] for c in POSITIVE_COLUMNS if c in r},
+                  "seconds": r["fit_s"]} for r in rows]
+        if is_main:
+            files = list(report.write_table(table, out / "freeze_depth"))
+            # Every depth reads the same cache on the same device: the first run's record says.
+            record.update(**shared_fields(out / f"unfreeze-{depths[0]}" / RECORD),
+                          tracking=parent.describe() if parent else None)
+            files.append(record.write(out / RECORD, [*files, *(out / f"unfreeze-{k}" / RECORD
+                                                             for k in depths)]))
+            tracking.log_runs(parent, {"depths": list(depths), "repeats": repeats}, {}, files)
     return table
 
 
@@ -284,10 +345,81 @@ def repeat_seeds(data: str | os.PathLike, first: FinetuneResult, out: str | os.P
                 for r, run in enumerate(runs)]
     first.row = with_repeats(first.row, [run.row["test_accuracy"] for run in runs])
     if distributed.context().is_main:
-        first.files.update(_write_row(out, first.row))
+        first.files.update(_write_row(out, *first.rows))
         first.files.update(zip(("repeats_csv", "repeats_md"),
                                map(str, report.write_table(per_seed, out / "repeats"))))
     return per_seed
+
+
+class _Setup(NamedTuple):
+    """What a run trains and reads, built alike for a fine-tune and the lr finder."""
+
+    cfg: FinetuneConfig
+    opts: ExtractOptions
+    ctx: distributed.Context
+    device: torch.device
+    data_seed: int
+    images: ImageSet
+    spec: BackboneSpec
+    cache: object  # the feature cache's ExtractResult
+    model: nn.Module
+    head: nn.Linear
+    unfrozen: list
+    args: dict  # what a checkpoint must match (_run_args)
+    loaders: _Loaders
+    forward: nn.Module  # what the steps run: the model, or its top above cached activations
+    trained_from: str
+    lr_found_by: str = "given"  # or "lr-find" (--lr auto)
+
+
+def _prepare(data, backbone, config, options, settings, *, split_seed=None, positive=None,
+             activation_depths=(), progress=None) -> _Setup:
+    """Everything before the first step of :func:`finetune` (its arguments): the splits, the
+    features, the network with its head warm-started, and what each step reads, cached
+    activations where exact."""
+    cfg_settings, extract_settings, rest = split_settings(settings, FinetuneConfig,
+                                                          ExtractOptions)
+    cfg = _config(replace(config or FinetuneConfig(), **cfg_settings))
+    data_seed = cfg.seed if split_seed is None else split_seed
+    opts = replace(options or ExtractOptions(), **extract_settings, seed=data_seed)
+    ctx, run_on = distributed.setup(opts.device)
+    images = load_image_set(data, opts.split_fractions, data_seed)
+    if not images.labelled:
+        raise FinetuneError(f"{display(str(data))}: unlabelled images (no class folders or "
+                            "label column); fine-tuning needs labels")
+    positive_class(images.classes, positive)  # a wrong class fails before any training
+    spec = as_spec(backbone, data_seed, _BACKBONE_ARGS, rest)
+    if from_scratch(spec, cfg):
+        # Nothing pretrained to keep: BatchNorm statistics are learnt, every layer at one rate.
+        cfg = replace(cfg, bn_train=True, backbone_lr_ratio=1.0)
+    # The features are extracted as plain float32 (compile is for the training steps).
+    cache = extract_features(images, spec, replace(opts, compile=False), progress=progress)
+    splits = read_splits(cache.cache_path)
+    _check_splits(splits, images)
+    model, head, unfrozen = build_model(spec, images.classes, cfg, splits)
+    args = _run_args(spec, cfg, cache.key, images)
+    n_blocks = len(spec.adapter.blocks(model))
+    # The top blocks that hold every trained layer (the blocks themselves, for a block count).
+    depth = unfreeze_depth(model, spec.family, cfg.unfreeze, head)
+    why_images = _needs_images(cfg, depth, n_blocks)
+    rows = split_rows(images, splits)
+    if why_images is None:  # exact: train the top blocks from the trunk's cached activations
+        others = {unfreeze_depth(model, spec.family, d, head) for d in activation_depths}
+        depths = {depth} | {d for d in others if 0 <= d < n_blocks}
+        cut, path, plan = _activations(spec, model, images, rows["train"], cache.cache_path,
+                                       cfg, opts, run_on, ctx, progress, depth,
+                                       sorted(depths))
+        args["activations"] = path.name
+        loaders = _CachedLoaders(path, plan, images.labels, rows, cfg, run_on, opts.workers,
+                                 ctx)
+        forward, trained_from = cut.upper, "cached activations"
+    else:
+        loaders = _ImageLoaders(images, spec, rows, cfg, run_on, opts.workers, ctx)
+        forward, trained_from = model, f"images ({why_images})"
+        if cfg.from_images and not cfg.bn_train and depth < n_blocks:
+            forward = _below_prepared(spec, model, images, depth, run_on) or model
+    return _Setup(cfg, opts, ctx, run_on, data_seed, images, spec, cache, model, head, unfrozen,
+                  args, loaders, forward, trained_from)
 
 
 def _config(cfg: FinetuneConfig) -> FinetuneConfig:
@@ -296,8 +428,10 @@ def _config(cfg: FinetuneConfig) -> FinetuneConfig:
                           ("activation_dtype", ACTIVATION_DTYPES)):
         if getattr(cfg, name) not in allowed:
             raise FinetuneError(f"{name} must be one of {', '.join(allowed)}")
-    if cfg.epochs < 0 or cfg.lr <= 0 or cfg.batch_size < 1 or cfg.views < 1:
-        raise FinetuneError("epochs must be >= 0, lr > 0, batch size and views >= 1")
+    lr_ok = cfg.lr == AUTO_LR or (isinstance(cfg.lr, (int, float)) and cfg.lr > 0)
+    if cfg.epochs < 0 or not lr_ok or cfg.batch_size < 1 or cfg.views < 1:
+        raise FinetuneError(f"epochs must be >= 0, lr > 0 or {AUTO_LR!r}, batch size and "
+                            "views >= 1")
     return cfg
 
 
@@ -390,14 +524,52 @@ def _activations(spec, model, images, train_rows, feature_cache: Path, cfg, opts
     plan = ActivationPlan(len(images), train_rows, views)
     if ctx.is_main and missing:
         cuts.update({d: cut_network(spec, model, boundaries[d]) for d in missing if d not in cuts})
-        show = sys.stderr.isatty() if progress is None else progress
         workers = default_workers(ctx.local_world_size) if opts.workers is None else opts.workers
         write_activations([cuts[d] for d in missing], [keys[d] for d in missing],
                           [paths[d] for d in missing], images, plan, spec,
                           train_transform(spec), cfg.activation_dtype, cfg.seed, device,
-                          opts.batch_size or default_batch_size(device), workers, show)
+                          opts.batch_size or default_batch_size(device), workers, progress)
     distributed.barrier()  # every rank reads the files rank 0 wrote
     return cuts[k], paths[k], plan
+
+
+class _PreparedTrunk(nn.Module):
+    """The frozen trunk prepared for inference (a copy: BatchNorm folded, static padding), then
+    the trained top: what the activation pass caches, computed every step instead."""
+
+    def __init__(self, lower: nn.Module, upper: nn.Module):
+        super().__init__()
+        self.lower, self.upper = lower, upper
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            activation = self.lower(x)
+        return self.upper(activation)
+
+
+def _below_prepared(spec, model, images, k: int, device) -> nn.Module | None:
+    """``--from-images`` with a frozen trunk: the network cut below the top ``k`` blocks with
+    the trunk prepared as the activation pass prepares it, so both ways train alike; None
+    for a network that cannot be cut there (it then runs whole)."""
+    from pipeline import engines
+    from pipeline.extract import example_images
+
+    try:
+        cut = cut_network(spec, model, lowest_trained(spec, model, spec.adapter.blocks(model), k))
+    except ActivationError:
+        return None
+    lower = _Activation(cut.lower)
+    prepared = engines.prepare("torch", lower, example_images(spec, images), spec.adapter, device)
+    return _PreparedTrunk(prepared.run, cut.upper)
+
+
+class _Activation(nn.Module):
+    def __init__(self, lower: nn.Module):
+        super().__init__()
+        self.lower = lower
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lower(x)["activation"]
 
 
 # --- data ----------------------------------------------------------------------------------------
@@ -540,21 +712,29 @@ def train_one_epoch(model, trainable, loader, optimizer, scaler, device, cfg
     total_loss, correct, seen = 0.0, 0, 0
     for x, _index, _errors, _digest, y in loader:
         x, y = _to_device(x, device), y.to(device)
-        with autocast(device):
-            logits = model(x)
-            loss = F.cross_entropy(logits, y)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(
-            [p for g in optimizer.param_groups for p in g["params"]], cfg.clip_grad)
-        scaler.step(optimizer)
-        scaler.update()
+        loss, logits = train_step(model, x, y, optimizer, scaler, device, cfg.clip_grad)
         total_loss += loss.item() * len(y)
         correct += int((logits.argmax(1) == y).sum())
         seen += len(y)
     total_loss, correct, seen = distributed.sum_across([total_loss, correct, seen], device)
     return total_loss / seen, correct / seen
+
+
+def train_step(model, x, y, optimizer, scaler, device, clip_grad: float
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step on a batch (mixed precision, gradient norm clipped): its loss and
+    logits."""
+    with autocast(device):
+        logits = model(x)
+        loss = F.cross_entropy(logits, y)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)
+    torch.nn.utils.clip_grad_norm_(
+        [p for g in optimizer.param_groups for p in g["params"]], clip_grad)
+    scaler.step(optimizer)
+    scaler.update()
+    return loss, logits
 
 
 @torch.inference_mode()
@@ -641,15 +821,7 @@ class _Trainer:
         return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
 
     def _optimizer(self) -> torch.optim.Optimizer:
-        head_ids = {id(p) for p in self.head.parameters()}
-        backbone = [p for p in self.model.parameters() if p.requires_grad and id(p) not in head_ids]
-        groups = [{"params": list(self.head.parameters()), "lr": self.cfg.lr}]
-        if backbone:
-            groups.append({"params": backbone, "lr": self.cfg.lr * self.cfg.backbone_lr_ratio})
-        if self.cfg.optimizer == "sgd":
-            return torch.optim.SGD(groups, momentum=0.9, nesterov=True,
-                                   weight_decay=self.cfg.weight_decay)
-        return torch.optim.AdamW(groups, weight_decay=self.cfg.weight_decay)
+        return make_optimizer(self.model, self.head, self.cfg)
 
     def _scheduler(self):
         if self.cfg.schedule == "step":
@@ -713,6 +885,21 @@ class _Trainer:
         self.start_epoch = state["epoch"]
 
 
+def make_optimizer(model: nn.Module, head: nn.Module, cfg: FinetuneConfig
+                   ) -> torch.optim.Optimizer:
+    """AdamW or SGD over two groups: the head at ``cfg.lr``, the trained backbone layers at
+    ``cfg.lr * cfg.backbone_lr_ratio``."""
+    head_ids = {id(p) for p in head.parameters()}
+    backbone = [p for p in model.parameters() if p.requires_grad and id(p) not in head_ids]
+    groups = [{"params": list(head.parameters()), "lr": cfg.lr}]
+    if backbone:
+        groups.append({"params": backbone, "lr": cfg.lr * cfg.backbone_lr_ratio})
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, momentum=0.9, nesterov=True,
+                               weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+
+
 def _early_stopping_state(best: dict, epochs: int) -> dict:
     """The checkpoint's ``best`` as EarlyStopping.load_state_dict reads it."""
     if "val_loss" not in best:
@@ -757,7 +944,14 @@ def _write(out: Path, spec, classes, cache, args, model, result: FinetuneResult)
     RowPredictions(paths, result.test_labels, result.test_pred, result.test_proba, leaked,
                    classes).save(out / predictions)
     result.row["predictions"] = predictions.as_posix()
-    files = _write_row(out, result.row)
+    if result.tta_row is not None:
+        tta_predictions = predictions.with_name(f"{name}+tta.npz")
+        RowPredictions(paths, result.test_labels, result.tta_proba.argmax(1), result.tta_proba,
+                       leaked, classes).save(out / tta_predictions)
+        result.tta_row.update(model=str(model_path), predictions=tta_predictions.as_posix())
+    files = _write_row(out, *result.rows)
+    if result.tta_row is not None:
+        files["tta_predictions"] = str(out / tta_predictions)
     history_csv, _ = report.write_table(result.history, out / "history")
     files.update({"history_csv": str(history_csv), "model": str(model_path),
                   "predictions": str(out / predictions)})
@@ -787,8 +981,10 @@ def _trained(row: dict) -> str:
     return f"top {layers} layers" if layers else f"top {row['blocks_unfrozen']} block(s)"
 
 
-def _write_row(out: Path, row: dict) -> dict:
-    """``results.csv|md|json`` of one run: its row, each score with its 95% interval."""
-    csv, md = report.write_table([row], out / "results")
-    (out / "results.json").write_text(json.dumps([row], indent=2) + "\n")
-    return {"results_csv": str(csv), "results_md": str(md)}
+def _write_row(out: Path, *rows: dict) -> dict:
+    """``results.csv|md|json`` of one run: its rows (the row, then a test-time augmented
+    one), each score with its 95% interval."""
+    csv, md = report.write_table(rows, out / "results")
+    (out / "results.json").write_text(json.dumps(list(rows), indent=2) + "\n")
+    return {"results_csv": str(csv), "results_md": str(md),
+            "results_json": str(out / "results.json")}

@@ -11,14 +11,23 @@ from dataclasses import dataclass, fields
 DEFAULT_BACKBONE = "efficientnet_lite0"
 DEVICES = ("auto", "cuda", "mps", "cpu")
 DTYPES = ("float32", "float16")
+# Inference engines of the frozen network (pipeline.engines): auto picks the fastest installed.
+ENGINES = ("auto", "torch", "onnxruntime", "openvino")
 ACTIVATION_DTYPES = ("float16", "float32")
 POOLS = ("avg", "max")
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("cosine", "step")
 AUGMENTS = ("standard", "none")
 HEAD_INITS = ("linear", "random")
+# Test-time augmentation (pipeline.tta): the image and its mirror, or ten crops and mirrors.
+TTA_MODES = ("flip", "crops")
+MISTAKES = 16  # the best row's wrong test predictions that pipeline report draws, at most
 # grid: every combination; one-at-a-time: each factor in turn at the best so far (pipeline.sweep)
 SWEEP_MODES = ("grid", "one-at-a-time")
+# --lr auto: the learning-rate range test picks the head's rate first (pipeline.lr_find)
+AUTO_LR = "auto"
+# The learning-rate range test (pipeline.lr_find): steps at most, first and last head lr.
+LR_FIND_STEPS, LR_FIND_START_LR, LR_FIND_END_LR = 100, 1e-7, 1.0
 DEFAULT_HEADS = ("logreg", "mlp", "linear")
 EXPORT_FORMATS = ("npy", "parquet", "csv")
 DEFAULT_CACHE_DIR = os.environ.get("PIPELINE_CACHE_DIR", "cache")
@@ -39,6 +48,12 @@ class ExtractOptions:
     split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)
     seed: int = 0  # seeds the carved splits (and a random init of a backbone named here)
     compile: bool = False  # torch.compile the network (pays off on long GPU runs)
+    # What runs the frozen network: torch prepared for inference (BatchNorm folded, static
+    # padding, channels_last), an exported copy in onnxruntime or openvino (optional extras,
+    # verified against torch before use), or auto: the fastest installed for the device.
+    # Not auto by default: an export costs seconds to minutes once per backbone, and a
+    # non-torch engine gives other last bits, hence another cache key.
+    engine: str = "torch"
 
 
 @dataclass(frozen=True)
@@ -64,7 +79,7 @@ class FinetuneConfig:
 
     unfreeze: int | str = 1  # top blocks trained, or "all"; 0 is the linear probe by this loop
     epochs: int = 10
-    lr: float = 1e-3  # the new head's learning rate
+    lr: float | str = 1e-3  # the new head's learning rate; "auto": found by lr-find first
     backbone_lr_ratio: float = 0.1  # pretrained blocks move ~10x slower than the new head
     optimizer: str = "adamw"  # or "sgd" (momentum 0.9, Nesterov)
     weight_decay: float = 1e-4

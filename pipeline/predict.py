@@ -11,7 +11,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
@@ -25,7 +24,18 @@ from pipeline.data import ImageSet
 from pipeline.errors import DataError
 from pipeline.layouts import display, find_images
 from pipeline.persistence import ModelFileError, SavedHead, SavedNetwork, load_model
+from pipeline.progress import Progress
 from pipeline.scoring import class_probabilities
+from pipeline.tta import (
+    TTAError,
+    ViewFeatures,
+    average,
+    check_mode,
+    input_size,
+    mean_over_views,
+    transform,
+    view_count,
+)
 
 if TYPE_CHECKING:
     from pipeline.network import FinetunedNetwork
@@ -81,8 +91,9 @@ def predict_images(
     device: str = "auto",
     batch_size: int | None = None,
     workers: int | None = None,
-    progress: bool | None = None,
+    progress: bool | str | None = None,
     offline: bool | None = None,
+    tta: str | None = None,
 ) -> list[dict]:
     """Classify images with a saved head and its backbone, or with a fine-tuned network.
 
@@ -97,8 +108,15 @@ def predict_images(
         not). A head classifies a cache's stored features without running the backbone; a
         network reads the cache's images. Images come first, in the order given, then the
         caches' rows.
+    progress
+        A bar where stderr is a terminal, elsewhere a line every 30 s and at the end
+        (:mod:`pipeline.progress`); False: nothing.
     offline
         Never download the backbone's weights (None: ``PIPELINE_OFFLINE``).
+    tta
+        ``"flip"`` or ``"crops"``: average the probabilities over each image's views
+        (:mod:`pipeline.tta`); a head classifies each view's features. A head's cached
+        features are of the plain image only, so a cache given to a head is refused.
 
     Returns
     -------
@@ -107,14 +125,19 @@ def predict_images(
         ``(class, probability)``), or ``path`` and ``error`` for an image that could not be
         read.
     """
+    check_mode(tta)
     predictor = _predictor(model, offline)
     caches = [Path(i) for i in inputs if is_cache(i)]
     files = [i for i in inputs if not is_cache(i)]
     if not isinstance(predictor, SavedHead):  # a network needs pixels: read the images again
         files += [p for c in caches for p in _cache_images(c)]
-        return _network_rows(predictor, files, top_k, device, batch_size, workers, progress)
+        return _network_rows(predictor, files, top_k, device, batch_size, workers, progress,
+                             tta)
+    if tta and caches:
+        raise TTAError(f"--tta needs images: {display(str(caches[0]))} holds the features of "
+                       "the plain images only; give the image files or folders instead")
     rows = (_head_image_rows(predictor, files, top_k, device, batch_size, workers, progress,
-                             offline) if files else [])
+                             offline, tta) if files else [])
     for path in caches:
         rows += _head_cached_rows(predictor, path, top_k)
     return rows
@@ -139,21 +162,29 @@ def _image_set(paths: list[Path], classes: list[str]) -> ImageSet:
 # --- a head: features, then the head --------------------------------------------------------------
 
 def _head_image_rows(saved: SavedHead, inputs, top_k: int, device: str, batch_size, workers,
-                     progress, offline) -> list[dict]:
+                     progress, offline, tta=None) -> list[dict]:
+    from pipeline.data import ImageFiles
     from pipeline.devices import resolve_device
     from pipeline.extract import feature_batches, prepare_model
 
     spec = matching_backbone(saved, offline)
     paths = collect_images(inputs)
     run_on = resolve_device(device)
+    images = _image_set(paths, saved.meta["classes"])
+    model, files, n_views = prepare_model(spec, run_on), None, 1
+    if tta:  # each view's features side by side, classified view by view
+        recipe = spec.preprocessing
+        size = input_size(recipe, tta)
+        model = ViewFeatures(model, tta, recipe.crop)
+        files = ImageFiles(images, transform(recipe, tta), (3, size, size))
+        n_views = view_count(recipe, tta)
     rows = []
-    for batch in feature_batches(prepare_model(spec, run_on), spec,
-                                 _image_set(paths, saved.meta["classes"]), run_on, None,
-                                 batch_size, workers, progress, desc="predict"):
+    for batch in feature_batches(model, spec, images, run_on, None, batch_size, workers,
+                                 progress, desc="predict", files=files):
         errors = dict(batch.failures)
         rows += _head_rows(saved, batch.features, batch.valid,
                            [errors.get(int(i), "") for i in batch.index],
-                           [paths[i] for i in batch.index], top_k)
+                           [paths[i] for i in batch.index], top_k, n_views)
     return rows
 
 
@@ -186,15 +217,17 @@ def _head_cached_rows(saved: SavedHead, cache: Path, top_k: int) -> list[dict]:
 
 
 def _head_rows(saved: SavedHead, features: np.ndarray, valid: np.ndarray, errors: list[str],
-               paths: list[Path], top_k: int) -> list[dict]:
-    if features.shape[1] != saved.meta["dim"]:
+               paths: list[Path], top_k: int, n_views: int = 1) -> list[dict]:
+    """``features``: ``n_views`` views' features side by side (:mod:`pipeline.tta`)."""
+    if features.shape[1] != saved.meta["dim"] * n_views:
         raise ModelFileError(f"the head expects {saved.meta['dim']} features, the backbone "
-                             f"gives {features.shape[1]}")
+                             f"gives {features.shape[1] // n_views}")
     classes = saved.meta["classes"]
     proba = np.full((len(features), len(classes)), np.nan)
     ok = np.flatnonzero(valid)
     if len(ok):
-        proba[ok] = _head_proba(saved.estimator, features[ok], len(classes))
+        proba[ok] = mean_over_views(
+            lambda X: _head_proba(saved.estimator, X, len(classes)), features[ok], n_views)
     return _rows(paths, proba, errors, classes, top_k)
 
 
@@ -208,29 +241,30 @@ def _head_proba(estimator, X: np.ndarray, n_classes: int) -> np.ndarray:
 # --- a network: images end to end -----------------------------------------------------------------
 
 def _network_rows(net: FinetunedNetwork, inputs, top_k: int, device: str, batch_size,
-                  workers, progress) -> list[dict]:
-    """The network's own softmax over its logits, batch by batch: no feature model runs."""
+                  workers, progress, tta=None) -> list[dict]:
+    """The network's own softmax over its logits, batch by batch: no feature model runs.
+    With ``tta``, its mean over each image's views (:mod:`pipeline.tta`)."""
     import torch
-    from tqdm import tqdm
 
     from pipeline.data import ImageFiles
     from pipeline.devices import default_batch_size, default_workers, resolve_device
 
     paths = collect_images(inputs)
     run_on = resolve_device(device)
-    crop = net.spec.preprocessing.crop
-    files = ImageFiles(_image_set(paths, net.classes), net.spec.preprocessing.transform(),
-                       (3, crop, crop))
+    recipe = net.spec.preprocessing
+    size = input_size(recipe, tta) if tta else recipe.crop
+    files = ImageFiles(_image_set(paths, net.classes),
+                       transform(recipe, tta) if tta else recipe.transform(), (3, size, size))
     workers = default_workers() if workers is None else workers
     loader = torch.utils.data.DataLoader(
         files, batch_size=batch_size or default_batch_size(run_on), shuffle=False,
         num_workers=workers, pin_memory=run_on.type == "cuda")
-    show = sys.stderr.isatty() if progress is None else progress
     rows = []
-    with net.placed(run_on), tqdm(total=len(files), unit="img", disable=not show,
-                                  desc=f"predict {net.spec.name}", dynamic_ncols=True) as bar:
+    with net.placed(run_on), Progress(len(files), f"predict {net.spec.name}", "img",
+                                      progress=progress) as bar:
         for x, index, errors, _digest in loader:
-            proba = net.predict_proba(x)
+            proba = (average(net.predict_proba, x, tta, recipe.crop) if tta
+                     else net.predict_proba(x))
             rows += _rows([paths[i] for i in index], proba, list(errors), net.classes, top_k)
             bar.update(len(index))
     return rows

@@ -25,8 +25,11 @@ import numpy as np
 from pipeline.calibration import ReliabilityCurve, reliability_curve
 from pipeline.errors import PipelineError
 from pipeline.layouts import display
+from pipeline.mistakes import MISTAKES, write_mistakes
+from pipeline.run_record import RECORD, RunRecord
 from pipeline.scoring import POSITIVE_COLUMNS, SCORE_COLUMNS, RowPredictions, interval_columns
 from pipeline.significance import SIGNIFICANCE_LEVEL, accuracy_interval, paired_difference
+from pipeline.tracking import STORE
 
 
 def _cell(value) -> str:
@@ -78,16 +81,17 @@ LEAK_COLUMNS = ("leaked_test_images", "test_accuracy_without_leaked",
 _METHOD_COLOURS = {"transfer": "tab:blue", "fine-tune": "tab:orange"}
 _ORDER = ("method", "backbone", "head", "chosen", *_SCORES[:3], *SEED_COLUMNS,
           *COMPARISON_COLUMNS, *_SCORES[3:], *POSITIVE_COLUMNS, *LEAK_COLUMNS, "fit_s",
-          "cache_key", "predictions")
+          "cache_key", "predictions", "run_record")
 
 
 def gather_results(folder: str | os.PathLike) -> list[dict]:
     """Every results row that stage 2 (heads) and stage 3 (fine-tunes) wrote under ``folder``.
 
-    Each row has :data:`REPORT_COLUMNS` (blank where a row lacks one) and ``predictions``:
-    the path of its stored test predictions, blank for rows written without them. The
-    report's own folder and the seed repeats of a fine-tune (``repeats/seed-<S>/``,
-    summarised in their first seed's row) are not rows.
+    Each row has :data:`REPORT_COLUMNS` (blank where a row lacks one), ``predictions``: the
+    path of its stored test predictions, and ``run_record``: the ``run.json`` of the run that
+    wrote it (:mod:`pipeline.run_record`), each blank for rows written without one. The
+    report's own folder, the seed repeats of a fine-tune (``repeats/seed-<S>/``, summarised in
+    their first seed's row) and the copies in a local MLflow store (``mlruns/``) are not rows.
     """
     folder = Path(folder)
     rows = []
@@ -96,15 +100,20 @@ def gather_results(folder: str | os.PathLike) -> list[dict]:
         if run.name == "report" or (run.parent.name == "repeats"
                                     and run.name.startswith("seed-")):
             continue
+        if STORE in run.relative_to(folder).parts:  # artifacts logged to the local store
+            continue
+        record = run / RECORD
         for row in json.loads(path.read_text()):
             entry = {c: row.get(c, "") for c in REPORT_COLUMNS}
             entry["predictions"] = str(run / row["predictions"]) if row.get("predictions") \
                 else ""
+            entry["run_record"] = str(record) if record.exists() else ""
             rows.append(entry)
     return rows
 
 
-def write_report(folder: str | os.PathLike, out: str | os.PathLike | None = None) -> dict:
+def write_report(folder: str | os.PathLike, out: str | os.PathLike | None = None,
+                 mistakes: int = MISTAKES) -> dict:
     """One table and one chart: transfer learning and fine-tuning on the same features.
 
     Rows are grouped by cache key (backbone, weights, preprocessing, data and splits); only
@@ -114,13 +123,20 @@ def write_report(folder: str | os.PathLike, out: str | os.PathLike | None = None
     head, in one sentence per key at the top of ``report.md``. Test images identical to a
     training or validation image are counted, and the rows scored without them too.
 
+    The best row's ``mistakes`` most confident wrong predictions are drawn in
+    ``mistakes.png``, its most-confused class pairs listed in ``confused_pairs.csv|md``
+    (:mod:`pipeline.mistakes`), and ``report.md`` ends with a paragraph naming them.
+
     Returns
     -------
     dict
         ``summary`` (the sentences), ``rows`` (the table), ``cache_keys`` and ``files``
         (``report.csv|md|json|png`` and, where rows have probabilities, ``reliability.png``
-        of the best head and the best fine-tune).
+        of the best head and the best fine-tune; ``run_record``: the report's own
+        ``run.json``; where rows have predictions, ``mistakes_png``, ``confused_pairs_csv``
+        and ``confused_pairs_md``).
     """
+    record = RunRecord("report", {"folder": str(folder), "out": str(out) if out else None})
     out = Path(out) if out else Path(folder) / "report"
     rows = gather_results(folder)
     if not rows:
@@ -155,6 +171,12 @@ def write_report(folder: str | os.PathLike, out: str | os.PathLike | None = None
     if curves:
         files["reliability_png"] = str(reliability_diagram(
             curves, out / "reliability.png", "Calibration of the best head and fine-tune"))
+    found, section = write_mistakes(rows, predictions, out, mistakes)
+    if section:
+        md.write_text(md.read_text() + "\n" + section)
+    files.update(found)
+    record.update(cache_key=keys, runs=sorted({r["run_record"] for r in rows} - {""}))
+    files["run_record"] = str(record.write(out / RECORD, files.values()))
     return {"summary": summary, "rows": table, "cache_keys": keys, "files": files}
 
 

@@ -20,9 +20,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from pipeline import distributed, report
+from pipeline import distributed, report, tracking
 from pipeline.errors import PipelineError
 from pipeline.options import SWEEP_MODES, FinetuneConfig, split_settings
+from pipeline.run_record import RECORD, RunRecord, shared_fields
 from pipeline.scoring import POSITIVE_COLUMNS
 
 __all__ = ["FACTORS", "SWEEP_MODES", "SweepError", "SweepResult", "plan_grid", "sweep"]
@@ -60,6 +61,7 @@ def run_name(settings: Mapping) -> str:
 
 def sweep(data: str | os.PathLike, factors: Mapping[str, Sequence], mode: str = "grid",
           out: str | os.PathLike = "results/sweep", config: FinetuneConfig | None = None,
+          *, progress: bool | str | None = None, track: bool | tracking.Run | None = None,
           **kwargs) -> SweepResult:
     """Fine-tune once per combination of ``factors`` and choose the best run on validation.
 
@@ -78,6 +80,12 @@ def sweep(data: str | os.PathLike, factors: Mapping[str, Sequence], mode: str = 
         ``sweep.csv|md|json`` and ``sweep.png`` for the whole sweep.
     config, kwargs
         The settings every run shares, as for :func:`~pipeline.finetune.finetune`.
+    progress, track
+        As for :func:`~pipeline.finetune.finetune`; tracked, each run is an MLflow run nested
+        under one run of the sweep. Neither decides a run's outcome, so neither is in the
+        fingerprint that a finished run is read back by.
+
+    ``out/run.json`` records the sweep, each run's folder its own run.
 
     Returns
     -------
@@ -90,15 +98,32 @@ def sweep(data: str | os.PathLike, factors: Mapping[str, Sequence], mode: str = 
     cfg_settings, rest = split_settings(kwargs, FinetuneConfig)
     shared = replace(config or FinetuneConfig(), **cfg_settings)
     depths = [k for k in factors.get("unfreeze", [shared.unfreeze]) if k != "all"]
-    runner = _Runner(data, out, shared, depths, rest)
-    if mode == "grid":
-        rows = [runner.run(settings) for settings in plan_grid(factors)]
-    else:
-        rows = _one_at_a_time(runner, factors)
-    best = choose(rows)
-    files = {}
-    if distributed.context().is_main:
-        files = _write(out, rows, best, factors, mode)
+    record = RunRecord("sweep", {"data": os.fspath(data), "factors": factors, "mode": mode,
+                                 "config": shared, **rest}, seed=shared.seed)
+    is_main = distributed.context().is_main
+    parent = (tracking.start(track, out.absolute().parent, out.name, "sweep")
+              if is_main else None)
+    runner = _Runner(data, out, shared, depths, rest, progress, parent or track)
+    with tracking.ending(parent):
+        if mode == "grid":
+            rows = [runner.run(settings) for settings in plan_grid(factors)]
+        else:
+            rows = _one_at_a_time(runner, factors)
+        best = choose(rows)
+        files = {}
+        if is_main:
+            files = _write(out, rows, best, factors, mode)
+            # Every run reads the same cache on the same device: the first run's record says.
+            record.update(**shared_fields(Path(rows[0]["run"]) / RECORD), best=best["run"],
+                          tracking=parent.describe() if parent else None)
+            runs = [Path(row["run"]) / RECORD for row in rows]
+            files["run_record"] = str(record.write(out / RECORD, [*files.values(), *runs]))
+            tracking.log_runs(parent, {"mode": mode, "factors": factors, "selection": SELECTION},
+                              {f"best_{k}": best[k] for k in ("val_accuracy", "val_loss",
+                                                              "test_accuracy")},
+                              files.values())
+            if parent is not None:
+                parent.set_tags({"pipeline.best_run": best["run"]})
     return SweepResult(rows, best, files)
 
 
@@ -144,11 +169,13 @@ def _one_at_a_time(runner: _Runner, factors: dict[str, list]) -> list[dict]:
 class _Runner:
     """Runs one combination in its own folder, or reads back the row it finished with."""
 
-    def __init__(self, data, out: Path, shared: FinetuneConfig, depths: list, rest: dict):
+    def __init__(self, data, out: Path, shared: FinetuneConfig, depths: list, rest: dict,
+                 progress: bool | str | None = None, track: bool | tracking.Run | None = None):
         from pipeline.finetune import finetune
 
         self.finetune = finetune
         self.data, self.out, self.shared, self.depths, self.rest = data, out, shared, depths, rest
+        self.progress, self.track = progress, track
 
     def run(self, settings: dict) -> dict:
         folder = self.out / "runs" / run_name(settings)
@@ -158,7 +185,8 @@ class _Runner:
         if record.exists():
             return self._finished(record, fingerprint, settings)
         result = self.finetune(self.data, config=config, out=folder,
-                               activation_depths=self.depths, **self.rest)
+                               activation_depths=self.depths, progress=self.progress,
+                               track=self.track, **self.rest)
         row = _row(settings, result, folder)
         if distributed.context().is_main:
             folder.mkdir(parents=True, exist_ok=True)
@@ -179,6 +207,8 @@ class _Runner:
         except (OSError, ValueError) as err:
             raise SweepError(f"cannot read {record}: {err}; remove its run folder to train "
                              "it again") from None
+        # Older sweep folders kept the progress setting (which decides nothing) in theirs.
+        saved.get("fingerprint", {}).get("settings", {}).pop("progress", None)
         if saved.get("fingerprint") != fingerprint:
             raise SweepError(f"{record.parent} is a run of another sweep (other data or "
                              "settings); use another --out or remove it")

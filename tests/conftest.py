@@ -48,6 +48,14 @@ def fresh_memo(tmp_path: Path, monkeypatch) -> Path:
     return memo
 
 
+@pytest.fixture(autouse=True)
+def no_tracking_server(monkeypatch) -> None:
+    """No test logs to the MLflow server of whoever runs the suite (MLFLOW_TRACKING_URI);
+    the tracking tests set their own local store."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
+
+
 @pytest.fixture
 def image_folder(tmp_path: Path) -> Path:
     return make_folder(tmp_path / "images")

@@ -71,3 +71,24 @@ def test_activation_bytes_are_the_stored_values_and_the_file_per_row(tmp_path):
     out = bench.activation_bytes(path)
     assert out["shape"] == [3, 2, 2] and out["dtype"] == "float16" and out["rows"] == 5
     assert out["row_bytes"] == 24 and out["file_bytes_per_row"] == path.stat().st_size / 5
+
+
+def test_engine_ratios_are_against_their_targets():
+    ratios = bench.engine_ratios({"eager": 40.0, "torch": 50.0, "onnxruntime": 80.0},
+                                 {"torch": 48.0, "onnxruntime": 70.0, "auto": 70.0})
+    assert ratios["auto_over_eager"] == {"ratio": 1.75, "target": 1.5, "met": True}
+    assert ratios["end_to_end_over_forward"]["torch"] == {"ratio": 0.96, "target": 0.9,
+                                                          "met": True}
+    assert ratios["end_to_end_over_forward"]["onnxruntime"]["met"] is False  # 0.875
+    assert ratios["forward_over_eager"] == {"eager": 1.0, "torch": 1.25, "onnxruntime": 2.0}
+
+
+def test_the_bench_measures_the_engines_installed_for_the_device(monkeypatch):
+    import torch
+
+    from pipeline import engines
+
+    monkeypatch.setattr(engines.OpenVinoEngine, "installed", lambda self: False)
+    monkeypatch.setattr(engines.OnnxRuntimeEngine, "installed", lambda self: True)
+    assert bench.bench_engines_here(torch.device("cpu")) == ["eager", "torch", "onnxruntime"]
+    assert bench.bench_engines_here(torch.device("cuda")) == ["eager", "torch"]

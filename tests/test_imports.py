@@ -11,7 +11,8 @@ import pytest
 
 from tests.conftest import make_folder
 
-HEAVY = ("torch", "torchvision", "timm", "sklearn", "matplotlib", "h5py")
+HEAVY = ("torch", "torchvision", "timm", "sklearn", "matplotlib", "h5py", "onnxruntime",
+         "openvino", "onnx", "mlflow")
 
 
 def _loaded_after(code: str) -> dict:

@@ -87,7 +87,9 @@ def test_a_head_on_a_cache_gives_its_predictions_on_the_stored_features(demo_mod
     proba = saved.estimator.predict_proba(test.X)
     for path, c, p in zip(test.paths, saved.estimator.predict(test.X), proba):
         row = rows[str(DEMO / path)]
-        assert row["prediction"] == classes[c] and row["probability"] == pytest.approx(p.max())
+        # float32 features: the head's products differ in their last bits with the block size
+        assert row["prediction"] == classes[c]
+        assert row["probability"] == pytest.approx(p.max(), rel=1e-5)
 
 
 # --- a fine-tuned network ---------------------------------------------------------------------

@@ -136,7 +136,7 @@ def test_the_command_sweeps_when_given_several_values(tmp_path):
     result = CliRunner().invoke(main, [*args, "--lr", "0.01,0.001", "--batch-size", "8",
                                        "--sweep", "one-at-a-time", "--json"])
     assert result.exit_code == 0, result.output
-    out = json.loads(result.output)
+    out = json.loads(result.stdout)  # progress lines go to stderr
     assert [(r["lr"], r["unfreeze"]) for r in out["runs"]] == [(0.01, 0), (0.001, 0),
                                                               (out["best"]["lr"], 1)]
     refused = CliRunner().invoke(main, [*args, "--lr", "0.1,0.01", "--repeats", "2"])

@@ -93,3 +93,19 @@ class Family:
     def blocks(self, model: nn.Module) -> list[Block]:
         """The stages fine-tuning unfreezes, lowest first (see :mod:`pipeline.blocks`)."""
         raise NotImplementedError
+
+    def folded_norm(self, norm: nn.Module) -> nn.Module | None:
+        """What runs in place of a BatchNorm layer once its scale and shift are folded into
+        the convolution before it (:mod:`pipeline.engines`); None: leave this layer alone.
+
+        By default a plain ``nn.BatchNorm2d`` becomes the identity; a family whose norm layers
+        do more (timm's ``BatchNormAct2d`` also applies its activation) says what remains.
+        """
+        from torch import nn
+
+        return nn.Identity() if type(norm) is nn.BatchNorm2d else None
+
+    def fixed_size(self, module: nn.Module, input_shape: tuple[int, ...]) -> nn.Module | None:
+        """``module`` for inputs of this one ``input_shape``, where it recomputes per call what
+        the shape decides (TensorFlow's "same" padding); None: ``module`` as it is."""
+        return None

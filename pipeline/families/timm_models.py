@@ -136,6 +136,30 @@ class TimmFamily(Family):
         stages[-1] += above
         return [Block(modules[0], modules) for modules in (collapse(model, s) for s in stages)]
 
+    def folded_norm(self, norm: nn.Module) -> nn.Module | None:
+        from timm.layers import BatchNormAct2d
+
+        if type(norm) is BatchNormAct2d:  # normalise, then drop (identity in eval), then act
+            return nn.Sequential(norm.drop, norm.act)
+        return super().folded_norm(norm)
+
+    def fixed_size(self, module: nn.Module, input_shape: tuple[int, ...]) -> nn.Module | None:
+        from timm.layers import Conv2dSame
+        from timm.layers.padding import pad_same_arg
+
+        if type(module) is not Conv2dSame:
+            return None
+        # TensorFlow's "same" padding, computed once for this input size instead of per call.
+        pad = pad_same_arg(list(input_shape[-2:]), list(module.weight.shape[-2:]),
+                           module.stride, module.dilation)
+        left, right, top, bottom = pad
+        symmetric = left == right and top == bottom  # then the convolution pads by itself
+        conv = nn.Conv2d(module.in_channels, module.out_channels, module.kernel_size,
+                         module.stride, (top, left) if symmetric else 0, module.dilation,
+                         module.groups, bias=module.bias is not None)
+        conv.weight, conv.bias = module.weight, module.bias
+        return conv if symmetric else nn.Sequential(nn.ZeroPad2d(pad), conv)
+
 
 def _stem(matcher: dict | Callable, ordinal: dict[str, int]) -> int | None:
     """The stem's group ordinal, or None for a model whose matcher names no stem."""
