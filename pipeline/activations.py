@@ -13,7 +13,7 @@ logits, so a skip connection across the boundary can never be silently dropped.
 
 from __future__ import annotations
 
-import shutil
+import contextlib
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,10 +23,12 @@ import numpy as np
 import torch
 from torch import fx, nn
 
+from pipeline import locks
 from pipeline.blocks import Block, is_under
-from pipeline.cache import FeatureWriter, cache_path
+from pipeline.cache import FeatureWriter, cache_path, check_disk, damaged, failure_reason
 from pipeline.data import ImageFiles, ImageSet
-from pipeline.errors import CacheError, PipelineError
+from pipeline.errors import PipelineError
+from pipeline.progress import note
 
 # Relative tolerance of the check that a cut network gives the whole network's logits.
 _CUT_RTOL = 1e-4
@@ -189,16 +191,6 @@ def activation_file(cache_dir, backbone: str, key: str) -> Path:
     return path.with_name(path.stem + ".activations.h5")
 
 
-def check_disk(folder: Path, needed: int) -> None:
-    """Stop before writing when the disk cannot hold ``needed`` more bytes."""
-    folder.mkdir(parents=True, exist_ok=True)
-    free = shutil.disk_usage(folder).free
-    if needed > free:
-        raise CacheError(f"the activation cache needs {needed / 1e9:.2f} GB but {folder} has "
-                         f"{free / 1e9:.2f} GB free; free some space, use another --cache-dir, "
-                         "fewer --views, or --from-images")
-
-
 class _Views(ImageFiles):
     """Augmented view ``view`` of each image, seeded by image and view: a resumed pass
     writes the very crops an uninterrupted one would."""
@@ -232,8 +224,21 @@ def write_activations(cuts: Sequence[Cut], keys: Sequence[tuple[dict, str]], pat
     """One trunk pass that writes every cut's activation file (resuming unfinished ones).
 
     The rows go through extraction's own loop (:func:`pipeline.extract.feature_batches`):
-    the plain images, then each view of the training images.
+    the plain images, then each view of the training images. The writer lock of every file
+    is held (:mod:`pipeline.locks`); a file another run finished meanwhile is not written.
     """
+    with contextlib.ExitStack() as held:
+        for path in sorted(paths):  # one order for every run: no two wait for each other
+            held.enter_context(locks.writing(path, on_wait=lambda text: note(text, progress)))
+        todo = [i for i, path in enumerate(paths) if not path.exists()]
+        if todo:
+            _write_activations([cuts[i] for i in todo], [keys[i] for i in todo],
+                               [paths[i] for i in todo], images, plan, spec, view_transform,
+                               dtype, seed, device, batch_size, workers, progress)
+
+
+def _write_activations(cuts, keys, paths, images, plan, spec, view_transform, dtype, seed,
+                       device, batch_size, workers, progress) -> None:
     from pipeline import engines
     from pipeline.extract import example_images, feature_batches
 
@@ -242,7 +247,9 @@ def write_activations(cuts: Sequence[Cut], keys: Sequence[tuple[dict, str]], pat
     crop = spec.preprocessing.crop
     shapes = _shapes(lower, crop, device)
     dims = [int(np.prod(s)) for s in shapes]
-    check_disk(paths[0].parent, sum(plan.rows * d * np.dtype(dtype).itemsize for d in dims))
+    check_disk(paths[0].parent, sum(plan.rows * d * np.dtype(dtype).itemsize for d in dims),
+               "the activation cache", "free some space, use another --cache-dir, fewer "
+               "--views, or --from-images")
     meta = _meta(images, plan, spec)
     writers = [FeatureWriter(path, key_spec, key, dim, dtype, meta)
                for path, (key_spec, key), dim in zip(paths, keys, dims)]
@@ -327,16 +334,26 @@ class CachedActivations(torch.utils.data.Dataset):
     def __getitem__(self, j: int):
         return self.__getitems__([j])[0]
 
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
     def __getitems__(self, js: Sequence[int]) -> list[tuple]:
         import h5py
 
-        if self._file is None:
-            self._file = h5py.File(self.path, "r")
-            self._shape = tuple(self._file.attrs["activation_shape"])
         rows = self.rows[np.asarray(js)]
         # h5py reads increasing, distinct rows; a padded DDP shard may repeat one.
         wanted, where = np.unique(rows, return_inverse=True)
-        values = self._file["features"][wanted].astype(np.float32)[where]
+        try:
+            if self._file is None:
+                self._file = h5py.File(self.path, "r")
+                self._shape = tuple(self._file.attrs["activation_shape"])
+            values = self._file["features"][wanted].astype(np.float32)[where]
+        except OSError as err:  # a chunk failing its checksum, a truncated file
+            self.close()
+            # Derived data the next run rebuilds by itself: out of its way.
+            raise damaged(self.path, failure_reason(err), move=True) from None
         x = torch.from_numpy(values).view(len(js), *self._shape)
         return [(x[k], int(self.images[j]), "", "", int(self.labels[j]))
                 for k, j in enumerate(js)]

@@ -22,6 +22,13 @@ losslessly with ``dataset.asstr(errors="surrogateescape")`` (h5py), as ``os.fsde
 
 Until it is complete the file is named ``<name>.partial``; only a finished file is renamed
 (``os.replace``) to its final name, so an interrupted run never passes for a complete cache.
+One run writes a key at a time: it holds ``<name>.lock`` (:mod:`pipeline.locks`) while it
+creates, resumes or finishes the partial file.
+
+The numeric datasets carry HDF5's per-chunk Fletcher-32 checksum, so a changed byte fails on
+read instead of being served. :func:`verify_cache` reads every chunk; a cache found damaged
+(a chunk that fails its checksum, a truncated file) is moved aside to ``<name>.damaged``
+(:func:`quarantine`), never deleted, and the command that wrote it builds it again.
 
 Under torchrun each rank writes a shard file ``<name>.shard-<rank>-of-<world>`` of the same
 layout holding only its rows, plus ``/index`` (the rows' positions in the whole data set, which
@@ -34,6 +41,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,12 +58,19 @@ FORMAT_VERSION = 2
 SUFFIX = ".h5"
 PARTIAL = ".partial"
 SHARD = ".shard-"
+DAMAGED = ".damaged"
+_HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 _CHUNK_BYTES = 1 << 20  # HDF5 chunks of at most 1 MiB (h5py's guidance: 10 KiB to 1 MiB)
 _READ_BYTES = 64 << 20  # rows read at a time when splitting a cache into its splits
 _STR = h5py.string_dtype()
 _SHA = "S64"
 # Duplicate groups listed by `cache info` and the extract summary; the count is always whole.
 _DUPLICATES_SHOWN = 20
+
+
+class CacheDamaged(CacheError):
+    """A complete cache whose bytes changed on disk: a chunk fails its checksum, or the file
+    is truncated."""
 
 
 def cache_key(spec: dict) -> str:
@@ -124,13 +139,15 @@ class FeatureWriter:
         })
         rows = max(1, min(n, _CHUNK_BYTES // (dim * np.dtype(dtype).itemsize)))
         f.create_dataset("features", shape=(n, dim), maxshape=(None, dim), dtype=dtype,
-                         chunks=(rows, dim), fillvalue=np.nan)
-        f.create_dataset("valid", shape=(n,), maxshape=(None,), dtype=bool, fillvalue=False)
-        f.create_dataset("content_sha256", shape=(n,), maxshape=(None,), dtype=_SHA)
+                         chunks=(rows, dim), fillvalue=np.nan, fletcher32=True)
+        f.create_dataset("valid", shape=(n,), maxshape=(None,), dtype=bool, fillvalue=False,
+                         fletcher32=True)
+        f.create_dataset("content_sha256", shape=(n,), maxshape=(None,), dtype=_SHA,
+                         fletcher32=True)
         _strings(f, "paths", meta["paths"], resizable=True)
         if meta["classes"]:
             f.create_dataset("labels", data=np.asarray(meta["labels"], np.int64),
-                             maxshape=(None,))
+                             maxshape=(None,), fletcher32=True)
             _strings(f, "split", meta["split"], resizable=True)
             _strings(f, "classes", meta["classes"])
         ignored = meta.get("ignored", [])
@@ -149,20 +166,36 @@ class FeatureWriter:
         if start != self.rows_done:
             raise ValueError(f"rows must arrive in order: expected {self.rows_done}, got {start}")
         stop = start + len(features)
-        self.file["features"][start:stop] = features
-        self.file["valid"][start:stop] = valid
-        if digests is not None:
-            self.file["content_sha256"][start:stop] = np.asarray(digests, _SHA)
-        if failures:
-            for name, values in (("failed_index", [i for i, _ in failures]),
-                                 ("failed_reason", _encoded([r for _, r in failures]))):
-                ds = self.file[name]
-                ds.resize((len(ds) + len(values),))
-                ds[-len(values):] = values
-        self.file.flush()
-        self.file.attrs["rows_done"] = stop
-        self.file.flush()
+        try:
+            self.file["features"][start:stop] = features
+            self.file["valid"][start:stop] = valid
+            if digests is not None:
+                self.file["content_sha256"][start:stop] = np.asarray(digests, _SHA)
+            if failures:
+                for name, values in (("failed_index", [i for i, _ in failures]),
+                                     ("failed_reason", _encoded([r for _, r in failures]))):
+                    ds = self.file[name]
+                    ds.resize((len(ds) + len(values),))
+                    ds[-len(values):] = values
+            self.file.flush()
+            self.file.attrs["rows_done"] = stop
+            self.file.flush()
+        except OSError as err:  # a full disk, a quota, an I/O error
+            raise self._write_failed(err) from None
         self.rows_done = stop
+
+    def _write_failed(self, err: OSError) -> CacheError:
+        """One line: what failed, what the whole file needs, what the disk has. The rows
+        written before stay (``rows_done`` did not advance past them), so the same command
+        resumes once there is room; a chunk the failure half-wrote fails its checksum."""
+        features = self.file["features"]
+        needed = features.shape[0] * features.shape[1] * features.dtype.itemsize
+        free = shutil.disk_usage(self.partial.parent).free
+        return CacheError(
+            f"writing {self.partial} failed ({failure_reason(err)}) after {self.rows_done} of "
+            f"{features.shape[0]} rows; the cache needs about {_size(needed)}, "
+            f"{_size(free)} are free there; free some space (or use another --cache-dir) and "
+            "run the same command to resume")
 
     def failures(self) -> list[tuple[str, str]]:
         return _failures(self.file)
@@ -249,9 +282,11 @@ def open_cache(path: str | os.PathLike) -> h5py.File:
     if not path.is_file():
         raise CacheError(f"{path}: no such cache file")
     try:
-        f = h5py.File(path, "r")
-    except OSError:
-        raise CacheError(f"{path} is not an HDF5 file") from None
+        f = _CacheFile(path, "r")
+    except OSError as err:
+        if not _is_hdf5(path):
+            raise CacheError(f"{path} is not an HDF5 file") from None
+        raise damaged(path, f"it cannot be opened: {failure_reason(err)}") from None
     if f.attrs.get("format") != FORMAT:
         f.close()
         raise CacheError(f"{path} is not a feature cache written by pipeline")
@@ -259,6 +294,148 @@ def open_cache(path: str | os.PathLike) -> h5py.File:
         f.close()
         raise CacheError(f"{path} is incomplete; run the extract command again to finish it")
     return f
+
+
+class _CacheFile(h5py.File):
+    """An open cache whose read failures (a chunk failing its checksum) end, once the file
+    is closed, as :class:`CacheDamaged` with the file moved aside."""
+
+    def __exit__(self, kind, error, trace) -> None:
+        path = Path(self.filename)
+        super().__exit__(kind, error, trace)
+        if _is_hdf5_failure(error):
+            raise damaged(path, failure_reason(error)) from None
+
+
+def _is_hdf5_failure(error: BaseException | None) -> bool:
+    # HDF5's errors reach Python as plain OSError without an errno; the system's carry one.
+    return type(error) is OSError and error.errno is None
+
+
+def _is_hdf5(path: Path) -> bool:
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(len(_HDF5_SIGNATURE)) == _HDF5_SIGNATURE
+    except OSError:
+        return False
+
+
+def damaged(path: Path, reason: str, move: bool = False) -> CacheDamaged:
+    """The one-line error for a damaged cache; with ``move``, once it is moved aside
+    (:func:`quarantine`), which a derived file the next run rebuilds by itself can be.
+
+    A feature cache a reader finds damaged stays in place: the extract command that made it
+    verifies it, moves it aside and builds it again (``--no-repair``: stops instead).
+    """
+    if move:
+        try:
+            aside = quarantine(path)
+        except FileNotFoundError:  # another process (a loader worker) moved it first
+            aside = path.with_name(path.name + DAMAGED)
+        return CacheDamaged(f"{path} is damaged ({reason}); moved it to {aside.name}: run the "
+                            "same command again to build it anew")
+    return CacheDamaged(f"{path} is damaged ({reason}); run the extract command that made it "
+                        "again: it moves the file aside and builds it anew")
+
+
+def quarantine(path: str | os.PathLike) -> Path:
+    """Move a damaged cache out of the way (``<name>.damaged``, then ``.damaged-2`` ...), so
+    the next run of its key builds it again and the damaged bytes stay for a look."""
+    path = Path(path)
+    aside, n = path.with_name(path.name + DAMAGED), 1
+    while aside.exists():
+        n += 1
+        aside = path.with_name(f"{path.name}{DAMAGED}-{n}")
+    os.replace(path, aside)
+    return aside
+
+
+def verify_cache(path: str | os.PathLike) -> dict:
+    """Read every chunk of every dataset of a cache file and report what fails.
+
+    Returns
+    -------
+    dict
+        ``path``, ``status`` (``ok``, ``damaged``, or ``unchecked``: readable, but written
+        before checksums, so changed numbers could not be seen), ``problems`` (one line
+        each), ``checksummed`` and ``unchecksummed`` (dataset names), ``bytes``, ``seconds``.
+    """
+    started = time.perf_counter()
+    path = Path(path)
+    out = {"path": str(path), "status": "ok", "problems": [], "checksummed": [],
+           "unchecksummed": [], "bytes": path.stat().st_size if path.exists() else 0}
+    try:
+        f = h5py.File(path, "r")
+    except OSError as err:
+        out["problems"].append(f"cannot be opened: {failure_reason(err)}")
+    else:
+        with f:
+            out["problems"] += _structure_problems(f)
+            for name, ds in _datasets(f):
+                out["checksummed" if ds.fletcher32 else "unchecksummed"].append(name)
+                out["problems"] += _read_problems(name, ds)
+    if out["problems"]:
+        out["status"] = "damaged"
+    elif any(n in out["unchecksummed"] for n in ("features", "valid")):
+        out["status"] = "unchecked"
+    out["seconds"] = time.perf_counter() - started
+    return out
+
+
+def _structure_problems(f: h5py.File) -> list[str]:
+    if f.attrs.get("format") != FORMAT:
+        return ["not a feature cache written by pipeline"]
+    problems = [] if f.attrs.get("complete") else ["incomplete (an interrupted extraction)"]
+    if "features" not in f or "valid" not in f:
+        return [*problems, "no /features or /valid dataset"]
+    n = len(f["valid"])
+    if f.attrs.get("complete") and int(f.attrs.get("rows_done", -1)) != n:
+        problems.append(f"rows_done is {f.attrs.get('rows_done')}, not its {n} rows")
+    for name in ("features", "content_sha256", "paths", "labels", "split"):
+        if name in f and len(f[name]) != n:
+            problems.append(f"/{name} has {len(f[name])} rows, /valid {n}")
+    return problems
+
+
+def _datasets(f: h5py.File) -> list[tuple[str, h5py.Dataset]]:
+    found: list[tuple[str, h5py.Dataset]] = []
+    f.visititems(lambda name, obj: found.append((name, obj))
+                 if isinstance(obj, h5py.Dataset) else None)
+    return found
+
+
+def _read_problems(name: str, ds: h5py.Dataset) -> list[str]:
+    """Every chunk of ``ds`` read once; the rows of each one that fails."""
+    if ds.shape is None or ds.size == 0:
+        return []
+    problems = []
+    selections = ds.iter_chunks() if ds.chunks else [(slice(0, ds.shape[0]),)]
+    for selection in selections:
+        try:
+            ds[selection]
+        except OSError as err:
+            rows = selection[0]
+            problems.append(f"/{name} rows {rows.start}-{rows.stop - 1}: {failure_reason(err)}")
+    return problems
+
+
+def check_disk(folder: str | os.PathLike, needed: int, what: str, advice: str) -> None:
+    """Stop before writing when the disk under ``folder`` cannot hold ``needed`` more bytes."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(folder).free
+    if needed > free:
+        raise CacheError(f"{what} needs {_size(needed)} but {folder} has {_size(free)} free; "
+                         f"{advice}")
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
+
+
+def failure_reason(err: BaseException) -> str:
+    text = " ".join((getattr(err, "strerror", None) or str(err) or type(err).__name__).split())
+    return text if len(text) <= 160 else text[:157] + "..."
 
 
 def _encoded(values) -> np.ndarray:
@@ -435,6 +612,9 @@ def list_caches(cache_dir: str | os.PathLike) -> list[dict]:
             rows.append({"path": str(path), "status": status, "bytes": path.stat().st_size})
         elif path.name.endswith(SUFFIX + PARTIAL):
             rows.append({"path": str(path), "status": "partial", "bytes": path.stat().st_size})
+        elif SUFFIX + DAMAGED in path.name:
+            rows.append({"path": str(path), "status": "damaged (moved aside)",
+                         "bytes": path.stat().st_size})
     return rows
 
 
@@ -453,7 +633,8 @@ def find_cache(cache_dir: str | os.PathLike, name: str) -> Path:
 
 
 def remove_cache(path: Path) -> None:
-    if not (path.name.endswith((SUFFIX, SUFFIX + PARTIAL)) or SUFFIX + SHARD in path.name):
+    if not (path.name.endswith((SUFFIX, SUFFIX + PARTIAL)) or SUFFIX + SHARD in path.name
+            or SUFFIX + DAMAGED in path.name):
         raise CacheError(f"{path} is not a cache file")
     path.unlink()
     if path.name.endswith(SUFFIX):  # the record of the extraction that wrote it goes too

@@ -56,9 +56,19 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except PipelineError as err:
-            raise click.ClickException(str(err)) from None
+            raise click.ClickException(_message(err)) from None
         finally:  # under torchrun: leave the process group cleanly
             distributed.shutdown()
+
+
+def _message(err: PipelineError) -> str:
+    """The error's one line; for one raised in a DataLoader worker, which torch re-raises with
+    the worker's traceback as its text, the traceback's last line without the class name."""
+    text = str(err)
+    if text.startswith("Caught ") and "\n" in text.strip():
+        last = text.strip().splitlines()[-1]
+        text = last.split(": ", 1)[1] if ": " in last else last
+    return text
 
 
 def _fractions(_ctx, _param, value: str) -> tuple[float, float, float]:
@@ -179,6 +189,15 @@ device_option = click.option("--device", type=click.Choice(DEVICES), show_defaul
 @compile_option
 @engine_option
 @offline_option
+@click.option("--repair/--no-repair", default=default(ExtractOptions, "repair"),
+              show_default=True,
+              help="A cache under this key found damaged (a chunk failing its checksum, a "
+                   "truncated file) is moved aside to *.h5.damaged and built again; "
+                   "--no-repair stops instead.")
+@click.option("--lock-timeout", type=click.FloatRange(min=0),
+              default=default(ExtractOptions, "lock_timeout"), show_default=True,
+              help="Seconds to wait for another run writing the same cache, whose work is "
+                   "then reused.")
 @click.option("--json", "as_json", is_flag=True,
               help="Print one JSON object on stdout, nothing else (progress stays on stderr).")
 @click.option("--write-json", type=click.Path(dir_okay=False), default=None,
@@ -224,6 +243,8 @@ def extract(data, as_json, write_json, quiet, **options) -> None:
                    f"{result.cache_path}")
     if result.engine_note:
         click.echo(result.engine_note)
+    if result.repair_note:
+        click.echo(result.repair_note)
     _describe_data(result)
 
 
@@ -638,7 +659,7 @@ def report_command(folder, out, mistakes, as_json) -> None:
 
 @main.group(name="cache", cls=_Group)
 def cache_group() -> None:
-    """List, inspect and remove feature caches."""
+    """List, inspect, verify, export and remove feature caches."""
 
 
 @cache_group.command(name="list")
@@ -691,6 +712,40 @@ def cache_info(name, cache_dir, as_json) -> None:
             click.echo("           " + " = ".join(_display(p) for p in group["paths"]))
     click.echo("spec")
     click.echo(json.dumps(info["spec"], indent=2, sort_keys=True))
+
+
+@cache_group.command(name="verify")
+@click.argument("name", required=False)
+@cache_dir_option
+@click.option("--json", "as_json", is_flag=True)
+def cache_verify(name, cache_dir, as_json) -> None:
+    """Read every chunk of a cache (NAME: a path, file name or key prefix), or of every
+    complete cache in --cache-dir, against its checksums. Exit 1 if any is damaged.
+
+    A damaged feature cache is moved aside and built again by the extract command that made
+    it (an activation cache by the next fine-tune); `pipeline cache rm` removes it.
+    """
+    from pipeline import cache
+
+    paths = ([cache.find_cache(cache_dir, name)] if name else
+             [Path(r["path"]) for r in cache.list_caches(cache_dir)
+              if r["path"].endswith(cache.SUFFIX)])
+    reports = [cache.verify_cache(p) for p in paths]
+    if as_json:
+        _emit_json(reports)
+    else:
+        if not reports:
+            click.echo(f"no caches in {cache_dir}")
+        for r in reports:
+            status = {"ok": "ok", "damaged": "DAMAGED",
+                      "unchecked": "readable, no checksums (written before they were "
+                                   "stored: a changed number cannot be seen)"}[r["status"]]
+            click.echo(f"{r['path']}  {status}  {r['bytes'] / 1e6:.1f} MB read in "
+                       f"{r['seconds']:.2f} s")
+            for problem in r["problems"]:
+                click.echo(f"    {problem}")
+    if any(r["status"] == "damaged" for r in reports):
+        sys.exit(1)
 
 
 def _list(title: str, rows: list[tuple[str, str]], most: int = 50) -> None:

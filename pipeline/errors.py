@@ -19,3 +19,8 @@ class WeightsError(PipelineError):
 
 class CacheError(PipelineError):
     """A feature cache is missing, incomplete, busy, or not one of ours."""
+
+
+class WriteError(PipelineError):
+    """A file could not be written (a full disk, a quota, an I/O error); the previous file at
+    that path, if any, is unchanged."""

@@ -12,17 +12,22 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from pipeline import distributed, distribution, engines, run_record
+from pipeline import distributed, distribution, engines, locks, run_record
 from pipeline.backbones import BackboneSpec, as_spec
 from pipeline.cache import (
+    PARTIAL,
+    CacheDamaged,
     FeatureWriter,
     assemble_shards,
     cache_key,
     cache_path,
+    check_disk,
+    quarantine,
     shard_path,
     shard_paths,
     stored_duplicates,
     stored_summary,
+    verify_cache,
 )
 from pipeline.data import (
     ImageFiles,
@@ -49,7 +54,7 @@ from pipeline.options import (
     ExtractOptions,
     split_settings,
 )
-from pipeline.progress import Progress
+from pipeline.progress import Progress, note
 
 if TYPE_CHECKING:
     import torch
@@ -87,6 +92,7 @@ class ExtractResult:
     duplicates: dict | None = None  # identical files under other paths (cache.find_duplicates)
     engine: str = "torch"  # what ran the network (pipeline.engines); "auto" resolved
     engine_note: str = ""  # why auto did not use its first choice, if it did not
+    repair_note: str = ""  # a damaged cache found under this key, moved aside and rebuilt
 
     def to_json(self) -> dict:
         out = asdict(self)
@@ -176,6 +182,7 @@ def extract_features(
     key = cache_key(key_spec)
     distributed.check_agree(key, "images or settings (their cache keys differ)")
     final = cache_path(opts.cache_dir, spec.name, key)
+    repaired = _repair(final, opts, ctx)
     if distributed.broadcast(final.exists()):
         return _hit(final, key, started, engine).described(images)
     if run_on is None:
@@ -189,6 +196,7 @@ def extract_features(
                                     engine)
         key = cache_key(key_spec)
         final = cache_path(opts.cache_dir, spec.name, key)
+        repaired = _repair(final, opts, ctx)
         if distributed.broadcast(final.exists()):
             hit = _hit(final, key, started, engine)
             hit.engine_note = prepared.note
@@ -208,26 +216,72 @@ def extract_features(
                default_workers(ctx.local_world_size) if workers is None else workers,
                opts.strict, progress, on_batch)
     if ctx.distributed:
-        return _recorded(_with_engine(
-            _extract_sharded(run, ctx, final, key_spec, key, dim, dtype, meta, started,
-                             prepared), prepared).described(images),
-            record, opts, spec, images, key_spec, run_on, ctx)
+        result = _extract_sharded(run, ctx, final, key_spec, key, dim, dtype, meta, started,
+                                  prepared, opts)
+    else:
+        with locks.writing(final, opts.lock_timeout, lambda text: note(text, progress)):
+            if final.exists():  # another run finished it while this one waited
+                result = _hit(final, key, started, engine)
+            else:
+                result = _extract_locked(run, final, key_spec, key, dim, dtype, meta, started,
+                                         prepared)
+    result.repair_note = repaired
+    if result.hit:
+        return _with_engine(result, prepared).described(images)
+    return _recorded(_with_engine(result, prepared).described(images),
+                     record, opts, spec, images, key_spec, run_on, ctx)
+
+
+def _extract_locked(run: _Run, final: Path, key_spec: dict, key: str, dim: int, dtype: str,
+                    meta: dict, started: float, prepared: engines.Prepared) -> ExtractResult:
+    """Write (or resume) the cache ``final``, its writer lock held."""
+    check_disk(final.parent, _cache_bytes(final, len(run.images), dim, dtype),
+               "the feature cache", "free some space or use another --cache-dir (or --dtype "
+               "float16, half the size)")
     writer = FeatureWriter(final, key_spec, key, dim, dtype, meta)
     resumed_from = writer.rows_done
     try:
-        forward_s = run.rows(writer, np.arange(len(images)))
+        forward_s = run.rows(writer, np.arange(len(run.images)))
         failures = writer.failures()
         seconds = time.perf_counter() - started
         writer.finish({"timings": {"seconds": seconds, "forward_seconds": forward_s,
-                                   "resumed_from": resumed_from, "device": str(run_on),
+                                   "resumed_from": resumed_from, "device": str(run.device),
                                    "engine": _engine_record(prepared)},
                        "versions": _versions(prepared.engine)})
     finally:
         writer.close()
-    return _recorded(_with_engine(ExtractResult(final, False, len(images), len(failures), dim,
-                                                seconds, key, resumed_from, failures),
-                                  prepared).described(images),
-                     record, opts, spec, images, key_spec, run_on, ctx)
+    return ExtractResult(final, False, len(run.images), len(failures), dim, seconds, key,
+                         resumed_from, failures)
+
+
+def _cache_bytes(final: Path, n: int, dim: int, dtype: str) -> int:
+    """What the cache file still needs on disk: its features, less a partial file's bytes."""
+    partial = final.with_name(final.name + PARTIAL)
+    have = partial.stat().st_size if partial.exists() else 0
+    return max(0, n * dim * np.dtype(dtype).itemsize - have)
+
+
+def _repair(final: Path, opts: ExtractOptions, ctx: distributed.Context) -> str:
+    """Verify a complete cache at ``final`` chunk by chunk before it is served (rank 0); a
+    damaged one is moved aside so that it is built again, and the note says so.
+
+    Raises
+    ------
+    CacheDamaged
+        The cache is damaged and ``opts.repair`` is off.
+    """
+    if not ctx.is_main or not final.exists():
+        return ""
+    report = verify_cache(final)
+    if report["status"] != "damaged":
+        return ""
+    problems = report["problems"]
+    what = problems[0] + (f", and {len(problems) - 1} more" if len(problems) > 1 else "")
+    if not opts.repair:
+        raise CacheDamaged(f"{final} is damaged ({what}); run without --no-repair to move it "
+                           "aside and build it anew")
+    aside = quarantine(final)
+    return f"the cache was damaged ({what}); moved it to {aside.name} and built it anew"
 
 
 def _recorded(result: ExtractResult, record: run_record.RunRecord, opts: ExtractOptions,
@@ -307,12 +361,21 @@ def example_images(spec: BackboneSpec, images: ImageSet) -> torch.Tensor:
 
 def _extract_sharded(run: _Run, ctx: distributed.Context, final: Path, key_spec: dict, key: str,
                      dim: int, dtype: str, meta: dict, started: float,
-                     prepared: engines.Prepared) -> ExtractResult:
-    """Each rank writes its shard; rank 0 assembles them into the cache one process writes."""
-    shard = _extract_shard(run, ctx, final, key_spec, key, dim, dtype, meta)
+                     prepared: engines.Prepared, opts: ExtractOptions) -> ExtractResult:
+    """Each rank writes its shard; rank 0 assembles them into the cache one process writes.
+    Each holds the writer lock of the file it writes (:mod:`pipeline.locks`)."""
+    def wait_note(text: str) -> None:
+        note(text, run.progress)
+
+    with locks.writing(shard_path(final, ctx.rank, ctx.world_size), opts.lock_timeout,
+                       wait_note):
+        shard = _extract_shard(run, ctx, final, key_spec, key, dim, dtype, meta)
     shards = distributed.all_gather(shard)  # also waits until every shard is complete
     if ctx.is_main:
-        _assemble(final, shards, key_spec, key, dim, dtype, meta, run.device, started, prepared)
+        with locks.writing(final, opts.lock_timeout, wait_note):
+            if not final.exists():  # else another job assembled it while this one waited
+                _assemble(final, shards, key_spec, key, dim, dtype, meta, run.device, started,
+                          prepared)
     distributed.barrier()
     if not final.exists():
         raise distributed.DistributedError(

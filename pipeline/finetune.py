@@ -34,6 +34,7 @@ from pipeline.activations import (
     lowest_trained,
     write_activations,
 )
+from pipeline.atomic import atomic_write
 from pipeline.backbones import BackboneSpec, as_spec, replace_classifier
 from pipeline.blocks import STEM, freeze_below, parse_layers, stem, unfreeze_depth
 from pipeline.cache import cache_key, open_cache, read_splits
@@ -861,9 +862,8 @@ class _Trainer:
                  "epoch": epoch, "args": json.dumps(self.args, sort_keys=True),
                  "history": json.dumps(self.history), "best": self.stopping.state_dict()}
         self.checkpoint.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.checkpoint.with_name(self.checkpoint.name + ".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, self.checkpoint)  # a kill mid-save leaves the previous checkpoint
+        with atomic_write(self.checkpoint) as fh:  # a kill mid-save leaves the previous one
+            torch.save(state, fh)
 
     def _resume(self) -> None:
         if not self.checkpoint.exists():

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from pipeline import distributed
+from pipeline.atomic import atomic_write
 from pipeline.backbones import BackboneSpec
 from pipeline.devices import autocast_dtype
 from pipeline.errors import PipelineError
@@ -308,9 +309,8 @@ def _write(out: Path, result: LRFindResult, key: dict, backbone: str) -> dict[st
                "steps_run": len(result.lrs), "diverged": result.diverged,
                "trained_from": result.trained_from, "seconds": result.seconds,
                "files": {k: str(v) for k, v in files.items()}, "key": key}
-    tmp = files["json"].with_name(files["json"].name + ".tmp")
-    tmp.write_text(json.dumps(summary, indent=2) + "\n")
-    os.replace(tmp, files["json"])  # written last: a test is found only once it is complete
+    with atomic_write(files["json"], "w") as fh:  # last: a test is found only once complete
+        fh.write(json.dumps(summary, indent=2) + "\n")
     return {f"lr_find_{k}": str(v) for k, v in files.items()}
 
 

@@ -54,6 +54,11 @@ class ExtractOptions:
     # Not auto by default: an export costs seconds to minutes once per backbone, and a
     # non-torch engine gives other last bits, hence another cache key.
     engine: str = "torch"
+    # A complete cache found damaged (a chunk failing its checksum, a truncated file) is moved
+    # aside and built again; False: stop with one line instead.
+    repair: bool = True
+    # Seconds to wait for another run writing the same cache (then reuse what it finished).
+    lock_timeout: float = 3600.0
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from typing import TextIO
 
 from pipeline.errors import PipelineError
 
-__all__ = ["INTERVAL_ENV", "MODES", "EpochLines", "Progress", "duration", "interval",
+__all__ = ["INTERVAL_ENV", "MODES", "EpochLines", "Progress", "duration", "interval", "note",
            "progress_mode"]
 
 INTERVAL_ENV = "PIPELINE_PROGRESS_INTERVAL"
@@ -181,6 +181,13 @@ class EpochLines:
                             f"val_loss {row['val_loss']:.4f}, "
                             f"val_accuracy {row['val_accuracy']:.4f}, lr {row['lr']:.3g}, "
                             f"{row['seconds']:.1f} s")
+
+
+def note(text: str, progress: bool | str | None = None, stream: TextIO | None = None) -> None:
+    """One timestamped line on stderr (a wait, a repair), unless ``progress`` is off."""
+    stream = sys.stderr if stream is None else stream
+    if progress_mode(progress, stream) != "off":
+        _print(stream, text)
 
 
 def duration(seconds: float) -> str:

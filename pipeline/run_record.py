@@ -25,6 +25,7 @@ from importlib.metadata import version as _version
 from pathlib import Path
 
 from pipeline import distribution
+from pipeline.atomic import atomic_write
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "RECORD", "RunRecord", "cache_fields", "command",
            "command_line", "device_name", "extract_record_path", "read_record", "shared_fields",
@@ -160,9 +161,8 @@ class RunRecord:
             "files": sorted({_relative(Path(f), folder) for f in files}),
         }
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(record, indent=2, default=str) + "\n")
-        os.replace(tmp, path)  # never half a record under the final name
+        with atomic_write(path, "w") as fh:  # never half a record under the final name
+            fh.write(json.dumps(record, indent=2, default=str) + "\n")
         return path
 
 

@@ -21,6 +21,7 @@ from sklearn.metrics import (
     log_loss,
 )
 
+from pipeline.atomic import atomic_write
 from pipeline.calibration import expected_calibration_error
 from pipeline.errors import PipelineError
 from pipeline.significance import score_intervals, seed_interval
@@ -252,10 +253,8 @@ class RowPredictions:
                  if k in arrays}
         if len(sizes) != 1:  # a bug: these are paired by position
             raise ValueError(f"predictions of unequal lengths {sorted(sizes)}")
-        tmp = path.with_name(path.name + ".partial")
-        with open(tmp, "wb") as fh:  # a file object: savez would append .npz to the name
+        with atomic_write(path) as fh:  # a file object: savez would append .npz to the name
             np.savez_compressed(fh, **arrays)
-        os.replace(tmp, path)
         return path
 
     @classmethod

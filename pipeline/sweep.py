@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from pipeline import distributed, report, tracking
+from pipeline.atomic import atomic_write
 from pipeline.errors import PipelineError
 from pipeline.options import SWEEP_MODES, FinetuneConfig, split_settings
 from pipeline.run_record import RECORD, RunRecord, shared_fields
@@ -190,9 +191,8 @@ class _Runner:
         row = _row(settings, result, folder)
         if distributed.context().is_main:
             folder.mkdir(parents=True, exist_ok=True)
-            tmp = record.with_name(record.name + ".tmp")
-            tmp.write_text(json.dumps({"fingerprint": fingerprint, "row": row}, indent=2) + "\n")
-            os.replace(tmp, record)  # a record is there only for a run that finished
+            with atomic_write(record, "w") as fh:  # a record is there only for a run that finished
+                fh.write(json.dumps({"fingerprint": fingerprint, "row": row}, indent=2) + "\n")
         return row
 
     def _fingerprint(self, config: FinetuneConfig) -> dict:

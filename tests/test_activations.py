@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import activations
+from pipeline import activations, cache
 from pipeline.activations import ActivationError, cut_network, lowest_trained
 from pipeline.backbones import replace_classifier, resolve_backbone
 from pipeline.blocks import Block
@@ -126,9 +126,14 @@ def test_a_cut_across_a_skip_connection_is_refused():
 
 
 def test_a_full_disk_stops_before_writing(data, tmp_path, monkeypatch):
-    monkeypatch.setattr(activations.shutil, "disk_usage",
-                        lambda path: type("Usage", (), {"free": 1000})())
-    with pytest.raises(CacheError, match="needs .* GB but .* free") as err:
+    asked = []
+
+    def room_for_the_features_only(path):
+        asked.append(path)  # the feature cache asks first, then the activation cache
+        return type("Usage", (), {"free": 10**12 if len(asked) == 1 else 1000})()
+
+    monkeypatch.setattr(cache.shutil, "disk_usage", room_for_the_features_only)
+    with pytest.raises(CacheError, match="the activation cache needs .* but .* free") as err:
         _run(data, tmp_path, "o", unfreeze=1)
     assert "\n" not in str(err.value)
     assert not list((tmp_path / "c").glob("*.activations.h5*"))
@@ -173,3 +178,21 @@ def test_layer_counts_train_those_layers_from_the_blocks_that_hold_them(data, tm
     top15 |= {"layer4.0.downsample.0", "layer4.0.downsample.1", "layer3.0.downsample.1"}
     top15 |= {f"layer3.1.{m}" for m in ("conv1", "bn1", "conv2", "bn2")}
     assert len(top15) == 15 and changed == top15
+
+
+def test_a_damaged_activation_cache_is_moved_aside_and_the_next_run_rebuilds_it(data, tmp_path):
+    first = _run(data, tmp_path, "o", unfreeze=1, augment="none")
+    path = next((tmp_path / "c").glob("*.activations.h5"))
+    with h5py.File(path) as f:
+        offset = f["features"].id.get_chunk_info(0).byte_offset
+    with open(path, "r+b") as fh:
+        fh.seek(offset + 3)
+        fh.write(b"\xff\xff")
+    with pytest.raises(cache.CacheDamaged, match="is damaged .*moved it to .*damaged: run the "
+                                                 "same command again") as err:
+        _run(data, tmp_path, "again", unfreeze=1, augment="none")
+    assert "\n" not in str(err.value)
+    assert path.with_name(path.name + ".damaged").exists() and not path.exists()
+    again = _run(data, tmp_path, "again", unfreeze=1, augment="none")
+    assert path.exists() and again.row["trained_from"] == "cached activations"
+    _states_equal(first, again)

@@ -196,3 +196,96 @@ def test_an_interrupted_assembly_resumes_at_its_rows_done(tmp_path, monkeypatch)
     with cache.open_cache(final) as f:
         np.testing.assert_array_equal(f["features"][:, 0], np.arange(11))
     assert cache.stored_summary(final)[2] == [(meta["paths"][2], "broken")]
+
+
+# --- checked numbers: checksums, verify, damaged files ------------------------------------------
+
+def _complete(tmp_path, key="k1", n=5, dim=4):
+    writer = _writer(tmp_path, key, dim)
+    writer.write(0, np.arange(n * dim, dtype=np.float32).reshape(n, dim), np.ones(n, bool), [])
+    return writer.finish({"timings": {}})
+
+
+def _flip_byte_in_chunk(path, dataset="features", chunk=0, at=5):
+    with h5py.File(path) as f:
+        offset = f[dataset].id.get_chunk_info(chunk).byte_offset
+    with open(path, "r+b") as fh:
+        fh.seek(offset + at)
+        byte = fh.read(1)
+        fh.seek(offset + at)
+        fh.write(bytes([byte[0] ^ 0x10]))
+
+
+def test_numeric_datasets_carry_checksums_and_a_sound_cache_verifies(tmp_path):
+    path = _complete(tmp_path)
+    with h5py.File(path) as f:
+        assert all(f[name].fletcher32 for name in ("features", "valid", "content_sha256",
+                                                   "labels"))
+    report = cache.verify_cache(path)
+    assert report["status"] == "ok" and report["problems"] == []
+    assert {"features", "valid", "labels"} <= set(report["checksummed"])
+
+
+def test_a_flipped_byte_in_a_chunk_fails_on_read_and_in_verify(tmp_path):
+    path = _complete(tmp_path)
+    _flip_byte_in_chunk(path)
+    report = cache.verify_cache(path)
+    assert report["status"] == "damaged"
+    assert report["problems"][0].startswith("/features rows 0-4")
+    with pytest.raises(cache.CacheDamaged, match="is damaged .*extract command"):
+        cache.read_split(path, "train")
+    assert path.exists()  # a reader leaves it where it is: extraction moves it aside
+
+
+def test_a_truncated_cache_is_damaged_not_foreign(tmp_path):
+    path = _complete(tmp_path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(cache.CacheDamaged, match="cannot be opened"):
+        cache.open_cache(path)
+    assert cache.verify_cache(path)["status"] == "damaged"
+    foreign = tmp_path / "foreign.h5"
+    foreign.write_bytes(b"not hdf5 at all")
+    with pytest.raises(CacheError, match="not an HDF5 file"):
+        cache.open_cache(foreign)
+
+
+def test_a_cache_written_without_checksums_is_readable_but_unchecked(tmp_path):
+    path = tmp_path / "old.h5"
+    shutil_src = _complete(tmp_path)
+    with h5py.File(shutil_src) as src, h5py.File(path, "w") as dst:
+        for name, value in src.attrs.items():
+            dst.attrs[name] = value
+        for name in src:
+            dst.create_dataset(name, data=src[name][:])  # contiguous, no filter
+    report = cache.verify_cache(path)
+    assert report["status"] == "unchecked" and "features" in report["unchecksummed"]
+
+
+def test_quarantine_moves_aside_without_overwriting_and_list_shows_it(tmp_path):
+    first = cache.quarantine(_complete(tmp_path))
+    second = cache.quarantine(_complete(tmp_path))
+    assert first.name.endswith(".h5.damaged") and second.name.endswith(".h5.damaged-2")
+    rows = cache.list_caches(tmp_path)
+    assert [r["status"] for r in rows] == ["damaged (moved aside)"] * 2
+    cache.remove_cache(first)
+    assert not first.exists()
+
+
+def test_a_failed_write_says_what_was_needed_and_keeps_the_rows_before_it(tmp_path,
+                                                                           monkeypatch):
+    writer = _writer(tmp_path)
+    writer.write(0, np.ones((2, 4), np.float32), np.ones(2, bool), [])
+
+    def full(self, key, value):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(h5py.Dataset, "__setitem__", full)
+    with pytest.raises(CacheError, match=r"No space left on device\) after 2 of 5 rows; the "
+                                         r"cache needs about .* MB, .* free there"):
+        writer.write(2, np.ones((3, 4), np.float32), np.ones(3, bool), [])
+    monkeypatch.undo()
+    writer.close()
+    resumed = _writer(tmp_path)
+    assert resumed.rows_done == 2  # the same command resumes there
+    resumed.close()

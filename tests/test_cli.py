@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import h5py
 import pytest
@@ -77,6 +78,27 @@ def test_cache_list_info_rm(tmp_path, image_folder):
     assert info["splits"] == {"train": 24, "val": 3, "test": 3}
     removed = _run("cache", "rm", out["key"][:8], "--cache-dir", cache_dir)
     assert removed.exit_code == 0 and not list(cache_dir.iterdir())
+
+
+def test_cache_verify_reports_each_cache_and_exits_1_on_damage(tmp_path, image_folder):
+    cache_dir = tmp_path / "c"
+    path = _cache(tmp_path, image_folder)
+    sound = _run("cache", "verify", "--cache-dir", cache_dir)
+    assert sound.exit_code == 0 and f"{path}  ok  " in sound.output
+    with h5py.File(path) as f:
+        offset = f["features"].id.get_chunk_info(0).byte_offset
+    with open(path, "r+b") as fh:
+        fh.seek(offset + 1)
+        fh.write(b"\x7f")
+    damaged = _run("cache", "verify", Path(path).name, "--cache-dir", cache_dir, "--json")
+    assert damaged.exit_code == 1
+    report = json.loads(damaged.stdout)
+    assert report[0]["status"] == "damaged" and report[0]["problems"][0].startswith("/features")
+    assert Path(path).exists()  # verify only reports
+    extracted = _run("extract", image_folder, *TINY_ARGS, "--cache-dir", cache_dir)
+    assert "the cache was damaged" in extracted.output
+    listed = json.loads(_run("cache", "list", "--cache-dir", cache_dir, "--json").stdout)
+    assert sorted(r["status"] for r in listed) == ["complete", "damaged (moved aside)"]
 
 
 def test_python_dash_m_runs_the_cli():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -190,3 +191,124 @@ def test_file_stamps_shared_out_between_ranks_give_the_single_process_fingerprin
     shared = extract._shared_stamps(images, True, Context(1, world))
     assert shared == file_stamps(images, True)
     assert fingerprint_files(images, True, shared) == fingerprint_files(images, True)
+
+
+# --- damaged caches, concurrent runs, a full disk ---------------------------------------------
+
+def _flip_feature_byte(path):
+    with h5py.File(path) as f:
+        offset = f["features"].id.get_chunk_info(0).byte_offset
+    with open(path, "r+b") as fh:
+        fh.seek(offset + 7)
+        byte = fh.read(1)
+        fh.seek(offset + 7)
+        fh.write(bytes([byte[0] ^ 0x01]))
+
+
+@pytest.mark.parametrize("damage", ["flipped byte", "truncated"])
+def test_a_damaged_cache_is_moved_aside_and_built_again_on_hit(tmp_path, image_folder, damage):
+    first = _extract(image_folder, tmp_path / "c")
+    whole = _extract(image_folder, tmp_path / "whole")
+    if damage == "flipped byte":
+        _flip_feature_byte(first.cache_path)
+    else:
+        data = first.cache_path.read_bytes()
+        first.cache_path.write_bytes(data[: len(data) - 4000])
+    again = _extract(image_folder, tmp_path / "c")
+    assert not again.hit and again.cache_path == first.cache_path
+    assert again.repair_note.startswith("the cache was damaged (")
+    assert (tmp_path / "c" / (first.cache_path.name + ".damaged")).exists()
+    _assert_same_cache(again.cache_path, whole.cache_path)
+    assert _extract(image_folder, tmp_path / "c").hit  # and a hit from then on
+
+
+def test_no_repair_stops_at_a_damaged_cache_in_one_line(tmp_path, image_folder):
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+
+    first = _extract(image_folder, tmp_path / "c")
+    _flip_feature_byte(first.cache_path)
+    args = ["extract", str(image_folder), "--cache-dir", str(tmp_path / "c"), "--backbone",
+            TINY["backbone"], "--weights", TINY["weights"], "--image-size",
+            str(TINY["image_size"]), "--workers", "0"]
+    result = CliRunner().invoke(main, [*args, "--no-repair"])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert result.output.count("\n") == 1 and "is damaged (/features rows" in result.output
+    assert first.cache_path.exists()  # left where it was
+    repaired = CliRunner().invoke(main, args)
+    assert repaired.exit_code == 0 and "the cache was damaged" in repaired.output
+
+
+def test_two_runs_started_together_on_one_key_end_with_one_cache(tmp_path, image_folder):
+    cache_dir = tmp_path / "shared"
+    script = textwrap.dedent(f"""
+        import json, time
+        from pipeline.extract import extract_features
+        result = extract_features({str(image_folder)!r}, cache_dir={str(cache_dir)!r},
+                                  batch_size=4, on_batch=lambda done, total: time.sleep(0.3),
+                                  progress="lines", **{TINY!r})
+        print(json.dumps({{"hit": result.hit, "path": str(result.cache_path)}}))
+    """)
+    env = {**os.environ, "PYTHONPATH": os.getcwd(), "PIPELINE_PROGRESS_INTERVAL": "1000"}
+    runs = [subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, env=env) for _ in range(2)]
+    outputs = [run.communicate(timeout=300) for run in runs]
+    for run, (_, err) in zip(runs, outputs):
+        assert run.returncode == 0 and "Traceback" not in err, err
+    results = [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs]
+    assert sorted(r["hit"] for r in results) == [False, True]  # one wrote, one reused
+    assert results[0]["path"] == results[1]["path"]
+    assert [p.name for p in cache_dir.glob("*.h5*") if not p.name.endswith(".run.json")] == [
+        os.path.basename(results[0]["path"])]  # no partial, lock or second cache left
+    whole = _extract(image_folder, tmp_path / "whole")
+    _assert_same_cache(results[0]["path"], whole.cache_path)
+
+
+def test_a_full_disk_stops_in_one_line_and_the_same_command_resumes(tmp_path, image_folder,
+                                                                     monkeypatch):
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+
+    cache_dir = tmp_path / "c"
+    other = _extract(image_folder, cache_dir, dtype="float16")  # a complete cache beside it
+    before = other.cache_path.read_bytes()
+    writes, original = [], h5py.Dataset.__setitem__
+
+    def fill_up(self, key, value):
+        if self.name == "/features":
+            writes.append(key)
+            if len(writes) > 2:
+                raise OSError(28, "No space left on device")
+        original(self, key, value)
+
+    monkeypatch.setattr(h5py.Dataset, "__setitem__", fill_up)
+    args = ["extract", str(image_folder), "--cache-dir", str(cache_dir), "--backbone",
+            TINY["backbone"], "--weights", TINY["weights"], "--image-size",
+            str(TINY["image_size"]), "--workers", "0", "--batch-size", "4"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "No space left on device) after 8 of 30 rows" in result.output
+    assert "the cache needs about" in result.output and "run the same command" in result.output
+    monkeypatch.undo()
+    assert other.cache_path.read_bytes() == before  # the complete cache is untouched
+    assert not list(cache_dir.glob("*.lock"))
+    resumed = _extract(image_folder, cache_dir, batch_size=4)
+    assert resumed.resumed_from == 8
+    _assert_same_cache(resumed.cache_path, _extract(image_folder, tmp_path / "whole",
+                                                    batch_size=4).cache_path)
+
+
+def test_a_disk_too_small_for_the_cache_is_refused_before_any_model_runs(tmp_path,
+                                                                         image_folder,
+                                                                         monkeypatch):
+    import shutil as shutil_module
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil_module, "disk_usage", lambda _path: usage(10**9, 10**9, 1000))
+    with pytest.raises(Exception, match=r"the feature cache needs .* MB but .* has 0\.0 MB "
+                                        "free"):
+        _extract(image_folder, tmp_path / "c")
+    assert not list((tmp_path / "c").glob("*.partial"))

@@ -31,8 +31,8 @@ def test_every_cli_default_is_the_dataclass_default(command, cls):
         if name not in names or field.name in ("cache_dir", "out"):
             continue
         cli = _cli_default(command, name)
-        if isinstance(field.default, bool):  # flags default to False
-            assert cli is False and field.default is False, field.name
+        if isinstance(field.default, bool):  # flags (--x) and switches (--x/--no-x)
+            assert cli is field.default, field.name
         elif field.name in ("heads", "shots"):
             assert cli == ",".join(map(str, field.default))
         elif field.name == "split_fractions":
