@@ -214,7 +214,8 @@ def extract_features(
         progress = False
     run = _Run(model, spec, images, run_on, batch_size,
                default_workers(ctx.local_world_size) if workers is None else workers,
-               opts.strict, progress, on_batch)
+               opts.strict, progress, on_batch,
+               engines.get_engine(prepared.engine).decodes_ahead(run_on.type))
     if ctx.distributed:
         result = _extract_sharded(run, ctx, final, key_spec, key, dim, dtype, meta, started,
                                   prepared, opts)
@@ -241,10 +242,15 @@ def _extract_locked(run: _Run, final: Path, key_spec: dict, key: str, dim: int, 
     writer = FeatureWriter(final, key_spec, key, dim, dtype, meta)
     resumed_from = writer.rows_done
     try:
+        looping = time.perf_counter()
         forward_s = run.rows(writer, np.arange(len(run.images)))
+        loop_s = time.perf_counter() - looping
         failures = writer.failures()
         seconds = time.perf_counter() - started
-        writer.finish({"timings": {"seconds": seconds, "forward_seconds": forward_s,
+        # loop_seconds: decoding, forward and writing, without the run's fixed start (imports,
+        # building and preparing the network), which a large data set makes negligible.
+        writer.finish({"timings": {"seconds": seconds, "loop_seconds": loop_s,
+                                   "forward_seconds": forward_s,
                                    "resumed_from": resumed_from, "device": str(run.device),
                                    "engine": _engine_record(prepared)},
                        "versions": _versions(prepared.engine)})
@@ -529,24 +535,29 @@ def feature_batches(model: torch.nn.Module, spec: BackboneSpec, images: ImageSet
                     device: torch.device, indices: Sequence[int] | None = None,
                     batch_size: int | None = None, workers: int | None = None,
                     progress: bool | str | None = None, desc: str = "extract", done: int = 0,
-                    files: ImageFiles | None = None) -> Iterator[FeatureBatch]:
+                    files: ImageFiles | None = None,
+                    decode_ahead: bool | None = None) -> Iterator[FeatureBatch]:
     """Decode, preprocess and run images ``indices`` (default: all) through ``model``, in order.
 
     ``model`` is any callable from an image batch to a feature batch (a network, or an engine
     of :mod:`pipeline.engines`). ``done`` rows already handled elsewhere start the progress bar
     part-full. ``files`` reads the images instead of the recipe's preprocessing with hashing
-    (augmented views, say). Without loader processes a background thread decodes the next
-    batches while ``model`` runs this one (decoding, resizing and hashing release the GIL).
+    (augmented views, say). With ``decode_ahead`` and no loader processes, a background thread
+    decodes the next batches while ``model`` runs this one (decoding, resizing and hashing
+    release the GIL). By default it does so on a GPU, whose forward pass leaves the CPU free,
+    and not on a CPU, where torch's own threads already take every core and the extra thread
+    slows them (measured: :meth:`pipeline.engines.Engine.decodes_ahead` says per engine).
     """
     import torch
 
     indices = range(len(images)) if indices is None else indices
     workers = default_workers() if workers is None else workers
+    decode_ahead = device.type != "cpu" if decode_ahead is None else decode_ahead
     batches = _loader(images, spec, indices, batch_size, workers, device, files)
     with Progress(done + len(indices), f"{desc} {spec.name}", "img", progress=progress,
                   initial=done) as bar:
         for x, index, errors, digests in (prefetched(batches, _PREFETCH_BATCHES)
-                                          if workers == 0 else batches):
+                                          if workers == 0 and decode_ahead else batches):
             started = time.perf_counter()
             x = x.to(device, non_blocking=True)
             if device.type == "cuda":
@@ -621,13 +632,15 @@ class _Run:
     strict: bool
     progress: bool | str | None
     on_batch: Callable[[int, int], None] | None
+    decode_ahead: bool | None = None  # see feature_batches
 
     def rows(self, writer: FeatureWriter, indices: np.ndarray, desc: str = "extract") -> float:
         """Write the features of ``indices[writer.rows_done:]``; returns seconds in forward."""
         forward_s = 0.0
         for batch in feature_batches(self.model, self.spec, self.images, self.device,
                                      indices[writer.rows_done:], self.batch_size, self.workers,
-                                     self.progress, desc, done=writer.rows_done):
+                                     self.progress, desc, done=writer.rows_done,
+                                     decode_ahead=self.decode_ahead):
             if self.strict and batch.failures:
                 i, reason = batch.failures[0]
                 raise DataError(f"{display(self.images.paths[i])}: unreadable image ({reason}); "

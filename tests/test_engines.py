@@ -355,3 +355,25 @@ def test_a_decoding_error_is_raised_here_and_closing_stops_the_thread():
     count = len(made)
     time.sleep(0.2)
     assert len(made) == count
+
+
+def test_on_a_cpu_only_onnxruntime_decodes_ahead_in_a_thread(exported, tmp_path, image_folder,
+                                                             monkeypatch):
+    from pipeline import extract
+
+    used = []
+    original = extract.prefetched
+
+    def spy(items, depth):
+        used.append(depth)
+        return original(items, depth)
+
+    monkeypatch.setattr(extract, "prefetched", spy)
+    cache = tmp_path / "c"
+    _copy_export(exported, cache)
+    extract_features(image_folder, cache_dir=cache, **TINY)  # workers 0, torch on the CPU
+    assert used == []
+    extract_features(image_folder, cache_dir=cache, engine="onnxruntime", **TINY)
+    assert used == [extract._PREFETCH_BATCHES]
+    assert engines.get_engine("torch").decodes_ahead("cuda")
+    assert not engines.get_engine("torch").decodes_ahead("cpu")
