@@ -54,6 +54,9 @@ STEPS, START_LR, END_LR = LR_FIND_STEPS, LR_FIND_START_LR, LR_FIND_END_LR
 SMOOTHING = 0.9
 # Diverged: the smoothed loss above this multiple of its best so far (fastai's stop).
 DIVERGED = 4.0
+# The smoothed loss must fall by this fraction before its minimum for its steepest descent to
+# be the suggestion; a flatter curve gets the minimum's rate / 10.
+MIN_FALL = 0.05
 # The finder's files in a fine-tune's folder (--lr auto), where a resumed run finds them.
 FOLDER = "lr-find"
 RULE = "steepest descent of the smoothed loss against log10(lr), before its minimum"
@@ -110,9 +113,10 @@ def suggest_lr(lrs: Sequence[float], losses: Sequence[float]) -> float:
     it by 10; the steepest point needs no such constant. Only the points up to the minimum
     count (past it the loss climbs, and any fall there is divergence noise), and each slope
     is a central difference over ``k = len // 20`` points (at least 1) each side, so one
-    noisy step does not decide. The minimum is looked for after the first ``k`` points, whose
-    smoothed loss rests on a batch or two. A curve that does not fall (its minimum at the
-    first point looked at, or no negative slope) gets that minimum's rate / 10.
+    noisy step does not decide. The minimum and the slopes are looked for after the first
+    ``k`` points, whose smoothed loss rests on a batch or two. A curve that does not fall (its
+    minimum at the first point looked at, a fall of less than :data:`MIN_FALL` of its loss
+    there, or no negative slope) gets that minimum's rate / 10.
 
     Parameters
     ----------
@@ -133,12 +137,15 @@ def suggest_lr(lrs: Sequence[float], losses: Sequence[float]) -> float:
         raise ValueError("no finite loss to suggest a learning rate from")
     k = max(1, len(losses) // 20)
     low = k + int(np.argmin(losses[k:])) if len(losses) > k else 0
-    if low <= k:
+    # A fall smaller than this is noise on a flat curve (a warm-started head often gives one),
+    # whose "steepest" point would be anywhere, the first rate tried as likely as any.
+    if low <= k or losses[k] - losses[low] < MIN_FALL * abs(losses[k]):
         return float(lrs[low] / 10)
     x, y = np.log10(lrs[:low + 1]), losses[:low + 1]
     i = np.arange(len(y))
     before, after = np.maximum(i - k, 0), np.minimum(i + k, len(y) - 1)
     slope = (y[after] - y[before]) / (x[after] - x[before])
+    slope[:k] = np.inf  # as for the minimum: the first points' smoothing rests on a batch or two
     if slope.min() >= 0:
         return float(lrs[low] / 10)
     return float(lrs[int(np.argmin(slope))])

@@ -63,6 +63,20 @@ def test_a_loss_that_never_falls_suggests_a_tenth_of_its_minimum_rate():
         suggest_lr(lrs[::-1], np.ones(40))
 
 
+def test_a_flat_noisy_curve_suggests_a_tenth_of_its_minimum_not_its_first_rate():
+    # As a warm-started head gives it: the loss hardly moves until the rate is too high.
+    lrs = lr_schedule(1e-7, 1.0, 30)
+    noise = np.random.default_rng(1).normal(0, 0.004, 30)
+    raw = 0.675 + noise + np.where(lrs > 1e-3, 2 * np.log10(lrs / 1e-3) ** 2, 0)
+    losses = smooth(raw)
+    low = 1 + int(np.argmin(losses[1:]))
+    assert losses[1] - losses[low] < lr_find.MIN_FALL * losses[1]  # flat, to within noise
+    assert suggest_lr(lrs, losses) == pytest.approx(lrs[low] / 10)
+    # The same curve with a real fall before it diverges gets the steepest point of the fall.
+    falling = smooth(raw - 0.3 * (np.tanh(2 * (np.log10(lrs) + 5)) + 1))
+    assert 1e-6 < suggest_lr(lrs, falling) < 1e-4
+
+
 def test_a_diverged_last_step_is_left_out_of_the_suggestion():
     lrs = np.logspace(-7, 0, 141)
     losses = _curve(1e-4, lrs)
