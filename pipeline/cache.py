@@ -60,7 +60,11 @@ PARTIAL = ".partial"
 SHARD = ".shard-"
 DAMAGED = ".damaged"
 _HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
-_CHUNK_BYTES = 1 << 20  # HDF5 chunks of at most 1 MiB (h5py's guidance: 10 KiB to 1 MiB)
+# HDF5 chunks of at most 256 KiB (h5py's guidance: 10 KiB to 1 MiB). Each batch's flush
+# rewrites and checksums the chunk it ends in: measured 2026-12-04, batches of 8 rows of 1,280
+# float32, 2.43 ms a batch in 1 MiB chunks, 0.88 ms in 256 KiB ones (0.41 ms in 1 MiB chunks
+# without the checksum), against a forward pass of about 45 ms for the batch.
+_CHUNK_BYTES = 256 << 10
 _READ_BYTES = 64 << 20  # rows read at a time when splitting a cache into its splits
 _STR = h5py.string_dtype()
 _SHA = "S64"
@@ -101,9 +105,12 @@ class FeatureWriter:
     all on disk.
     """
 
-    def __init__(self, final: Path, spec: dict, key: str, dim: int, dtype: str, meta: dict):
+    def __init__(self, final: Path, spec: dict, key: str, dim: int, dtype: str, meta: dict,
+                 chunk_bytes: int | None = None):
         self.final = final
         self.partial = final.with_name(final.name + PARTIAL)
+        # the largest chunk of /features (whole rows); read here, so tests may shrink it
+        self.chunk_bytes = _CHUNK_BYTES if chunk_bytes is None else chunk_bytes
         final.parent.mkdir(parents=True, exist_ok=True)
         self.file = self._open_partial(spec, key) or self._create(spec, key, dim, dtype, meta)
         self.rows_done = int(self.file.attrs["rows_done"])
@@ -137,7 +144,7 @@ class FeatureWriter:
             "request": json.dumps(meta.get("request", {}), sort_keys=True),
             "labelled": bool(meta["classes"]),
         })
-        rows = max(1, min(n, _CHUNK_BYTES // (dim * np.dtype(dtype).itemsize)))
+        rows = max(1, min(n, self.chunk_bytes // (dim * np.dtype(dtype).itemsize)))
         f.create_dataset("features", shape=(n, dim), maxshape=(None, dim), dtype=dtype,
                          chunks=(rows, dim), fillvalue=np.nan, fletcher32=True)
         f.create_dataset("valid", shape=(n,), maxshape=(None,), dtype=bool, fillvalue=False,
