@@ -26,6 +26,7 @@ _EXPORTS = {
     "cache_info": "pipeline.cache",
     "list_caches": "pipeline.cache",
     "read_split": "pipeline.cache",
+    "verify_cache": "pipeline.cache",
     "fit_heads": "pipeline.compare",
     "ImageSet": "pipeline.data",
     "load_image_set": "pipeline.data",

@@ -339,6 +339,10 @@ def damaged(path: Path, reason: str, move: bool = False) -> CacheDamaged:
             aside = quarantine(path)
         except FileNotFoundError:  # another process (a loader worker) moved it first
             aside = path.with_name(path.name + DAMAGED)
+        except OSError as err:  # a read-only cache folder, say
+            return CacheDamaged(f"{path} is damaged ({reason}) and cannot be moved aside "
+                                f"({failure_reason(err)}); remove it and run the same "
+                                "command again")
         return CacheDamaged(f"{path} is damaged ({reason}); moved it to {aside.name}: run the "
                             "same command again to build it anew")
     return CacheDamaged(f"{path} is damaged ({reason}); run the extract command that made it "

@@ -22,6 +22,7 @@ from pipeline.cache import (
     cache_key,
     cache_path,
     check_disk,
+    failure_reason,
     quarantine,
     shard_path,
     shard_paths,
@@ -286,7 +287,12 @@ def _repair(final: Path, opts: ExtractOptions, ctx: distributed.Context) -> str:
     if not opts.repair:
         raise CacheDamaged(f"{final} is damaged ({what}); run without --no-repair to move it "
                            "aside and build it anew")
-    aside = quarantine(final)
+    try:
+        aside = quarantine(final)
+    except OSError as err:  # a read-only cache folder, say
+        raise CacheDamaged(f"{final} is damaged ({what}) and cannot be moved aside "
+                           f"({failure_reason(err)}); remove it, or use another --cache-dir"
+                           ) from None
     return f"the cache was damaged ({what}); moved it to {aside.name} and built it anew"
 
 

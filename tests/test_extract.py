@@ -15,7 +15,7 @@ import pytest
 
 from pipeline import distributed, extract
 from pipeline.backbones import BackboneSpec
-from pipeline.cache import FeatureWriter
+from pipeline.cache import CacheDamaged, FeatureWriter
 from pipeline.data import file_stamps, fingerprint_files, load_image_set
 from pipeline.distributed import Context
 from pipeline.errors import DataError
@@ -312,3 +312,18 @@ def test_a_disk_too_small_for_the_cache_is_refused_before_any_model_runs(tmp_pat
                                         "free"):
         _extract(image_folder, tmp_path / "c")
     assert not list((tmp_path / "c").glob("*.partial"))
+
+
+def test_a_damaged_cache_that_cannot_be_moved_aside_stops_in_one_line(tmp_path, image_folder,
+                                                                      monkeypatch):
+    first = _extract(image_folder, tmp_path / "c")
+    _flip_feature_byte(first.cache_path)
+
+    def read_only(path):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(extract, "quarantine", read_only)
+    with pytest.raises(CacheDamaged, match=r"is damaged \(/features rows .*cannot be moved "
+                                           r"aside \(Permission denied\); remove it") as err:
+        _extract(image_folder, tmp_path / "c")
+    assert "\n" not in str(err.value) and first.cache_path.exists()
