@@ -51,6 +51,7 @@ import numpy as np
 
 from pipeline.errors import CacheError, DataError
 from pipeline.layouts import as_bytes, display
+from pipeline.locks import LOCK_SUFFIX
 from pipeline.run_record import extract_record_path
 
 FORMAT = "pipeline-features"
@@ -603,10 +604,16 @@ def cache_info(path: str | os.PathLike) -> dict:
         }
 
 
+def _cache_files(cache_dir: str | os.PathLike) -> list[Path]:
+    """The cache files of a folder, without the writer locks beside them."""
+    return sorted(p for p in Path(cache_dir).glob(f"*{SUFFIX}*")
+                  if not p.name.endswith(LOCK_SUFFIX) and LOCK_SUFFIX + ".stale-" not in p.name)
+
+
 def list_caches(cache_dir: str | os.PathLike) -> list[dict]:
     """One row per cache file in ``cache_dir``, complete ones and interrupted ones."""
     rows = []
-    for path in sorted(Path(cache_dir).glob(f"*{SUFFIX}*")):
+    for path in _cache_files(cache_dir):
         if path.name.endswith(SUFFIX):
             try:
                 info = cache_info(path)
@@ -634,7 +641,7 @@ def find_cache(cache_dir: str | os.PathLike, name: str) -> Path:
     as_path = Path(name)
     if as_path.exists():
         return as_path
-    matches = [p for p in Path(cache_dir).glob(f"*{SUFFIX}*") if name in p.name]
+    matches = [p for p in _cache_files(cache_dir) if name in p.name]
     if len(matches) > 1 and SHARD not in name:  # a key names its cache before its shards
         matches = [p for p in matches if SUFFIX + SHARD not in p.name] or matches
     if len(matches) != 1:

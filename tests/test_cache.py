@@ -289,3 +289,13 @@ def test_a_failed_write_says_what_was_needed_and_keeps_the_rows_before_it(tmp_pa
     resumed = _writer(tmp_path)
     assert resumed.rows_done == 2  # the same command resumes there
     resumed.close()
+
+
+def test_writer_locks_are_not_listed_or_found_as_caches(tmp_path):
+    from pipeline import locks
+
+    done = _complete(tmp_path, key="aaaa1111")
+    shard = cache.shard_path(done, 0, 2)
+    with locks.writing(done), locks.writing(shard):
+        assert [r["path"] for r in cache.list_caches(tmp_path)] == [str(done)]
+        assert cache.find_cache(tmp_path, "aaaa1111") == done
