@@ -418,6 +418,44 @@ def _finetune_default(name: str):
     return default(FinetuneConfig, name)
 
 
+# The training settings that finetune and lr-find share: the range test trains the network
+# the fine-tune would, so it takes the same ones.
+_TRAINING_OPTIONS = (
+    click.option("--backbone-lr-ratio", type=float,
+                 default=_finetune_default("backbone_lr_ratio"), show_default=True,
+                 help="Backbone learning rate as a fraction of the head's."),
+    click.option("--optimizer", type=click.Choice(OPTIMIZERS),
+                 default=_finetune_default("optimizer"), show_default=True),
+    click.option("--weight-decay", type=float, default=_finetune_default("weight_decay"),
+                 show_default=True),
+    click.option("--augment", type=click.Choice(AUGMENTS), default=_finetune_default("augment"),
+                 show_default=True),
+    click.option("--from-images", is_flag=True, default=_finetune_default("from_images"),
+                 help="Run every image through the frozen trunk each epoch instead of "
+                      "training from its cached activations (which --bn-train and --unfreeze "
+                      "all do anyway)."),
+    click.option("--views", type=click.IntRange(min=1), default=_finetune_default("views"),
+                 show_default=True,
+                 help="Augmented views of each training image cached for the epochs to draw "
+                      "from (with --augment standard)."),
+    click.option("--activation-dtype", type=click.Choice(ACTIVATION_DTYPES),
+                 default=_finetune_default("activation_dtype"), show_default=True,
+                 help="Stored type of the cached activations."),
+    click.option("--bn-train", is_flag=True, default=_finetune_default("bn_train"),
+                 help="Update BatchNorm statistics (default: frozen)."),
+    click.option("--head-init", type=click.Choice(HEAD_INITS),
+                 default=_finetune_default("head_init"), show_default=True,
+                 help="Warm-start the head from a linear probe, or random."),
+)
+
+
+def training_options(command):
+    """Apply :data:`_TRAINING_OPTIONS`, listed in --help in that order."""
+    for option in reversed(_TRAINING_OPTIONS):
+        command = option(command)
+    return command
+
+
 @main.command(name="finetune")
 @click.argument("data", type=click.Path())
 @click.option("--backbone", default=DEFAULT_BACKBONE, show_default=True)
@@ -437,33 +475,11 @@ def _finetune_default(name: str):
               help="Head learning rate; several (0.1,0.01,...) sweep it; auto: the "
                    "suggestion of a range test run first (pipeline lr-find), kept in "
                    "OUT/lr-find/.")
-@click.option("--backbone-lr-ratio", type=float, default=_finetune_default("backbone_lr_ratio"),
-              show_default=True, help="Backbone learning rate as a fraction of the head's.")
-@click.option("--optimizer", type=click.Choice(OPTIMIZERS),
-              default=_finetune_default("optimizer"), show_default=True)
-@click.option("--weight-decay", type=float, default=_finetune_default("weight_decay"),
-              show_default=True)
 @click.option("--schedule", type=click.Choice(SCHEDULES), default=_finetune_default("schedule"),
               show_default=True)
 @click.option("--patience", type=click.IntRange(min=1), default=_finetune_default("patience"),
               show_default=True, help="Epochs without a better validation loss before stopping.")
-@click.option("--augment", type=click.Choice(AUGMENTS), default=_finetune_default("augment"),
-              show_default=True)
-@click.option("--from-images", is_flag=True, default=_finetune_default("from_images"),
-              help="Run every image through the frozen trunk each epoch instead of training "
-                   "from its cached activations (which --bn-train and --unfreeze all do anyway).")
-@click.option("--views", type=click.IntRange(min=1), default=_finetune_default("views"),
-              show_default=True,
-              help="Augmented views of each training image cached for the epochs to draw from "
-                   "(with --augment standard).")
-@click.option("--activation-dtype", type=click.Choice(ACTIVATION_DTYPES),
-              default=_finetune_default("activation_dtype"), show_default=True,
-              help="Stored type of the cached activations.")
-@click.option("--bn-train", is_flag=True, default=_finetune_default("bn_train"),
-              help="Update BatchNorm statistics (default: frozen).")
-@click.option("--head-init", type=click.Choice(HEAD_INITS),
-              default=_finetune_default("head_init"), show_default=True,
-              help="Warm-start the head from a linear probe, or random.")
+@training_options
 @click.option("--batch-size", callback=_numbers(int, "16,32,64,100"),
               default=str(_finetune_default("batch_size")), show_default=True,
               help="Images per step; several sweep it.")
@@ -562,22 +578,7 @@ def _sweep(data, factors: dict, mode: str, out, as_json: bool, repeats: int, **o
               show_default=True, help="The head's rate at the last step.")
 @click.option("--batch-size", type=click.IntRange(min=1),
               default=_finetune_default("batch_size"), show_default=True)
-@click.option("--backbone-lr-ratio", type=float, default=_finetune_default("backbone_lr_ratio"),
-              show_default=True, help="Backbone learning rate as a fraction of the head's.")
-@click.option("--optimizer", type=click.Choice(OPTIMIZERS),
-              default=_finetune_default("optimizer"), show_default=True)
-@click.option("--weight-decay", type=float, default=_finetune_default("weight_decay"),
-              show_default=True)
-@click.option("--augment", type=click.Choice(AUGMENTS), default=_finetune_default("augment"),
-              show_default=True)
-@click.option("--from-images", is_flag=True, default=_finetune_default("from_images"))
-@click.option("--views", type=click.IntRange(min=1), default=_finetune_default("views"),
-              show_default=True)
-@click.option("--activation-dtype", type=click.Choice(ACTIVATION_DTYPES),
-              default=_finetune_default("activation_dtype"), show_default=True)
-@click.option("--bn-train", is_flag=True, default=_finetune_default("bn_train"))
-@click.option("--head-init", type=click.Choice(HEAD_INITS),
-              default=_finetune_default("head_init"), show_default=True)
+@training_options
 @split_option
 @click.option("--seed", type=int, default=_finetune_default("seed"), show_default=True)
 @cache_dir_option
