@@ -166,27 +166,30 @@ def peak_rss_mb() -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale
 
 
+def _prepared(spec, images, device: torch.device, engine: str,
+              cache_dir: str) -> engines.Prepared:
+    """``engine`` as extraction prepares it, its export looked for (or written) in
+    ``cache_dir``."""
+    crop = spec.preprocessing.crop
+    export = engines.export_path(cache_dir, spec.name, spec.key(), (3, crop, crop))
+    name = engines.resolve_engine(engine, device.type, export=export)
+    return engines.prepare(name, spec.build(), example_images(spec, images), spec.adapter,
+                           device, export, spec.key())
+
+
 def _engine_model(spec, images, device: torch.device, engine: str, cache_dir: str | None):
     """What extraction would run for ``engine`` (``eager``: the unprepared network)."""
     if engine == "eager":
         return spec.build().to(device, memory_format=torch.channels_last)
     if engine == "torch":
         return prepare_model(spec, device)
-    crop = spec.preprocessing.crop
-    export = engines.export_path(cache_dir or "cache", spec.name, spec.key(), (3, crop, crop))
-    name = engines.resolve_engine(engine, device.type, export=export)
-    return engines.prepare(name, spec.build(), example_images(spec, images), spec.adapter,
-                           device, export, spec.key()).run
+    return _prepared(spec, images, device, engine, cache_dir or "cache").run
 
 
 def prepare_engine(data: str, backbone: str, weights: str, engine: str, cache_dir: str) -> dict:
     """Prepare ``engine`` (exporting into ``cache_dir`` if needed): its seconds and check."""
-    spec = resolve_backbone(backbone, weights)
-    images = load_image_set(data)
-    crop = spec.preprocessing.crop
-    export = engines.export_path(cache_dir, spec.name, spec.key(), (3, crop, crop))
-    ready = engines.prepare(engine, spec.build(), example_images(spec, images), spec.adapter,
-                            resolve_device("auto"), export, spec.key())
+    ready = _prepared(resolve_backbone(backbone, weights), load_image_set(data),
+                      resolve_device("auto"), engine, cache_dir)
     return {"engine": ready.engine, "seconds": ready.seconds, "exported": ready.exported,
             "difference": ready.difference, "note": ready.note}
 

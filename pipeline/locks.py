@@ -6,12 +6,12 @@ partial file", and on a network file system it may be off or fail with errors th
 which NFS v3 and later honour), holding its host, pid and start time, and touches it every
 :data:`HEARTBEAT_S` seconds while it writes.
 
-A lock whose writer is gone is taken over: on the same host when its pid no longer runs, on
-another host (whose pids this one cannot see) when it has not been touched for
-:data:`STALE_S` seconds. A live lock is waited for, with one message, up to a timeout; then
-the caller checks whether the other run finished the file, and reuses it if it did. No run
-removes or resumes a partial file without holding its lock, so none touches another live
-run's file.
+A lock whose writer is gone is taken over: on the same host when its pid no longer runs,
+and on any host (another host's pids cannot be seen from here, and a pid can be reused) when
+it has not been touched for :data:`STALE_S` seconds. A live lock is waited for, with one
+message, up to a timeout; then the caller checks whether the other run finished the file,
+and reuses it if it did. No run removes or resumes a partial file without holding its lock,
+so none touches another live run's file.
 """
 
 from __future__ import annotations
@@ -113,7 +113,16 @@ def _create(lock: Path, content: str) -> bool:
 
 
 def _alive(seen: dict, lock: Path) -> bool:
-    """Whether the run that holds ``lock`` still runs (see the module docstring)."""
+    """Whether the run that holds ``lock`` still runs (see the module docstring).
+
+    Untouched for :data:`STALE_S` seconds, a lock is dead on any host: on this one its pid
+    may have been reused by another process since its writer died.
+    """
+    try:
+        if time.time() - lock.stat().st_mtime >= STALE_S:
+            return False
+    except FileNotFoundError:
+        return False
     if seen.get("host") == platform.node() and isinstance(seen.get("pid"), int):
         try:
             os.kill(seen["pid"], 0)
@@ -121,11 +130,7 @@ def _alive(seen: dict, lock: Path) -> bool:
             return False
         except PermissionError:  # another user's live process
             return True
-        return True
-    try:
-        return time.time() - lock.stat().st_mtime < STALE_S
-    except FileNotFoundError:
-        return False
+    return True
 
 
 def _break(lock: Path, seen: dict) -> None:

@@ -18,7 +18,7 @@ from pipeline.backbones import BackboneSpec
 from pipeline.cache import CacheDamaged, FeatureWriter
 from pipeline.data import file_stamps, fingerprint_files, load_image_set
 from pipeline.distributed import Context
-from pipeline.errors import DataError
+from pipeline.errors import CacheError, DataError
 from pipeline.extract import extract_features
 from tests.conftest import TINY, make_folder, write_image
 
@@ -308,8 +308,8 @@ def test_a_disk_too_small_for_the_cache_is_refused_before_any_model_runs(tmp_pat
 
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(shutil_module, "disk_usage", lambda _path: usage(10**9, 10**9, 1000))
-    with pytest.raises(Exception, match=r"the feature cache needs .* MB but .* has 0\.0 MB "
-                                        "free"):
+    with pytest.raises(CacheError, match=r"the feature cache needs .* MB but .* has 0\.0 MB "
+                                         "free"):
         _extract(image_folder, tmp_path / "c")
     assert not list((tmp_path / "c").glob("*.partial"))
 

@@ -99,3 +99,16 @@ def test_a_held_lock_is_touched_while_its_writer_works(tmp_path, monkeypatch):
         os.utime(lock, (old, old))
         time.sleep(0.5)
         assert time.time() - lock.stat().st_mtime < 5
+
+
+def test_an_untouched_lock_is_dead_even_if_its_pid_now_runs_something_else(tmp_path):
+    target = tmp_path / "x.h5"
+    lock = locks.lock_path(target)
+    # pid 1 always runs: as if the writer died and its pid went to another process
+    lock.write_text(json.dumps({"host": platform.node(), "pid": 1, "started": "then"}))
+    with pytest.raises(locks.LockTimeout), locks.writing(target, timeout=0.6):
+        pass  # touched recently: a live writer as far as anyone can tell
+    old = time.time() - locks.STALE_S - 5
+    os.utime(lock, (old, old))
+    with locks.writing(target, timeout=5):
+        assert locks.holder(target)["pid"] == os.getpid()
