@@ -25,7 +25,14 @@ from torch import fx, nn
 
 from pipeline import locks
 from pipeline.blocks import Block, is_under
-from pipeline.cache import FeatureWriter, cache_path, check_disk, damaged, failure_reason
+from pipeline.cache import (
+    PARTIAL,
+    FeatureWriter,
+    cache_path,
+    check_disk,
+    damaged,
+    failure_reason,
+)
 from pipeline.data import ImageFiles, ImageSet
 from pipeline.errors import PipelineError
 from pipeline.progress import note
@@ -249,7 +256,10 @@ def _write_activations(cuts, keys, paths, images, plan, spec, view_transform, dt
     crop = spec.preprocessing.crop
     shapes = _shapes(lower, crop, device)
     dims = [int(np.prod(s)) for s in shapes]
-    check_disk(paths[0].parent, sum(plan.rows * d * np.dtype(dtype).itemsize for d in dims),
+    partials = [p.with_name(p.name + PARTIAL) for p in paths]
+    written = sum(p.stat().st_size for p in partials if p.exists())  # a pass to resume
+    check_disk(paths[0].parent,
+               sum(plan.rows * d * np.dtype(dtype).itemsize for d in dims) - written,
                "the activation cache", "free some space, use another --cache-dir, fewer "
                "--views, or --from-images")
     meta = _meta(images, plan, spec)
