@@ -269,8 +269,11 @@ def _write_activations(cuts, keys, paths, images, plan, spec, view_transform, dt
         writer.file.attrs["activation_shape"] = list(shape)
     bounds = np.cumsum([0, *dims])
     shape = (3, crop, crop)
-    sources = [(np.arange(plan.n_images), ImageFiles(images, spec.preprocessing.transform(),
-                                                     shape), "activations")]
+    # Plain rows as extraction reads images (8-bit crops normalised a batch at a time); views
+    # come out of their augmentation already normalised.
+    plain = ImageFiles(images, spec.preprocessing.transform(normalize=False), shape,
+                       dtype="uint8")
+    sources = [(np.arange(plan.n_images), plain, "activations")]
     sources += [(plan.train, _Views(images, view_transform, shape, seed, v),
                  f"activations view {v + 1}/{plan.views}")
                 for v in range(plan.views)]

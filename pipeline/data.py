@@ -217,15 +217,18 @@ class ImageFiles:
     Each item is ``(tensor, index, error, sha256)``: ``error`` is ``""`` for a good image;
     for an unreadable one it says why and the tensor is zeros, so one bad file cannot stop a
     run. ``sha256`` is the file's hash with ``hash_files`` (extraction records it once), else
-    ``""``: a fine-tuning epoch that reads every image again has no use for it.
+    ``""``: a fine-tuning epoch that reads every image again has no use for it. ``dtype`` is
+    the transform's output dtype ("uint8" for images normalised later, a batch at a time), so
+    that a placeholder collates with the good images.
     """
 
     def __init__(self, image_set: ImageSet, transform, image_shape: tuple[int, int, int],
-                 hash_files: bool = False):
+                 hash_files: bool = False, dtype: str = "float32"):
         self.image_set = image_set
         self.transform = transform
         self.image_shape = image_shape
         self.hash_files = hash_files
+        self.dtype = dtype
 
     def __len__(self) -> int:
         return len(self.image_set)
@@ -243,4 +246,5 @@ class ImageFiles:
                 Image.DecompressionBombWarning) as err:
             import torch
 
-            return torch.zeros(self.image_shape), i, unreadable_reason(path, err), ""
+            placeholder = torch.zeros(self.image_shape, dtype=getattr(torch, self.dtype))
+            return placeholder, i, unreadable_reason(path, err), ""

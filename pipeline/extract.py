@@ -512,8 +512,9 @@ def _loader(images: ImageSet, spec: BackboneSpec, indices: Sequence[int],
 
     crop = spec.preprocessing.crop
     if files is None:  # extraction's own: the recipe's preprocessing, each file hashed once
-        files = ImageFiles(images, spec.preprocessing.transform(), (3, crop, crop),
-                           hash_files=True)
+        # 8-bit crops, normalised a batch at a time by feature_batches.
+        files = ImageFiles(images, spec.preprocessing.transform(normalize=False),
+                           (3, crop, crop), hash_files=True, dtype="uint8")
     workers = default_workers() if workers is None else workers
     return torch.utils.data.DataLoader(
         torch.utils.data.Subset(files, indices),
@@ -566,6 +567,8 @@ def feature_batches(model: torch.nn.Module, spec: BackboneSpec, images: ImageSet
                                           if workers == 0 and decode_ahead else batches):
             started = time.perf_counter()
             x = x.to(device, non_blocking=True)
+            if x.dtype == torch.uint8:  # the recipe's crops, not yet normalised
+                x = spec.preprocessing.normalize(x)
             if device.type == "cuda":
                 x = x.contiguous(memory_format=torch.channels_last)
             with autocast(device), torch.inference_mode():

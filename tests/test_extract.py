@@ -327,3 +327,17 @@ def test_a_damaged_cache_that_cannot_be_moved_aside_stops_in_one_line(tmp_path, 
                                            r"aside \(Permission denied\); remove it") as err:
         _extract(image_folder, tmp_path / "c")
     assert "\n" not in str(err.value) and first.cache_path.exists()
+
+
+def test_an_unreadable_image_leaves_the_features_of_its_batch_mates_alone(tmp_path,
+                                                                           image_folder):
+    """Images are collated as 8-bit crops and normalised per batch: an unreadable one's
+    placeholder must collate with them without turning the batch into something else."""
+    clean = _extract(image_folder, tmp_path / "clean", batch_size=4)
+    (image_folder / "cat" / "001b.png").write_bytes(b"")  # between cat/001 and cat/002
+    mixed = _extract(image_folder, tmp_path / "mixed", batch_size=4)
+    assert mixed.failed == 1
+    a, b = _arrays(clean.cache_path), _arrays(mixed.cache_path)
+    good = b["valid"]
+    np.testing.assert_array_equal(a["paths"], b["paths"][good])
+    np.testing.assert_allclose(b["features"][good], a["features"], rtol=1e-5, atol=1e-6)
