@@ -168,6 +168,11 @@ class FeatureWriter:
         f.flush()
         return f
 
+    @property
+    def chunk_rows(self) -> int:
+        """Rows in a chunk of /features: a write of that many rows fills a chunk at once."""
+        return int(self.file["features"].chunks[0])
+
     def write(self, start: int, features: np.ndarray, valid: np.ndarray,
               failures: list[tuple[int, str]], digests: np.ndarray | None = None) -> None:
         """Write rows ``start:start+len(features)`` (and their files' SHA-256) durably."""

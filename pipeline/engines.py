@@ -84,6 +84,7 @@ class Prepared:
     seconds: float  # preparing it: folding, exporting or loading the export, the check
     exported: bool = False  # this call wrote the export (False: found in the cache, or none)
     note: str = ""  # why ``auto`` fell back to torch, or torch to the unprepared network
+    streams: int = 1  # calls of ``run`` it is built to take at once, from as many threads
 
 
 class Engine:
@@ -100,6 +101,14 @@ class Engine:
     # 96 img/s; openvino unchanged, 105; torch slower, 75 -> 63, its OpenMP threads waiting on
     # the one the decoder took). On a GPU it always does.
     decodes_ahead_on_cpu: ClassVar[bool] = False
+    # Whether, on a CPU, it runs best as one single-threaded run per core, each on a batch of
+    # its own that its thread also decodes, rather than one run spread over every core. A run
+    # spread over two cores waits at every layer for the core the decoding thread took (the
+    # two threads of onnxruntime lost 1.1 s of 7.2 that way on the demo set, measured
+    # 2026-12-04); two single-threaded runs forward as fast (onnxruntime 244 against 238
+    # img/s, openvino 255 against 253) and absorb the decoding. Torch's own runs do not:
+    # two single-threaded forwards at once made 112 img/s against 143 for one on two threads.
+    streams_on_cpu: ClassVar[bool] = False
 
     def installed(self) -> bool:
         return all(importlib.util.find_spec(m) is not None for m in self.requires)
@@ -111,9 +120,18 @@ class Engine:
         """Whether extraction should decode the next batches in a background thread."""
         return device_type != "cpu" or self.decodes_ahead_on_cpu
 
+    def streams(self, device_type: str, workers: int) -> int:
+        """How many batches extraction should run at once, each on one core (1: one run at a
+        time, spread over the cores). Only in-process loading: loader processes take cores of
+        their own."""
+        if device_type != "cpu" or workers or not self.streams_on_cpu:
+            return 1
+        return _threads()
+
     def prepare(self, model: nn.Module, example: torch.Tensor, family: Family,
-                export: Path | None) -> Callable:
-        """A callable giving ``model``'s features of a batch like ``example``, on the CPU."""
+                export: Path | None, streams: int = 1) -> Callable:
+        """A callable giving ``model``'s features of a batch like ``example``, on the CPU,
+        safe to call from ``streams`` threads at once (the cores shared out among them)."""
         raise NotImplementedError
 
 
@@ -122,7 +140,7 @@ class TorchEngine(Engine):
     devices = ("cpu", "cuda", "mps")
     exported = False
 
-    def prepare(self, model, example, family, export=None):
+    def prepare(self, model, example, family, export=None, streams=1):
         return prepare_for_inference(model, example, family)
 
 
@@ -132,12 +150,14 @@ class OnnxRuntimeEngine(Engine):
     distribution = "onnxruntime"
     extra = "onnx"
     decodes_ahead_on_cpu = True
+    streams_on_cpu = True
 
-    def prepare(self, model, example, family, export=None):
+    def prepare(self, model, example, family, export=None, streams=1):
         import onnxruntime as ort
 
         options = ort.SessionOptions()
-        options.intra_op_num_threads = _threads()
+        # One session serves every stream (its run is thread-safe), each run on its share.
+        options.intra_op_num_threads = max(1, _threads() // streams)
         options.inter_op_num_threads = 1
         # Its threads would spin between runs, taking the core that decodes the next batch.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
@@ -151,16 +171,19 @@ class OpenVinoEngine(Engine):
     requires = ("openvino", "onnx", "onnxscript")
     distribution = "openvino"
     extra = "openvino"
+    streams_on_cpu = True
 
-    def prepare(self, model, example, family, export=None):
+    def prepare(self, model, example, family, export=None, streams=1):
         import openvino as ov
 
         core = ov.Core()
         # float32 everywhere: on CPUs with bfloat16 units OpenVINO would otherwise use them.
-        compiled = core.compile_model(core.read_model(str(export / "model.onnx")), "CPU", {
-            "INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": _threads(),
-            "PERFORMANCE_HINT": "LATENCY"})
-        return _OpenVinoRun(compiled.create_infer_request())
+        config = {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": _threads()}
+        config.update({"PERFORMANCE_HINT": "LATENCY"} if streams == 1 else
+                      {"NUM_STREAMS": streams})
+        compiled = core.compile_model(core.read_model(str(export / "model.onnx")), "CPU",
+                                      config)
+        return _OpenVinoRun(compiled)
 
 
 _ENGINES: dict[str, Engine] = {e.name: e for e in (TorchEngine(), OnnxRuntimeEngine(),
@@ -221,7 +244,7 @@ def export_path(cache_dir: str | os.PathLike, backbone: str, what: dict,
 
 def prepare(name: str, model: nn.Module, example: torch.Tensor, family: Family,
             device: torch.device, export: Path | None = None, what: dict | None = None,
-            strict: bool = True) -> Prepared:
+            strict: bool = True, streams: int = 1) -> Prepared:
     """Engine ``name`` (resolved: not ``auto``) ready to run ``model``'s features on ``device``.
 
     Parameters
@@ -242,6 +265,9 @@ def prepare(name: str, model: nn.Module, example: torch.Tensor, family: Family,
     strict
         Refuse a failing export or check; else (``auto``) fall back to torch and remember
         the refusal beside the export.
+    streams
+        Calls of the engine's ``run`` to serve at once (:meth:`Engine.streams`); an engine
+        that does not run in streams, and torch's fallback, serve one (``Prepared.streams``).
 
     Raises
     ------
@@ -263,7 +289,8 @@ def prepare(name: str, model: nn.Module, example: torch.Tensor, family: Family,
     try:
         if engine.exported:
             exported = _ensure_export(model, example, family, export, what)
-        run = engine.prepare(model, example, family, export)
+        streams = streams if engine.streams_on_cpu else 1
+        run = engine.prepare(model, example, family, export, streams)
         difference = check(want, run, example)
         if not difference <= CHECK_RTOL:
             raise EngineError(f"{name}'s features differ from eager torch's by {difference:.1e} "
@@ -284,8 +311,9 @@ def prepare(name: str, model: nn.Module, example: torch.Tensor, family: Family,
             fallback.note = f"auto: {name} not used ({reason}); torch instead"
             return fallback
     if name == "torch":
-        run = run.to(device)
-    return Prepared(name, run, difference, time.perf_counter() - started, exported, note)
+        run, streams = run.to(device), 1
+    return Prepared(name, run, difference, time.perf_counter() - started, exported, note,
+                    streams)
 
 
 def check(want: torch.Tensor, run: Callable, example: torch.Tensor) -> float:
@@ -468,14 +496,23 @@ class _OnnxRuntimeRun:
 
 
 class _OpenVinoRun:
-    def __init__(self, request):
-        self.request = request
+    """Runs a compiled model with an infer request per calling thread (a request serves one
+    call at a time; the compiled model's streams run several requests at once)."""
+
+    def __init__(self, compiled):
+        import threading
+
+        self.compiled = compiled
+        self.local = threading.local()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         import numpy as np
         import torch
 
-        out = self.request.infer({0: x.detach().float().cpu().contiguous().numpy()})[0]
+        request = getattr(self.local, "request", None)
+        if request is None:
+            request = self.local.request = self.compiled.create_infer_request()
+        out = request.infer({0: x.detach().float().cpu().contiguous().numpy()})[0]
         return torch.from_numpy(np.array(out))  # a copy: the request reuses its output buffer
 
 

@@ -142,19 +142,20 @@ def test_a_full_disk_stops_before_writing(data, tmp_path, monkeypatch):
 def test_an_interrupted_activation_pass_resumes_to_the_same_file(data, tmp_path, monkeypatch):
     whole = _run(data, tmp_path / "whole", "o", unfreeze=1, views=2, epochs=0)
     expected = next((tmp_path / "whole" / "c").glob("*.activations.h5"))
-    written = []
     write = activations.FeatureWriter.write
 
-    def killed_among_the_views(self, *args, **kwargs):
-        if len(written) == 8:  # 32 of 24 + 2 x 12 rows: inside the augmented views
+    def killed_among_the_views(self, start, *args, **kwargs):
+        # Rows 0-23 are the plain images, 24-47 two views of the 12 training images.
+        if self.final.name.endswith(".activations.h5") and start >= 28:
             raise KeyboardInterrupt
-        written.append(args[0])
-        return write(self, *args, **kwargs)
+        return write(self, start, *args, **kwargs)
 
     monkeypatch.setattr(activations.FeatureWriter, "write", killed_among_the_views)
     with pytest.raises(KeyboardInterrupt):
         _run(data, tmp_path / "cut", "o", unfreeze=1, views=2, epochs=0)
-    assert list((tmp_path / "cut" / "c").glob("*.activations.h5.partial"))
+    partial, = (tmp_path / "cut" / "c").glob("*.activations.h5.partial")
+    with h5py.File(partial) as f:
+        assert 24 < f.attrs["rows_done"] < 48  # stopped inside the views
     monkeypatch.setattr(activations.FeatureWriter, "write", write)
     resumed = _run(data, tmp_path / "cut", "o", unfreeze=1, views=2, epochs=0)
     path = next((tmp_path / "cut" / "c").glob("*.activations.h5"))

@@ -152,7 +152,9 @@ def test_a_killed_rank_resumes_its_shard_and_the_cache_is_unchanged(images, sing
     crash = tmp_path / "crash.py"
     crash.write_text(textwrap.dedent(f"""
         import os, signal
+        import pipeline.cache
         from pipeline.extract import extract_features
+        pipeline.cache._CHUNK_BYTES = 4 * 512 * 4  # a write every 4 rows (512 float32 each)
         def die(done, total):
             if os.environ["RANK"] == "1" and done >= 8:
                 os.kill(os.getpid(), signal.SIGKILL)

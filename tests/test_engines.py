@@ -1,5 +1,5 @@
-"""Engines: torch prepared for inference, exported engines checked against torch, auto, and the
-background decoding of the next batches."""
+"""Engines: torch prepared for inference, exported engines checked against torch, auto, the
+background decoding of the next batches, and exported engines run in streams."""
 
 from __future__ import annotations
 
@@ -357,7 +357,7 @@ def test_a_decoding_error_is_raised_here_and_closing_stops_the_thread():
     assert len(made) == count
 
 
-def test_on_a_cpu_only_onnxruntime_decodes_ahead_in_a_thread(exported, tmp_path, image_folder,
+def test_with_one_core_onnxruntime_decodes_ahead_in_a_thread(exported, tmp_path, image_folder,
                                                              monkeypatch):
     from pipeline import extract
 
@@ -369,6 +369,7 @@ def test_on_a_cpu_only_onnxruntime_decodes_ahead_in_a_thread(exported, tmp_path,
         return original(items, depth)
 
     monkeypatch.setattr(extract, "prefetched", spy)
+    monkeypatch.setattr(engines, "_threads", lambda: 1)  # one core: a single stream
     cache = tmp_path / "c"
     _copy_export(exported, cache)
     extract_features(image_folder, cache_dir=cache, **TINY)  # workers 0, torch on the CPU
@@ -377,3 +378,122 @@ def test_on_a_cpu_only_onnxruntime_decodes_ahead_in_a_thread(exported, tmp_path,
     assert used == [extract._PREFETCH_BATCHES]
     assert engines.get_engine("torch").decodes_ahead("cuda")
     assert not engines.get_engine("torch").decodes_ahead("cpu")
+
+
+# --- streams ---------------------------------------------------------------------------------
+
+def test_exported_engines_run_a_stream_per_core_on_a_cpu_and_torch_one(monkeypatch):
+    monkeypatch.setattr(engines, "_threads", lambda: 4)
+    for name in ("onnxruntime", "openvino"):
+        engine = engines.get_engine(name)
+        assert engine.streams("cpu", workers=0) == 4
+        assert engine.streams("cpu", workers=2) == 1  # loader processes have the cores
+        assert engine.streams("cuda", workers=0) == 1
+    assert engines.get_engine("torch").streams("cpu", workers=0) == 1
+
+
+@pytest.mark.parametrize("name", ["onnxruntime", "openvino"])
+def test_an_engine_in_streams_gives_each_thread_its_own_batchs_features(exported, name):
+    pytest.importorskip(name)
+    ready = prepare(name, exported.model, exported.x, exported.spec.adapter, CPU,
+                    exported.folder, streams=3)
+    assert ready.engine == name and ready.streams == 3
+    inputs = [_images(n, 32, seed=10 + n) for n in (1, 4, 7, 2, 5, 3)]
+    got: dict[int, torch.Tensor] = {}
+    start = threading.Barrier(3)
+
+    def stream(k):
+        start.wait()  # the three threads call the engine at the same time
+        for j in range(k, len(inputs), 3):
+            got[j] = ready.run(inputs[j])
+
+    threads = [threading.Thread(target=stream, args=(k,)) for k in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for j, x in enumerate(inputs):
+        with torch.inference_mode():
+            want = exported.model(x)
+        assert got[j].shape == want.shape
+        assert (got[j] - want).abs().max() <= CHECK_RTOL * want.abs().max()
+
+
+def test_torch_and_its_fallback_serve_one_stream(exported, tmp_path, monkeypatch):
+    model, x, family = exported.model, exported.x, exported.spec.adapter
+    assert prepare("torch", model, x, family, CPU, streams=4).streams == 1
+    folder = _copy_export(exported, tmp_path)
+    monkeypatch.setattr(engines.OnnxRuntimeEngine, "prepare",
+                        lambda self, *a: (lambda x: torch.ones(len(x), 512)))
+    fallback = prepare("onnxruntime", model, x, family, CPU, folder, strict=False, streams=4)
+    assert fallback.engine == "torch" and fallback.streams == 1
+
+
+def test_extraction_in_streams_writes_what_one_stream_writes(exported, tmp_path, image_folder,
+                                                              monkeypatch):
+    from pipeline import extract
+
+    (image_folder / "dog" / "004b.png").write_bytes(b"not an image")
+    (image_folder / "fox" / "gone.png").symlink_to(image_folder / "nowhere.png")
+    cache_dir = {n: _copy_export(exported, tmp_path / f"c{n}").parent for n in (1, 3)}
+    runs, results = [], {}
+    original = extract._streamed
+
+    def spy(run, files, indices, batch_size, streams):
+        runs.append(streams)
+        return original(run, files, indices, batch_size, streams)
+
+    monkeypatch.setattr(extract, "_streamed", spy)
+    for n in (1, 3):
+        monkeypatch.setattr(engines, "_threads", lambda n=n: n)
+        results[n] = extract_features(image_folder, cache_dir=cache_dir[n], engine="onnxruntime",
+                                      batch_size=4, **TINY)
+    assert runs == [3]  # one thread: in turn (decoding ahead); three: three streams
+    assert results[3].failures == results[1].failures and len(results[3].failures) == 2
+    one, three = (_spec_of(results[n].cache_path)[1] for n in (1, 3))
+    with h5py.File(results[1].cache_path) as a, h5py.File(results[3].cache_path) as b:
+        np.testing.assert_array_equal(a["paths"][:], b["paths"][:])
+        np.testing.assert_array_equal(a["valid"][:], b["valid"][:])
+        np.testing.assert_array_equal(a["content_sha256"][:], b["content_sha256"][:])
+    np.testing.assert_allclose(three, one, rtol=1e-5, atol=1e-5 * np.nanmax(np.abs(one)))
+
+
+def test_closing_the_streamed_batches_cancels_the_rest_and_stops_the_threads():
+    from pipeline.extract import _streamed
+
+    started = []
+
+    class Files:
+        def __getitem__(self, i):
+            started.append(i)
+            time.sleep(0.01)
+            return torch.full((2,), float(i)), i, "", ""
+
+    batches = _streamed(lambda x: x.numpy() * 2, Files(), range(400), 4, 2)
+    first = [next(batches) for _ in range(3)]
+    assert [b[2].tolist() for b in first] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]]
+    assert first[1][0][:, 0].tolist() == [8.0, 10.0, 12.0, 14.0]  # run on its own batch
+    batches.close()
+    assert not any(t.name.startswith("pipeline-stream") for t in threading.enumerate())
+    count = len(started)
+    time.sleep(0.1)
+    assert len(started) == count < 400  # nothing decoded after closing, most never
+
+
+def test_a_streamed_batchs_error_is_raised_here_in_order():
+    from pipeline.extract import _streamed
+
+    def run(x):
+        if x[0, 0] == 8:
+            raise RuntimeError("engine failed on the third batch")
+        return x.numpy()
+
+    class Files:
+        def __getitem__(self, i):
+            return torch.full((2,), float(i)), i, "", ""
+
+    batches = _streamed(run, Files(), range(40), 4, 3)
+    assert next(batches)[2].tolist() == [0, 1, 2, 3]
+    assert next(batches)[2].tolist() == [4, 5, 6, 7]
+    with pytest.raises(RuntimeError, match="third batch"):
+        next(batches)

@@ -13,7 +13,7 @@ import h5py
 import numpy as np
 import pytest
 
-from pipeline import distributed, extract
+from pipeline import cache, distributed, extract
 from pipeline.backbones import BackboneSpec
 from pipeline.cache import CacheDamaged, FeatureWriter
 from pipeline.data import file_stamps, fingerprint_files, load_image_set
@@ -21,6 +21,10 @@ from pipeline.distributed import Context
 from pipeline.errors import CacheError, DataError
 from pipeline.extract import extract_features
 from tests.conftest import TINY, make_folder, write_image
+
+# Rows of TINY's features (512 float32) in this many bytes make a chunk of 4 rows: extraction
+# then writes, and a kill or Ctrl-C keeps, every 4 rows (a batch of 4).
+FOUR_ROWS = 4 * 512 * 4
 
 
 def _extract(data, cache_dir, **kw):
@@ -121,7 +125,9 @@ def test_kill_9_mid_run_then_resume_equals_an_uninterrupted_run(tmp_path, image_
     cache_dir = tmp_path / "killed"
     script = textwrap.dedent(f"""
         import os, signal
+        import pipeline.cache
         from pipeline.extract import extract_features
+        pipeline.cache._CHUNK_BYTES = {FOUR_ROWS}
         def die(done, total):
             if done >= 12:
                 os.kill(os.getpid(), signal.SIGKILL)
@@ -139,7 +145,10 @@ def test_kill_9_mid_run_then_resume_equals_an_uninterrupted_run(tmp_path, image_
     _assert_same_cache(resumed.cache_path, whole.cache_path)
 
 
-def test_ctrl_c_keeps_progress_and_resume_equals_uninterrupted(tmp_path, image_folder):
+def test_ctrl_c_keeps_progress_and_resume_equals_uninterrupted(tmp_path, image_folder,
+                                                               monkeypatch):
+    monkeypatch.setattr(cache, "_CHUNK_BYTES", FOUR_ROWS)
+
     def interrupt(done, total):
         if done >= 8:
             raise KeyboardInterrupt
@@ -152,8 +161,9 @@ def test_ctrl_c_keeps_progress_and_resume_equals_uninterrupted(tmp_path, image_f
     _assert_same_cache(resumed.cache_path, whole.cache_path)
 
 
-def test_features_stream_to_disk_one_batch_at_a_time(tmp_path, monkeypatch):
-    # Memory holds one batch of features whatever N is: every write is one batch.
+def test_features_stream_to_disk_a_chunk_at_a_time(tmp_path, monkeypatch):
+    # Memory holds one chunk of features whatever N is: every write fills a chunk (8 rows,
+    # two batches of 4), the last one what is left.
     written = []
     original = FeatureWriter.write
 
@@ -162,11 +172,38 @@ def test_features_stream_to_disk_one_batch_at_a_time(tmp_path, monkeypatch):
         return original(self, start, features, valid, failures, digests)
 
     monkeypatch.setattr(FeatureWriter, "write", spy)
-    for n in (4, 12):
+    monkeypatch.setattr(cache, "_CHUNK_BYTES", 2 * FOUR_ROWS)
+    for n, writes in ((4, [8]), (10, [8, 8, 4])):
         written.clear()
         root = make_folder(tmp_path / f"d{n}", classes=("a", "b"), per_class=n)
         _extract(root, tmp_path / "c", batch_size=4, split_fractions=(1.0, 0.0, 0.0))
-        assert written == [4] * (2 * n // 4)
+        assert written == writes
+
+
+def test_features_wait_at_most_a_few_seconds_for_their_chunk(tmp_path, monkeypatch):
+    """A slow network (a large model on a CPU) still puts its rows on disk every few
+    seconds, however many rows a chunk holds."""
+    written = []
+    original = FeatureWriter.write
+
+    def spy(self, start, features, *args, **kwargs):
+        written.append(len(features))
+        return original(self, start, features, *args, **kwargs)
+
+    monkeypatch.setattr(FeatureWriter, "write", spy)
+    monkeypatch.setattr(extract, "_WRITE_EVERY_S", 0.0)  # every batch is late
+    root = make_folder(tmp_path / "d", classes=("a", "b"), per_class=6)
+    _extract(root, tmp_path / "c", batch_size=4, split_fractions=(1.0, 0.0, 0.0))
+    assert written == [4, 4, 4]
+
+
+def test_an_unreadable_image_under_strict_keeps_the_rows_before_it(tmp_path, image_folder):
+    (image_folder / "fox" / "009b.png").write_bytes(b"")  # the last batch: 28 rows before it
+    with pytest.raises(DataError, match="009b.png"):
+        _extract(image_folder, tmp_path / "c", strict=True, batch_size=4)
+    partial, = (tmp_path / "c").glob("*.partial")
+    with h5py.File(partial) as f:
+        assert f.attrs["rows_done"] == 28  # what waited for its chunk was written first
 
 
 @pytest.mark.skipif(shutil.which("cc") is None, reason="torch.compile on CPU needs a C compiler")
@@ -271,6 +308,7 @@ def test_a_full_disk_stops_in_one_line_and_the_same_command_resumes(tmp_path, im
 
     from pipeline.cli import main
 
+    monkeypatch.setattr(cache, "_CHUNK_BYTES", FOUR_ROWS)
     cache_dir = tmp_path / "c"
     other = _extract(image_folder, cache_dir, dtype="float16")  # a complete cache beside it
     before = other.cache_path.read_bytes()
