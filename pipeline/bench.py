@@ -100,10 +100,9 @@ def child(mode: str, kw: dict) -> dict:
     if device_type("auto") == "cpu":  # as the `pipeline` command does on a CPU
         keep_freed_memory()
     if mode == "extract":
-        if "prefetch" in kw:  # batches decoded ahead (0: in turn with the forward passes)
-            from pipeline import extract
-
-            extract._PREFETCH_BATCHES = kw.pop("prefetch")
+        if kw.pop("one_stream", False):  # one run at a time over every core, as before streams
+            for engine in engines._ENGINES.values():
+                engine.streams = lambda device_type, workers: 1
         out = extract_features(**kw).to_json()
         if not out["hit"]:  # the extraction loop alone, without the run's fixed start
             out["loop_seconds"] = cache_info(out["cache_path"])["timings"].get("loop_seconds")
@@ -665,9 +664,10 @@ def bench_engines(args) -> dict:
     One cache folder holds the exports, made first in their own children (their seconds are
     reported on their own), so that neither forward-only nor extraction pays for them.
     Per set, each measurement a fresh child: forward-only of every engine (and of the eager
-    network), end-to-end extraction with every engine, with ``auto``, and with ``auto``
-    decoding in turn with the forward passes (no background thread), then forward-only
-    again; forward-only is the mean of the two, which bracket the extractions in time.
+    network), end-to-end extraction with every engine, with ``auto``, and with ``auto`` in
+    one stream (one run at a time over every core, the next batches decoded by a background
+    thread where the engine does that: extraction before streams), then forward-only again;
+    forward-only is the mean of the two, which bracket the extractions in time.
     """
     device = resolve_device("auto")
     names = bench_engines_here(device)
@@ -687,8 +687,8 @@ def bench_engines(args) -> dict:
         runs = {}
         for label, extra in ([(e, {"engine": e}) for e in names if e != "eager"]
                              + [("auto", {"engine": "auto"}),
-                                ("auto, no background decoding", {"engine": "auto",
-                                                                  "prefetch": 0})]):
+                                ("auto, one stream", {"engine": "auto",
+                                                      "one_stream": True})]):
             for old in cache_dir.glob("*.h5*"):
                 old.unlink()
             runs[label] = in_child("extract", progress=False, **common, **extra)
@@ -730,7 +730,7 @@ def print_engines(result: dict, backbone: str) -> None:
                   f"{s['forward_after'][e]:.1f}) | {r['forward_over_eager'][e]:.2f} | "
                   f"{_num(s['end_to_end'].get(e), '.1f')}; {_num(s['loop'].get(e), '.1f')} | "
                   f"{_num(ratio, '.2f')}; {_num(loop_ratio, '.2f')}")
-        for label in ("auto", "auto, no background decoding"):
+        for label in ("auto", "auto, one stream"):
             print(f"{label} ({s['engine_of'][label]}) | end-to-end {s['end_to_end'][label]:.1f} "
                   f"img/s whole run, {_num(s['loop'].get(label), '.1f')} loop alone")
         print(f"end-to-end with auto / eager forward-only: {r['auto_over_eager']['ratio']:.2f} "
