@@ -187,9 +187,9 @@ class ActivationPlan:
 def activation_key_spec(feature_spec: dict, block: str, dtype: str, views: int,
                         augment: str, seed: int) -> dict:
     """The feature key's inputs, plus what decides the stored activations (the graph node
-    cut at follows from the block, the network being the feature key's). Not the features'
-    engine: the activation pass runs torch whatever engine extracted the features."""
-    feature_spec = {k: v for k, v in feature_spec.items() if k != "engine"}
+    cut at follows from the block, the network being the feature key's). The feature key's
+    engine, if any, is kept: the activation pass runs the trunk on the engine that extracted
+    the features (:func:`prepare_trunk`), and its last bits are that engine's."""
     return {**feature_spec, "activations": {
         "block": block, "dtype": dtype, "views": views,
         "augment": augment if views else "none", "view_seed": seed if views else None}}
@@ -226,15 +226,38 @@ class _Concatenated(nn.Module):
         return torch.cat([out[k].flatten(1) for k in sorted(out, key=_ordinal)], dim=1)
 
 
+def prepare_trunk(spec, trunk: nn.Module, images: ImageSet, device: torch.device,
+                  engine: str, cache_dir, what: dict, streams: int = 1):
+    """The frozen ``trunk`` (images -> a tensor) ready to run on ``engine`` (resolved, not
+    ``auto``): torch prepared for inference, or an export of it kept in ``cache_dir`` under
+    a key over the backbone's key and ``what`` (which boundaries the trunk ends at), checked
+    against the eager trunk on the data's first images like extraction's engine
+    (:func:`pipeline.engines.prepare`, which raises :class:`~pipeline.engines.EngineError`
+    in one line when it cannot be used).
+    """
+    from pipeline import engines
+    from pipeline.extract import example_images
+
+    example = example_images(spec, images)
+    export = None
+    if engines.get_engine(engine).exported:
+        network = {**spec.key(), **what}
+        export = engines.export_path(cache_dir, spec.name, network, tuple(example.shape[1:]))
+    return engines.prepare(engine, trunk.eval(), example, spec.adapter, device, export,
+                           {**spec.key(), **what}, streams=streams)
+
+
 def write_activations(cuts: Sequence[Cut], keys: Sequence[tuple[dict, str]], paths: Sequence[Path],
                       images: ImageSet, plan: ActivationPlan, spec, view_transform, dtype: str,
                       seed: int, device: torch.device, batch_size: int, workers: int,
-                      progress: bool | str | None = None) -> None:
+                      progress: bool | str | None = None, engine: str = "torch") -> None:
     """One trunk pass that writes every cut's activation file (resuming unfinished ones).
 
     The rows go through extraction's own loop (:func:`pipeline.extract.feature_batches`):
-    the plain images, then each view of the training images. The writer lock of every file
-    is held (:mod:`pipeline.locks`); a file another run finished meanwhile is not written.
+    the plain images, then each view of the training images, the trunk run by ``engine``
+    (the one that extracted the features; an exported one in its streams, its export kept
+    beside the files). The writer lock of every file is held (:mod:`pipeline.locks`); a file
+    another run finished meanwhile is not written.
     """
     with contextlib.ExitStack() as held:
         for path in sorted(paths):  # one order for every run: no two wait for each other
@@ -243,13 +266,13 @@ def write_activations(cuts: Sequence[Cut], keys: Sequence[tuple[dict, str]], pat
         if todo:
             _write_activations([cuts[i] for i in todo], [keys[i] for i in todo],
                                [paths[i] for i in todo], images, plan, spec, view_transform,
-                               dtype, seed, device, batch_size, workers, progress)
+                               dtype, seed, device, batch_size, workers, progress, engine)
 
 
 def _write_activations(cuts, keys, paths, images, plan, spec, view_transform, dtype, seed,
-                       device, batch_size, workers, progress) -> None:
+                       device, batch_size, workers, progress, engine) -> None:
     from pipeline import engines
-    from pipeline.extract import example_images, feature_batches
+    from pipeline.extract import feature_batches
 
     lower = _lower_many(cuts)
     lower.to(device, memory_format=torch.channels_last).eval()
@@ -277,17 +300,20 @@ def _write_activations(cuts, keys, paths, images, plan, spec, view_transform, dt
     sources += [(plan.train, _Views(images, view_transform, shape, seed, v),
                  f"activations view {v + 1}/{plan.views}")
                 for v in range(plan.views)]
-    # The trunk prepared for inference (BatchNorm folded, static padding), checked against
-    # the eager graph on the data's first images (run as it is if it differs).
-    model = engines.prepare("torch", _Concatenated(lower), example_images(spec, images),
-                            spec.adapter, device).run
+    # The trunk prepared for inference (BatchNorm folded, static padding) or exported, checked
+    # against the eager graph on the data's first images.
+    streams = engines.get_engine(engine).streams(device.type, workers)
+    trunk = prepare_trunk(spec, _Concatenated(lower), images, device, engine, paths[0].parent,
+                          {"activations": [cut.node for cut in cuts]}, streams)
+    model = trunk.run
     try:
         row, done = 0, min(w.rows_done for w in writers)
         for indices, files, desc in sources:
             lo = min(len(indices), max(0, done - row))
             row += lo
             for batch in feature_batches(model, spec, images, device, indices[lo:], batch_size,
-                                         workers, progress, desc, lo, files):
+                                         workers, progress, desc, lo, files,
+                                         streams=trunk.streams):
                 failed = np.flatnonzero(~batch.valid) + row
                 failures = [(int(r), reason) for r, (_, reason) in zip(failed, batch.failures)]
                 for writer, a, b in zip(writers, bounds[:-1], bounds[1:]):

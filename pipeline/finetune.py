@@ -32,6 +32,7 @@ from pipeline.activations import (
     activation_key_spec,
     cut_network,
     lowest_trained,
+    prepare_trunk,
     write_activations,
 )
 from pipeline.atomic import atomic_write
@@ -54,6 +55,7 @@ from pipeline.options import (
     AUGMENTS,
     AUTO_LR,
     DEFAULT_BACKBONE,
+    DEFAULT_CACHE_DIR,
     HEAD_INITS,
     OPTIMIZERS,
     SCHEDULES,
@@ -407,9 +409,8 @@ def _prepare(data, backbone, config, options, settings, *, split_seed=None, posi
     if why_images is None:  # exact: train the top blocks from the trunk's cached activations
         others = {unfreeze_depth(model, spec.family, d, head) for d in activation_depths}
         depths = {depth} | {d for d in others if 0 <= d < n_blocks}
-        cut, path, plan = _activations(spec, model, images, rows["train"], cache.cache_path,
-                                       cfg, opts, run_on, ctx, progress, depth,
-                                       sorted(depths))
+        cut, path, plan = _activations(spec, model, images, rows["train"], cache, cfg, opts,
+                                       run_on, ctx, progress, depth, sorted(depths))
         args["activations"] = path.name
         loaders = _CachedLoaders(path, plan, images.labels, rows, cfg, run_on, opts.workers,
                                  ctx)
@@ -418,7 +419,8 @@ def _prepare(data, backbone, config, options, settings, *, split_seed=None, posi
         loaders = _ImageLoaders(images, spec, rows, cfg, run_on, opts.workers, ctx)
         forward, trained_from = model, f"images ({why_images})"
         if cfg.from_images and not cfg.bn_train and depth < n_blocks:
-            forward = _below_prepared(spec, model, images, depth, run_on) or model
+            forward = _below_prepared(spec, model, images, depth, run_on, cache.engine,
+                                      opts.cache_dir) or model
     return _Setup(cfg, opts, ctx, run_on, data_seed, images, spec, cache, model, head, unfrozen,
                   args, loaders, forward, trained_from)
 
@@ -505,14 +507,15 @@ def _needs_images(cfg: FinetuneConfig, k: int, n_blocks: int) -> str | None:
     return None
 
 
-def _activations(spec, model, images, train_rows, feature_cache: Path, cfg, opts, device, ctx,
-                 progress, k, depths):
+def _activations(spec, model, images, train_rows, features, cfg, opts, device, ctx, progress, k,
+                 depths):
     """The cut below the top ``k`` blocks and its activation cache. Rank 0 writes the caches
-    missing among those of ``depths`` in one trunk pass (a sweep's later runs find theirs)."""
+    missing among those of ``depths`` in one trunk pass (a sweep's later runs find theirs),
+    on the engine that extracted ``features`` (an :class:`~pipeline.extract.ExtractResult`)."""
     blocks = spec.adapter.blocks(model)
     boundaries = {d: lowest_trained(spec, model, blocks, d) for d in depths}
     views = cfg.views if cfg.augment == "standard" else 0
-    with open_cache(feature_cache) as f:
+    with open_cache(features.cache_path) as f:
         feature_spec = json.loads(f.attrs["spec"])
     keys = {}
     for d, block in boundaries.items():
@@ -529,7 +532,8 @@ def _activations(spec, model, images, train_rows, feature_cache: Path, cfg, opts
         write_activations([cuts[d] for d in missing], [keys[d] for d in missing],
                           [paths[d] for d in missing], images, plan, spec,
                           train_transform(spec), cfg.activation_dtype, cfg.seed, device,
-                          opts.batch_size or default_batch_size(device), workers, progress)
+                          opts.batch_size or default_batch_size(device), workers, progress,
+                          features.engine)
     distributed.barrier()  # every rank reads the files rank 0 wrote
     return cuts[k], paths[k], plan
 
@@ -548,19 +552,18 @@ class _PreparedTrunk(nn.Module):
         return self.upper(activation)
 
 
-def _below_prepared(spec, model, images, k: int, device) -> nn.Module | None:
+def _below_prepared(spec, model, images, k: int, device, engine: str = "torch",
+                    cache_dir=DEFAULT_CACHE_DIR) -> nn.Module | None:
     """``--from-images`` with a frozen trunk: the network cut below the top ``k`` blocks with
-    the trunk prepared as the activation pass prepares it, so both ways train alike; None
-    for a network that cannot be cut there (it then runs whole)."""
-    from pipeline import engines
-    from pipeline.extract import example_images
-
+    the trunk prepared as the activation pass prepares it (on ``engine``, the features'), so
+    both ways train alike; None for a network that cannot be cut there (it then runs
+    whole)."""
     try:
         cut = cut_network(spec, model, lowest_trained(spec, model, spec.adapter.blocks(model), k))
     except ActivationError:
         return None
-    lower = _Activation(cut.lower)
-    prepared = engines.prepare("torch", lower, example_images(spec, images), spec.adapter, device)
+    prepared = prepare_trunk(spec, _Activation(cut.lower), images, device, engine, cache_dir,
+                             {"activation": cut.node})
     return _PreparedTrunk(prepared.run, cut.upper)
 
 
