@@ -413,7 +413,7 @@ def bench_finetune(args) -> dict:
     root = args.out / "finetune"
     shutil.rmtree(root, ignore_errors=True)
     cache_dir = root / "cache"
-    net = {"backbone": args.backbone, "weights": args.weights}
+    net = {"backbone": args.backbone, "weights": args.weights, "engine": args.engine}
     common = {**net, "data": str(data), "cache_dir": str(cache_dir), "progress": False}
     started = time.perf_counter()
     features = _timed_child("extract", **common)
@@ -458,6 +458,7 @@ def bench_finetune(args) -> dict:
     ratios = finetune_ratios(cached_u1["epoch_s"], per_epoch[-1]["epoch_s"],
                              sweeps["cached"]["wall_s"], sweeps["images"]["wall_s"])
     result = {"data": str(data), "images": features["images"], "epochs": epochs,
+              "engine": args.engine,
               "views": FinetuneConfig.views, "augment": FinetuneConfig.augment,
               "features_s": features["wall_s"], "per_epoch": per_epoch, "sweeps": sweeps,
               "boundaries": boundaries, "memory": memory, "ratios": ratios,
@@ -467,7 +468,8 @@ def bench_finetune(args) -> dict:
 
 
 def print_finetune(result: dict, backbone: str) -> None:
-    print(f"fine-tuning {backbone} on {result['data']} ({result['images']} images), augment "
+    print(f"fine-tuning {backbone} (--engine {result.get('engine', 'torch')}) on "
+          f"{result['data']} ({result['images']} images), augment "
           f"{result['augment']} both ways (cache: {result['views']} views per training image), "
           f"patience above the epochs; features extracted first ({result['features_s']:.1f} s)")
     print("unfreeze | trained from | trainable parameters | epochs | mean s/epoch | peak RSS MB "
@@ -569,6 +571,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--finetune-images", type=int, default=600,
                         help="images of --data for the fine-tuning runs (spread over its splits "
                              "and classes; more than it has repeats them)")
+    parser.add_argument("--engine", default="torch",
+                        help="--engine of the fine-tuning section (features, activation pass "
+                             "and the image loop's frozen trunk)")
     parser.add_argument("--finetune-epochs", type=int, default=10,
                         help="epochs of each freeze depth in the sweeps")
     parser.add_argument("--only", choices=("startup", "extract", "engines", "heads",
