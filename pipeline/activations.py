@@ -14,6 +14,7 @@ logits, so a skip connection across the boundary can never be silently dropped.
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -202,14 +203,21 @@ def activation_file(cache_dir, backbone: str, key: str) -> Path:
 
 class _Views(ImageFiles):
     """Augmented view ``view`` of each image, seeded by image and view: a resumed pass
-    writes the very crops an uninterrupted one would."""
+    writes the very crops an uninterrupted one would.
+
+    torchvision's random transforms draw from torch's one global generator, so the seeding
+    and the drawing hold a lock: threads decoding batches side by side (an engine's streams)
+    would otherwise draw from each other's seeds. Decoding itself runs outside it.
+    """
+
+    _rng = threading.Lock()
 
     def __init__(self, images: ImageSet, transform, shape, seed: int, view: int):
         super().__init__(images, transform, shape)
         self.seed, self.view = seed, view
 
     def preprocess(self, image, i: int):
-        with torch.random.fork_rng(devices=[]):
+        with self._rng, torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed * 1_000_003 + self.view * 100_003 + i)
             return self.transform(image)
 

@@ -244,3 +244,22 @@ def test_a_damaged_activation_cache_is_moved_aside_and_the_next_run_rebuilds_it(
     again = _run(data, tmp_path, "again", unfreeze=1, augment="none")
     assert path.exists() and again.row["trained_from"] == "cached activations"
     _states_equal(first, again)
+
+
+def test_augmented_views_are_the_same_when_threads_draw_them_side_by_side(data):
+    """An engine's streams decode batches in several threads; each view stays seeded by its
+    image and view, whatever the other threads draw meanwhile."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pipeline.data import load_image_set
+    from pipeline.finetune import train_transform
+
+    spec = resolve_backbone("resnet18", "none", image_size=32)
+    images = load_image_set(data)
+    views = activations._Views(images, train_transform(spec), (3, 32, 32), seed=3, view=1)
+    alone = [views[i][0] for i in range(len(images))]
+    order = [i for _ in range(8) for i in range(len(images))]
+    with ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(lambda i: views[i][0], order))
+    for i, view in zip(order, together):
+        assert torch.equal(view, alone[i]), i
