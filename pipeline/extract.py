@@ -73,9 +73,9 @@ _PREFETCH_BATCHES = 2
 # Features wait in memory until they fill a chunk of the cache (at most 256 KiB) or this many
 # seconds have passed, then go to disk in one write: each write costs about 0.7 ms whatever
 # its size (h5py's calls, the rows_done stamp), and in the main thread it holds up the
-# decoding threads; a chunk at a time, onnxruntime's loop on the demo ran 217-224 img/s
-# against 207-210 a batch at a time (2026-12-04). A kill loses at most that much work; an
-# error or Ctrl-C writes what is waiting first.
+# decoding threads; a chunk at a time (31 writes on the demo instead of 213), onnxruntime's
+# loop ran 209-213 img/s against 204-208 a batch at a time (2026-12-04, two runs each). A
+# kill loses at most that much work; an error or Ctrl-C writes what is waiting first.
 _WRITE_EVERY_S = 2.0
 
 
@@ -621,7 +621,8 @@ def _timed(run: Callable, x) -> tuple[np.ndarray, float]:
 def _streamed(run: Callable, files: ImageFiles, indices: Sequence[int], batch_size: int,
               streams: int) -> Iterator[tuple]:
     """``(features, forward seconds, index, errors, digests)`` of each batch of ``indices``,
-    in order, ``streams`` threads each decoding and running one batch at a time.
+    in order, ``streams`` threads each decoding and running one batch at a time (each batch's
+    forward seconds are its own thread's: summed, they exceed the loop's).
 
     Twice as many batches as threads are handed out, so a thread that finishes finds the next
     one waiting while this thread writes. Closing the generator cancels the batches not
