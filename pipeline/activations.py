@@ -247,12 +247,11 @@ def prepare_trunk(spec, trunk: nn.Module, images: ImageSet, device: torch.device
     from pipeline.extract import example_images
 
     example = example_images(spec, images)
-    export = None
-    if engines.get_engine(engine).exported:
-        network = {**spec.key(), **what}
-        export = engines.export_path(cache_dir, spec.name, network, tuple(example.shape[1:]))
-    return engines.prepare(engine, trunk.eval(), example, spec.adapter, device, export,
-                           {**spec.key(), **what}, streams=streams)
+    network = {**spec.key(), **what}
+    export = (engines.export_path(cache_dir, spec.name, network, tuple(example.shape[1:]))
+              if engines.get_engine(engine).exported else None)
+    return engines.prepare(engine, trunk.eval(), example, spec.adapter, device, export, network,
+                           streams=streams)
 
 
 def write_activations(cuts: Sequence[Cut], keys: Sequence[tuple[dict, str]], paths: Sequence[Path],

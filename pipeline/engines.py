@@ -279,6 +279,7 @@ def prepare(name: str, model: nn.Module, example: torch.Tensor, family: Family,
 
     started = time.perf_counter()
     engine = get_engine(name)
+    streams = streams if engine.streams_on_cpu else 1
     example = example.float().cpu()
     if any(p.device.type != "cpu" for p in model.parameters()):
         # Prepared and checked on the CPU, in exact float32 (no TF32 convolutions).
@@ -289,7 +290,6 @@ def prepare(name: str, model: nn.Module, example: torch.Tensor, family: Family,
     try:
         if engine.exported:
             exported = _ensure_export(model, example, family, export, what)
-        streams = streams if engine.streams_on_cpu else 1
         run = engine.prepare(model, example, family, export, streams)
         difference = check(want, run, example)
         if not difference <= CHECK_RTOL:
@@ -311,7 +311,7 @@ def prepare(name: str, model: nn.Module, example: torch.Tensor, family: Family,
             fallback.note = f"auto: {name} not used ({reason}); torch instead"
             return fallback
     if name == "torch":
-        run, streams = run.to(device), 1
+        run = run.to(device)
     return Prepared(name, run, difference, time.perf_counter() - started, exported, note,
                     streams)
 

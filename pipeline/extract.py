@@ -721,7 +721,7 @@ class _Run:
         :data:`_WRITE_EVERY_S` seconds; whatever waits is written before an error (an
         unreadable image under ``strict``, Ctrl-C) leaves.
         """
-        forward_s, waiting, written_at = 0.0, [], time.perf_counter()
+        forward_s, waiting, rows, written_at = 0.0, [], 0, time.perf_counter()
         try:
             for batch in feature_batches(self.model, self.spec, self.images, self.device,
                                          indices[writer.rows_done:], self.batch_size,
@@ -733,10 +733,9 @@ class _Run:
                     raise DataError(f"{display(self.images.paths[i])}: unreadable image "
                                     f"({reason}); drop --strict to skip and list such files")
                 waiting.append(batch)
-                forward_s += batch.forward_s
-                if (sum(len(b.index) for b in waiting) >= writer.chunk_rows
-                        or time.perf_counter() - written_at >= _WRITE_EVERY_S):
-                    batches, waiting = waiting, []
+                forward_s, rows = forward_s + batch.forward_s, rows + len(batch.index)
+                if rows >= writer.chunk_rows or time.perf_counter() - written_at >= _WRITE_EVERY_S:
+                    batches, waiting, rows = waiting, [], 0
                     self._write(writer, batches, len(indices))
                     written_at = time.perf_counter()
         finally:
