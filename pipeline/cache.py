@@ -34,6 +34,11 @@ Under torchrun each rank writes a shard file ``<name>.shard-<rank>-of-<world>`` 
 layout holding only its rows, plus ``/index`` (the rows' positions in the whole data set, which
 ``/failed_index`` also uses); one rank then assembles the shards into ``<name>`` in data-set
 order (:func:`assemble_shards`) and removes them.
+
+The same folder holds the exported engines' copies of the network
+(``<backbone>-<key>.exported/``, :mod:`pipeline.engines`), with ``.refused.json`` notes where
+``auto`` could not use one: :func:`list_caches`, :func:`find_cache` and :func:`remove_cache`
+take them too, so that every byte a run leaves in the cache folder can be seen and removed.
 """
 
 from __future__ import annotations
@@ -49,6 +54,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from pipeline.engines import EXPORTED, REFUSED
 from pipeline.errors import CacheError, DataError
 from pipeline.layouts import as_bytes, display
 from pipeline.locks import LOCK_SUFFIX
@@ -289,6 +295,7 @@ def _gather_block(files, index, lo: int, hi: int, dim: int, dtype):
 def open_cache(path: str | os.PathLike) -> h5py.File:
     """Open a complete cache file of ours for reading, or say clearly why it cannot be used."""
     path = Path(path)
+    _not_an_export(path)
     if path.name.endswith(PARTIAL):
         raise CacheError(f"{path} is an interrupted extraction; run the same extract command "
                          "again to finish it")
@@ -307,6 +314,12 @@ def open_cache(path: str | os.PathLike) -> h5py.File:
         f.close()
         raise CacheError(f"{path} is incomplete; run the extract command again to finish it")
     return f
+
+
+def _not_an_export(path: Path) -> None:
+    if is_export(path):
+        raise CacheError(f"{path} is an engine's export of the network, not a feature cache; "
+                         "`pipeline cache info` describes it")
 
 
 class _CacheFile(h5py.File):
@@ -379,6 +392,7 @@ def verify_cache(path: str | os.PathLike) -> dict:
     """
     started = time.perf_counter()
     path = Path(path)
+    _not_an_export(path)
     out = {"path": str(path), "status": "ok", "problems": [], "checksummed": [],
            "unchecksummed": [], "bytes": path.stat().st_size if path.exists() else 0}
     try:
@@ -638,7 +652,64 @@ def list_caches(cache_dir: str | os.PathLike) -> list[dict]:
         elif SUFFIX + DAMAGED in path.name:
             rows.append({"path": str(path), "status": "damaged (moved aside)",
                          "bytes": path.stat().st_size})
-    return rows
+    return rows + [_export_row(path) for path in _export_files(cache_dir)]
+
+
+def _export_files(cache_dir: str | os.PathLike) -> list[Path]:
+    """The engines' exports in a cache folder: finished and interrupted export folders, and
+    auto's refusal notes."""
+    return sorted(p for p in Path(cache_dir).glob(f"*{EXPORTED}*") if is_export(p))
+
+
+def is_export(path: Path) -> bool:
+    """An engine's export folder (finished or interrupted) or auto's refusal note."""
+    name = path.name
+    return (path.is_dir() and (name.endswith(EXPORTED) or EXPORTED + ".partial-" in name)
+            or path.is_file() and name.endswith(EXPORTED + REFUSED))
+
+
+def _export_row(path: Path) -> dict:
+    if path.name.endswith(REFUSED):
+        refused = ", ".join(sorted(_read_json(path)))
+        return {"path": str(path), "status": f"auto refused {refused or 'no engine'}",
+                "bytes": path.stat().st_size}
+    if not path.name.endswith(EXPORTED):
+        return {"path": str(path), "status": "export (partial)", "bytes": _folder_bytes(path)}
+    info = export_info(path)
+    if not info["complete"]:
+        return {"path": str(path), "status": "export (no model.onnx)", "bytes": info["bytes"]}
+    return {"path": str(path), "status": "complete", "kind": "export",
+            "backbone": info["backbone"], "network": info["network_part"],
+            "bytes": info["bytes"], "created": info["created"]}
+
+
+def export_info(path: str | os.PathLike) -> dict:
+    """What an engine's export folder holds: the network it was exported from (its record,
+    ``exported.json``), the part of it (the whole feature network, or the trunk below
+    fine-tuning's cut), its size and files."""
+    path = Path(path)
+    record = _read_json(path / "exported.json")
+    network = record.get("network") or {}
+    cut = network.get("activation") or network.get("activations")
+    if isinstance(cut, list):
+        cut = ", ".join(cut)
+    return {"path": str(path), "complete": (path / "model.onnx").is_file(),
+            "backbone": network.get("backbone", "?"),
+            "network_part": f"trunk to {cut}" if cut else "features",
+            "network": network, "input_shape": record.get("input_shape"),
+            "exporters": record.get("exporters", {}), "created": record.get("created", "?"),
+            "files": sorted(p.name for p in path.iterdir()), "bytes": _folder_bytes(path)}
+
+
+def _folder_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):  # a missing or half-written record: shown as unknown
+        return {}
 
 
 def find_cache(cache_dir: str | os.PathLike, name: str) -> Path:
@@ -646,9 +717,11 @@ def find_cache(cache_dir: str | os.PathLike, name: str) -> Path:
     as_path = Path(name)
     if as_path.exists():
         return as_path
-    matches = [p for p in _cache_files(cache_dir) if name in p.name]
+    matches = [p for p in _cache_files(cache_dir) + _export_files(cache_dir) if name in p.name]
     if len(matches) > 1 and SHARD not in name:  # a key names its cache before its shards
         matches = [p for p in matches if SUFFIX + SHARD not in p.name] or matches
+    if len(matches) > 1 and REFUSED not in name:  # and an export before auto's note on it
+        matches = [p for p in matches if not p.name.endswith(REFUSED)] or matches
     if len(matches) != 1:
         what = "no cache" if not matches else f"{len(matches)} caches"
         raise CacheError(f"{what} in {cache_dir} match {name!r}; `pipeline cache list` shows them")
@@ -656,6 +729,15 @@ def find_cache(cache_dir: str | os.PathLike, name: str) -> Path:
 
 
 def remove_cache(path: Path) -> None:
+    """Remove a cache file (with its extraction record), or an engine's export (with auto's
+    refusal note beside it)."""
+    if is_export(path) and path.is_dir():
+        shutil.rmtree(path)
+        path.with_name(path.name + REFUSED).unlink(missing_ok=True)
+        return
+    if is_export(path):  # a refusal note
+        path.unlink()
+        return
     if not (path.name.endswith((SUFFIX, SUFFIX + PARTIAL)) or SUFFIX + SHARD in path.name
             or SUFFIX + DAMAGED in path.name):
         raise CacheError(f"{path} is not a cache file")

@@ -667,7 +667,7 @@ def cache_group() -> None:
 @cache_dir_option
 @click.option("--json", "as_json", is_flag=True)
 def cache_list(cache_dir, as_json) -> None:
-    """One line per cache file."""
+    """One line per cache file, and per engine export (--engine onnxruntime, openvino)."""
     from pipeline import cache
 
     rows = cache.list_caches(cache_dir)
@@ -677,7 +677,10 @@ def cache_list(cache_dir, as_json) -> None:
     if not rows:
         click.echo(f"no caches in {cache_dir}")
     for row in rows:
-        if row["status"] == "complete":
+        if row["status"] == "complete" and row["kind"] == "export":
+            click.echo(f"{row['path']}  export  {row['backbone']}  {row['network']}"
+                       f"  {row['bytes'] / 1e6:.1f} MB  {row['created']}")
+        elif row["status"] == "complete":
             unit = "images" if row["kind"] == "features" else "rows"
             click.echo(f"{row['path']}  {row['kind']}  {row['backbone']}  {row['images']} {unit}"
                        f"  {row['dim']}-d  {row['bytes'] / 1e6:.1f} MB  {row['created']}")
@@ -690,12 +693,24 @@ def cache_list(cache_dir, as_json) -> None:
 @cache_dir_option
 @click.option("--json", "as_json", is_flag=True)
 def cache_info(name, cache_dir, as_json) -> None:
-    """Key spec, sizes and failures of one cache (NAME: a path, file name or key prefix)."""
+    """Key spec, sizes and failures of one cache (NAME: a path, file name or key prefix), or
+    what an engine's export was made from."""
     from pipeline import cache
 
-    info = cache.cache_info(cache.find_cache(cache_dir, name))
+    path = cache.find_cache(cache_dir, name)
+    if cache.is_export(path) and path.is_file():  # auto's note: which engines, and why not
+        click.echo(path.read_text(), nl=False)
+        return
+    info = cache.export_info(path) if cache.is_export(path) else cache.cache_info(path)
     if as_json:
         _emit_json(info)
+        return
+    if "network_part" in info:
+        for field in ("path", "backbone", "network_part", "input_shape", "created", "exporters",
+                      "files", "bytes"):
+            click.echo(f"{field:12s} {info[field]}")
+        click.echo("network")
+        click.echo(json.dumps(info["network"], indent=2, sort_keys=True))
         return
     for field in ("path", "key", "images", "failed", "dim", "dtype", "labelled", "splits",
                   "classes", "data_root", "created", "timings", "versions"):
@@ -786,7 +801,7 @@ def cache_export(name, fmt, out, cache_dir, as_json) -> None:
 @click.argument("names", nargs=-1, required=True)
 @cache_dir_option
 def cache_rm(names, cache_dir) -> None:
-    """Remove caches (NAMES: paths, file names or key prefixes)."""
+    """Remove caches and engines' exports (NAMES: paths, file names or key prefixes)."""
     from pipeline import cache
 
     for name in names:

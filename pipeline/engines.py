@@ -67,7 +67,8 @@ AUTO_ORDER = ("onnxruntime", "openvino", "torch")
 CHECK_RTOL = 1e-4
 _EXPORT_VERSION = 1  # bump when what an export folder holds changes
 _EXPORTERS = ("torch", "onnxscript", "onnx")  # their versions key the export
-_REFUSED = "refused.json"
+EXPORTED = ".exported"  # an export's folder: <backbone>-<key>.exported
+REFUSED = ".refused.json"  # beside it: the engines auto could not use for it, and why
 
 
 class EngineError(PipelineError):
@@ -239,7 +240,7 @@ def export_path(cache_dir: str | os.PathLike, backbone: str, what: dict,
     spec = {"export": _EXPORT_VERSION, "format": "onnx", "network": what,
             "input_shape": list(input_shape), "exporters": {p: _version(p) for p in _EXPORTERS}}
     key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:20]
-    return Path(cache_dir) / f"{backbone.replace('/', '_')}-{key}.exported"
+    return Path(cache_dir) / f"{backbone.replace('/', '_')}-{key}{EXPORTED}"
 
 
 def prepare(name: str, model: nn.Module, example: torch.Tensor, family: Family,
@@ -516,11 +517,15 @@ class _OpenVinoRun:
         return torch.from_numpy(np.array(out))  # a copy: the request reuses its output buffer
 
 
+def refusal_path(export: Path) -> Path:
+    return export.with_name(export.name + REFUSED)
+
+
 def _refused(export: Path | None) -> dict:
     if export is None:
         return {}
     try:
-        return json.loads((export.with_name(export.name + "." + _REFUSED)).read_text())
+        return json.loads((refusal_path(export)).read_text())
     except (OSError, ValueError):
         return {}
 
@@ -532,7 +537,7 @@ def _refuse(export: Path | None, engine: str, reason: str) -> None:
     refused = {**_refused(export), engine: reason}
     try:
         export.parent.mkdir(parents=True, exist_ok=True)
-        export.with_name(export.name + "." + _REFUSED).write_text(json.dumps(refused) + "\n")
+        refusal_path(export).write_text(json.dumps(refused) + "\n")
     except OSError:  # a read-only cache folder: auto will try again next time
         pass
 

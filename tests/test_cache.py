@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import h5py
 import numpy as np
 import pytest
@@ -103,6 +106,46 @@ def test_list_find_and_remove(tmp_path):
         cache.find_cache(tmp_path, "zzzz")
     cache.remove_cache(path)
     assert not path.exists()
+
+
+def _export_folder(cache_dir, name, network):
+    folder = cache_dir / name
+    folder.mkdir()
+    (folder / "model.onnx").write_bytes(b"\0" * 3000)
+    (folder / "exported.json").write_text(json.dumps({"network": network, "created": "then"}))
+    return folder
+
+
+def test_exports_are_listed_found_and_removed_beside_the_caches(tmp_path):
+    done = _writer(tmp_path, key="aaaa1111")
+    done.write(0, np.ones((5, 4), np.float32), np.ones(5, bool), [])
+    path = done.finish({})
+    whole = _export_folder(tmp_path, "net-cccc3333.exported", {"backbone": "net"})
+    trunk = _export_folder(tmp_path, "net-dddd4444.exported",
+                           {"backbone": "net", "activation": "blocks.5"})
+    interrupted = tmp_path / "net-eeee5555.exported.partial-77"
+    interrupted.mkdir()
+    (interrupted / "model.onnx").write_bytes(b"\0" * 10)
+    note = tmp_path / "net-ffff6666.exported.refused.json"  # auto refused before any export
+    note.write_text(json.dumps({"onnxruntime": "why", "openvino": "why"}))
+    rows = {Path(r["path"]).name: r for r in cache.list_caches(tmp_path)}
+    assert rows.keys() == {path.name, whole.name, trunk.name, interrupted.name, note.name}
+    assert rows[whole.name]["kind"] == "export" and rows[whole.name]["network"] == "features"
+    assert rows[trunk.name]["network"] == "trunk to blocks.5"
+    assert rows[whole.name]["bytes"] == len(whole.joinpath("exported.json").read_bytes()) + 3000
+    assert rows[interrupted.name] == {"path": str(interrupted), "status": "export (partial)",
+                                      "bytes": 10}
+    assert rows[note.name]["status"] == "auto refused onnxruntime, openvino"
+    (tmp_path / f"{whole.name}.refused.json").write_text("{}")
+    assert cache.find_cache(tmp_path, "cccc") == whole  # the export before the note on it
+    assert cache.find_cache(tmp_path, "aaaa") == path
+    with pytest.raises(CacheError, match="export of the network, not a feature cache"):
+        cache.open_cache(whole)
+    for found in ("cccc", "dddd", "eeee", "ffff"):
+        cache.remove_cache(cache.find_cache(tmp_path, found))
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".json")) == [
+        path.name]
+    assert not list(tmp_path.glob("*.exported*"))
 
 
 def test_read_splits_in_small_blocks_matches_the_stored_rows(tmp_path, monkeypatch):

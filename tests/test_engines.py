@@ -216,6 +216,34 @@ def test_wrong_features_are_refused_by_name_and_passed_over_by_auto(exported, tm
     assert resolve_engine("auto", "cpu", export=folder) != "onnxruntime"  # remembered
 
 
+def test_the_cache_commands_list_describe_and_remove_an_export(exported, tmp_path):
+    from pipeline.cli import main
+
+    folder = _copy_export(exported, tmp_path)
+    engines._refuse(folder, "openvino", "a runtime's failure")
+    key = folder.name.split("-")[1].split(".")[0]
+    run = CliRunner().invoke
+    listed = run(main, ["cache", "list", "--cache-dir", str(tmp_path)])
+    lines = listed.output.splitlines()
+    assert listed.exit_code == 0 and len(lines) == 2, listed.output
+    megabytes = (folder / "model.onnx").stat().st_size / 1e6
+    assert lines[0].startswith(f"{folder}  export  resnet18  features  {megabytes:.1f} MB")
+    assert lines[1] == f"{folder}.refused.json  auto refused openvino"
+    info = json.loads(run(main, ["cache", "info", key, "--cache-dir", str(tmp_path),
+                                 "--json"]).output)
+    assert info["network"] == json.loads(json.dumps(exported.spec.key()))
+    assert info["files"] == ["exported.json", "model.onnx"] and info["input_shape"] == [3, 32, 32]
+    refused = run(main, ["cache", "verify", key, "--cache-dir", str(tmp_path)])
+    assert refused.exit_code == 1 and "is an engine's export" in refused.output
+    assert folder.is_dir()  # refused, not moved aside as a damaged cache
+    removed = run(main, ["cache", "rm", key, "--cache-dir", str(tmp_path)])
+    assert removed.exit_code == 0 and removed.output == f"removed {folder}\n"
+    assert list(tmp_path.iterdir()) == []  # the refusal note went with its export
+    again = prepare("onnxruntime", exported.model, exported.x, exported.spec.adapter, CPU,
+                    folder, exported.spec.key())
+    assert again.exported  # exported anew
+
+
 def test_auto_and_named_engines_resolve_without_importing_them(monkeypatch):
     def installed(*names):
         for name, engine in engines._ENGINES.items():
