@@ -9,6 +9,7 @@ from sklearn.datasets import make_blobs, make_classification
 from sklearn.metrics import log_loss
 from sklearn.model_selection import train_test_split
 from sklearn.neighbors import KNeighborsClassifier
+from sklearn.preprocessing import StandardScaler
 from sklearn.utils.estimator_checks import parametrize_with_checks
 from sklearn.utils.validation import has_fit_parameter
 
@@ -22,6 +23,7 @@ from pipeline.heads import (
     head_name,
     make_head,
 )
+from pipeline.heads._base import SCALE_FLOOR, FeatureScaler
 from pipeline.heads.linear_probe import GridAdamW
 
 # Small enough for the many fits of the estimator checks, large enough to pass their accuracy
@@ -50,6 +52,50 @@ def _expected_failed_checks(estimator) -> dict[str, str]:
 @parametrize_with_checks(CHECKED, expected_failed_checks=_expected_failed_checks)
 def test_sklearn_estimator_checks(estimator, check):
     check(estimator)
+
+
+@parametrize_with_checks([FeatureScaler()])
+def test_feature_scaler_is_a_scikit_learn_transformer(estimator, check):
+    check(estimator)
+
+
+def test_a_barely_varying_feature_is_scaled_by_a_tenth_of_the_typical_scale():
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(200, 5)) * [1.0, 2.0, 0.5, 0.0, 0.0]
+    X[7, 4] = 1e-3  # a unit that fires once, barely
+    mine, plain = FeatureScaler().fit(X), StandardScaler().fit(X)
+    typical = np.sqrt(plain.var_.mean())
+    np.testing.assert_allclose(mine.scale_[:3], plain.scale_[:3])  # ordinary spread: as is
+    assert plain.scale_[4] < 1e-4 and mine.scale_[4] == pytest.approx(SCALE_FLOOR * typical)
+    np.testing.assert_allclose(mine.mean_, plain.mean_)
+    assert np.all(mine.transform(X)[:, 3] == 0)  # a constant feature centres to zero
+    batched = FeatureScaler().partial_fit(X[:100]).partial_fit(X[100:])
+    np.testing.assert_allclose(batched.scale_, mine.scale_)
+
+
+def _rare_unit(n, seed, fire):
+    """Two classes apart on five features; with ``fire``, a class-0 image lies among class 1
+    and is the one image that fires a sixth unit, barely (a memorised outlier)."""
+    rng = np.random.default_rng(seed)
+    y = np.repeat([0, 1], n // 2)
+    X = np.zeros((n, 6))
+    X[:, :5] = rng.normal(size=(n, 5)) * 0.5 + 2.0 * y[:, None]
+    if fire:
+        X[0, :5] = 2.0 + rng.normal(size=5) * 0.5
+        X[0, 5] = 1e-3
+    return X, y
+
+
+@pytest.mark.parametrize("head", [LinearProbe(device="cpu"), LogRegHead(), MLPHead(device="cpu")],
+                         ids=lambda h: type(h).__name__)
+def test_heads_do_not_lean_on_a_unit_that_barely_fired_in_training(head):
+    # Standardised by its own scale the unit became a huge value for the outlier, and a class-1
+    # image that fires it a little (an augmented view, a test image) became class 0 at p ~ 1.
+    X, y = _rare_unit(60, seed=0, fire=True)
+    head.fit(X, y, *_rare_unit(20, seed=1, fire=False))
+    silent, fired = np.full((1, 6), 2.0), np.full((1, 6), 2.0)
+    silent[0, 5], fired[0, 5] = 0.0, 0.05
+    assert abs(head.predict_proba(fired)[0, 1] - head.predict_proba(silent)[0, 1]) < 0.05
 
 
 def _easy(n_samples=600, random_state=0):

@@ -83,9 +83,46 @@ def selection_split(estimator, X, y, X_val, y_val, fraction, seed):
     return X, y, X_val, _encode_like(estimator.classes_, y_val), True
 
 
+# A feature's scale is at least this fraction of the features' typical one (FeatureScaler).
+SCALE_FLOOR = 0.1
+
+
+class FeatureScaler(StandardScaler):
+    """StandardScaler whose per-feature scale is at least ``floor`` times the features' typical
+    scale (the root of their mean variance).
+
+    A CNN's pooled ReLU features include units that barely fire on a small training set. With
+    Lite0 on 82 Fashion-MNIST images one unit had a standard deviation of 2e-5 where the
+    typical one is 0.3: divided by its own, it became a huge value for the one image that fired
+    it, the head leaned on it (a raw weight of 1,284), and an augmented view or a test image
+    that fired it got logits off by tens. Plain standardisation gave fine-tuning's first
+    epoch a train loss of 2.86 at 83% accuracy, and on the demo's features with 10 images a
+    class a test log loss of 1.12 (floored: 0.66) for a linear probe. Features of an ordinary
+    spread are scaled as StandardScaler scales them.
+    """
+
+    def __init__(self, *, floor: float = SCALE_FLOOR, copy: bool = True, with_mean: bool = True,
+                 with_std: bool = True):
+        super().__init__(copy=copy, with_mean=with_mean, with_std=with_std)
+        self.floor = floor
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.array_api_support = False  # the floor is taken in numpy
+        return tags
+
+    def partial_fit(self, X, y=None, sample_weight=None):
+        super().partial_fit(X, y, sample_weight)  # fit calls this too
+        if self.with_std:
+            typical = np.sqrt(np.mean(self.var_))
+            self.scale_ = np.maximum(self.scale_, self.floor * typical) if typical > 0 \
+                else self.scale_
+        return self
+
+
 def _standardisation(X) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and scale as StandardScaler computes them (constant features keep a scale of 1)."""
-    scaler = StandardScaler().fit(X)
+    """Mean and scale as :class:`FeatureScaler` computes them."""
+    scaler = FeatureScaler().fit(X)
     return scaler.mean_, scaler.scale_
 
 

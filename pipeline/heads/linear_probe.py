@@ -144,7 +144,8 @@ class LinearProbe(TorchHead):
     n_epochs_ : int
         Epochs run.
     mean_, scale_ : ndarray of shape (n_features,)
-        Standardisation learned on the training part.
+        Standardisation learned on the training part (:class:`~pipeline.heads._base.FeatureScaler`:
+        a barely varying feature is scaled by a tenth of the typical scale, not its own).
     classes_ : ndarray of shape (n_classes,)
     n_features_in_ : int
     """

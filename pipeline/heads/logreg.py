@@ -8,10 +8,15 @@ import numpy as np
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import accuracy_score, log_loss
 from sklearn.pipeline import Pipeline
-from sklearn.preprocessing import StandardScaler
 from sklearn.utils.validation import check_is_fitted, validate_data
 
-from pipeline.heads._base import BaseHead, encode_targets, seed_from, selection_split
+from pipeline.heads._base import (
+    BaseHead,
+    FeatureScaler,
+    encode_targets,
+    seed_from,
+    selection_split,
+)
 
 DEFAULT_CS = tuple(float(c) for c in np.logspace(-4, 2, 13))
 REFIT_ON = ("train", "train+val")
@@ -91,12 +96,12 @@ class LogRegHead(BaseHead):
         X_fit, y_fit, X_sel, y_sel, separate = selection_split(
             self, X, y, X_val, y_val, self.validation_fraction, seed
         )
-        scaler = StandardScaler().fit(X_fit)
+        scaler = FeatureScaler().fit(X_fit)
         models = self._fit_path(scaler.transform(X_fit), y_fit, seed)
         self._score_path(models, scaler.transform(X_sel), y_sel)
         self.C_ = min(models, key=lambda c: (-self.val_scores_[c], self.val_losses_[c], c))
         if self.refit_on == "train+val" and separate:
-            scaler = StandardScaler()
+            scaler = FeatureScaler()
             model = self._logistic_regression(self.C_, seed)
             self.pipeline_ = Pipeline([("scale", scaler), ("logreg", model)])
             self.pipeline_.fit(np.concatenate([X_fit, X_sel]), np.concatenate([y_fit, y_sel]))

@@ -85,7 +85,8 @@ class MLPHead(TorchHead):
     module_ : torch.nn.Sequential
         The network with the best epoch's weights, on the CPU, in eval mode.
     mean_, scale_ : ndarray of shape (n_features,)
-        Standardisation learned on the training part.
+        Standardisation learned on the training part (:class:`~pipeline.heads._base.FeatureScaler`:
+        a barely varying feature is scaled by a tenth of the typical scale, not its own).
     loss_curve_ : list of float
         Mean training loss per epoch.
     validation_loss_curve_ : list of float
