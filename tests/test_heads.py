@@ -157,15 +157,37 @@ def test_logreg_chooses_the_c_its_validation_data_favours():
     assert honest.val_scores_[1.0] > 0.95 > honest.val_scores_[1e-4]
 
 
-def test_logreg_chooses_the_best_validation_accuracy():
+def test_logreg_chooses_the_lowest_validation_loss_or_the_best_accuracy():
     X_train, X_test, y_train, y_test = _easy()
     head = LogRegHead().fit(X_train, y_train)
-    assert len(head.val_scores_) == 13
-    assert head.val_scores_[head.C_] == max(head.val_scores_.values())
-    ties = [c for c, score in head.val_scores_.items() if score == head.val_scores_[head.C_]]
-    assert head.val_losses_[head.C_] == min(head.val_losses_[c] for c in ties)
+    assert len(head.val_losses_) == 13
+    assert head.val_losses_[head.C_] == min(head.val_losses_.values())
     assert head.pipeline_[-1].C == head.C_
     assert head.score(X_test, y_test) > 0.9
+    by_accuracy = LogRegHead(select_on="accuracy").fit(X_train, y_train)
+    scores, losses = by_accuracy.val_scores_, by_accuracy.val_losses_
+    assert scores[by_accuracy.C_] == max(scores.values())
+    ties = [c for c, score in scores.items() if score == scores[by_accuracy.C_]]
+    assert losses[by_accuracy.C_] == min(losses[c] for c in ties)
+    with pytest.raises(ValueError, match="select_on"):
+        LogRegHead(select_on="f1").fit(X_train, y_train)
+
+
+def _noisy(random_state=0):
+    """Few noisy samples in many dimensions: large C fits the noise with confidence."""
+    X, y = make_classification(n_samples=400, n_features=60, n_informative=5, flip_y=0.2,
+                               random_state=random_state)
+    return X[:60], y[:60], X[60:160], y[60:160], X[160:], y[160:]
+
+
+def test_logreg_chosen_on_validation_loss_gives_better_test_probabilities():
+    X, y, X_val, y_val, X_test, y_test = _noisy()
+    by_loss = LogRegHead().fit(X, y, X_val=X_val, y_val=y_val)
+    by_accuracy = LogRegHead(select_on="accuracy").fit(X, y, X_val=X_val, y_val=y_val)
+    assert by_loss.C_ < by_accuracy.C_  # accuracy takes a C that fits the noise
+    loss, accuracy = (log_loss(y_test, h.predict_proba(X_test)) for h in (by_loss, by_accuracy))
+    assert loss < accuracy - 0.05
+    assert by_loss.score(X_test, y_test) > by_accuracy.score(X_test, y_test) - 0.05
 
 
 def test_logreg_refit_on_train_and_validation():
@@ -245,7 +267,7 @@ def test_linear_probe_trains_the_whole_grid_at_once():
     assert [(r["weight_decay"], r["lr"]) for r in rows] == [
         (wd, lr) for wd in GRID["weight_decays"] for lr in GRID["lrs"]
     ]
-    best = max(rows, key=lambda r: (r["val_accuracy"], -r["val_loss"]))
+    best = min(rows, key=lambda r: (r["val_loss"], -r["val_accuracy"]))
     assert (probe.weight_decay_, probe.lr_) == (best["weight_decay"], best["lr"])
     norm = {(r["weight_decay"], r["lr"]): r["weight_norm"] for r in rows}
     # Its own weight decay per head: a huge one shrinks the weights, a tiny one does not ...

@@ -83,6 +83,9 @@ def selection_split(estimator, X, y, X_val, y_val, fraction, seed):
     return X, y, X_val, _encode_like(estimator.classes_, y_val), True
 
 
+# What a head's validation data chooses its hyperparameters by (LogRegHead, LinearProbe).
+SELECT_ON = ("log_loss", "accuracy")
+
 # A feature's scale is at least this fraction of the features' typical one (FeatureScaler).
 SCALE_FLOOR = 0.1
 

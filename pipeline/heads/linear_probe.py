@@ -16,7 +16,7 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 from torch.nn import functional as F
 
 from pipeline.early_stopping import EarlyStopping
-from pipeline.heads._base import ADAM_BETAS, ADAM_EPS, FLOATS, TorchHead
+from pipeline.heads._base import ADAM_BETAS, ADAM_EPS, FLOATS, SELECT_ON, TorchHead
 
 DEFAULT_WEIGHT_DECAYS = tuple(float(w) for w in np.logspace(-6, -1, 8))
 
@@ -98,9 +98,11 @@ def _train_grid_epoch(W, b, optimizer, X, y, batch_size, generator):
         optimizer.step()
 
 
-def _best_head(val_accuracy: np.ndarray, val_loss: np.ndarray) -> int:
-    """Best validation accuracy; ties go to the lower validation loss, then the first head."""
-    return int(np.lexsort((val_loss, -val_accuracy))[0])
+def _best_head(val_accuracy: np.ndarray, val_loss: np.ndarray, select_on: str) -> int:
+    """Lowest validation loss, ties to the higher accuracy (``select_on="accuracy"``: the best
+    accuracy, ties to the lower loss); then the first head."""
+    keys = (-val_accuracy, val_loss) if select_on == "log_loss" else (val_loss, -val_accuracy)
+    return int(np.lexsort(keys)[0])
 
 
 class LinearProbe(TorchHead):
@@ -112,7 +114,7 @@ class LinearProbe(TorchHead):
     own learning rate and its own decoupled weight decay (the intercept is not decayed, as in
     LogisticRegression). After every epoch all heads are scored on validation data; each keeps
     the weights of its lowest validation loss, and training stops once no head has improved for
-    ``patience`` epochs. The head with the best validation accuracy (ties: lower loss) wins.
+    ``patience`` epochs. The head with the lowest validation loss wins (``select_on``).
 
     Parameters
     ----------
@@ -121,6 +123,9 @@ class LinearProbe(TorchHead):
     batch_size : int, default=512
     max_epochs : int, default=50
     patience : int, default=5
+    select_on : {"log_loss", "accuracy"}, default="log_loss"
+        What chooses the head: its lowest validation loss (ties: higher accuracy), or its best
+        validation accuracy (ties: lower loss), as :class:`~pipeline.heads.LogRegHead` chooses C.
     validation_fraction : float, default=0.1
         Share of the training data held out (stratified) for selection when ``fit`` is given
         no ``X_val``.
@@ -157,6 +162,7 @@ class LinearProbe(TorchHead):
         batch_size=512,
         max_epochs=50,
         patience=5,
+        select_on="log_loss",
         validation_fraction=0.1,
         device="auto",
         random_state=0,
@@ -166,6 +172,7 @@ class LinearProbe(TorchHead):
         self.batch_size = batch_size
         self.max_epochs = max_epochs
         self.patience = patience
+        self.select_on = select_on
         self.validation_fraction = validation_fraction
         self.device = device
         self.random_state = random_state
@@ -187,6 +194,8 @@ class LinearProbe(TorchHead):
         grid = list(itertools.product(self.weight_decays, self.lrs))
         if not grid:
             raise ValueError("weight_decays and lrs must each hold at least one value")
+        if self.select_on not in SELECT_ON:
+            raise ValueError(f"select_on must be one of {SELECT_ON}, not {self.select_on!r}")
         train, val, seed, device = self._standardised_splits(
             X, y, X_val, y_val, self.validation_fraction)
         W, b, loss, accuracy = self._train_grid(grid, train, val, seed, device)
@@ -232,7 +241,7 @@ class LinearProbe(TorchHead):
             }
             for (wd, lr), acc, lo, norm in zip(grid, accuracy, loss, norms)
         ]
-        best = _best_head(accuracy, loss)
+        best = _best_head(accuracy, loss, self.select_on)
         self.weight_decay_, self.lr_ = (float(v) for v in grid[best])
         weights = W[best].cpu().double().numpy()  # (D, C) in the standardised space
         self.coef_ = (weights / self.scale_[:, None]).T
