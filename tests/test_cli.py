@@ -147,6 +147,8 @@ def test_stage_two_user_errors_are_one_line_and_keep_results(tmp_path, image_fol
                            "nohead")
     _assert_one_line_error(_run("heads", cache_path, "--heads", "mlp:depth=3", "--out", out),
                            "depth")
+    _assert_one_line_error(_run("heads", cache_path, "--heads", "logreg;linear:select_on=f1",
+                                "--out", out), "'select_on' parameter of LinearProbe")
     _assert_one_line_error(_run("heads", tmp_path / "x.h5", "--out", out), "no such cache")
     partial = tmp_path / "p.h5.partial"
     partial.write_bytes(b"")

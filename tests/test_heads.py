@@ -376,6 +376,14 @@ def test_make_head_imports_any_classifier():
         ("mlp:hidden_sizes=(8,", "cannot read the value '\\(8,'"),
         ("mlp:dropout", "write param=value"),
         ("mlp:dropout=0.1,dropout=0.2", "given twice"),
+        # values the heads' declared constraints refuse: before any fit, not in the middle
+        ("logreg:select_on=f1", "bad parameter for head 'logreg'.*'select_on'.*Got 'f1'"),
+        ("logreg:refit_on=all", "'refit_on' parameter of LogRegHead"),
+        ("mlp:hidden_sizes=-3", "'hidden_sizes' parameter of MLPHead"),
+        ("mlp:dropout=1.5", "'dropout' parameter of MLPHead"),
+        ("linear:batch_size=0", "'batch_size' parameter of LinearProbe"),
+        ("linear:validation_fraction=1.0", "'validation_fraction' parameter"),
+        ("sklearn.svm.SVC:kernel=foo", "bad parameter for head 'sklearn.svm.SVC'.*'kernel'"),
     ],
 )
 def test_make_head_refuses_what_it_cannot_build(spec, message):

@@ -8,6 +8,7 @@ early stopping on a selection split.
 from __future__ import annotations
 
 import contextlib
+from numbers import Integral, Real
 
 import numpy as np
 import torch
@@ -15,6 +16,7 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.model_selection import train_test_split
 from sklearn.preprocessing import StandardScaler
 from sklearn.utils import check_random_state
+from sklearn.utils._param_validation import Interval
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
@@ -85,6 +87,23 @@ def selection_split(estimator, X, y, X_val, y_val, fraction, seed):
 
 # What a head's validation data chooses its hyperparameters by (LogRegHead, LinearProbe).
 SELECT_ON = ("log_loss", "accuracy")
+
+# Parameter constraints in scikit-learn's own form (``_parameter_constraints``, checked by
+# ``_validate_params`` at fit, as scikit-learn's estimators do): make_head checks a head's
+# values when it is built, so a bad one stops the command before anything is fitted.
+# sklearn.utils._param_validation is private, but it is how every estimator of scikit-learn
+# >= 1.2 declares its parameters, and check_param_validation tests ours against it.
+COMMON_CONSTRAINTS = {
+    "validation_fraction": [Interval(Real, 0, 1, closed="neither")],
+    "random_state": ["random_state"],
+}
+TORCH_CONSTRAINTS = {
+    **COMMON_CONSTRAINTS,
+    "batch_size": [Interval(Integral, 1, None, closed="left")],
+    "max_epochs": [Interval(Integral, 0, None, closed="left")],
+    "patience": [Interval(Integral, 1, None, closed="left")],
+    "device": [str],
+}
 
 # A feature's scale is at least this fraction of the features' typical one (FeatureScaler).
 SCALE_FLOOR = 0.1
@@ -190,6 +209,7 @@ class TorchHead(BaseHead):
         Sets ``classes_``, ``n_features_in_``, ``mean_`` and ``scale_``; returns
         ``(train, val, seed, device)``.
         """
+        self._validate_params()
         X, y = validate_data(self, X, y, reset=True, dtype=FLOATS)
         self.classes_, y = encode_targets(y)
         seed = seed_from(self.random_state)

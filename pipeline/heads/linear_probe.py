@@ -12,11 +12,19 @@ import itertools
 import numpy as np
 import torch
 from scipy.special import softmax
+from sklearn.utils._param_validation import StrOptions
 from sklearn.utils.validation import check_is_fitted, validate_data
 from torch.nn import functional as F
 
 from pipeline.early_stopping import EarlyStopping
-from pipeline.heads._base import ADAM_BETAS, ADAM_EPS, FLOATS, SELECT_ON, TorchHead
+from pipeline.heads._base import (
+    ADAM_BETAS,
+    ADAM_EPS,
+    FLOATS,
+    SELECT_ON,
+    TORCH_CONSTRAINTS,
+    TorchHead,
+)
 
 DEFAULT_WEIGHT_DECAYS = tuple(float(w) for w in np.logspace(-6, -1, 8))
 
@@ -155,6 +163,13 @@ class LinearProbe(TorchHead):
     n_features_in_ : int
     """
 
+    _parameter_constraints = {
+        "weight_decays": ["array-like"],
+        "lrs": ["array-like"],
+        "select_on": [StrOptions(set(SELECT_ON))],
+        **TORCH_CONSTRAINTS,
+    }
+
     def __init__(
         self,
         weight_decays=DEFAULT_WEIGHT_DECAYS,
@@ -194,8 +209,6 @@ class LinearProbe(TorchHead):
         grid = list(itertools.product(self.weight_decays, self.lrs))
         if not grid:
             raise ValueError("weight_decays and lrs must each hold at least one value")
-        if self.select_on not in SELECT_ON:
-            raise ValueError(f"select_on must be one of {SELECT_ON}, not {self.select_on!r}")
         train, val, seed, device = self._standardised_splits(
             X, y, X_val, y_val, self.validation_fraction)
         W, b, loss, accuracy = self._train_grid(grid, train, val, seed, device)

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import copy
+from numbers import Integral
 
 import numpy as np
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import accuracy_score, log_loss
 from sklearn.pipeline import Pipeline
+from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from pipeline.heads._base import (
+    COMMON_CONSTRAINTS,
     SELECT_ON,
     BaseHead,
     FeatureScaler,
@@ -70,6 +73,14 @@ class LogRegHead(BaseHead):
     n_features_in_ : int
     """
 
+    _parameter_constraints = {
+        "Cs": ["array-like"],
+        "max_iter": [Interval(Integral, 1, None, closed="left")],
+        "refit_on": [StrOptions(set(REFIT_ON))],
+        "select_on": [StrOptions(set(SELECT_ON))],
+        **COMMON_CONSTRAINTS,
+    }
+
     def __init__(
         self,
         Cs=DEFAULT_CS,
@@ -100,12 +111,9 @@ class LogRegHead(BaseHead):
         -------
         self : LogRegHead
         """
+        self._validate_params()
         X, y = validate_data(self, X, y, reset=True)
         self.classes_, y = encode_targets(y)
-        if self.refit_on not in REFIT_ON:
-            raise ValueError(f"refit_on must be one of {REFIT_ON}, not {self.refit_on!r}")
-        if self.select_on not in SELECT_ON:
-            raise ValueError(f"select_on must be one of {SELECT_ON}, not {self.select_on!r}")
         seed = seed_from(self.random_state)
         X_fit, y_fit, X_sel, y_sel, separate = selection_split(
             self, X, y, X_val, y_val, self.validation_fraction, seed

@@ -3,15 +3,24 @@
 from __future__ import annotations
 
 import copy
+from numbers import Real
 
 import numpy as np
 import torch
+from sklearn.utils._param_validation import Interval
 from sklearn.utils.validation import check_is_fitted, validate_data
 from torch import nn
 from torch.nn import functional as F
 
 from pipeline.early_stopping import EarlyStopping
-from pipeline.heads._base import ADAM_BETAS, FLOATS, TorchHead, seeded_torch, standardise
+from pipeline.heads._base import (
+    ADAM_BETAS,
+    FLOATS,
+    TORCH_CONSTRAINTS,
+    TorchHead,
+    seeded_torch,
+    standardise,
+)
 
 _PREDICT_ROWS = 8192  # rows per forward pass at predict time: bounded memory on large test sets
 
@@ -98,6 +107,14 @@ class MLPHead(TorchHead):
     classes_ : ndarray of shape (n_classes,)
     n_features_in_ : int
     """
+
+    _parameter_constraints = {
+        "hidden_sizes": ["array-like"],
+        "dropout": [Interval(Real, 0, 1, closed="left")],
+        "lr": [Interval(Real, 0, None, closed="neither")],
+        "weight_decay": [Interval(Real, 0, None, closed="left")],
+        **TORCH_CONSTRAINTS,
+    }
 
     def __init__(
         self,

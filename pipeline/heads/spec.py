@@ -118,7 +118,8 @@ def make_head(spec: str) -> BaseEstimator:
     ------
     HeadError
         Unknown name, a module that cannot be imported, a class that is not a classifier, an
-        unknown parameter or an unreadable value.
+        unknown parameter, an unreadable value, or a value the estimator's declared parameter
+        constraints refuse.
     """
     name, params = _parse_spec(spec)
     cls = _head_class(name)
@@ -132,9 +133,12 @@ def make_head(spec: str) -> BaseEstimator:
             "or a classifier such as sklearn.svm.LinearSVC"
         )
     try:
-        return estimator.set_params(**params)
-    except ValueError as err:
+        estimator.set_params(**params)
+        if hasattr(estimator, "_parameter_constraints"):  # scikit-learn's and ours
+            estimator._validate_params()  # now, not in the middle of fitting
+    except (ValueError, TypeError) as err:
         raise HeadError(f"bad parameter for head {name!r}: {err}") from err
+    return estimator
 
 
 def head_name(spec: str) -> str:
