@@ -623,6 +623,12 @@ def cache_info(path: str | os.PathLike) -> dict:
         }
 
 
+def cache_kind(info: dict) -> str:
+    """``features``, or ``activations`` for fine-tuning's caches of block inputs
+    (:mod:`pipeline.activations`), which share this layout: ``info`` from :func:`cache_info`."""
+    return "activations" if "activations" in info["spec"] else "features"
+
+
 def _cache_files(cache_dir: str | os.PathLike) -> list[Path]:
     """The cache files of a folder, without the writer locks beside them."""
     return sorted(p for p in Path(cache_dir).glob(f"*{SUFFIX}*")
@@ -639,8 +645,7 @@ def list_caches(cache_dir: str | os.PathLike) -> list[dict]:
             except CacheError as err:
                 rows.append({"path": str(path), "status": str(err)})
                 continue
-            # Activation caches (pipeline.activations) hold block inputs, not features.
-            kind = "activations" if "activations" in info["spec"] else "features"
+            kind = cache_kind(info)
             rows.append({"path": str(path), "status": "complete", "kind": kind, "backbone":
                          info["spec"]["backbone"], "images": info["images"], "dim": info["dim"],
                          "bytes": info["bytes"], "created": info["created"]})

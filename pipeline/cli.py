@@ -325,6 +325,9 @@ def heads(caches, head_specs, out, shots, draws, seed, repeats, positive, as_jso
                            repeats, positive=positive)
     result = compare.fit_heads(caches, options=options, progress=False if quiet else None,
                                track=track)
+    if result.skipped:
+        click.echo(f"skipped {len(result.skipped)} activation cache(s) (fine-tuning's block "
+                   f"inputs, not features): {', '.join(result.skipped)}", err=True)
     if as_json:
         _emit_json(result.to_json())
         return
@@ -421,12 +424,13 @@ def _finetune_default(name: str):
 # The training settings that finetune and lr-find share: the range test trains the network
 # the fine-tune would, so it takes the same ones.
 _TRAINING_OPTIONS = (
-    click.option("--backbone-lr-ratio", type=float,
+    click.option("--backbone-lr-ratio", type=click.FloatRange(min=0, min_open=True),
                  default=_finetune_default("backbone_lr_ratio"), show_default=True,
                  help="Backbone learning rate as a fraction of the head's."),
     click.option("--optimizer", type=click.Choice(OPTIMIZERS),
                  default=_finetune_default("optimizer"), show_default=True),
-    click.option("--weight-decay", type=float, default=_finetune_default("weight_decay"),
+    click.option("--weight-decay", type=click.FloatRange(min=0),
+                 default=_finetune_default("weight_decay"),
                  show_default=True),
     click.option("--augment", type=click.Choice(AUGMENTS), default=_finetune_default("augment"),
                  show_default=True),

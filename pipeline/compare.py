@@ -15,7 +15,7 @@ from sklearn.base import clone
 from sklearn.utils.validation import has_fit_parameter
 
 from pipeline import report, tracking
-from pipeline.cache import FeatureSplit, cache_info, read_splits
+from pipeline.cache import FeatureSplit, cache_info, cache_kind, read_splits
 from pipeline.calibration import reliability_curve
 from pipeline.errors import DataError, PipelineError
 from pipeline.heads import head_name, make_head
@@ -69,10 +69,29 @@ class Comparison:
 
     rows: list[dict]
     shots: list[dict] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # activation caches among the paths
     files: dict[str, str] = field(default_factory=dict)
 
     def to_json(self) -> dict:
-        return {"results": self.rows, "shots": self.shots, "files": self.files}
+        return {"results": self.rows, "shots": self.shots, "files": self.files,
+                "skipped_activation_caches": self.skipped}
+
+
+def feature_caches(paths: Sequence[str | os.PathLike]) -> tuple[list[Path], list[Path]]:
+    """The feature caches among ``paths``, and the activation caches left out.
+
+    Fine-tuning writes its activation caches (block inputs of augmented views) beside the
+    feature caches, so ``cache/<backbone>-*.h5`` takes both; heads fitted on them would be
+    rows of another experiment in the table.
+    """
+    kinds = {Path(p): cache_kind(cache_info(p)) for p in paths}
+    features = [p for p, kind in kinds.items() if kind == "features"]
+    activations = [p for p, kind in kinds.items() if kind == "activations"]
+    if not features:
+        raise DataError(f"{activations[0]} is an activation cache written by fine-tuning (block "
+                        "inputs of augmented views), not a feature cache; `pipeline cache list` "
+                        "shows each file's kind")
+    return features, activations
 
 
 def load_cache_data(path: str | os.PathLike) -> CacheData:
@@ -149,6 +168,7 @@ def fit_heads(
     if opts.repeats < 1:
         raise PipelineError("repeats must be at least 1")
     estimators = [(spec, make_head(spec)) for spec in heads]  # bad specs fail before any fit
+    caches, skipped = feature_caches(caches)
     data = [load_cache_data(path) for path in caches]
     for cache in data:  # a wrong --positive fails before any fit
         positive_class(cache.classes, opts.positive)
@@ -158,6 +178,7 @@ def fit_heads(
     parent = tracking.start(track, out.parent, out.name, "heads")
     with tracking.ending(parent), Progress(fits, "heads", "fit", progress=progress) as bar:
         result = _compare(data, estimators, opts, out, bar, parent)
+        result.skipped = [str(p) for p in skipped]
         files = [*result.files.values(), out / "results.json", *(r["model"] for r in result.rows),
                  *(out / r["predictions"] for r in result.rows)]
         record.update(device=_device(), tracking=parent.describe() if parent else None)

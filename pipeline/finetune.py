@@ -435,6 +435,13 @@ def _config(cfg: FinetuneConfig) -> FinetuneConfig:
     if cfg.epochs < 0 or not lr_ok or cfg.batch_size < 1 or cfg.views < 1:
         raise FinetuneError(f"epochs must be >= 0, lr > 0 or {AUTO_LR!r}, batch size and "
                             "views >= 1")
+    # A negative ratio would climb the loss in the backbone while the head descends it.
+    for name, low, strict in (("backbone_lr_ratio", 0, True), ("weight_decay", 0, False),
+                              ("clip_grad", 0, True), ("patience", 1, False),
+                              ("step_size", 1, False)):
+        value = getattr(cfg, name)
+        if value < low or (strict and value == low):
+            raise FinetuneError(f"{name} must be {'>' if strict else '>='} {low}, not {value}")
     return cfg
 
 

@@ -100,6 +100,21 @@ def test_several_caches_land_in_one_table(tmp_path, cache_file):
     assert json.loads((tmp_path / "out" / "results.json").read_text())[1]["head"] == "logreg"
 
 
+def test_activation_caches_among_the_paths_are_left_out_and_alone_refused(tmp_path):
+    from pipeline.finetune import finetune
+
+    root = make_folder(tmp_path / "images", per_class=6)
+    finetune(root, cache_dir=tmp_path / "c", out=tmp_path / "ft", epochs=1, batch_size=8, **TINY)
+    every = sorted((tmp_path / "c").glob("resnet18-*.h5"))  # the glob a user types
+    activations = [p for p in every if p.name.endswith(".activations.h5")]
+    assert activations and len(every) == len(activations) + 1
+    result = fit_heads(every, ["logreg"], tmp_path / "out")
+    assert len(result.rows) == 1 and result.skipped == [str(p) for p in activations]
+    assert result.to_json()["skipped_activation_caches"] == result.skipped
+    with pytest.raises(DataError, match="is an activation cache written by fine-tuning"):
+        fit_heads(activations, ["logreg"], tmp_path / "out2")
+
+
 def test_k_shot_sampling_takes_k_per_class_from_train_only():
     y = np.repeat([0, 1, 2], [5, 3, 8])
     picked = sample_shots(y, 4, np.random.default_rng(0))

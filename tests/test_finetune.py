@@ -136,6 +136,11 @@ def test_a_resumed_run_stops_at_the_epoch_an_uninterrupted_one_does(data, tmp_pa
 def test_bad_requests_are_clear_errors(data, tmp_path):
     with pytest.raises(PipelineError, match="blocks"):
         _run(data, tmp_path, unfreeze=9)
+    for name, value, message in (("backbone_lr_ratio", -2.0, "backbone_lr_ratio must be > 0"),
+                                 ("weight_decay", -1.0, "weight_decay must be >= 0"),
+                                 ("clip_grad", 0.0, "clip_grad must be > 0")):
+        with pytest.raises(FinetuneError, match=message):
+            _run(data, tmp_path, name="bad", **{name: value})
     no_val = make_split_folder(tmp_path / "s", counts={"train": 4, "test": 2})
     with pytest.raises(DataError, match="no validation split"):  # val given a fraction of 0
         _run(no_val, tmp_path, name="nv", split_fractions=(1.0, 0.0, 0.0))
