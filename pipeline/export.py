@@ -70,11 +70,22 @@ def export_cache(cache: str | os.PathLike, out: str | os.PathLike, format: str =
     if format not in FORMATS:
         raise ExportError(f"format must be one of {', '.join(FORMATS)}, not {format!r}")
     out = Path(out)
+    _check_out(out, format)
     with open_cache(cache) as f:
         n, dim = f["features"].shape
         writer = {"npy": _write_npy, "parquet": _write_parquet, "csv": _write_csv}[format]
         files = writer(out, _blocks(f), n, dim, f["features"].dtype)
     return {"rows": int(n), "dim": int(dim), "format": format, "files": [str(p) for p in files]}
+
+
+def _check_out(out: Path, format: str) -> None:
+    """npy writes a folder, parquet and csv one file: say so before anything is read."""
+    if format == "npy" and out.exists() and not out.is_dir():
+        raise ExportError(f"--out {out} is a file; npy writes a folder of .npy files: give a "
+                          "folder")
+    if format != "npy" and out.is_dir():
+        raise ExportError(f"--out {out} is a folder; {format} writes one file: give a file "
+                          f"name such as {out / ('features.' + format)}")
 
 
 def _blocks(f) -> Iterator[_Block]:

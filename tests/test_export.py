@@ -84,3 +84,17 @@ def test_unlabelled_set_exports_without_labels_or_splits(tmp_path):
 def test_unknown_format_is_a_user_error(tmp_path, labelled_cache):
     with pytest.raises(PipelineError, match="format must be one of"):
         export_cache(labelled_cache, tmp_path / "x", "xlsx")
+
+
+def test_an_out_of_the_wrong_kind_is_a_user_error_before_anything_is_written(tmp_path,
+                                                                           labelled_cache):
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    for fmt in ("csv", "parquet"):
+        with pytest.raises(PipelineError, match=f"is a folder; {fmt} writes one file"):
+            export_cache(labelled_cache, folder, fmt)
+    afile = tmp_path / "features.csv"
+    afile.write_text("mine")
+    with pytest.raises(PipelineError, match="is a file; npy writes a folder"):
+        export_cache(labelled_cache, afile, "npy")
+    assert list(folder.iterdir()) == [] and afile.read_text() == "mine"
