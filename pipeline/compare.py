@@ -18,7 +18,7 @@ from pipeline import report, tracking
 from pipeline.cache import FeatureSplit, cache_info, cache_kind, read_splits
 from pipeline.calibration import reliability_curve
 from pipeline.errors import DataError, PipelineError
-from pipeline.heads import head_name, make_head
+from pipeline.heads import HEADS, HeadError, head_name, make_head
 from pipeline.leakage import leaked_test_images
 from pipeline.options import DEFAULT_HEADS, HeadsOptions
 from pipeline.persistence import HEAD_SUFFIX, save_head
@@ -241,7 +241,15 @@ def _fit_and_score(cache: CacheData, spec: str, template, seed: int, intervals: 
     if "random_state" in estimator.get_params():
         estimator.set_params(random_state=seed)
     started = time.perf_counter()
-    _fit(estimator, cache.train, cache.val)
+    try:
+        _fit(estimator, cache.train, cache.val)
+    except (ValueError, TypeError) as err:
+        if head_name(spec) in HEADS:  # ours: a bug, raised with its traceback
+            raise
+        # Another library's classifier that refuses its parameters together (each one passed
+        # make_head's checks) or the data: the user's choice of head, said in one line.
+        raise HeadError(f"head {spec!r} could not be fitted on {cache.path.name}: "
+                        f"{' '.join(str(err).split())}") from err
     fit_s = time.perf_counter() - started
     started = time.perf_counter()
     proba = class_probabilities(estimator, cache.test.X, len(cache.classes))

@@ -149,6 +149,9 @@ def test_stage_two_user_errors_are_one_line_and_keep_results(tmp_path, image_fol
                            "depth")
     _assert_one_line_error(_run("heads", cache_path, "--heads", "logreg;linear:select_on=f1",
                                 "--out", out), "'select_on' parameter of LinearProbe")
+    _assert_one_line_error(_run("heads", cache_path, "--heads",
+                                "sklearn.svm.LinearSVC:penalty=l1,loss=hinge", "--out", out),
+                           "could not be fitted")
     _assert_one_line_error(_run("heads", tmp_path / "x.h5", "--out", out), "no such cache")
     partial = tmp_path / "p.h5.partial"
     partial.write_bytes(b"")
