@@ -34,7 +34,11 @@ from pipeline.tracking import STORE
 
 def _cell(value) -> str:
     if isinstance(value, float):
-        return "nan" if np.isnan(value) else f"{value:.4f}"
+        if np.isnan(value):
+            return "nan"
+        # Four decimals for scores and seconds; a small value (a learning rate of 1e-05, a
+        # p-value) keeps three significant digits instead of becoming 0.0000.
+        return f"{value:.3g}" if 0 < abs(value) < 1e-3 else f"{value:.4f}"
     return display(str(value))  # class names from folders may hold bytes that are not UTF-8
 
 

@@ -150,3 +150,15 @@ def test_a_damaged_predictions_file_is_one_clear_error(tmp_path):
     (tmp_path / "a" / "predictions" / "logreg.npz").write_bytes(b"not a zip")
     with pytest.raises(PipelineError, match="cannot read stored predictions .* run the stage"):
         write_report(tmp_path)
+
+
+def test_tables_keep_small_values_such_as_a_learning_rate_of_1e_05(tmp_path):
+    from pipeline.report import write_table
+
+    rows = [{"lr": lr, "test_accuracy": 0.86204, "p": p}
+            for lr, p in ((0.1, 0.5), (1e-4, 0.0004), (1e-05, 2.5e-7), (0.0, float("nan")))]
+    csv_path, md_path = write_table(rows, tmp_path / "sweep")
+    lines = csv_path.read_text().splitlines()
+    assert lines[1:] == ["0.1000,0.8620,0.5000", "0.0001,0.8620,0.0004",
+                         "1e-05,0.8620,2.5e-07", "0.0000,0.8620,nan"]
+    assert "| 1e-05 | 0.8620 | 2.5e-07 |" in md_path.read_text()
