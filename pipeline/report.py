@@ -441,7 +441,9 @@ def factor_plot(rows: Sequence[dict], factors: Sequence[str], metric: str,
                        facecolors="none", edgecolors="red", label="chosen")
         if numeric and factor == "lr" and min(values) > 0:
             ax.set_xscale("log")
-        if not numeric:
+        elif numeric:  # batch sizes, depths: a tick at each value run, not 0.96 ... 1.04
+            ax.set_xticks(sorted(values), [str(v) for v in sorted(values)])
+        else:
             ax.set_xticks(range(len(values)), [str(v) for v in values])
         ax.set_xlabel(factor)
         ax.set_ylabel(metric)
