@@ -54,7 +54,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from pipeline.engines import EXPORTED, REFUSED
+from pipeline.engines import EXPORTED, REFUSED, refusal_path
 from pipeline.errors import CacheError, DataError
 from pipeline.layouts import as_bytes, display
 from pipeline.locks import LOCK_SUFFIX
@@ -738,7 +738,7 @@ def remove_cache(path: Path) -> None:
     refusal note beside it)."""
     if is_export(path) and path.is_dir():
         shutil.rmtree(path)
-        path.with_name(path.name + REFUSED).unlink(missing_ok=True)
+        refusal_path(path).unlink(missing_ok=True)
         return
     if is_export(path):  # a refusal note
         path.unlink()
