@@ -119,9 +119,12 @@ def test_a_real_sweep_trains_from_one_activation_pass(tmp_path):
     # two depths, one file each, written once for the whole sweep
     assert len(list((tmp_path / "c").glob("*.activations.h5"))) == 2
     assert result.best in result.rows and result.best == choose(result.rows)
-    assert all((tmp_path / "o" / "runs" / run_name(
-        {"lr": r["lr"], "unfreeze": r["unfreeze"]}) / "results.json").exists()
-        for r in result.rows)
+    folders = [tmp_path / "o" / "runs" / run_name({"lr": r["lr"], "unfreeze": r["unfreeze"]})
+               for r in result.rows]
+    assert all((f / "results.json").exists() and list((f / "models").glob("*.net"))
+               for f in folders)
+    # A finished run answers from its sweep-run.json: its checkpoint is gone.
+    assert not any((f / "checkpoint.pt").exists() for f in folders)
 
 
 def test_the_command_sweeps_when_given_several_values(tmp_path):
