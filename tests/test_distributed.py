@@ -36,6 +36,15 @@ FT_ARGS = ["--epochs", "2", "--patience", "5", "--lr", "0.01", "--unfreeze", "1"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd()}
 
 
+@pytest.fixture(scope="module", autouse=True)
+def launcher_temp(tmp_path_factory):
+    """torchrun's elastic agent makes a torchelastic_* folder in TMPDIR per launch and leaves
+    it: point it at pytest's folders, which go with the run, instead of the machine's /tmp."""
+    ENV["TMPDIR"] = str(tmp_path_factory.mktemp("tmpdir"))
+    yield
+    ENV.pop("TMPDIR")
+
+
 def torchrun(*args: str, launcher=ONE_MACHINE) -> subprocess.CompletedProcess:
     return subprocess.run([TORCHRUN, *launcher, *args], capture_output=True, text=True,
                           env=ENV, timeout=300)
