@@ -623,10 +623,17 @@ def cache_info(path: str | os.PathLike) -> dict:
         }
 
 
-def cache_kind(info: dict) -> str:
+def cache_spec(path: str | os.PathLike) -> dict:
+    """The JSON spec a complete cache is keyed by, read without touching its datasets."""
+    with open_cache(path) as f:
+        return json.loads(f.attrs["spec"])
+
+
+def cache_kind(spec: dict) -> str:
     """``features``, or ``activations`` for fine-tuning's caches of block inputs
-    (:mod:`pipeline.activations`), which share this layout: ``info`` from :func:`cache_info`."""
-    return "activations" if "activations" in info["spec"] else "features"
+    (:mod:`pipeline.activations`), which share this layout: ``spec`` as :func:`cache_spec`
+    reads it."""
+    return "activations" if "activations" in spec else "features"
 
 
 def _cache_files(cache_dir: str | os.PathLike) -> list[Path]:
@@ -645,7 +652,7 @@ def list_caches(cache_dir: str | os.PathLike) -> list[dict]:
             except CacheError as err:
                 rows.append({"path": str(path), "status": str(err)})
                 continue
-            kind = cache_kind(info)
+            kind = cache_kind(info["spec"])
             rows.append({"path": str(path), "status": "complete", "kind": kind, "backbone":
                          info["spec"]["backbone"], "images": info["images"], "dim": info["dim"],
                          "bytes": info["bytes"], "created": info["created"]})

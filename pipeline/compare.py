@@ -15,7 +15,7 @@ from sklearn.base import clone
 from sklearn.utils.validation import has_fit_parameter
 
 from pipeline import report, tracking
-from pipeline.cache import FeatureSplit, cache_info, cache_kind, read_splits
+from pipeline.cache import FeatureSplit, cache_info, cache_kind, cache_spec, read_splits
 from pipeline.calibration import reliability_curve
 from pipeline.errors import DataError, PipelineError
 from pipeline.heads import HEADS, HeadError, head_name, make_head
@@ -84,7 +84,7 @@ def feature_caches(paths: Sequence[str | os.PathLike]) -> tuple[list[Path], list
     feature caches, so ``cache/<backbone>-*.h5`` takes both; heads fitted on them would be
     rows of another experiment in the table.
     """
-    kinds = {Path(p): cache_kind(cache_info(p)) for p in paths}
+    kinds = {Path(p): cache_kind(cache_spec(p)) for p in paths}  # attributes only
     features = [p for p, kind in kinds.items() if kind == "features"]
     activations = [p for p, kind in kinds.items() if kind == "activations"]
     if not features:

@@ -38,7 +38,7 @@ from pipeline.activations import (
 from pipeline.atomic import atomic_write
 from pipeline.backbones import BackboneSpec, as_spec, replace_classifier
 from pipeline.blocks import STEM, freeze_below, parse_layers, stem, unfreeze_depth
-from pipeline.cache import cache_key, open_cache, read_splits
+from pipeline.cache import cache_key, cache_spec, read_splits
 from pipeline.calibration import reliability_curve
 from pipeline.data import ImageFiles, ImageSet, load_image_set
 from pipeline.devices import autocast, autocast_dtype, default_batch_size, default_workers
@@ -522,8 +522,7 @@ def _activations(spec, model, images, train_rows, features, cfg, opts, device, c
     blocks = spec.adapter.blocks(model)
     boundaries = {d: lowest_trained(spec, model, blocks, d) for d in depths}
     views = cfg.views if cfg.augment == "standard" else 0
-    with open_cache(features.cache_path) as f:
-        feature_spec = json.loads(f.attrs["spec"])
+    feature_spec = cache_spec(features.cache_path)
     keys = {}
     for d, block in boundaries.items():
         key_spec = activation_key_spec(feature_spec, block.name, cfg.activation_dtype, views,
