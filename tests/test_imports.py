@@ -30,7 +30,7 @@ def test_import_pipeline_loads_no_framework():
 
 
 def test_cli_help_loads_no_framework():
-    code = ("from pipeline.cli import main\n"
+    code = ("from pipeline.cli.main import main\n"
             "try:\n    main(['--help'])\nexcept SystemExit:\n    pass")
     loaded = _loaded_after(code)
     assert not any(loaded.values()), loaded
@@ -39,7 +39,7 @@ def test_cli_help_loads_no_framework():
 def test_public_names_resolve_on_first_use():
     import pipeline
 
-    assert pipeline.resolve_backbone.__module__ == "pipeline.backbones"
+    assert pipeline.resolve_backbone.__module__ == "pipeline.models.backbones"
     assert set(pipeline.__all__) <= set(dir(pipeline))
     with pytest.raises(AttributeError):
         pipeline.no_such_name  # noqa: B018
@@ -47,8 +47,8 @@ def test_public_names_resolve_on_first_use():
 
 def test_plots_leave_the_callers_matplotlib_alone(tmp_path):
     code = (f"import matplotlib\nmatplotlib.use('svg')\n"
-            f"from pipeline import report\n"
-            f"report.bar_chart(['a', 'b'], [0.5, 0.7], {str(tmp_path / 'p.png')!r}, 't')\n"
+            f"from pipeline.report import plots\n"
+            f"plots.bar_chart(['a', 'b'], [0.5, 0.7], {str(tmp_path / 'p.png')!r}, 't')\n"
             f"import matplotlib.pyplot as plt\n"
             f"assert matplotlib.get_backend() == 'svg', matplotlib.get_backend()\n"
             f"assert plt.get_fignums() == []")
@@ -62,7 +62,7 @@ def test_a_cache_hit_through_the_cli_imports_no_torch(tmp_path, fresh_memo):
     args = ["extract", str(data), "--backbone", "resnet18", "--weights", "none",
             "--image-size", "32", "--workers", "0", "--cache-dir", str(tmp_path / "c"),
             "--split", "1,0,0"]
-    code = (f"import sys\nfrom pipeline.cli import main\n"
+    code = (f"import sys\nfrom pipeline.cli.main import main\n"
             f"try:\n    main({args!r})\nexcept SystemExit as e:\n    assert not e.code, e.code")
     first = _loaded_after(code)
     assert first["torch"]  # the miss ran the model

@@ -20,7 +20,7 @@ from sklearn.utils._param_validation import Interval
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
-from pipeline.devices import resolve_device
+from pipeline.core.devices import resolve_device
 
 # Below this many samples a holdout leaves too little to fit on or to judge by; the training
 # data itself then selects (sklearn's estimator checks fit on a single sample).

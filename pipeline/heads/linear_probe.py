@@ -16,7 +16,7 @@ from sklearn.utils._param_validation import StrOptions
 from sklearn.utils.validation import check_is_fitted, validate_data
 from torch.nn import functional as F
 
-from pipeline.early_stopping import EarlyStopping
+from pipeline.core.early_stopping import EarlyStopping
 from pipeline.heads._base import (
     ADAM_BETAS,
     ADAM_EPS,

@@ -12,7 +12,7 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 from torch import nn
 from torch.nn import functional as F
 
-from pipeline.early_stopping import EarlyStopping
+from pipeline.core.early_stopping import EarlyStopping
 from pipeline.heads._base import (
     ADAM_BETAS,
     FLOATS,

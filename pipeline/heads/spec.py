@@ -14,7 +14,7 @@ import re
 
 from sklearn.base import BaseEstimator, is_classifier
 
-from pipeline.errors import PipelineError
+from pipeline.core.errors import PipelineError
 from pipeline.heads.linear_probe import LinearProbe
 from pipeline.heads.logreg import LogRegHead
 from pipeline.heads.mlp import MLPHead

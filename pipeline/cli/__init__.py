@@ -1,0 +1,5 @@
+"""The ``pipeline`` command: one thin click module per command group."""
+
+from pipeline.cli.main import main
+
+__all__ = ["main"]

@@ -1,0 +1,1 @@
+"""What every layer leans on: errors, options, atomic files, progress, devices, processes."""

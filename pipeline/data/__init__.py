@@ -1,0 +1,1 @@
+"""Image sets: folder, split-folder and CSV layouts, splits, robust image loading."""

@@ -1,0 +1,1 @@
+"""Using a fitted model: predictions on new images."""

@@ -1,0 +1,300 @@
+"""Predictions on new images with a saved model of either kind.
+
+A head (``.head``) classifies bottleneck features: images run through the head's own backbone
+first, and a feature cache of that backbone gives its stored features without running it. A
+fine-tuned network (``.net``) classifies images end to end, through its own logits and a
+softmax; a cache gives it the paths of its images, which are read again.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, TextIO
+
+import numpy as np
+
+from pipeline.core.errors import DataError
+from pipeline.core.progress import Progress
+from pipeline.data.images import ImageSet
+from pipeline.data.layouts import display, find_images
+from pipeline.finetune.tta import (
+    TTAError,
+    ViewFeatures,
+    average,
+    check_mode,
+    input_size,
+    mean_over_views,
+    transform,
+    view_count,
+)
+from pipeline.metrics.scoring import class_probabilities
+from pipeline.models.backbones import BackboneSpec, resolve_backbone
+from pipeline.store.cache import open_cache, read_strings
+from pipeline.store.paths import SUFFIX as CACHE_SUFFIX
+from pipeline.store.persistence import ModelFileError, SavedHead, SavedNetwork, load_model
+
+if TYPE_CHECKING:
+    from pipeline.finetune.network import FinetunedNetwork
+
+# Key fields that decide the features a head was trained on; all must match at prediction.
+_FEATURE_FIELDS = ("backbone", "weights", "weights_sha256", "layer", "pool", "preprocessing")
+
+
+def collect_images(inputs: Sequence[str | os.PathLike]) -> list[Path]:
+    """Image files given directly or found (recursively, sorted, each once) in given folders.
+
+    A dangling link is kept: it gets an error row like any unreadable image.
+    """
+    found: list[Path] = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            found += [item / p for p in find_images(item).paths]
+        elif item.is_file() or item.is_symlink():
+            found.append(item)
+        else:
+            raise DataError(f"{display(str(item))}: no such file or folder")
+    if not found:
+        raise DataError("no images found in " + ", ".join(display(str(i)) for i in inputs))
+    return [p.absolute() for p in found]
+
+
+def is_cache(path: str | os.PathLike) -> bool:
+    return Path(path).suffix == CACHE_SUFFIX and Path(path).is_file()
+
+
+def matching_backbone(saved: SavedHead, offline: bool | None = None) -> BackboneSpec:
+    """Rebuild the backbone the head was trained on, and refuse one that gives other features."""
+    request = dict(saved.meta["request"])
+    spec = resolve_backbone(request.pop("backbone"), **request, offline=offline)
+    # Compare as stored: the key went through JSON, where tuples become lists.
+    _check_features(saved, json.loads(json.dumps(spec.key())), "the backbone here gives")
+    return spec
+
+
+def _check_features(saved: SavedHead, here: dict, where: str) -> None:
+    trained = saved.meta["spec"]
+    for name in _FEATURE_FIELDS:
+        if trained.get(name) != here.get(name):
+            raise ModelFileError(
+                f"this head was trained on features with {name}={trained.get(name)!r}, but "
+                f"{where} {name}={here.get(name)!r}; extract and fit it again")
+
+
+def predict_images(
+    model: str | os.PathLike | SavedHead | SavedNetwork | FinetunedNetwork,
+    inputs: Sequence[str | os.PathLike],
+    top_k: int = 5,
+    device: str = "auto",
+    batch_size: int | None = None,
+    workers: int | None = None,
+    progress: bool | str | None = None,
+    offline: bool | None = None,
+    tta: str | None = None,
+) -> list[dict]:
+    """Classify images with a saved head and its backbone, or with a fine-tuned network.
+
+    Parameters
+    ----------
+    model
+        A ``.head`` or ``.net`` file (:func:`pipeline.store.persistence.load_model`), or a model in
+        memory: a loaded head or network, or the ``model`` of a :func:`pipeline.finetune.run`
+        result (left on its device, in its train/eval mode).
+    inputs
+        Image files, folders (searched recursively) and feature caches (``.h5``, labelled or
+        not). A head classifies a cache's stored features without running the backbone; a
+        network reads the cache's images. Images come first, in the order given, then the
+        caches' rows.
+    progress
+        A bar where stderr is a terminal, elsewhere a line every 30 s and at the end
+        (:mod:`pipeline.core.progress`); False: nothing.
+    offline
+        Never download the backbone's weights (None: ``PIPELINE_OFFLINE``).
+    tta
+        ``"flip"`` or ``"crops"``: average the probabilities over each image's views
+        (:mod:`pipeline.finetune.tta`); a head classifies each view's features. A head's cached
+        features are of the plain image only, so a cache given to a head is refused.
+
+    Returns
+    -------
+    list of dict
+        One per image: ``path``, ``prediction``, ``probability`` and ``top_k`` (a list of
+        ``(class, probability)``), or ``path`` and ``error`` for an image that could not be
+        read.
+    """
+    check_mode(tta)
+    predictor = _predictor(model, offline)
+    caches = [Path(i) for i in inputs if is_cache(i)]
+    files = [i for i in inputs if not is_cache(i)]
+    if not isinstance(predictor, SavedHead):  # a network needs pixels: read the images again
+        files += [p for c in caches for p in _cache_images(c)]
+        return _network_rows(predictor, files, top_k, device, batch_size, workers, progress,
+                             tta)
+    if tta and caches:
+        raise TTAError(f"--tta needs images: {display(str(caches[0]))} holds the features of "
+                       "the plain images only; give the image files or folders instead")
+    rows = (_head_image_rows(predictor, files, top_k, device, batch_size, workers, progress,
+                             offline, tta) if files else [])
+    for path in caches:
+        rows += _head_cached_rows(predictor, path, top_k)
+    return rows
+
+
+def _predictor(model, offline: bool | None) -> SavedHead | FinetunedNetwork:
+    if isinstance(model, (str, os.PathLike)):
+        model = load_model(model)
+    if isinstance(model, SavedNetwork):
+        from pipeline.finetune.network import FinetunedNetwork
+
+        model = FinetunedNetwork.from_saved(model, offline)
+    return model
+
+
+def _image_set(paths: list[Path], classes: list[str]) -> ImageSet:
+    # Absolute paths under "/" reuse the robust loader of stage 1 unchanged.
+    return ImageSet(Path("/"), [p.as_posix() for p in paths], np.zeros(len(paths), np.int64),
+                    classes, np.full(len(paths), "test"), {})
+
+
+# --- a head: features, then the head --------------------------------------------------------------
+
+def _head_image_rows(saved: SavedHead, inputs, top_k: int, device: str, batch_size, workers,
+                     progress, offline, tta=None) -> list[dict]:
+    from pipeline.core.devices import resolve_device
+    from pipeline.data.images import ImageFiles
+    from pipeline.extract.features import feature_batches, prepare_model
+
+    spec = matching_backbone(saved, offline)
+    paths = collect_images(inputs)
+    run_on = resolve_device(device)
+    images = _image_set(paths, saved.meta["classes"])
+    model, files, n_views = prepare_model(spec, run_on), None, 1
+    if tta:  # each view's features side by side, classified view by view
+        recipe = spec.preprocessing
+        size = input_size(recipe, tta)
+        model = ViewFeatures(model, tta, recipe.crop)
+        files = ImageFiles(images, transform(recipe, tta), (3, size, size))
+        n_views = view_count(recipe, tta)
+    rows = []
+    for batch in feature_batches(model, spec, images, run_on, None, batch_size, workers,
+                                 progress, desc="predict", files=files):
+        errors = dict(batch.failures)
+        rows += _head_rows(saved, batch.features, batch.valid,
+                           [errors.get(int(i), "") for i in batch.index],
+                           [paths[i] for i in batch.index], top_k, n_views)
+    return rows
+
+
+def _cache_images(cache: Path) -> list[Path]:
+    with open_cache(cache) as f:
+        return _cached_paths(f)
+
+
+def _cached_paths(f) -> list[Path]:
+    root = Path(f.attrs["data_root"])
+    return [root / p for p in read_strings(f["paths"])]
+
+
+def _head_cached_rows(saved: SavedHead, cache: Path, top_k: int) -> list[dict]:
+    """Predictions from a cache's stored features: no image is decoded, no network runs."""
+    with open_cache(cache) as f:
+        _check_features(saved, json.loads(f.attrs["spec"]),
+                        f"the cache {display(str(cache))} holds")
+        paths = _cached_paths(f)
+        failed = dict(zip(f["failed_index"][:].tolist(), read_strings(f["failed_reason"])))
+        features, valid = f["features"], f["valid"]
+        block = max(1, features.chunks[0])
+        rows = []
+        for lo in range(0, len(paths), block):
+            hi = min(len(paths), lo + block)
+            rows += _head_rows(saved, features[lo:hi].astype(np.float32), valid[lo:hi],
+                               [failed.get(i, "") for i in range(lo, hi)], paths[lo:hi],
+                               top_k)
+    return rows
+
+
+def _head_rows(saved: SavedHead, features: np.ndarray, valid: np.ndarray, errors: list[str],
+               paths: list[Path], top_k: int, n_views: int = 1) -> list[dict]:
+    """``features``: ``n_views`` views' features side by side (:mod:`pipeline.finetune.tta`)."""
+    if features.shape[1] != saved.meta["dim"] * n_views:
+        raise ModelFileError(f"the head expects {saved.meta['dim']} features, the backbone "
+                             f"gives {features.shape[1] // n_views}")
+    classes = saved.meta["classes"]
+    proba = np.full((len(features), len(classes)), np.nan)
+    ok = np.flatnonzero(valid)
+    if len(ok):
+        proba[ok] = mean_over_views(
+            lambda X: _head_proba(saved.estimator, X, len(classes)), features[ok], n_views)
+    return _rows(paths, proba, errors, classes, top_k)
+
+
+def _head_proba(estimator, X: np.ndarray, n_classes: int) -> np.ndarray:
+    proba = class_probabilities(estimator, X, n_classes)
+    if proba is None:  # a head without probabilities: its decision, with probability 1
+        proba = np.eye(n_classes)[estimator.predict(X).astype(int)]
+    return proba
+
+
+# --- a network: images end to end -----------------------------------------------------------------
+
+def _network_rows(net: FinetunedNetwork, inputs, top_k: int, device: str, batch_size,
+                  workers, progress, tta=None) -> list[dict]:
+    """The network's own softmax over its logits, batch by batch: no feature model runs.
+    With ``tta``, its mean over each image's views (:mod:`pipeline.finetune.tta`)."""
+    import torch
+
+    from pipeline.core.devices import default_batch_size, default_workers, resolve_device
+    from pipeline.data.images import ImageFiles
+
+    paths = collect_images(inputs)
+    run_on = resolve_device(device)
+    recipe = net.spec.preprocessing
+    size = input_size(recipe, tta) if tta else recipe.crop
+    files = ImageFiles(_image_set(paths, net.classes),
+                       transform(recipe, tta) if tta else recipe.transform(), (3, size, size))
+    workers = default_workers() if workers is None else workers
+    loader = torch.utils.data.DataLoader(
+        files, batch_size=batch_size or default_batch_size(run_on), shuffle=False,
+        num_workers=workers, pin_memory=run_on.type == "cuda")
+    rows = []
+    with net.placed(run_on), Progress(len(files), f"predict {net.spec.name}", "img",
+                                      progress=progress) as bar:
+        for x, index, errors, _digest in loader:
+            proba = (average(net.predict_proba, x, tta, recipe.crop) if tta
+                     else net.predict_proba(x))
+            rows += _rows([paths[i] for i in index], proba, list(errors), net.classes, top_k)
+            bar.update(len(index))
+    return rows
+
+
+# --- rows -----------------------------------------------------------------------------------------
+
+def _rows(paths: Sequence[Path], proba: np.ndarray, errors: Sequence[str],
+          classes: list[str], top_k: int) -> list[dict]:
+    """One row per image, in the order given: its top classes, or why it could not be read."""
+    rows = []
+    for path, p, error in zip(paths, proba, errors):
+        if error:
+            rows.append({"path": str(path), "error": error})
+            continue
+        order = np.argsort(-p, kind="stable")[:top_k]
+        rows.append({"path": str(path), "prediction": classes[order[0]],
+                     "probability": float(p[order[0]]),
+                     "top_k": [(classes[j], float(p[j])) for j in order]})
+    return rows
+
+
+def write_predictions(rows: list[dict], stream: TextIO, top_k: int) -> None:
+    """CSV: path, prediction, probability, top-k classes and probabilities, error."""
+    ranks = [f"{kind}{r}" for r in range(1, top_k + 1) for kind in ("class", "p")]
+    writer = csv.writer(stream)
+    writer.writerow(["path", "prediction", "probability", *ranks, "error"])
+    for row in rows:
+        pairs = [v for c, p in row.get("top_k", [])[:top_k] for v in (display(c), f"{p:.6f}")]
+        pairs += [""] * (len(ranks) - len(pairs))
+        probability = f"{row['probability']:.6f}" if "probability" in row else ""
+        writer.writerow([display(row["path"]), display(row.get("prediction", "")), probability,
+                         *pairs, row.get("error", "")])

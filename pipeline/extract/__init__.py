@@ -1,0 +1,1 @@
+"""Stage 1: bottleneck features of an image set, computed once and cached."""

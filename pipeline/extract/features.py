@@ -1,0 +1,754 @@
+"""Stage 1: run a frozen backbone once over an image set and cache its features in HDF5."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from importlib.metadata import version
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from pipeline.core import distributed, distribution
+from pipeline.core.devices import (
+    autocast,
+    autocast_dtype,
+    autocast_name,
+    default_batch_size,
+    default_workers,
+    device_type,
+)
+from pipeline.core.errors import DataError
+from pipeline.core.options import (
+    DEFAULT_BACKBONE,
+    DEFAULT_CACHE_DIR,
+    DTYPES,
+    ExtractOptions,
+    split_settings,
+)
+from pipeline.core.progress import Progress, note
+from pipeline.data.images import (
+    ImageFiles,
+    ImageSet,
+    file_stamps,
+    fingerprint_files,
+    fingerprint_splits,
+    load_image_set,
+)
+from pipeline.data.layouts import display
+from pipeline.models import engines
+from pipeline.models.backbones import BackboneSpec, as_spec
+from pipeline.store import locks, run_record
+from pipeline.store.cache import stored_duplicates, stored_summary
+from pipeline.store.integrity import CacheDamaged, failure_reason, quarantine, verify_cache
+from pipeline.store.paths import PARTIAL, cache_key, cache_path, shard_path, shard_paths
+from pipeline.store.writer import FeatureWriter, assemble_shards, check_disk
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["DEFAULT_CACHE_DIR", "DTYPES", "ExtractOptions", "ExtractResult", "FeatureBatch",
+           "example_images", "extract_features", "feature_batches", "feature_key_spec",
+           "prepare_model", "prefetched"]
+# The resolve_backbone arguments that extract_features also takes, when given a backbone name.
+_BACKBONE_ARGS = ("weights", "layer", "pool", "image_size", "offline")
+# Images of the data set an engine's features are checked on against eager torch's.
+_CHECK_IMAGES = 4
+# Batches decoded ahead by a background thread while the engine runs the current one (when
+# no loader processes do it); 0 decodes in turn with the forward passes.
+_PREFETCH_BATCHES = 2
+# Features wait in memory until they fill a chunk of the cache (at most 256 KiB) or this many
+# seconds have passed, then go to disk in one write: each write costs about 0.7 ms whatever
+# its size (h5py's calls, the rows_done stamp), and in the main thread it holds up the
+# decoding threads; a chunk at a time (31 writes on the demo instead of 213), onnxruntime's
+# loop ran 209-213 img/s against 204-208 a batch at a time (2026-12-04, two runs each). A
+# kill loses at most that much work; an error or Ctrl-C writes what is waiting first.
+_WRITE_EVERY_S = 2.0
+
+
+@dataclass
+class ExtractResult:
+    """What one ``extract`` call did; ``to_json`` is the CLI's ``--json`` object."""
+
+    cache_path: Path
+    hit: bool
+    images: int
+    failed: int
+    dim: int
+    seconds: float
+    key: str
+    resumed_from: int = 0  # rows found already written, by an interrupted run
+    failures: list[tuple[str, str]] = field(default_factory=list)
+    world_size: int = 1  # processes that extracted (torchrun)
+    labelled: bool = True
+    splits: dict[str, int] = field(default_factory=dict)  # readable or not, per split
+    split_sources: dict[str, str] = field(default_factory=dict)
+    ignored: list[tuple[str, str]] = field(default_factory=list)  # files of the data not taken
+    duplicates: dict | None = None  # identical files under other paths (cache.find_duplicates)
+    engine: str = "torch"  # what ran the network (pipeline.models.engines); "auto" resolved
+    engine_note: str = ""  # why auto did not use its first choice, if it did not
+    repair_note: str = ""  # a damaged cache found under this key, moved aside and rebuilt
+
+    def to_json(self) -> dict:
+        out = asdict(self)
+        out["cache_path"] = str(self.cache_path)
+        out["failures"] = [{"path": p, "reason": r} for p, r in self.failures]
+        out["ignored"] = [{"path": p, "reason": r} for p, r in self.ignored]
+        return out
+
+    def described(self, images: ImageSet) -> ExtractResult:
+        """This result with what the data set says about itself and the cache about
+        duplicates."""
+        self.labelled, self.split_sources = images.labelled, images.split_sources
+        self.splits = images.split_counts() if images.labelled else {}
+        self.ignored = images.ignored
+        self.duplicates = stored_duplicates(self.cache_path)
+        return self
+
+
+def extract_features(
+    data: str | os.PathLike | ImageSet,
+    backbone: str | BackboneSpec = DEFAULT_BACKBONE,
+    options: ExtractOptions | None = None,
+    *,
+    progress: bool | str | None = None,
+    on_batch: Callable[[int, int], None] | None = None,
+    **settings,
+) -> ExtractResult:
+    """Extract bottleneck features of every image once, or find them in the cache.
+
+    Parameters
+    ----------
+    data
+        Image folder, split folder or CSV manifest (see
+        :func:`pipeline.data.images.load_image_set`),
+        or an image set already read with ``options``' split fractions and seed.
+    backbone
+        A :class:`~pipeline.models.backbones.BackboneSpec` from :func:`pipeline.resolve_backbone`,
+        or a
+        backbone name resolved here with the ``weights``, ``layer``, ``pool``, ``image_size``
+        and ``offline`` given in ``settings`` (and ``seed`` for a random init).
+    options
+        How images are read and features stored: :class:`~pipeline.core.options.ExtractOptions`
+        (``dtype``, ``cache_dir``, ``batch_size``, ``workers``, ``device``, ``strict``,
+        ``hash_contents``, ``split_fractions``, ``seed``, ``compile``).
+    progress
+        A bar where stderr is a terminal, elsewhere a line every 30 s and at the end
+        (:mod:`pipeline.core.progress`); False: nothing.
+    on_batch
+        Called with ``(rows_done, total)`` each time rows are safely on disk, a chunk's worth
+        (or two seconds' worth) at a time (under torchrun: of this rank's shard).
+    **settings
+        Fields of ``ExtractOptions`` overriding ``options``'s, and the backbone arguments above.
+
+    Under ``torchrun`` every rank extracts every ``world_size``-th image into a shard file and
+    rank 0 assembles the shards into the same cache, under the same key, that one process
+    writes; an interrupted job resumes each shard where it stopped.
+
+    An extraction that ran records itself beside the cache, in ``<backbone>-<key>.run.json``
+    (:mod:`pipeline.store.run_record`); a cache hit writes nothing.
+
+    Returns
+    -------
+    ExtractResult
+        ``hit`` is True when the cache already held these features and no model ran (on a
+        machine without a GPU a hit does not even import torch).
+    """
+    started = time.perf_counter()
+    record = run_record.RunRecord("extract")
+    opts_settings, backbone_args = split_settings(settings, ExtractOptions)
+    opts = replace(options or ExtractOptions(), **opts_settings)
+    if opts.dtype not in DTYPES:
+        raise DataError(f"dtype must be one of {', '.join(DTYPES)}, not {opts.dtype!r}")
+    images = (data if isinstance(data, ImageSet)
+              else load_image_set(data, opts.split_fractions, opts.seed))
+    spec = as_spec(backbone, opts.seed, _BACKBONE_ARGS, backbone_args)
+    ctx, run_on = distributed.context(), None
+    if ctx.distributed:  # before the ranks share out work over their image lists
+        ctx, run_on = distributed.setup(opts.device)
+        distributed.check_agree(fingerprint_splits(images), "images (paths, labels or splits)")
+    amp = autocast_name(opts.device) if run_on is None else _amp_name(autocast_dtype(run_on))
+    crop = spec.preprocessing.crop
+    export = engines.export_path(opts.cache_dir, spec.name, spec.key(), (3, crop, crop))
+    engine = engines.resolve_engine(
+        opts.engine, device_type(opts.device) if run_on is None else run_on.type, opts.compile,
+        export)
+    stamps = _shared_stamps(images, opts.hash_contents, ctx)
+    key_spec = feature_key_spec(spec, images, opts.dtype, opts.hash_contents, amp, stamps,
+                                engine)
+    key = cache_key(key_spec)
+    distributed.check_agree(key, "images or settings (their cache keys differ)")
+    final = cache_path(opts.cache_dir, spec.name, key)
+    repaired = _repair(final, opts, ctx)
+    if distributed.broadcast(final.exists()):
+        return _hit(final, key, started, engine).described(images)
+    if run_on is None:
+        ctx, run_on = distributed.setup(opts.device)
+    dtype, batch_size = opts.dtype, opts.batch_size
+    workers = default_workers(ctx.local_world_size) if opts.workers is None else opts.workers
+    prepared, dim = _prepare_engine(spec, images, run_on, engine, opts.engine != "auto", export,
+                                    ctx, engines.get_engine(engine).streams(run_on.type, workers))
+    if prepared.engine != engine:  # auto could not use its choice: torch's cache, maybe a hit
+        engine = prepared.engine
+        key_spec = feature_key_spec(spec, images, opts.dtype, opts.hash_contents, amp, stamps,
+                                    engine)
+        key = cache_key(key_spec)
+        final = cache_path(opts.cache_dir, spec.name, key)
+        repaired = _repair(final, opts, ctx)
+        if distributed.broadcast(final.exists()):
+            hit = _hit(final, key, started, engine)
+            hit.engine_note = prepared.note
+            return hit.described(images)
+    model = prepared.run
+    if opts.compile:
+        import torch
+
+        model = torch.compile(model)
+    meta = {"paths": images.paths, "labels": images.labels, "split": images.splits,
+            "classes": images.classes, "data_root": str(images.root), "ignored": images.ignored,
+            # The arguments that rebuild this backbone, for `pipeline predict` on new images.
+            "request": spec.request}
+    if not ctx.is_main:  # one bar or log per job, not one per rank
+        progress = False
+    run = _Run(model, spec, images, run_on, batch_size, workers, opts.strict, progress, on_batch,
+               engines.get_engine(prepared.engine).decodes_ahead(run_on.type), prepared.streams)
+    if ctx.distributed:
+        result = _extract_sharded(run, ctx, final, key_spec, key, dim, dtype, meta, started,
+                                  prepared, opts)
+    else:
+        with locks.writing(final, opts.lock_timeout, lambda text: note(text, progress)):
+            if final.exists():  # another run finished it while this one waited
+                result = _hit(final, key, started, engine)
+            else:
+                result = _extract_locked(run, final, key_spec, key, dim, dtype, meta, started,
+                                         prepared)
+    result.repair_note = repaired
+    if result.hit:
+        return _with_engine(result, prepared).described(images)
+    return _recorded(_with_engine(result, prepared).described(images),
+                     record, opts, spec, images, key_spec, run_on, ctx)
+
+
+def _extract_locked(run: _Run, final: Path, key_spec: dict, key: str, dim: int, dtype: str,
+                    meta: dict, started: float, prepared: engines.Prepared) -> ExtractResult:
+    """Write (or resume) the cache ``final``, its writer lock held."""
+    check_disk(final.parent, _cache_bytes(final, len(run.images), dim, dtype),
+               "the feature cache", "free some space or use another --cache-dir (or --dtype "
+               "float16, half the size)")
+    writer = FeatureWriter(final, key_spec, key, dim, dtype, meta)
+    resumed_from = writer.rows_done
+    try:
+        looping = time.perf_counter()
+        forward_s = run.rows(writer, np.arange(len(run.images)))
+        loop_s = time.perf_counter() - looping
+        failures = writer.failures()
+        seconds = time.perf_counter() - started
+        # loop_seconds: decoding, forward and writing, without the run's fixed start (imports,
+        # building and preparing the network), which a large data set makes negligible.
+        writer.finish({"timings": {"seconds": seconds, "loop_seconds": loop_s,
+                                   "forward_seconds": forward_s,
+                                   "resumed_from": resumed_from, "device": str(run.device),
+                                   "engine": _engine_record(prepared)},
+                       "versions": _versions(prepared.engine)})
+    finally:
+        writer.close()
+    return ExtractResult(final, False, len(run.images), len(failures), dim, seconds, key,
+                         resumed_from, failures)
+
+
+def _cache_bytes(final: Path, n: int, dim: int, dtype: str) -> int:
+    """What the cache file still needs on disk: its features, less a partial file's bytes."""
+    partial = final.with_name(final.name + PARTIAL)
+    have = partial.stat().st_size if partial.exists() else 0
+    return max(0, n * dim * np.dtype(dtype).itemsize - have)
+
+
+def _repair(final: Path, opts: ExtractOptions, ctx: distributed.Context) -> str:
+    """Verify a complete cache at ``final`` chunk by chunk before it is served (rank 0); a
+    damaged one is moved aside so that it is built again, and the note says so.
+
+    Raises
+    ------
+    CacheDamaged
+        The cache is damaged and ``opts.repair`` is off.
+    """
+    if not ctx.is_main or not final.exists():
+        return ""
+    report = verify_cache(final)
+    if report["status"] != "damaged":
+        return ""
+    problems = report["problems"]
+    what = problems[0] + (f", and {len(problems) - 1} more" if len(problems) > 1 else "")
+    if not opts.repair:
+        raise CacheDamaged(f"{final} is damaged ({what}); run without --no-repair to move it "
+                           "aside and build it anew")
+    try:
+        aside = quarantine(final)
+    except OSError as err:  # a read-only cache folder, say
+        raise CacheDamaged(f"{final} is damaged ({what}) and cannot be moved aside "
+                           f"({failure_reason(err)}); remove it, or use another --cache-dir"
+                           ) from None
+    return f"the cache was damaged ({what}); moved it to {aside.name} and built it anew"
+
+
+def _recorded(result: ExtractResult, record: run_record.RunRecord, opts: ExtractOptions,
+              spec: BackboneSpec, images: ImageSet, key_spec: dict, device: torch.device,
+              ctx: distributed.Context) -> ExtractResult:
+    """``result``, once rank 0 has written the extraction's record beside the cache."""
+    if ctx.is_main:
+        record.update(settings={"data": str(images.root), "backbone": spec.request,
+                                "options": opts},
+                      seed=opts.seed, device=run_record.device_name(device),
+                      world_size=ctx.world_size, cache_key=result.key,
+                      data_fingerprint=key_spec["dataset"]["fingerprint"],
+                      data=str(images.root), images=result.images, failed=result.failed,
+                      resumed_from=result.resumed_from, engine=result.engine)
+        record.write(run_record.extract_record_path(result.cache_path), [result.cache_path])
+    return result
+
+
+def _amp_name(amp) -> str | None:
+    return str(amp).removeprefix("torch.") if amp else None
+
+
+def _hit(final: Path, key: str, started: float, engine: str) -> ExtractResult:
+    images_n, dim, failures = stored_summary(final)
+    return ExtractResult(final, True, images_n, len(failures), dim,
+                         time.perf_counter() - started, key, failures=failures, engine=engine)
+
+
+def _with_engine(result: ExtractResult, prepared: engines.Prepared) -> ExtractResult:
+    result.engine, result.engine_note = prepared.engine, prepared.note
+    return result
+
+
+def _engine_record(prepared: engines.Prepared) -> dict:
+    """What the cache records of the engine that computed it."""
+    return {"name": prepared.engine, "version": engines.get_engine(prepared.engine).version(),
+            "prepare_seconds": prepared.seconds, "exported": prepared.exported,
+            "check_difference": prepared.difference, "note": prepared.note}
+
+
+def _prepare_engine(spec: BackboneSpec, images: ImageSet, device: torch.device, engine: str,
+                    strict: bool, export: Path, ctx: distributed.Context, streams: int = 1
+                    ) -> tuple[engines.Prepared, int]:
+    """``engine`` ready on ``device`` for ``streams`` batches at once, checked on the data's
+    first images, and the feature size. Rank 0 prepares first (it writes any export); the
+    others then take its engine."""
+    eager = spec.build()
+    example = example_images(spec, images)
+    dim = _feature_dim(eager, spec, example.device)
+    prepared = None
+    if ctx.is_main:
+        prepared = engines.prepare(engine, eager, example, spec.adapter, device, export,
+                                   spec.key(), strict, streams)
+    chosen = distributed.broadcast(prepared.engine if prepared is not None else None)
+    if prepared is None:
+        prepared = engines.prepare(chosen, eager, example, spec.adapter, device, export,
+                                   spec.key(), streams=streams)
+    return prepared, dim
+
+
+def example_images(spec: BackboneSpec, images: ImageSet) -> torch.Tensor:
+    """The first few readable images of the set, preprocessed (seeded noise if none is)."""
+    import torch
+
+    crop = spec.preprocessing.crop
+    files = ImageFiles(images, spec.preprocessing.transform(), (3, crop, crop))
+    found = []
+    for i in range(min(len(images), 4 * _CHECK_IMAGES)):
+        x, _, error, _ = files[i]
+        if not error:
+            found.append(x)
+        if len(found) == _CHECK_IMAGES:
+            break
+    if not found:
+        return torch.randn(2, 3, crop, crop, generator=torch.Generator().manual_seed(0))
+    return torch.stack(found)
+
+
+def _extract_sharded(run: _Run, ctx: distributed.Context, final: Path, key_spec: dict, key: str,
+                     dim: int, dtype: str, meta: dict, started: float,
+                     prepared: engines.Prepared, opts: ExtractOptions) -> ExtractResult:
+    """Each rank writes its shard; rank 0 assembles them into the cache one process writes.
+    Each holds the writer lock of the file it writes (:mod:`pipeline.store.locks`)."""
+    def wait_note(text: str) -> None:
+        note(text, run.progress)
+
+    with locks.writing(shard_path(final, ctx.rank, ctx.world_size), opts.lock_timeout,
+                       wait_note):
+        shard = _extract_shard(run, ctx, final, key_spec, key, dim, dtype, meta)
+    shards = distributed.all_gather(shard)  # also waits until every shard is complete
+    if ctx.is_main:
+        with locks.writing(final, opts.lock_timeout, wait_note):
+            if not final.exists():  # else another job assembled it while this one waited
+                _assemble(final, shards, key_spec, key, dim, dtype, meta, run.device, started,
+                          prepared)
+    distributed.barrier()
+    if not final.exists():
+        raise distributed.DistributedError(
+            f"{final} was assembled by rank 0 but this rank cannot see it; --cache-dir must be "
+            "a folder every rank sees at the same path (a shared file system)")
+    images_n, dim, failures = stored_summary(final)
+    return ExtractResult(final, False, images_n, len(failures), dim,
+                         time.perf_counter() - started, key,
+                         sum(s["resumed_from"] for s in shards), failures, ctx.world_size)
+
+
+def _extract_shard(run: _Run, ctx, final, key_spec, key, dim, dtype, meta) -> dict:
+    """Write (or finish, or find complete) this rank's shard file; what this run did there."""
+    rows = distributed.shard_indices(len(run.images), ctx)
+    path = shard_path(final, ctx.rank, ctx.world_size)
+    info = {"rank": ctx.rank, "path": str(path), "rows": len(rows), "resumed_from": len(rows),
+            "seconds": 0.0, "forward_seconds": 0.0}
+    if path.exists():
+        return info
+    started = time.perf_counter()
+    shard_meta = {**meta, "paths": [meta["paths"][i] for i in rows], "labels":
+                  meta["labels"][rows], "split": meta["split"][rows], "index": rows}
+    shard_spec = {**key_spec, "shard": {"rank": ctx.rank, "world_size": ctx.world_size}}
+    writer = FeatureWriter(path, shard_spec, f"{key}/shard-{ctx.rank}-of-{ctx.world_size}", dim,
+                           dtype, shard_meta)
+    info["resumed_from"] = writer.rows_done
+    try:
+        info["forward_seconds"] = run.rows(writer, rows, desc=f"rank {ctx.rank}")
+        info["seconds"] = time.perf_counter() - started
+        writer.finish({"timings": info})
+    finally:
+        writer.close()
+    return info
+
+
+def _assemble(final, shards, key_spec, key, dim, dtype, meta, device, started,
+              prepared: engines.Prepared) -> None:
+    for s in shards:
+        if not Path(s["path"]).exists():
+            raise distributed.DistributedError(
+                f"rank {s['rank']}'s shard {s['path']} is not visible to rank 0; --cache-dir "
+                "must be a folder every rank sees at the same path (a shared file system)")
+    writer = FeatureWriter(final, key_spec, key, dim, dtype, meta)
+    try:
+        assembling = time.perf_counter()
+        assemble_shards(writer, [Path(s["path"]) for s in shards])
+        timings = {"seconds": time.perf_counter() - started,
+                   "forward_seconds": sum(s["forward_seconds"] for s in shards),
+                   "resumed_from": sum(s["resumed_from"] for s in shards),
+                   "assemble_seconds": time.perf_counter() - assembling,
+                   "device": str(device), "world_size": len(shards), "shards": shards,
+                   "engine": _engine_record(prepared)}
+        writer.finish({"timings": timings, "versions": _versions(prepared.engine)})
+    finally:
+        writer.close()
+    for old in shard_paths(final):  # this run's shards, and any left by another world size
+        old.unlink()
+
+
+def feature_key_spec(spec: BackboneSpec, images: ImageSet, dtype: str, hash_contents: bool,
+                     amp: str | None, stamps: list[str] | None = None,
+                     engine: str = "torch") -> dict:
+    """Everything that changes the stored numbers; its hash names the cache file.
+
+    ``amp`` is the autocast dtype's name ("bfloat16", "float16") on a GPU, None in float32.
+    ``engine`` (resolved, not ``auto``) is recorded unless it is torch, so that caches written
+    before there were engines keep their keys: another engine's features differ from torch's
+    in their last bits.
+    """
+    return {
+        **({"engine": engine} if engine != "torch" else {}),
+        **spec.key(),
+        "autocast": amp,
+        "dataset": {
+            "fingerprint": fingerprint_files(images, hash_contents, stamps),
+            "fingerprint_method": "sha256" if hash_contents else "size+mtime",
+            "images": len(images),
+        },
+        "splits": {"sha256": fingerprint_splits(images), "source": images.split_sources},
+        "dtype": dtype,
+    }
+
+
+def _shared_stamps(images: ImageSet, hash_contents: bool, ctx: distributed.Context
+                   ) -> list[str]:
+    """Every file's stamp, each rank stating (or hashing) only its shard of the files.
+
+    With ``--hash-contents`` on a large set, hashing every file on every rank would read the
+    data set once per rank; shared out, it is read once per job, and the fingerprint is the
+    one a single process computes.
+    """
+    mine = file_stamps(images, hash_contents, distributed.shard_indices(len(images), ctx))
+    stamps: list[str] = [""] * len(images)
+    for rank, part in enumerate(distributed.all_gather(mine)):
+        stamps[rank::ctx.world_size] = part
+    return stamps
+
+
+def prepare_model(spec: BackboneSpec, device: torch.device) -> torch.nn.Module:
+    """The feature model on ``device``, prepared for inference by the torch engine
+    (:func:`pipeline.models.engines.prepare_for_inference`: BatchNorm folded, static padding,
+    channels_last weights, which are faster on GPUs and, measured here, on this CPU too)."""
+    import torch
+
+    crop = spec.preprocessing.crop
+    example = torch.randn(2, 3, crop, crop, generator=torch.Generator().manual_seed(0))
+    return engines.prepare("torch", spec.build(), example, spec.adapter, device).run
+
+
+def _feature_dim(model: torch.nn.Module, spec: BackboneSpec, device: torch.device) -> int:
+    import torch
+
+    crop = spec.preprocessing.crop
+    with torch.inference_mode():
+        return int(model(torch.zeros(1, 3, crop, crop, device=device)).shape[1])
+
+
+def _files(images: ImageSet, spec: BackboneSpec, files: ImageFiles | None) -> ImageFiles:
+    """``files``, or extraction's own: the recipe's preprocessing up to 8-bit crops, which
+    :func:`feature_batches` normalises a batch at a time, each file hashed once."""
+    if files is not None:
+        return files
+    crop = spec.preprocessing.crop
+    return ImageFiles(images, spec.preprocessing.transform(normalize=False), (3, crop, crop),
+                      hash_files=True, dtype="uint8")
+
+
+def _loader(images: ImageSet, spec: BackboneSpec, indices: Sequence[int],
+            batch_size: int | None, workers: int | None, device: torch.device,
+            files: ImageFiles | None = None) -> torch.utils.data.DataLoader:
+    import torch
+
+    workers = default_workers() if workers is None else workers
+    return torch.utils.data.DataLoader(
+        torch.utils.data.Subset(_files(images, spec, files), indices),
+        batch_size=batch_size or default_batch_size(device), shuffle=False, num_workers=workers,
+        pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None)
+
+
+@dataclass
+class FeatureBatch:
+    """Features of the images ``index``; NaN rows where ``valid`` is False."""
+
+    index: np.ndarray  # positions of the rows in the image set
+    features: np.ndarray
+    valid: np.ndarray
+    failures: list[tuple[int, str]]  # (image index, why it could not be read)
+    forward_s: float
+    digests: np.ndarray  # SHA-256 (hex bytes) of each image file, b"" where unreadable
+
+    @property
+    def start(self) -> int:
+        return int(self.index[0])
+
+
+def feature_batches(model: torch.nn.Module, spec: BackboneSpec, images: ImageSet,
+                    device: torch.device, indices: Sequence[int] | None = None,
+                    batch_size: int | None = None, workers: int | None = None,
+                    progress: bool | str | None = None, desc: str = "extract", done: int = 0,
+                    files: ImageFiles | None = None,
+                    decode_ahead: bool | None = None, streams: int = 1
+                    ) -> Iterator[FeatureBatch]:
+    """Decode, preprocess and run images ``indices`` (default: all) through ``model``, in order.
+
+    ``model`` is any callable from an image batch to a feature batch (a network, or an engine
+    of :mod:`pipeline.models.engines`). ``done`` rows already handled elsewhere start the progress
+    bar
+    part-full. ``files`` reads the images instead of the recipe's preprocessing with hashing
+    (augmented views, say). With ``decode_ahead`` and no loader processes, a background thread
+    decodes the next batches while ``model`` runs this one (decoding, resizing and hashing
+    release the GIL). By default it does so on a GPU, whose forward pass leaves the CPU free,
+    and not on a CPU, where torch's own threads already take every core and the extra thread
+    slows them (measured: :meth:`pipeline.models.engines.Engine.decodes_ahead` says per engine).
+    With ``streams`` > 1 and no loader processes, that many threads each decode a whole batch
+    and run it, ``model`` being built for that many calls at once, one core each
+    (:meth:`pipeline.models.engines.Engine.streams`): a thread decoding never holds up a forward
+    pass
+    spread over every core.
+    """
+    indices = range(len(images)) if indices is None else indices
+    workers = default_workers() if workers is None else workers
+    decode_ahead = device.type != "cpu" if decode_ahead is None else decode_ahead
+    run = _forward(model, spec, device)
+    size = batch_size or default_batch_size(device)
+    if streams > 1 and workers == 0:
+        batches = _streamed(run, _files(images, spec, files), indices, size, streams)
+    else:
+        loaded = _loader(images, spec, indices, size, workers, device, files)
+        decoded = (prefetched(loaded, _PREFETCH_BATCHES) if workers == 0 and decode_ahead
+                   else loaded)
+        batches = ((*_timed(run, x), index, errors, digests)
+                   for x, index, errors, digests in decoded)
+    with Progress(done + len(indices), f"{desc} {spec.name}", "img", progress=progress,
+                  initial=done) as bar:
+        for feats, forward_s, index, errors, digests in batches:
+            valid = np.array([not e for e in errors])
+            feats[~valid] = np.nan
+            failures = [(int(i), e) for i, e in zip(index, errors) if e]
+            yield FeatureBatch(index.numpy(), feats, valid, failures, forward_s,
+                               np.asarray(digests, "S64"))
+            bar.update(len(index))
+
+
+def _forward(model: Callable, spec: BackboneSpec, device: torch.device) -> Callable:
+    """A batch as the loader gives it (8-bit crops, or images already normalised) to its
+    features as a NumPy array, in inference mode (which is per thread: entered on each call)."""
+    import torch
+
+    def run(x: torch.Tensor) -> np.ndarray:
+        x = x.to(device, non_blocking=True)
+        if x.dtype == torch.uint8:  # the recipe's crops, not yet normalised
+            x = spec.preprocessing.normalize(x)
+        if device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast(device), torch.inference_mode():
+            return model(x).float().cpu().numpy()
+
+    return run
+
+
+def _timed(run: Callable, x) -> tuple[np.ndarray, float]:
+    started = time.perf_counter()
+    return run(x), time.perf_counter() - started
+
+
+def _streamed(run: Callable, files: ImageFiles, indices: Sequence[int], batch_size: int,
+              streams: int) -> Iterator[tuple]:
+    """``(features, forward seconds, index, errors, digests)`` of each batch of ``indices``,
+    in order, ``streams`` threads each decoding and running one batch at a time (each batch's
+    forward seconds are its own thread's: summed, they exceed the loop's).
+
+    Twice as many batches as threads are handed out, so a thread that finishes finds the next
+    one waiting while this thread writes. Closing the generator cancels the batches not
+    started and waits for the running ones.
+    """
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    from torch.utils.data import default_collate
+
+    def one(batch: Sequence[int]) -> tuple:
+        x, index, errors, digests = default_collate([files[i] for i in batch])
+        return (*_timed(run, x), index, errors, digests)
+
+    pending: deque = deque()
+    with ThreadPoolExecutor(streams, thread_name_prefix="pipeline-stream") as pool:
+        try:
+            for start in range(0, len(indices), batch_size):
+                pending.append(pool.submit(one, indices[start:start + batch_size]))
+                if len(pending) >= 2 * streams:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:
+            for future in pending:
+                future.cancel()
+
+
+def prefetched(items: Iterable, depth: int) -> Iterator:
+    """``items`` in order, produced ``depth`` ahead by a background thread (``depth`` 0: in
+    this thread). An exception in the producer is raised here; closing the generator (an
+    error or Ctrl-C in the consumer) stops the thread before it returns."""
+    if depth <= 0:
+        yield from items
+        return
+    import queue
+    import threading
+
+    ahead: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                ahead.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not put((True, item)):
+                    return
+        except BaseException as err:  # handed to the consumer, which raises it
+            put((False, err))
+            return
+        put((False, None))
+
+    thread = threading.Thread(target=produce, name="pipeline-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            ok, item = ahead.get()
+            if not ok:
+                if item is not None:
+                    raise item
+                return
+            yield item
+    finally:
+        stop.set()
+        thread.join()
+
+
+@dataclass
+class _Run:
+    """One extraction's model and loading settings, to feed any list of images through."""
+
+    model: torch.nn.Module
+    spec: BackboneSpec
+    images: ImageSet
+    device: torch.device
+    batch_size: int | None
+    workers: int
+    strict: bool
+    progress: bool | str | None
+    on_batch: Callable[[int, int], None] | None
+    decode_ahead: bool | None = None  # see feature_batches
+    streams: int = 1  # batches run at once (see feature_batches)
+
+    def rows(self, writer: FeatureWriter, indices: np.ndarray, desc: str = "extract") -> float:
+        """Write the features of ``indices[writer.rows_done:]``; returns seconds in forward.
+
+        Batches are written together once they fill a chunk of the file or every
+        :data:`_WRITE_EVERY_S` seconds; whatever waits is written before an error (an
+        unreadable image under ``strict``, Ctrl-C) leaves.
+        """
+        forward_s, waiting, rows, written_at = 0.0, [], 0, time.perf_counter()
+        try:
+            for batch in feature_batches(self.model, self.spec, self.images, self.device,
+                                         indices[writer.rows_done:], self.batch_size,
+                                         self.workers, self.progress, desc,
+                                         done=writer.rows_done, decode_ahead=self.decode_ahead,
+                                         streams=self.streams):
+                if self.strict and batch.failures:
+                    i, reason = batch.failures[0]
+                    raise DataError(f"{display(self.images.paths[i])}: unreadable image "
+                                    f"({reason}); drop --strict to skip and list such files")
+                waiting.append(batch)
+                forward_s, rows = forward_s + batch.forward_s, rows + len(batch.index)
+                if rows >= writer.chunk_rows or time.perf_counter() - written_at >= _WRITE_EVERY_S:
+                    batches, waiting, rows = waiting, [], 0
+                    self._write(writer, batches, len(indices))
+                    written_at = time.perf_counter()
+        finally:
+            if waiting:
+                self._write(writer, waiting, len(indices))
+        return forward_s
+
+    def _write(self, writer: FeatureWriter, batches: list[FeatureBatch], total: int) -> None:
+        writer.write(writer.rows_done, np.concatenate([b.features for b in batches]),
+                     np.concatenate([b.valid for b in batches]),
+                     [f for b in batches for f in b.failures],
+                     np.concatenate([b.digests for b in batches]))
+        if self.on_batch is not None:
+            self.on_batch(writer.rows_done, total)
+
+
+def _versions(engine: str = "torch") -> dict:
+    names = ("torch", "torchvision", "timm", "h5py", "numpy", "pillow")
+    out = {"pipeline": distribution.version(), **{n: version(n) for n in names}}
+    if engine != "torch":
+        out[engines.get_engine(engine).distribution] = engines.get_engine(engine).version()
+    return out

@@ -1,0 +1,1 @@
+"""Backbones: families, weights, blocks, preprocessing and inference engines."""

@@ -1,0 +1,1 @@
+"""Tables, plots, the mistakes gallery and the report that compares every run."""

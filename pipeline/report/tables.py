@@ -1,0 +1,49 @@
+"""Results tables: one CSV and one Markdown file per table, cells rounded the same way."""
+
+from __future__ import annotations
+
+import csv
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.data.layouts import display
+
+
+def _cell(value) -> str:
+    if isinstance(value, float):
+        if np.isnan(value):
+            return "nan"
+        # Four decimals for scores and seconds; a small value (a learning rate of 1e-05, a
+        # p-value) keeps three significant digits instead of becoming 0.0000.
+        return f"{value:.3g}" if 0 < abs(value) < 1e-3 else f"{value:.4f}"
+    return display(str(value))  # class names from folders may hold bytes that are not UTF-8
+
+
+def write_table(rows: Sequence[dict], stem: str | os.PathLike, preamble: str = ""
+                ) -> tuple[Path, Path]:
+    """``stem.csv`` and ``stem.md`` with the same columns, in the order of the first row.
+
+    ``preamble`` (Markdown) goes above the table in ``stem.md``.
+    """
+    stem = Path(stem)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    columns = list(rows[0]) if rows else []
+    with open(stem.with_suffix(".csv"), "w", newline="") as fh:
+        writer = csv.DictWriter(fh, columns)
+        writer.writeheader()
+        writer.writerows({c: _cell(r.get(c, "")) for c in columns} for r in rows)
+    stem.with_suffix(".md").write_text((preamble.rstrip() + "\n\n" if preamble else "")
+                                       + markdown_table(rows))
+    return stem.with_suffix(".csv"), stem.with_suffix(".md")
+
+
+def markdown_table(rows: Sequence[dict]) -> str:
+    if not rows:
+        return ""
+    columns = list(rows[0])
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_cell(r.get(c, "")) for c in columns) + " |" for r in rows]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,69 @@
+"""Stage settings as dataclasses: the CLI's defaults are theirs, and the stages take them."""
+
+from __future__ import annotations
+
+from dataclasses import fields
+
+import click
+import pytest
+
+from pipeline.cli.main import main
+from pipeline.core.options import ExtractOptions, FinetuneConfig, HeadsOptions, split_settings
+from pipeline.extract.features import extract_features
+from pipeline.models.backbones import resolve_backbone
+from tests.conftest import TINY
+
+
+def _cli_default(command: str, name: str):
+    param = next(p for p in main.commands[command].params if p.name == name)
+    return param.default
+
+
+@pytest.mark.parametrize("command, cls", [("extract", ExtractOptions),
+                                          ("finetune", FinetuneConfig),
+                                          ("heads", HeadsOptions)])
+def test_every_cli_default_is_the_dataclass_default(command, cls):
+    names = {p.name for p in main.commands[command].params if isinstance(p, click.Option)}
+    aliases = {"heads": "head_specs"}
+    checked = 0
+    for field in fields(cls):
+        name = aliases.get(field.name, field.name)
+        if name not in names or field.name in ("cache_dir", "out"):
+            continue
+        cli = _cli_default(command, name)
+        if isinstance(field.default, bool):  # flags (--x) and switches (--x/--no-x)
+            assert cli is field.default, field.name
+        elif field.name in ("heads", "shots"):
+            assert cli == ",".join(map(str, field.default))
+        elif field.name == "split_fractions":
+            assert tuple(float(v) for v in cli.split(",")) == field.default
+        elif cls is FinetuneConfig and field.name in ("unfreeze", "lr", "batch_size"):
+            # lists (a sweep's): one value, as text
+            assert cli == str(field.default)
+        else:
+            assert cli == field.default, field.name
+        checked += 1
+    assert checked >= {"extract": 9, "finetune": 13, "heads": 3}[command]
+
+
+def test_settings_go_to_the_dataclass_that_has_them():
+    cfg, opts, rest = split_settings({"lr": 0.1, "seed": 3, "cache_dir": "c", "weights": "none"},
+                                     FinetuneConfig, ExtractOptions)
+    assert cfg == {"lr": 0.1, "seed": 3} and opts == {"cache_dir": "c"}
+    assert rest == {"weights": "none"}
+
+
+def test_a_spec_and_options_give_the_cache_that_names_and_keywords_give(tmp_path, image_folder):
+    by_name = extract_features(image_folder, cache_dir=tmp_path / "c", **TINY)
+    spec = resolve_backbone("resnet18", "none", image_size=32)
+    typed = extract_features(image_folder, spec,
+                             ExtractOptions(cache_dir=tmp_path / "c", workers=0))
+    assert typed.hit and typed.cache_path == by_name.cache_path
+
+
+def test_unknown_settings_are_refused(tmp_path, image_folder):
+    with pytest.raises(TypeError, match="unexpected setting"):
+        extract_features(image_folder, cache_dir=tmp_path / "c", epochs=3, **TINY)
+    spec = resolve_backbone("resnet18", "none", image_size=32)
+    with pytest.raises(TypeError, match="belong to resolve_backbone"):
+        extract_features(image_folder, spec, weights="none", cache_dir=tmp_path / "c")

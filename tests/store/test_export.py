@@ -1,0 +1,100 @@
+"""`cache export`: features with path, label, split and valid, read back without this package."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import h5py
+import numpy as np
+import pandas as pd
+import polars as pl
+import pytest
+
+from pipeline.core.errors import PipelineError
+from pipeline.extract.features import extract_features
+from pipeline.store.export import export_cache
+from tests.conftest import TINY, make_folder, write_image
+
+
+@pytest.fixture(scope="module")
+def labelled_cache(tmp_path_factory):
+    root = make_folder(tmp_path_factory.mktemp("d") / "images", classes=("a", "b"), per_class=6)
+    (root / "a" / "bad.png").write_bytes(b"not a png")
+    shutil.copy(root / "b" / "000.png", os.fsencode(root / "b") + b"/caf\xe9.png")
+    return extract_features(root, cache_dir=tmp_path_factory.mktemp("c"), **TINY).cache_path
+
+
+def _stored(cache):
+    with h5py.File(cache) as f:
+        classes = f["classes"].asstr()[:]
+        return (f["features"][:], f["valid"][:], f["paths"][:],
+                classes[f["labels"][:]], f["split"].asstr()[:])
+
+
+def test_parquet_read_back_with_pandas_and_polars(tmp_path, labelled_cache):
+    features, valid, raw, labels, split = _stored(labelled_cache)
+    out = tmp_path / "f.parquet"
+    result = export_cache(labelled_cache, out, "parquet")
+    assert result["rows"] == len(valid) == 14
+    df = pd.read_parquet(out)
+    assert list(df.columns) == ["path", "path_bytes", "label", "split", "valid", "features"]
+    assert df["label"].tolist() == labels.tolist() and df["split"].tolist() == split.tolist()
+    assert df["valid"].tolist() == valid.tolist() and not valid.all()
+    assert df["path_bytes"].tolist() == raw.tolist()  # the names' bytes, losslessly
+    assert "b/caf\\xe9.png" in df["path"].tolist()  # readable where the bytes are not UTF-8
+    got = np.stack(df["features"].to_numpy())
+    np.testing.assert_array_equal(got[valid], features[valid])
+    assert np.isnan(got[~valid]).all()
+    polars = pl.read_parquet(out)
+    np.testing.assert_array_equal(polars["features"].to_numpy()[valid], features[valid])
+
+
+def test_csv_read_back_with_pandas(tmp_path, labelled_cache):
+    features, valid, _, labels, split = _stored(labelled_cache)
+    out = tmp_path / "f.csv"
+    export_cache(labelled_cache, out, "csv")
+    df = pd.read_csv(out)
+    assert list(df.columns[:4]) == ["path", "label", "split", "valid"]
+    assert df.shape == (len(valid), 4 + features.shape[1])
+    np.testing.assert_array_equal(df.iloc[:, 4:].to_numpy(np.float32)[valid], features[valid])
+    assert df["label"].tolist() == labels.tolist() and df["split"].tolist() == split.tolist()
+
+
+def test_npy_folder_read_back_with_numpy(tmp_path, labelled_cache):
+    features, valid, raw, labels, _ = _stored(labelled_cache)
+    export_cache(labelled_cache, tmp_path / "npy", "npy")
+    got = np.load(tmp_path / "npy" / "features.npy", mmap_mode="r")
+    np.testing.assert_array_equal(got[valid], features[valid])
+    assert np.load(tmp_path / "npy" / "valid.npy").tolist() == valid.tolist()
+    assert np.load(tmp_path / "npy" / "label.npy").tolist() == labels.tolist()
+    assert np.load(tmp_path / "npy" / "path_bytes.npy").tolist() == raw.tolist()
+
+
+def test_unlabelled_set_exports_without_labels_or_splits(tmp_path):
+    for i in range(5):
+        write_image(tmp_path / "flat" / f"{i}.png", i)
+    cache = extract_features(tmp_path / "flat", cache_dir=tmp_path / "c", **TINY).cache_path
+    df = pd.read_parquet(export_cache(cache, tmp_path / "u.parquet", "parquet")["files"][0])
+    assert df["label"].isna().all() and df["split"].isna().all() and df["valid"].all()
+    export_cache(cache, tmp_path / "npy", "npy")
+    assert not (tmp_path / "npy" / "label.npy").exists()
+
+
+def test_unknown_format_is_a_user_error(tmp_path, labelled_cache):
+    with pytest.raises(PipelineError, match="format must be one of"):
+        export_cache(labelled_cache, tmp_path / "x", "xlsx")
+
+
+def test_an_out_of_the_wrong_kind_is_a_user_error_before_anything_is_written(tmp_path,
+                                                                           labelled_cache):
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    for fmt in ("csv", "parquet"):
+        with pytest.raises(PipelineError, match=f"is a folder; {fmt} writes one file"):
+            export_cache(labelled_cache, folder, fmt)
+    afile = tmp_path / "features.csv"
+    afile.write_text("mine")
+    with pytest.raises(PipelineError, match="is a file; npy writes a folder"):
+        export_cache(labelled_cache, afile, "npy")
+    assert list(folder.iterdir()) == [] and afile.read_text() == "mine"

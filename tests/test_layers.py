@@ -1,0 +1,180 @@
+"""The package's import graph: layers point one way, no cycles, no borrowed private names.
+
+Every ``import`` counts, also those inside functions: a lazy import is still an arrow, and a
+cycle hidden in a function is a cycle. Imports under ``TYPE_CHECKING`` (annotations, never run)
+count for the layers, where a type from above is as wrong as a call, but not for cycles: a type
+named both ways is how Python writes a mutual reference.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "pipeline"
+# Low to high. A module imports its own subpackage and lower layers only; subpackages that
+# share a layer stay independent of each other.
+LAYERS = (
+    ("core",),
+    ("data",),
+    ("models", "metrics"),
+    ("store",),
+    ("report",),
+    ("extract",),
+    ("heads",),
+    ("finetune",),
+    ("deploy",),
+    ("cli", "bench"),
+    ("__main__",),
+)
+RANK = {name: rank for rank, names in enumerate(LAYERS) for name in names}
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES = {module_name(p): p for p in PACKAGE.rglob("*.py")}
+
+
+def _type_checking_only(tree: ast.AST) -> set[int]:
+    """The ids of the nodes inside ``if TYPE_CHECKING:`` blocks."""
+    inside = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            inside |= {id(n) for stmt in node.body for n in ast.walk(stmt)}
+    return inside
+
+
+def imports_of(name: str, typing: bool = True) -> list[tuple[str, str | None]]:
+    """(module, imported name or None) for each of ``name``'s imports of this package;
+    ``typing=False`` leaves out those under ``TYPE_CHECKING``."""
+    path = MODULES[name]
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    tree = ast.parse(path.read_text(), str(path))
+    skipped = set() if typing else _type_checking_only(tree)
+    found = []
+    for node in ast.walk(tree):
+        if id(node) in skipped:
+            continue
+        if isinstance(node, ast.Import):
+            found += [(a.name, None) for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*anchor, *([base] if base else [])])
+            for alias in node.names:
+                submodule = f"{base}.{alias.name}"
+                found.append((submodule, None) if submodule in MODULES else (base, alias.name))
+    return [(m, n) for m, n in found if m == "pipeline" or m.startswith("pipeline.")]
+
+
+def graph(typing: bool) -> dict[str, list[str]]:
+    return {name: sorted({m for m, _ in imports_of(name, typing) if m != name})
+            for name in MODULES}
+
+
+GRAPH, RUNTIME_GRAPH = graph(typing=True), graph(typing=False)
+
+
+def subpackage(name: str) -> str | None:
+    parts = name.split(".")
+    return parts[1] if len(parts) > 1 else None
+
+
+def upward_imports(graph: dict[str, list[str]]) -> list[str]:
+    wrong = []
+    for name, targets in graph.items():
+        here = subpackage(name)
+        for target in targets:
+            there = subpackage(target)
+            if here is None or there is None or here == there:
+                continue
+            if here not in RANK or there not in RANK or RANK[there] >= RANK[here]:
+                wrong.append(f"{name} -> {target}")
+    return wrong
+
+
+def cycles(graph: dict[str, list[str]]) -> list[list[str]]:
+    """Strongly connected components of more than one module (Tarjan's algorithm)."""
+    index, low, stack, on_stack, found = {}, {}, [], set(), []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for nxt in graph.get(node, ()):
+            if nxt not in index:
+                visit(nxt)
+                low[node] = min(low[node], low[nxt])
+            elif nxt in on_stack:
+                low[node] = min(low[node], index[nxt])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                component.append(member)
+                if member == node:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return found
+
+
+def borrowed_private_names() -> list[str]:
+    """``from pipeline.x import _y`` across modules, or a private module used from outside
+    its own subpackage."""
+    wrong = []
+    for name in MODULES:
+        for target, imported in imports_of(name):
+            if target == name:
+                continue
+            if imported is not None and imported.startswith("_") and target != "pipeline":
+                wrong.append(f"{name} imports {target}.{imported}")
+            private_module = any(p.startswith("_") and p != "__init__"
+                                 for p in target.split(".")[1:])
+            if private_module and target.rpartition(".")[0] != name.rpartition(".")[0]:
+                wrong.append(f"{name} imports {target}")
+    return wrong
+
+
+def test_every_subpackage_has_a_layer():
+    unplaced = {subpackage(n) for n in MODULES if subpackage(n)} - set(RANK)
+    assert not unplaced, f"give these a layer in LAYERS: {sorted(unplaced)}"
+
+
+def test_imports_point_down_the_layers():
+    assert upward_imports(GRAPH) == []
+
+
+def test_no_import_cycle():
+    assert cycles(RUNTIME_GRAPH) == []
+
+
+def test_no_module_borrows_another_ones_private_names():
+    assert borrowed_private_names() == []
+
+
+@pytest.mark.parametrize("graph, expected", [
+    ({"pipeline.core.a": ["pipeline.store.b"], "pipeline.store.b": []},
+     ["pipeline.core.a -> pipeline.store.b"]),
+    ({"pipeline.models.a": ["pipeline.metrics.b"], "pipeline.metrics.b": []},
+     ["pipeline.models.a -> pipeline.metrics.b"]),
+    ({"pipeline.store.a": ["pipeline.core.b"], "pipeline.core.b": []}, []),
+])
+def test_the_layer_check_catches_an_upward_arrow(graph, expected):
+    assert upward_imports(graph) == expected
+
+
+def test_the_cycle_check_catches_a_cycle():
+    graph = {"a": ["b"], "b": ["c"], "c": ["a"], "d": ["a"]}
+    assert cycles(graph) == [["a", "b", "c"]]
