@@ -24,7 +24,7 @@ LAYERS = (
     ("report",),
     ("extract",),
     ("heads",),
-    ("finetune",),
+    ("finetuning",),
     ("deploy",),
     ("cli", "bench"),
     ("__main__",),

@@ -94,7 +94,8 @@ def child(mode: str, kw: dict) -> dict:
     ----------
     mode
         ``"extract"`` (``kw`` for :func:`pipeline.extract_features`), ``"finetune"`` (for
-        :func:`pipeline.finetune.run`), ``"sweep"`` (for :func:`pipeline.finetune.run.sweep_depths`,
+        :func:`pipeline.finetuning.run`), ``"sweep"`` (for
+        :func:`pipeline.finetuning.run.sweep_depths`,
         into a fresh ``out``) or ``"forward"`` (for :func:`forward_only`).
     """
     if device_type("auto") == "cpu":  # as the `pipeline` command does on a CPU
@@ -107,7 +108,7 @@ def child(mode: str, kw: dict) -> dict:
         if not out["hit"]:  # the extraction loop alone, without the run's fixed start
             out["loop_seconds"] = cache_info(out["cache_path"])["timings"].get("loop_seconds")
     elif mode == "finetune":
-        from pipeline.finetune.run import finetune
+        from pipeline.finetuning.run import finetune
 
         started = time.perf_counter()
         result = finetune(**kw)
@@ -132,7 +133,7 @@ def child(mode: str, kw: dict) -> dict:
 def _sweep(kw: dict) -> dict:
     """A freeze-depth sweep: its seconds, each run's epoch seconds, and the seconds before its
     first epoch (features read, models built, probes fitted, the one-off activation pass)."""
-    from pipeline.finetune.run import sweep_depths
+    from pipeline.finetuning.run import sweep_depths
 
     runs: list[list[float]] = []
     first_epoch_at = []
@@ -399,7 +400,8 @@ def bench_finetune(args) -> dict:
     views per training image, images with a fresh crop every epoch, as before the cache):
 
     - the sweep ``--unfreeze 0,1,2`` x ``args.finetune_epochs`` from the cache
-      (:func:`pipeline.finetune.run.sweep_depths`: one trunk pass writes the three caches) and from
+      (:func:`pipeline.finetuning.run.sweep_depths`: one trunk pass writes the three caches) and
+      from
       images (``from_images=True``); each sweep's time is its child's wall time; the seconds
       per epoch of each depth come from these runs;
     - ``--unfreeze all`` (images: nothing to cache) for 2 epochs;

@@ -520,7 +520,7 @@ def finetune_command(data, unfreeze, out, as_json, lr, batch_size, sweep_mode, q
     Under torchrun (torchrun --standalone --nproc-per-node N -m pipeline finetune ...) the
     processes train one model with DistributedDataParallel; --batch-size is per process.
     """
-    from pipeline.finetune.run import sweep_depths
+    from pipeline.finetuning.run import sweep_depths
 
     _keep_freed_memory(options["device"])
     progress = False if quiet else None
@@ -545,7 +545,7 @@ def finetune_command(data, unfreeze, out, as_json, lr, batch_size, sweep_mode, q
 
 
 def _sweep(data, factors: dict, mode: str, out, as_json: bool, repeats: int, **options) -> None:
-    from pipeline.finetune.sweep import sweep
+    from pipeline.finetuning.sweep import sweep
 
     if repeats > 1:
         raise PipelineError("--repeats trains one setting with several seeds; run it on the "
@@ -596,7 +596,7 @@ def _sweep(data, factors: dict, mode: str, out, as_json: bool, repeats: int, **o
 def lr_find_command(data, unfreeze, as_json, quiet, **options) -> None:
     """Learning-rate range test on DATA: the network finetune would train, the rate growing
     each step; suggests the head's --lr (the curve in OUT/lr_find.png)."""
-    from pipeline.finetune.lr_find import find_lr
+    from pipeline.finetuning.lr_find import find_lr
 
     if len(unfreeze) != 1:
         raise click.BadParameter("give one depth: the test is for one run",

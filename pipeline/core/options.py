@@ -20,16 +20,16 @@ OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("cosine", "step")
 AUGMENTS = ("standard", "none")
 HEAD_INITS = ("linear", "random")
-# Test-time augmentation (pipeline.finetune.tta): the image and its mirror, or ten crops and
+# Test-time augmentation (pipeline.finetuning.tta): the image and its mirror, or ten crops and
 # mirrors.
 TTA_MODES = ("flip", "crops")
 MISTAKES = 16  # the best row's wrong test predictions that pipeline report draws, at most
 # grid: every combination; one-at-a-time: each factor in turn at the best so far
-# (pipeline.finetune.sweep)
+# (pipeline.finetuning.sweep)
 SWEEP_MODES = ("grid", "one-at-a-time")
-# --lr auto: the learning-rate range test picks the head's rate first (pipeline.finetune.lr_find)
+# --lr auto: the learning-rate range test picks the head's rate first (pipeline.finetuning.lr_find)
 AUTO_LR = "auto"
-# The learning-rate range test (pipeline.finetune.lr_find): steps at most, first and last head lr.
+# The learning-rate range test (pipeline.finetuning.lr_find): steps at most, first and last head lr.
 LR_FIND_STEPS, LR_FIND_START_LR, LR_FIND_END_LR = 100, 1e-7, 1.0
 DEFAULT_HEADS = ("logreg", "mlp", "linear")
 EXPORT_FORMATS = ("npy", "parquet", "csv")

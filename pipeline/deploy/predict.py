@@ -21,7 +21,7 @@ from pipeline.core.errors import DataError
 from pipeline.core.progress import Progress
 from pipeline.data.images import ImageSet
 from pipeline.data.layouts import display, find_images
-from pipeline.finetune.tta import (
+from pipeline.finetuning.tta import (
     TTAError,
     ViewFeatures,
     average,
@@ -38,7 +38,7 @@ from pipeline.store.paths import SUFFIX as CACHE_SUFFIX
 from pipeline.store.persistence import ModelFileError, SavedHead, SavedNetwork, load_model
 
 if TYPE_CHECKING:
-    from pipeline.finetune.network import FinetunedNetwork
+    from pipeline.finetuning.network import FinetunedNetwork
 
 # Key fields that decide the features a head was trained on; all must match at prediction.
 _FEATURE_FIELDS = ("backbone", "weights", "weights_sha256", "layer", "pool", "preprocessing")
@@ -101,7 +101,7 @@ def predict_images(
     ----------
     model
         A ``.head`` or ``.net`` file (:func:`pipeline.store.persistence.load_model`), or a model in
-        memory: a loaded head or network, or the ``model`` of a :func:`pipeline.finetune.run`
+        memory: a loaded head or network, or the ``model`` of a :func:`pipeline.finetuning.run`
         result (left on its device, in its train/eval mode).
     inputs
         Image files, folders (searched recursively) and feature caches (``.h5``, labelled or
@@ -115,7 +115,7 @@ def predict_images(
         Never download the backbone's weights (None: ``PIPELINE_OFFLINE``).
     tta
         ``"flip"`` or ``"crops"``: average the probabilities over each image's views
-        (:mod:`pipeline.finetune.tta`); a head classifies each view's features. A head's cached
+        (:mod:`pipeline.finetuning.tta`); a head classifies each view's features. A head's cached
         features are of the plain image only, so a cache given to a head is refused.
 
     Returns
@@ -147,7 +147,7 @@ def _predictor(model, offline: bool | None) -> SavedHead | FinetunedNetwork:
     if isinstance(model, (str, os.PathLike)):
         model = load_model(model)
     if isinstance(model, SavedNetwork):
-        from pipeline.finetune.network import FinetunedNetwork
+        from pipeline.finetuning.network import FinetunedNetwork
 
         model = FinetunedNetwork.from_saved(model, offline)
     return model
@@ -218,7 +218,7 @@ def _head_cached_rows(saved: SavedHead, cache: Path, top_k: int) -> list[dict]:
 
 def _head_rows(saved: SavedHead, features: np.ndarray, valid: np.ndarray, errors: list[str],
                paths: list[Path], top_k: int, n_views: int = 1) -> list[dict]:
-    """``features``: ``n_views`` views' features side by side (:mod:`pipeline.finetune.tta`)."""
+    """``features``: ``n_views`` views' features side by side (:mod:`pipeline.finetuning.tta`)."""
     if features.shape[1] != saved.meta["dim"] * n_views:
         raise ModelFileError(f"the head expects {saved.meta['dim']} features, the backbone "
                              f"gives {features.shape[1] // n_views}")
@@ -243,7 +243,7 @@ def _head_proba(estimator, X: np.ndarray, n_classes: int) -> np.ndarray:
 def _network_rows(net: FinetunedNetwork, inputs, top_k: int, device: str, batch_size,
                   workers, progress, tta=None) -> list[dict]:
     """The network's own softmax over its logits, batch by batch: no feature model runs.
-    With ``tta``, its mean over each image's views (:mod:`pipeline.finetune.tta`)."""
+    With ``tta``, its mean over each image's views (:mod:`pipeline.finetuning.tta`)."""
     import torch
 
     from pipeline.core.devices import default_batch_size, default_workers, resolve_device

@@ -285,6 +285,7 @@ def cache_spec(path: str | os.PathLike) -> dict:
 
 def cache_kind(spec: dict) -> str:
     """``features``, or ``activations`` for fine-tuning's caches of block inputs
-    (:mod:`pipeline.finetune.activations`), which share this layout: ``spec`` as :func:`cache_spec`
+    (:mod:`pipeline.finetuning.activations`), which share this layout: ``spec`` as
+    :func:`cache_spec`
     reads it."""
     return "activations" if "activations" in spec else "features"

@@ -218,7 +218,7 @@ def test_ranks_that_see_different_images_stop_with_one_clear_error(images, tmp_p
 _FINETUNE = """
 import importlib, json, os, signal, sys
 import torch
-ft = importlib.import_module("pipeline.finetune.loop")
+ft = importlib.import_module("pipeline.finetuning.loop")
 mode, kw = sys.argv[1], json.loads(sys.argv[2])
 rank = int(os.environ["RANK"])
 fit = ft.Trainer.fit

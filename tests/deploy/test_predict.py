@@ -14,7 +14,7 @@ from PIL import Image
 from pipeline.deploy.predict import predict_images, write_predictions
 from pipeline.extract import features as extract
 from pipeline.extract.features import extract_features
-from pipeline.finetune.network import FinetunedNetwork
+from pipeline.finetuning.network import FinetunedNetwork
 from pipeline.heads.compare import fit_heads
 from pipeline.models.backbones import BackboneSpec, replace_classifier, resolve_backbone
 from pipeline.store.cache import cache_info, read_split

@@ -101,7 +101,7 @@ def test_several_caches_land_in_one_table(tmp_path, cache_file):
 
 
 def test_activation_caches_among_the_paths_are_left_out_and_alone_refused(tmp_path):
-    from pipeline.finetune.run import finetune
+    from pipeline.finetuning.run import finetune
 
     root = make_folder(tmp_path / "images", per_class=6)
     finetune(root, cache_dir=tmp_path / "c", out=tmp_path / "ft", epochs=1, batch_size=8, **TINY)

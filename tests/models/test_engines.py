@@ -325,7 +325,7 @@ def test_the_cli_names_the_extra_of_a_missing_engine(tmp_path, image_folder, mon
 
 
 def test_from_images_runs_the_prepared_trunk_below_the_trained_blocks(tmp_path, monkeypatch):
-    from pipeline.finetune.run import finetune
+    from pipeline.finetuning.run import finetune
     from tests.conftest import make_folder
 
     prepared = []

@@ -14,8 +14,8 @@ from click.testing import CliRunner
 
 from pipeline.cli.main import main
 from pipeline.extract.features import extract_features
-from pipeline.finetune.run import finetune
-from pipeline.finetune.sweep import sweep
+from pipeline.finetuning.run import finetune
+from pipeline.finetuning.sweep import sweep
 from pipeline.store import run_record, tracking
 from tests.conftest import TINY
 

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from pipeline.core.errors import CacheError
-from pipeline.finetune import activations
-from pipeline.finetune.activations import ActivationError, cut_network, lowest_trained
-from pipeline.finetune.run import finetune, sweep_depths
+from pipeline.finetuning import activations
+from pipeline.finetuning.activations import ActivationError, cut_network, lowest_trained
+from pipeline.finetuning.run import finetune, sweep_depths
 from pipeline.models.backbones import replace_classifier, resolve_backbone
 from pipeline.models.blocks import Block
 from pipeline.store import cache, integrity
@@ -143,7 +143,7 @@ def test_a_sweep_runs_the_trunk_once_for_every_depth(data, tmp_path, monkeypatch
     calls = []
     write = activations.write_activations
     # sys.modules: the package's attribute `finetune` is the function, not the module.
-    monkeypatch.setattr(sys.modules["pipeline.finetune.run"], "write_activations",
+    monkeypatch.setattr(sys.modules["pipeline.finetuning.run"], "write_activations",
                         lambda cuts, *a, **k: calls.append(len(cuts)) or write(cuts, *a, **k))
     table = sweep_depths(data, [0, 1, 2, "all"], tmp_path / "sweep", cache_dir=tmp_path / "c",
                          augment="none", **FT)
@@ -253,7 +253,7 @@ def test_augmented_views_are_the_same_when_threads_draw_them_side_by_side(data):
     from concurrent.futures import ThreadPoolExecutor
 
     from pipeline.data.images import load_image_set
-    from pipeline.finetune.loaders import train_transform
+    from pipeline.finetuning.loaders import train_transform
 
     spec = resolve_backbone("resnet18", "none", image_size=32)
     images = load_image_set(data)

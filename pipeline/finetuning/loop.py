@@ -26,8 +26,8 @@ from pipeline.core.early_stopping import EarlyStopping
 from pipeline.core.options import (
     FinetuneConfig,
 )
-from pipeline.finetune.loaders import Loaders
-from pipeline.finetune.setup import FinetuneError
+from pipeline.finetuning.loaders import Loaders
+from pipeline.finetuning.setup import FinetuneError
 from pipeline.models.blocks import STEM, parse_layers
 
 __all__ = ["CHECKPOINT", "Trainer", "evaluate", "make_optimizer", "set_train_mode", "to_device",

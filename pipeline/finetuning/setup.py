@@ -34,7 +34,7 @@ from pipeline.core.options import (
 from pipeline.data.images import ImageSet, load_image_set
 from pipeline.data.layouts import display
 from pipeline.extract.features import extract_features
-from pipeline.finetune.activations import (
+from pipeline.finetuning.activations import (
     ActivationError,
     ActivationPlan,
     activation_file,
@@ -44,7 +44,7 @@ from pipeline.finetune.activations import (
     prepare_trunk,
     write_activations,
 )
-from pipeline.finetune.loaders import (
+from pipeline.finetuning.loaders import (
     CachedLoaders,
     ImageLoaders,
     Loaders,

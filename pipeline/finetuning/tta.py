@@ -42,8 +42,8 @@ if TYPE_CHECKING:
     import torch
 
     from pipeline.data.images import ImageSet
-    from pipeline.finetune.network import FinetunedNetwork
-    from pipeline.finetune.run import FinetuneResult
+    from pipeline.finetuning.network import FinetunedNetwork
+    from pipeline.finetuning.run import FinetuneResult
 
 __all__ = ["TTA_MODES", "TTAError", "ViewFeatures", "average", "check_mode",
            "evaluate_network", "input_size", "mean_over_views", "score_finetune", "transform",
@@ -100,7 +100,7 @@ def average(predict: Callable[[torch.Tensor], np.ndarray], x: torch.Tensor, mode
     ----------
     predict
         A batch of preprocessed images to ``(n, classes)`` probabilities
-        (:meth:`pipeline.finetune.network.FinetunedNetwork.predict_proba`).
+        (:meth:`pipeline.finetuning.network.FinetunedNetwork.predict_proba`).
     x, mode, crop
         As for :func:`views`.
 
@@ -180,7 +180,7 @@ def score_finetune(result: FinetuneResult, images: ImageSet, rows: np.ndarray, m
 
     Sets ``result.tta_proba`` and ``result.tta_row``: ``result.row`` with the scores of the
     averaged probabilities, head ``<head>+tta``, ``,tta=<mode>`` added to ``chosen`` and the
-    augmented pass's seconds as ``predict_s``; :func:`pipeline.finetune.run.finetune` writes it
+    augmented pass's seconds as ``predict_s``; :func:`pipeline.finetuning.run.finetune` writes it
     beside the plain row, so that ``pipeline report`` compares the two image by image.
     """
     started = time.perf_counter()

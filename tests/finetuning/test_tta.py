@@ -18,8 +18,8 @@ from torchvision.transforms import v2
 from pipeline.cli.main import main
 from pipeline.deploy.predict import predict_images
 from pipeline.extract.features import extract_features
-from pipeline.finetune.network import FinetunedNetwork
-from pipeline.finetune.tta import TTAError, average, input_size, transform, view_count, views
+from pipeline.finetuning.network import FinetunedNetwork
+from pipeline.finetuning.tta import TTAError, average, input_size, transform, view_count, views
 from pipeline.heads.compare import fit_heads
 from pipeline.metrics.scoring import RowPredictions
 from pipeline.models.backbones import replace_classifier, resolve_backbone

@@ -8,8 +8,8 @@ import torch
 
 from pipeline.core.errors import DataError, PipelineError
 from pipeline.deploy.predict import predict_images
-from pipeline.finetune.run import finetune, sweep_depths
-from pipeline.finetune.setup import FinetuneError
+from pipeline.finetuning.run import finetune, sweep_depths
+from pipeline.finetuning.setup import FinetuneError
 from pipeline.heads import LinearProbe
 from pipeline.heads.compare import fit_heads
 from pipeline.models.backbones import replace_classifier, resolve_backbone

@@ -4,7 +4,7 @@ factor at a time as practitioners write the experiment up.
 One factor at a time (the seeds' design): sweep the first factor with the others at their first
 listed value, keep its best value (on validation), sweep the next factor with it, and so on, in
 the order given. A grid runs every combination. Either way each run is an ordinary
-:func:`pipeline.finetune.run.finetune` run in a folder of its own, so a stopped sweep resumes: a
+:func:`pipeline.finetuning.run.finetune` run in a folder of its own, so a stopped sweep resumes: a
 finished run is read back, never trained again, and an interrupted one resumes from its
 checkpoint. The trunk's activations are cached once for every depth of the sweep; learning
 rate and batch size do not change them, so every run after the first trains from the cache.
@@ -71,7 +71,7 @@ def sweep(data: str | os.PathLike, factors: Mapping[str, Sequence], mode: str = 
     Parameters
     ----------
     data
-        As for :func:`pipeline.finetune.run.finetune`.
+        As for :func:`pipeline.finetuning.run.finetune`.
     factors
         ``{"lr": [...], "batch_size": [...], "unfreeze": [...]}`` (any of :data:`FACTORS`, in
         the order one-at-a-time sweeps them); a factor left out keeps ``config``'s value.
@@ -79,12 +79,12 @@ def sweep(data: str | os.PathLike, factors: Mapping[str, Sequence], mode: str = 
         ``"grid"``: every combination; ``"one-at-a-time"``: each factor in turn, the factors
         not yet swept at their first value and the swept ones at their best.
     out
-        ``runs/<name>/`` per run (the files of :func:`~pipeline.finetune.run.finetune`), and
+        ``runs/<name>/`` per run (the files of :func:`~pipeline.finetuning.run.finetune`), and
         ``sweep.csv|md|json`` and ``sweep.png`` for the whole sweep.
     config, kwargs
-        The settings every run shares, as for :func:`~pipeline.finetune.run.finetune`.
+        The settings every run shares, as for :func:`~pipeline.finetuning.run.finetune`.
     progress, track
-        As for :func:`~pipeline.finetune.run.finetune`; tracked, each run is an MLflow run nested
+        As for :func:`~pipeline.finetuning.run.finetune`; tracked, each run is an MLflow run nested
         under one run of the sweep. Neither decides a run's outcome, so neither is in the
         fingerprint that a finished run is read back by.
 
@@ -174,7 +174,7 @@ class _Runner:
 
     def __init__(self, data, out: Path, shared: FinetuneConfig, depths: list, rest: dict,
                  progress: bool | str | None = None, track: bool | tracking.Run | None = None):
-        from pipeline.finetune.run import finetune
+        from pipeline.finetuning.run import finetune
 
         self.finetune = finetune
         self.data, self.out, self.shared, self.depths, self.rest = data, out, shared, depths, rest
@@ -192,7 +192,7 @@ class _Runner:
                                track=self.track, **self.rest)
         row = _row(settings, result, folder)
         if distributed.context().is_main:
-            from pipeline.finetune.loop import CHECKPOINT
+            from pipeline.finetuning.loop import CHECKPOINT
 
             folder.mkdir(parents=True, exist_ok=True)
             with atomic_write(record, "w") as fh:  # a record is there only for a run that finished

@@ -29,12 +29,12 @@ from pipeline.core.options import (
     FinetuneConfig,
 )
 from pipeline.core.progress import EpochLines
-from pipeline.finetune.loop import CHECKPOINT, Trainer, evaluate
-from pipeline.finetune.lr_find import with_found_lr
-from pipeline.finetune.network import FinetunedNetwork
-from pipeline.finetune.setup import FROM_SCRATCH, FinetuneError, from_scratch, prepare
-from pipeline.finetune.tta import check_mode as check_tta
-from pipeline.finetune.tta import score_finetune
+from pipeline.finetuning.loop import CHECKPOINT, Trainer, evaluate
+from pipeline.finetuning.lr_find import with_found_lr
+from pipeline.finetuning.network import FinetunedNetwork
+from pipeline.finetuning.setup import FROM_SCRATCH, FinetuneError, from_scratch, prepare
+from pipeline.finetuning.tta import check_mode as check_tta
+from pipeline.finetuning.tta import score_finetune
 from pipeline.metrics.calibration import reliability_curve
 from pipeline.metrics.scoring import (
     POSITIVE_COLUMNS,
@@ -70,7 +70,7 @@ class FinetuneResult:
     # Labels and class probabilities of the test images, in the order of test_pred.
     test_labels: np.ndarray | None = None
     test_proba: np.ndarray | None = None
-    # With test-time augmentation (pipeline.finetune.tta): its results row and probabilities.
+    # With test-time augmentation (pipeline.finetuning.tta): its results row and probabilities.
     tta_row: dict | None = None
     tta_proba: np.ndarray | None = None
 
@@ -140,12 +140,13 @@ def finetune(
         ``MLFLOW_TRACKING_URI`` is set; a :class:`pipeline.store.tracking.Run`: nested under it.
     tta
         ``"flip"`` or ``"crops"``: also score the test images with test-time augmentation
-        (:mod:`pipeline.finetune.tta`), as a second results row ``finetune-K+tta`` with its own
+        (:mod:`pipeline.finetuning.tta`), as a second results row ``finetune-K+tta`` with its own
         predictions (``result.tta_row``); None: not.
     **settings
         Fields of ``FinetuneConfig`` (``unfreeze`` may be ``"all"``) and of ``ExtractOptions``
         overriding ``config``'s and ``options``'s, and the backbone arguments above.
-        ``lr="auto"``: the learning-rate range test (:mod:`pipeline.finetune.lr_find`) runs first on
+        ``lr="auto"``: the learning-rate range test (:mod:`pipeline.finetuning.lr_find`) runs first
+        on
         the same network (its weights put back) and its suggestion is the head's rate,
         recorded in the row (``lr``, ``lr_found_by``); its files in ``out/lr-find/`` are read
         back by a resumed run.

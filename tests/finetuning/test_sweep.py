@@ -8,8 +8,8 @@ from types import SimpleNamespace
 
 import pytest
 
-import pipeline.finetune.run
-from pipeline.finetune.sweep import SweepError, choose, plan_grid, run_name, sweep
+import pipeline.finetuning.run
+from pipeline.finetuning.sweep import SweepError, choose, plan_grid, run_name, sweep
 from tests.conftest import make_folder
 
 FT = {"backbone": "resnet18", "weights": "none", "image_size": 32, "workers": 0,
@@ -37,7 +37,7 @@ def fake_finetune(monkeypatch):
         history = [{"epoch": 1, "val_loss": 1 - val, "val_accuracy": val}]
         return SimpleNamespace(row=row, history=history)
 
-    monkeypatch.setattr(pipeline.finetune.run, "finetune", fake)
+    monkeypatch.setattr(pipeline.finetuning.run, "finetune", fake)
     return calls
 
 

@@ -2,7 +2,7 @@
 
 Training images go through :func:`train_transform` (the weights' recipe plus flips, shear and
 zoom); evaluation images through the recipe alone. Where the frozen trunk's output is cached
-(:mod:`pipeline.finetune.activations`), the loaders serve those rows instead of images.
+(:mod:`pipeline.finetuning.activations`), the loaders serve those rows instead of images.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from torchvision.transforms import InterpolationMode, v2
 from pipeline.core import distributed
 from pipeline.core.devices import default_workers
 from pipeline.data.images import ImageFiles, ImageSet
-from pipeline.finetune.activations import (
+from pipeline.finetuning.activations import (
     ActivationPlan,
     CachedActivations,
 )

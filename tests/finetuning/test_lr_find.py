@@ -11,9 +11,9 @@ import torch
 from click.testing import CliRunner
 
 from pipeline.cli.main import main
-from pipeline.finetune import lr_find
-from pipeline.finetune.lr_find import find_lr, lr_schedule, smooth, suggest_lr
-from pipeline.finetune.run import finetune
+from pipeline.finetuning import lr_find
+from pipeline.finetuning.lr_find import find_lr, lr_schedule, smooth, suggest_lr
+from pipeline.finetuning.run import finetune
 from pipeline.store.persistence import load_network
 from tests.conftest import TINY, make_folder
 

@@ -36,8 +36,8 @@ from pipeline.core.options import (
     FinetuneConfig,
 )
 from pipeline.core.progress import Progress
-from pipeline.finetune.loop import make_optimizer, set_train_mode, to_device, train_step
-from pipeline.finetune.setup import Setup, prepare
+from pipeline.finetuning.loop import make_optimizer, set_train_mode, to_device, train_step
+from pipeline.finetuning.setup import Setup, prepare
 from pipeline.models.backbones import BackboneSpec
 
 __all__ = ["LRFindError", "LRFindResult", "find_lr", "lr_schedule", "smooth", "suggest_lr"]
@@ -159,13 +159,13 @@ def find_lr(
     split_seed: int | None = None,
     **settings,
 ) -> LRFindResult:
-    """Run the learning-rate range test on the network :func:`~pipeline.finetune.run.finetune`
+    """Run the learning-rate range test on the network :func:`~pipeline.finetuning.run.finetune`
     would train, and suggest the head's learning rate.
 
     Parameters
     ----------
     data, backbone, config, options, split_seed, settings
-        As for :func:`~pipeline.finetune.run.finetune` (``unfreeze``, ``batch_size``,
+        As for :func:`~pipeline.finetuning.run.finetune` (``unfreeze``, ``batch_size``,
         ``backbone_lr_ratio``, ``optimizer``, ...; ``lr`` and ``epochs`` are not used). The
         same features warm-start the head, and the test trains from the trunk's cached
         activations where a fine-tune would (the same caches).
