@@ -165,7 +165,7 @@ def _head_image_rows(saved: SavedHead, inputs, top_k: int, device: str, batch_si
                      progress, offline, tta=None) -> list[dict]:
     from pipeline.core.devices import resolve_device
     from pipeline.data.images import ImageFiles
-    from pipeline.extract.features import feature_batches, prepare_model
+    from pipeline.extract.batches import feature_batches, prepare_model
 
     spec = matching_backbone(saved, offline)
     paths = collect_images(inputs)

@@ -256,7 +256,7 @@ def write_activations(cuts: Sequence[Cut], keys: Sequence[tuple[dict, str]], pat
                       progress: bool | str | None = None, engine: str = "torch") -> None:
     """One trunk pass that writes every cut's activation file (resuming unfinished ones).
 
-    The rows go through extraction's own loop (:func:`pipeline.extract.features.feature_batches`):
+    The rows go through extraction's own loop (:func:`pipeline.extract.batches.feature_batches`):
     the plain images, then each view of the training images, the trunk run by ``engine``
     (the one that extracted the features; an exported one in its streams, its export kept
     beside the files). The writer lock of every file is held (:mod:`pipeline.store.locks`); a file
@@ -274,7 +274,7 @@ def write_activations(cuts: Sequence[Cut], keys: Sequence[tuple[dict, str]], pat
 
 def _write_activations(cuts, keys, paths, images, plan, spec, view_transform, dtype, seed,
                        device, batch_size, workers, progress, engine) -> None:
-    from pipeline.extract.features import feature_batches
+    from pipeline.extract.batches import feature_batches
     from pipeline.models import engines
 
     lower = _lower_many(cuts)

@@ -6,12 +6,13 @@ import sys
 
 import pytest
 
-from pipeline.bench import suite as bench
+from pipeline.bench import children, finetuning, startup
+from pipeline.bench import engines as engine_bench
 from tests.conftest import TINY
 
 
 def test_a_child_extraction_reports_its_summary_and_peak_memory(tmp_path, image_folder):
-    out = bench.child("extract", {"data": str(image_folder), "cache_dir": str(tmp_path / "c"),
+    out = children.child("extract", {"data": str(image_folder), "cache_dir": str(tmp_path / "c"),
                                   "progress": False, **TINY})
     assert out["images"] == 30 and out["hit"] is False and out["seconds"] > 0
     assert out["peak_rss_mb"] > 10
@@ -19,33 +20,33 @@ def test_a_child_extraction_reports_its_summary_and_peak_memory(tmp_path, image_
 
 def test_an_unknown_child_mode_is_refused():
     with pytest.raises(ValueError, match="extract, finetune, forward"):
-        bench.child("nothing", {})
+        children.child("nothing", {})
 
 
 def test_timed_runs_give_the_median_and_the_last_output():
-    seconds, stdout = bench.timed_runs([sys.executable, "-c", "print('hi')"], 3)
+    seconds, stdout = startup.timed_runs([sys.executable, "-c", "print('hi')"], 3)
     assert 0 < seconds < 30 and stdout == "hi\n"
     with pytest.raises(RuntimeError, match="failed"):
-        bench.timed_runs([sys.executable, "-c", "raise SystemExit(3)"], 1)
+        startup.timed_runs([sys.executable, "-c", "raise SystemExit(3)"], 1)
 
 
 def test_startup_ratios_are_against_import_torch_with_their_targets():
-    ratios = bench.startup_ratios({"import_torch": 4.0, "help": 2.0, "cache_hit": 1.0})
+    ratios = startup.startup_ratios({"import_torch": 4.0, "help": 2.0, "cache_hit": 1.0})
     assert ratios["help"] == {"seconds": 2.0, "ratio": 0.5, "target": 0.1}
     assert ratios["cache_hit"] == {"seconds": 1.0, "ratio": 0.25, "target": 0.5}
 
 
 def test_spread_picks_evenly_and_numbers_the_repeats():
-    assert bench.spread(10, 5) == [(0, 0), (2, 0), (4, 0), (6, 0), (8, 0)]
-    assert bench.spread(3, 3) == [(0, 0), (1, 0), (2, 0)]
-    assert bench.spread(2, 5) == [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1)]
-    assert bench.spread(4, 0) == []
+    assert finetuning.spread(10, 5) == [(0, 0), (2, 0), (4, 0), (6, 0), (8, 0)]
+    assert finetuning.spread(3, 3) == [(0, 0), (1, 0), (2, 0)]
+    assert finetuning.spread(2, 5) == [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1)]
+    assert finetuning.spread(4, 0) == []
 
 
 def test_a_sized_image_set_keeps_the_layout_and_repeats_past_its_size(tmp_path, split_folder):
-    assert bench.sized_image_set(split_folder, tmp_path / "same", 22) == split_folder
-    half = bench.sized_image_set(split_folder, tmp_path / "half", 11)
-    double = bench.sized_image_set(split_folder, tmp_path / "double", 44)
+    assert finetuning.sized_image_set(split_folder, tmp_path / "same", 22) == split_folder
+    half = finetuning.sized_image_set(split_folder, tmp_path / "half", 11)
+    double = finetuning.sized_image_set(split_folder, tmp_path / "double", 44)
     files = sorted(p.relative_to(half).as_posix() for p in half.rglob("*.png"))
     assert len(files) == 11 and files[0] == "test/cat/000.png"
     assert {f.split("/")[0] for f in files} == {"train", "val", "test"}
@@ -55,7 +56,7 @@ def test_a_sized_image_set_keeps_the_layout_and_repeats_past_its_size(tmp_path, 
 
 
 def test_finetune_ratios_are_against_their_targets():
-    ratios = bench.finetune_ratios(1.0, 20.0, 30.0, 100.0)
+    ratios = finetuning.finetune_ratios(1.0, 20.0, 30.0, 100.0)
     assert ratios["epoch"] == {"ratio": 0.05, "target": 0.1, "met": True}
     assert ratios["sweep"] == {"ratio": 0.3, "target": 0.25, "met": False}
 
@@ -68,13 +69,13 @@ def test_activation_bytes_are_the_stored_values_and_the_file_per_row(tmp_path):
     with h5py.File(path, "w") as f:
         f.create_dataset("features", data=np.zeros((5, 12), dtype=np.float16))
         f.attrs["activation_shape"] = [3, 2, 2]
-    out = bench.activation_bytes(path)
+    out = finetuning.activation_bytes(path)
     assert out["shape"] == [3, 2, 2] and out["dtype"] == "float16" and out["rows"] == 5
     assert out["row_bytes"] == 24 and out["file_bytes_per_row"] == path.stat().st_size / 5
 
 
 def test_engine_ratios_are_against_their_targets():
-    ratios = bench.engine_ratios({"eager": 40.0, "torch": 50.0, "onnxruntime": 80.0},
+    ratios = engine_bench.engine_ratios({"eager": 40.0, "torch": 50.0, "onnxruntime": 80.0},
                                  {"torch": 48.0, "onnxruntime": 70.0, "auto": 70.0})
     assert ratios["auto_over_eager"] == {"ratio": 1.75, "target": 1.5, "met": True}
     assert ratios["end_to_end_over_forward"]["torch"] == {"ratio": 0.96, "target": 0.9,
@@ -90,5 +91,5 @@ def test_the_bench_measures_the_engines_installed_for_the_device(monkeypatch):
 
     monkeypatch.setattr(engines.OpenVinoEngine, "installed", lambda self: False)
     monkeypatch.setattr(engines.OnnxRuntimeEngine, "installed", lambda self: True)
-    assert bench.bench_engines_here(torch.device("cpu")) == ["eager", "torch", "onnxruntime"]
-    assert bench.bench_engines_here(torch.device("cuda")) == ["eager", "torch"]
+    assert engine_bench.bench_engines_here(torch.device("cpu")) == ["eager", "torch", "onnxruntime"]
+    assert engine_bench.bench_engines_here(torch.device("cuda")) == ["eager", "torch"]

@@ -19,7 +19,8 @@ import torch
 from click.testing import CliRunner
 from torch import nn
 
-from pipeline.extract.features import extract_features, prefetched
+from pipeline.extract.batches import prefetched
+from pipeline.extract.features import extract_features
 from pipeline.models import engines, families
 from pipeline.models.backbones import resolve_backbone
 from pipeline.models.engines import (
@@ -387,7 +388,7 @@ def test_a_decoding_error_is_raised_here_and_closing_stops_the_thread():
 
 def test_with_one_core_onnxruntime_decodes_ahead_in_a_thread(exported, tmp_path, image_folder,
                                                              monkeypatch):
-    from pipeline.extract import features as extract
+    from pipeline.extract import batches as extract
 
     used = []
     original = extract.prefetched
@@ -459,7 +460,7 @@ def test_torch_and_its_fallback_serve_one_stream(exported, tmp_path, monkeypatch
 
 def test_extraction_in_streams_writes_what_one_stream_writes(exported, tmp_path, image_folder,
                                                               monkeypatch):
-    from pipeline.extract import features as extract
+    from pipeline.extract import batches as extract
 
     (image_folder / "dog" / "004b.png").write_bytes(b"not an image")
     (image_folder / "fox" / "gone.png").symlink_to(image_folder / "nowhere.png")
@@ -487,7 +488,7 @@ def test_extraction_in_streams_writes_what_one_stream_writes(exported, tmp_path,
 
 
 def test_closing_the_streamed_batches_cancels_the_rest_and_stops_the_threads():
-    from pipeline.extract.features import _streamed
+    from pipeline.extract.batches import _streamed
 
     started = []
 
@@ -509,7 +510,7 @@ def test_closing_the_streamed_batches_cancels_the_rest_and_stops_the_threads():
 
 
 def test_a_streamed_batchs_error_is_raised_here_in_order():
-    from pipeline.extract.features import _streamed
+    from pipeline.extract.batches import _streamed
 
     def run(x):
         if x[0, 0] == 8:

@@ -1,0 +1,82 @@
+"""``pipeline heads``: stage 2, heads fitted on cached features and compared."""
+
+from __future__ import annotations
+
+import click
+
+from pipeline.cli.options import positive_option, quiet_option, track_option
+from pipeline.cli.output import emit_json, markdown
+from pipeline.core.options import (
+    HeadsOptions,
+    default,
+)
+
+__all__ = ["heads"]
+
+
+def _shots(_ctx, _param, value: str | None) -> list:
+    if not value:
+        return []
+    try:
+        shots = [v if v == "all" else int(v) for v in value.split(",")]
+    except ValueError:
+        raise click.BadParameter("give shots as numbers or 'all', such as 1,2,5,10,all") from None
+    if any(s != "all" and s < 1 for s in shots):
+        raise click.BadParameter("shots must be at least 1")
+    return shots
+
+
+@click.command()
+@click.argument("caches", nargs=-1, required=True, type=click.Path())
+@click.option("--heads", "head_specs", default=",".join(default(HeadsOptions, "heads")),
+              show_default=True,
+              help="Comma-separated heads: logreg, mlp, linear, or an import path with "
+                   "parameters (sklearn.svm.LinearSVC:C=0.1); separate several with ';'.")
+@click.option("--out", type=click.Path(file_okay=False), default=default(HeadsOptions, "out"),
+              show_default=True, help="Folder of the tables, plots and saved heads.")
+@click.option("--shots", callback=_shots, default=",".join(default(HeadsOptions, "shots")),
+              help="Examples per class for the data-efficiency curve, e.g. 1,2,5,10,all.")
+@click.option("--draws", type=click.IntRange(min=1), default=default(HeadsOptions, "draws"),
+              show_default=True, help="Random draws per k.")
+@click.option("--seed", type=int, default=default(HeadsOptions, "seed"), show_default=True)
+@click.option("--repeats", type=click.IntRange(min=1), default=default(HeadsOptions, "repeats"),
+              show_default=True,
+              help="Fit each head with this many seeds (seed, seed+1, ...) on the same splits "
+                   "and report the spread of test accuracy over them.")
+@positive_option
+@click.option("--json", "as_json", is_flag=True, help="Print the results as one JSON object.")
+@quiet_option
+@track_option
+def heads(caches, head_specs, out, shots, draws, seed, repeats, positive, as_json, quiet,
+          track) -> None:
+    """Fit heads on cached features (CACHES: one or more .h5 files) and compare them."""
+    from pipeline.heads import compare
+
+    options = HeadsOptions(tuple(_split_heads(head_specs)), out, tuple(shots), draws, seed,
+                           repeats, positive=positive)
+    result = compare.fit_heads(caches, options=options, progress=False if quiet else None,
+                               track=track)
+    if result.skipped:
+        click.echo(f"skipped {len(result.skipped)} activation cache(s) (fine-tuning's block "
+                   f"inputs, not features): {', '.join(result.skipped)}", err=True)
+    if as_json:
+        emit_json(result.to_json())
+        return
+    click.echo(markdown(_table_columns(result.rows)))
+    if result.shots:
+        click.echo(markdown(result.shots))
+    click.echo(f"tables, plots and saved heads in {out}/")
+
+
+def _split_heads(value: str) -> list[str]:
+    # Commas separate heads, except inside one head's parameters: use ';' between heads that
+    # carry parameters, e.g. "logreg;sklearn.svm.LinearSVC:C=0.1,max_iter=5000".
+    parts = value.split(";") if ";" in value or ":" in value else value.split(",")
+    return [p.strip() for p in parts if p.strip()]
+
+
+def _table_columns(rows: list[dict]) -> list[dict]:
+    keep = ("backbone", "head", "chosen", "test_accuracy", "test_accuracy_ci_low",
+            "test_accuracy_ci_high", "test_accuracy_seeds_mean", "test_accuracy_seeds_std",
+            "balanced_accuracy", "macro_f1", "log_loss", "ece", "fit_s", "predict_s")
+    return [{k: r[k] for k in keep if k in r} for r in rows]

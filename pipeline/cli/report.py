@@ -1,0 +1,37 @@
+"""``pipeline report``: every results row of a run in one table, with paired tests."""
+
+from __future__ import annotations
+
+import click
+
+from pipeline.cli.output import emit_json, markdown
+from pipeline.core.options import (
+    MISTAKES,
+)
+
+__all__ = ["report_command"]
+
+
+@click.command(name="report")
+@click.argument("folder", type=click.Path(exists=True, file_okay=False))
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="Folder of the report [default: FOLDER/report].")
+@click.option("--mistakes", type=click.IntRange(min=0), default=MISTAKES, show_default=True,
+              help="Most confident wrong test predictions of the best row drawn in "
+                   "mistakes.png.")
+@click.option("--json", "as_json", is_flag=True)
+def report_command(folder, out, mistakes, as_json) -> None:
+    """One table of the heads and fine-tunes found under FOLDER, with a chart."""
+    from pipeline.report import summary as report
+
+    result = report.write_report(folder, out, mistakes)
+    if as_json:
+        emit_json(result)
+        return
+    for sentence in result["summary"]:
+        click.echo(sentence + "\n")
+    click.echo(markdown(result["rows"]), nl=False)
+    if len(result["cache_keys"]) > 1:
+        click.echo(f"note: rows come from {len(result['cache_keys'])} feature caches; only rows "
+                   "with the same cache_key share features and test images")
+    click.echo(f"report: {result['files']['report_md']}, {result['files']['report_png']}")

@@ -1,0 +1,247 @@
+"""From images to feature rows: the prepared network, and batches streamed through it.
+
+:func:`feature_batches` decodes images (in loader processes, or a background thread that keeps
+:data:`_PREFETCH_BATCHES` batches ahead) while the engine runs the current batch, and yields
+each batch's rows with their timings; :func:`prepare_model` puts a backbone in inference form.
+Used by extraction, by ``pipeline predict`` and by the benchmarks alike.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from pipeline.core.devices import (
+    autocast,
+    default_batch_size,
+    default_workers,
+)
+from pipeline.core.progress import Progress
+from pipeline.data.images import (
+    ImageFiles,
+    ImageSet,
+)
+from pipeline.models import engines
+from pipeline.models.backbones import BackboneSpec
+
+if TYPE_CHECKING:
+    import torch
+
+
+__all__ = ["FeatureBatch", "feature_batches", "feature_dim", "prefetched", "prepare_model"]
+
+
+# Batches decoded ahead by a background thread while the engine runs the current one (when
+# no loader processes do it); 0 decodes in turn with the forward passes.
+_PREFETCH_BATCHES = 2
+
+
+def prepare_model(spec: BackboneSpec, device: torch.device) -> torch.nn.Module:
+    """The feature model on ``device``, prepared for inference by the torch engine
+    (:func:`pipeline.models.engines.prepare_for_inference`: BatchNorm folded, static padding,
+    channels_last weights, which are faster on GPUs and, measured here, on this CPU too)."""
+    import torch
+
+    crop = spec.preprocessing.crop
+    example = torch.randn(2, 3, crop, crop, generator=torch.Generator().manual_seed(0))
+    return engines.prepare("torch", spec.build(), example, spec.adapter, device).run
+
+
+def feature_dim(model: torch.nn.Module, spec: BackboneSpec, device: torch.device) -> int:
+    import torch
+
+    crop = spec.preprocessing.crop
+    with torch.inference_mode():
+        return int(model(torch.zeros(1, 3, crop, crop, device=device)).shape[1])
+
+
+def _files(images: ImageSet, spec: BackboneSpec, files: ImageFiles | None) -> ImageFiles:
+    """``files``, or extraction's own: the recipe's preprocessing up to 8-bit crops, which
+    :func:`feature_batches` normalises a batch at a time, each file hashed once."""
+    if files is not None:
+        return files
+    crop = spec.preprocessing.crop
+    return ImageFiles(images, spec.preprocessing.transform(normalize=False), (3, crop, crop),
+                      hash_files=True, dtype="uint8")
+
+
+def _loader(images: ImageSet, spec: BackboneSpec, indices: Sequence[int],
+            batch_size: int | None, workers: int | None, device: torch.device,
+            files: ImageFiles | None = None) -> torch.utils.data.DataLoader:
+    import torch
+
+    workers = default_workers() if workers is None else workers
+    return torch.utils.data.DataLoader(
+        torch.utils.data.Subset(_files(images, spec, files), indices),
+        batch_size=batch_size or default_batch_size(device), shuffle=False, num_workers=workers,
+        pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None)
+
+
+@dataclass
+class FeatureBatch:
+    """Features of the images ``index``; NaN rows where ``valid`` is False."""
+
+    index: np.ndarray  # positions of the rows in the image set
+    features: np.ndarray
+    valid: np.ndarray
+    failures: list[tuple[int, str]]  # (image index, why it could not be read)
+    forward_s: float
+    digests: np.ndarray  # SHA-256 (hex bytes) of each image file, b"" where unreadable
+
+    @property
+    def start(self) -> int:
+        return int(self.index[0])
+
+
+def feature_batches(model: torch.nn.Module, spec: BackboneSpec, images: ImageSet,
+                    device: torch.device, indices: Sequence[int] | None = None,
+                    batch_size: int | None = None, workers: int | None = None,
+                    progress: bool | str | None = None, desc: str = "extract", done: int = 0,
+                    files: ImageFiles | None = None,
+                    decode_ahead: bool | None = None, streams: int = 1
+                    ) -> Iterator[FeatureBatch]:
+    """Decode, preprocess and run images ``indices`` (default: all) through ``model``, in order.
+
+    ``model`` is any callable from an image batch to a feature batch (a network, or an engine
+    of :mod:`pipeline.models.engines`). ``done`` rows already handled elsewhere start the progress
+    bar
+    part-full. ``files`` reads the images instead of the recipe's preprocessing with hashing
+    (augmented views, say). With ``decode_ahead`` and no loader processes, a background thread
+    decodes the next batches while ``model`` runs this one (decoding, resizing and hashing
+    release the GIL). By default it does so on a GPU, whose forward pass leaves the CPU free,
+    and not on a CPU, where torch's own threads already take every core and the extra thread
+    slows them (measured: :meth:`pipeline.models.engines.Engine.decodes_ahead` says per engine).
+    With ``streams`` > 1 and no loader processes, that many threads each decode a whole batch
+    and run it, ``model`` being built for that many calls at once, one core each
+    (:meth:`pipeline.models.engines.Engine.streams`): a thread decoding never holds up a forward
+    pass
+    spread over every core.
+    """
+    indices = range(len(images)) if indices is None else indices
+    workers = default_workers() if workers is None else workers
+    decode_ahead = device.type != "cpu" if decode_ahead is None else decode_ahead
+    run = _forward(model, spec, device)
+    size = batch_size or default_batch_size(device)
+    if streams > 1 and workers == 0:
+        batches = _streamed(run, _files(images, spec, files), indices, size, streams)
+    else:
+        loaded = _loader(images, spec, indices, size, workers, device, files)
+        decoded = (prefetched(loaded, _PREFETCH_BATCHES) if workers == 0 and decode_ahead
+                   else loaded)
+        batches = ((*_timed(run, x), index, errors, digests)
+                   for x, index, errors, digests in decoded)
+    with Progress(done + len(indices), f"{desc} {spec.name}", "img", progress=progress,
+                  initial=done) as bar:
+        for feats, forward_s, index, errors, digests in batches:
+            valid = np.array([not e for e in errors])
+            feats[~valid] = np.nan
+            failures = [(int(i), e) for i, e in zip(index, errors) if e]
+            yield FeatureBatch(index.numpy(), feats, valid, failures, forward_s,
+                               np.asarray(digests, "S64"))
+            bar.update(len(index))
+
+
+def _forward(model: Callable, spec: BackboneSpec, device: torch.device) -> Callable:
+    """A batch as the loader gives it (8-bit crops, or images already normalised) to its
+    features as a NumPy array, in inference mode (which is per thread: entered on each call)."""
+    import torch
+
+    def run(x: torch.Tensor) -> np.ndarray:
+        x = x.to(device, non_blocking=True)
+        if x.dtype == torch.uint8:  # the recipe's crops, not yet normalised
+            x = spec.preprocessing.normalize(x)
+        if device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast(device), torch.inference_mode():
+            return model(x).float().cpu().numpy()
+
+    return run
+
+
+def _timed(run: Callable, x) -> tuple[np.ndarray, float]:
+    started = time.perf_counter()
+    return run(x), time.perf_counter() - started
+
+
+def _streamed(run: Callable, files: ImageFiles, indices: Sequence[int], batch_size: int,
+              streams: int) -> Iterator[tuple]:
+    """``(features, forward seconds, index, errors, digests)`` of each batch of ``indices``,
+    in order, ``streams`` threads each decoding and running one batch at a time (each batch's
+    forward seconds are its own thread's: summed, they exceed the loop's).
+
+    Twice as many batches as threads are handed out, so a thread that finishes finds the next
+    one waiting while this thread writes. Closing the generator cancels the batches not
+    started and waits for the running ones.
+    """
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    from torch.utils.data import default_collate
+
+    def one(batch: Sequence[int]) -> tuple:
+        x, index, errors, digests = default_collate([files[i] for i in batch])
+        return (*_timed(run, x), index, errors, digests)
+
+    pending: deque = deque()
+    with ThreadPoolExecutor(streams, thread_name_prefix="pipeline-stream") as pool:
+        try:
+            for start in range(0, len(indices), batch_size):
+                pending.append(pool.submit(one, indices[start:start + batch_size]))
+                if len(pending) >= 2 * streams:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:
+            for future in pending:
+                future.cancel()
+
+
+def prefetched(items: Iterable, depth: int) -> Iterator:
+    """``items`` in order, produced ``depth`` ahead by a background thread (``depth`` 0: in
+    this thread). An exception in the producer is raised here; closing the generator (an
+    error or Ctrl-C in the consumer) stops the thread before it returns."""
+    if depth <= 0:
+        yield from items
+        return
+    import queue
+    import threading
+
+    ahead: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                ahead.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not put((True, item)):
+                    return
+        except BaseException as err:  # handed to the consumer, which raises it
+            put((False, err))
+            return
+        put((False, None))
+
+    thread = threading.Thread(target=produce, name="pipeline-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            ok, item = ahead.get()
+            if not ok:
+                if item is not None:
+                    raise item
+                return
+            yield item
+    finally:
+        stop.set()
+        thread.join()
