@@ -219,6 +219,7 @@ _FINETUNE = """
 import importlib, json, os, signal, sys
 import torch
 ft = importlib.import_module("pipeline.finetuning.loop")
+run = importlib.import_module("pipeline.finetuning.run")
 mode, kw = sys.argv[1], json.loads(sys.argv[2])
 rank = int(os.environ["RANK"])
 fit = ft.Trainer.fit
@@ -230,7 +231,7 @@ ft.Trainer.fit = fit_and_save
 def crash(epoch, row):
     if mode == "crash" and rank == 0 and epoch == 1:
         os.kill(os.getpid(), signal.SIGKILL)
-ft.finetune(on_epoch=crash, **kw)
+run.finetune(on_epoch=crash, **kw)
 """
 
 FT_KW = {**TINY, "batch_size": 4, "epochs": 2, "patience": 5, "lr": 0.01, "unfreeze": 1}

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from pipeline.deploy.predict import predict_images, write_predictions
-from pipeline.extract import features as extract
+from pipeline.extract import batches
 from pipeline.extract.features import extract_features
 from pipeline.finetuning.network import FinetunedNetwork
 from pipeline.heads.compare import fit_heads
@@ -119,8 +119,8 @@ def no_feature_path(monkeypatch):
     def refuse(*_args, **_kw):
         raise AssertionError("a network went through the feature path")
 
-    monkeypatch.setattr(extract, "feature_batches", refuse)
-    monkeypatch.setattr(extract, "prepare_model", refuse)
+    monkeypatch.setattr(batches, "feature_batches", refuse)
+    monkeypatch.setattr(batches, "prepare_model", refuse)
     monkeypatch.setattr(BackboneSpec, "build", refuse)
 
 

@@ -16,7 +16,7 @@ from pipeline.finetuning.activations import ActivationError, cut_network, lowest
 from pipeline.finetuning.run import finetune, sweep_depths
 from pipeline.models.backbones import replace_classifier, resolve_backbone
 from pipeline.models.blocks import Block
-from pipeline.store import cache, integrity
+from pipeline.store import integrity, writer
 from pipeline.store.catalog import list_caches
 from tests.conftest import make_folder
 
@@ -143,7 +143,7 @@ def test_a_sweep_runs_the_trunk_once_for_every_depth(data, tmp_path, monkeypatch
     calls = []
     write = activations.write_activations
     # sys.modules: the package's attribute `finetune` is the function, not the module.
-    monkeypatch.setattr(sys.modules["pipeline.finetuning.run"], "write_activations",
+    monkeypatch.setattr(sys.modules["pipeline.finetuning.setup"], "write_activations",
                         lambda cuts, *a, **k: calls.append(len(cuts)) or write(cuts, *a, **k))
     table = sweep_depths(data, [0, 1, 2, "all"], tmp_path / "sweep", cache_dir=tmp_path / "c",
                          augment="none", **FT)
@@ -174,7 +174,7 @@ def test_a_full_disk_stops_before_writing(data, tmp_path, monkeypatch):
         asked.append(path)  # the feature cache asks first, then the activation cache
         return type("Usage", (), {"free": 10**12 if len(asked) == 1 else 1000})()
 
-    monkeypatch.setattr(cache.shutil, "disk_usage", room_for_the_features_only)
+    monkeypatch.setattr(writer.shutil, "disk_usage", room_for_the_features_only)
     with pytest.raises(CacheError, match="the activation cache needs .* but .* free") as err:
         _run(data, tmp_path, "o", unfreeze=1)
     assert "\n" not in str(err.value)
