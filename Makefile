@@ -45,7 +45,7 @@ EXTRACT_ARGS := --backbone $(BACKBONE) --weights $(WEIGHTS) --cache-dir $(CACHE_
 	$(if $(IMAGE_SIZE),--image-size $(IMAGE_SIZE)) $(if $(SPLIT),--split $(SPLIT)) \
 	$(if $(ENGINE),--engine $(ENGINE))
 
-.PHONY: help install demo features heads finetune sweep report test lint bench demo-data clean
+.PHONY: help install demo features heads finetune sweep report test lint docs bench demo-data clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 14
@@ -109,6 +109,14 @@ test: $(BIN)/.installed ## run the test suite (installs first if needed)
 	$(BIN)/ruff check pipeline tests scripts
 	$(BIN)/pytest -q
 
+# The site's tools, pinned in the docs extra; installed once beside the package's.
+$(BIN)/.docs-installed: $(BIN)/.installed pyproject.toml
+	$(BIN)/pip install -q -e '.[docs]'
+	touch $@
+
+docs: $(BIN)/.docs-installed ## build the documentation site into site/ (a broken link or reference fails)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
+
 lint: $(BIN)/.installed ## ruff over the code
 	$(BIN)/ruff check pipeline tests scripts
 
@@ -119,4 +127,4 @@ demo-data: ## regenerate data/fashion-mnist-mini from Debian's dataset-fashion-m
 	$(PYTHON) scripts/make_demo_data.py
 
 clean: ## remove caches and results (not the venv)
-	rm -rf $(CACHE_DIR) $(RESULTS) bench
+	rm -rf $(CACHE_DIR) $(RESULTS) bench site

@@ -145,6 +145,8 @@ def extract_features(
     **settings
         Fields of ``ExtractOptions`` overriding ``options``'s, and the backbone arguments above.
 
+    Notes
+    -----
     Under ``torchrun`` every rank extracts every ``world_size``-th image into a shard file and
     rank 0 assembles the shards into the same cache, under the same key, that one process
     writes; an interrupted job resumes each shard where it stopped.

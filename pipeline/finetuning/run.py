@@ -146,11 +146,12 @@ def finetune(
         Fields of ``FinetuneConfig`` (``unfreeze`` may be ``"all"``) and of ``ExtractOptions``
         overriding ``config``'s and ``options``'s, and the backbone arguments above.
         ``lr="auto"``: the learning-rate range test (:mod:`pipeline.finetuning.lr_find`) runs first
-        on
-        the same network (its weights put back) and its suggestion is the head's rate,
+        on the same network (its weights put back) and its suggestion is the head's rate,
         recorded in the row (``lr``, ``lr_found_by``); its files in ``out/lr-find/`` are read
         back by a resumed run.
 
+    Notes
+    -----
     Under ``torchrun`` the ranks train one model with DistributedDataParallel: each takes its
     share of every epoch's shuffled training images (``batch_size`` per rank), gradients of
     the trained blocks are averaged (the frozen trunk has none to sync), validation and test

@@ -160,6 +160,8 @@ def fit_heads(
         Log each head fit to MLflow (:mod:`pipeline.store.tracking`), nested under one run of the
         whole call; None: only when ``MLFLOW_TRACKING_URI`` is set.
 
+    Notes
+    -----
     ``out/run.json`` records the call (:mod:`pipeline.store.run_record`).
     """
     given = {"heads": heads, "out": out, "shots": shots, "draws": draws, "seed": seed,
