@@ -1,6 +1,6 @@
 """Several processes under torchrun: sharded extraction and DDP fine-tuning, 2 ranks on gloo/CPU.
 
-The launches are the README's commands ("Running on many GPUs") on tiny data: ``torchrun
+The launches are the documented commands (docs/scale-out.md) on tiny data: ``torchrun
 --standalone --nproc-per-node 2 -m pipeline ...`` for one machine, and the ``--nnodes``
 rendezvous form for several, played here by two launchers on this machine.
 """
@@ -124,9 +124,8 @@ def _several_machines(endpoint: str) -> list[str]:
             "--rdzv-endpoint", endpoint, "--rdzv-id", "test-job"]
 
 
-def test_the_readme_launches_are_the_tested_ones():
-    section = Path("README.md").read_text().split("## Running on many GPUs")[1]
-    section = section.split("\n## ")[0].replace("\\\n", " ")  # join continued lines
+def test_the_documented_launches_are_the_tested_ones():
+    section = Path("docs/scale-out.md").read_text().replace("\\\n", " ")  # join continued lines
     lines = [line.split() for line in section.splitlines() if line.strip().startswith("torchrun")]
     one = [line for line in lines if "--standalone" in line]
     several = [line for line in lines if "--nnodes" in line]
@@ -138,7 +137,7 @@ def test_the_readme_launches_are_the_tested_ones():
 
 
 def test_two_machines_write_the_cache_one_process_writes(images, single, tmp_path):
-    # Two launchers meeting at one rendezvous endpoint: the README's several-machine command.
+    # Two launchers meeting at one rendezvous endpoint: the documented several-machine command.
     cache = tmp_path / "c"
     endpoint = f"localhost:{_free_port()}"
     nodes = [subprocess.Popen(
