@@ -85,23 +85,25 @@ $(SWEEP_TABLE): $(FEATURES)
 		--unfreeze $(SWEEP_UNFREEZE) --sweep $(SWEEP) --epochs $(EPOCHS) --out $(@D)
 
 report: $(REPORT) ## heads and fine-tunes of DATA and BACKBONE in one table and chart
+	@cat $(REPORT)
 
+# The report is printed by the targets that ask for it (report, demo), from report.md, so it
+# appears once whether it was just built or already there.
 $(REPORT): $(HEADS_TABLE) $(FINETUNE_TABLE)
-	$(BIN)/pipeline report $(RUN) --out $(@D)
+	$(BIN)/pipeline report $(RUN) --out $(@D) > /dev/null
 
 demo: $(REPORT) ## run every stage on the bundled demo data and say where the results are
 	@echo
-	@echo "Freeze depth (fine-tuning, $(EPOCHS) epochs at most):"
-	@cat $(FINETUNE_TABLE)
-	@echo
 	@echo "Transfer learning (heads on frozen features) against fine-tuning, test split:"
+	@echo
 	@cat $(REPORT)
 	@echo
 	@echo "features: $(CACHE_OF)"
 	@echo "heads:    $(RUN)/heads/ (results, per_class, comparison.png, confusion_matrix.png,"
 	@echo "          shots.png, models/*.head)"
 	@echo "finetune: $(RUN)/finetune/unfreeze-K/ (history.csv|png, checkpoint.pt, models/*.net)"
-	@echo "report:   $(RUN)/report/ (report.md|csv|png)"
+	@echo "report:   $(RUN)/report/report.html (one page: table, every plot, run records;"
+	@echo "          also report.md|csv|json, forest.png, report.png)"
 	@echo "predict:  $(BIN)/pipeline predict $(RUN)/heads/models/<model>.head IMAGES..."
 	@echo "          (or a fine-tuned $(RUN)/finetune/unfreeze-K/models/<model>.net)"
 

@@ -53,7 +53,7 @@ def test_public_names_resolve_on_first_use():
 def test_plots_leave_the_callers_matplotlib_alone(tmp_path):
     code = (f"import matplotlib\nmatplotlib.use('svg')\n"
             f"from pipeline.report import plots\n"
-            f"plots.bar_chart(['a', 'b'], [0.5, 0.7], {str(tmp_path / 'p.png')!r}, 't')\n"
+            f"plots.interval_chart(['a', 'b'], [0.5, 0.7], {str(tmp_path / 'p.png')!r}, 't')\n"
             f"import matplotlib.pyplot as plt\n"
             f"assert matplotlib.get_backend() == 'svg', matplotlib.get_backend()\n"
             f"assert plt.get_fignums() == []")

@@ -51,6 +51,7 @@ def heads(caches, head_specs, out, shots, draws, seed, repeats, positive, as_jso
           track) -> None:
     """Fit heads on cached features (CACHES: one or more .h5 files) and compare them."""
     from pipeline.heads import compare
+    from pipeline.report.compact import compact_rows
 
     options = HeadsOptions(tuple(_split_heads(head_specs)), out, tuple(shots), draws, seed,
                            repeats, positive=positive)
@@ -62,7 +63,7 @@ def heads(caches, head_specs, out, shots, draws, seed, repeats, positive, as_jso
     if as_json:
         emit_json(result.to_json())
         return
-    click.echo(markdown(_table_columns(result.rows)))
+    click.echo(markdown(compact_rows(result.rows)))
     if result.shots:
         click.echo(markdown(result.shots))
     click.echo(f"tables, plots and saved heads in {out}/")
@@ -73,10 +74,3 @@ def _split_heads(value: str) -> list[str]:
     # carry parameters, e.g. "logreg;sklearn.svm.LinearSVC:C=0.1,max_iter=5000".
     parts = value.split(";") if ";" in value or ":" in value else value.split(",")
     return [p.strip() for p in parts if p.strip()]
-
-
-def _table_columns(rows: list[dict]) -> list[dict]:
-    keep = ("backbone", "head", "chosen", "test_accuracy", "test_accuracy_ci_low",
-            "test_accuracy_ci_high", "test_accuracy_seeds_mean", "test_accuracy_seeds_std",
-            "balanced_accuracy", "macro_f1", "log_loss", "ece", "fit_s", "predict_s")
-    return [{k: r[k] for k in keep if k in r} for r in rows]

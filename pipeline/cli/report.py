@@ -23,6 +23,7 @@ __all__ = ["report_command"]
 def report_command(folder, out, mistakes, as_json) -> None:
     """One table of the heads and fine-tunes found under FOLDER, with a chart."""
     from pipeline.report import summary as report
+    from pipeline.report.compact import compact_rows
 
     result = report.write_report(folder, out, mistakes)
     if as_json:
@@ -30,8 +31,10 @@ def report_command(folder, out, mistakes, as_json) -> None:
         return
     for sentence in result["summary"]:
         click.echo(sentence + "\n")
-    click.echo(markdown(result["rows"]), nl=False)
+    click.echo(markdown(compact_rows(result["rows"])), nl=False)
     if len(result["cache_keys"]) > 1:
         click.echo(f"note: rows come from {len(result['cache_keys'])} feature caches; only rows "
                    "with the same cache_key share features and test images")
-    click.echo(f"report: {result['files']['report_md']}, {result['files']['report_png']}")
+    files = result["files"]
+    click.echo(f"report: {files['report_html']} (one page, every plot), {files['report_md']}; "
+               f"every column in {files['report_csv']}")

@@ -316,7 +316,7 @@ def _write_results(out: Path, rows: list[dict], per_class: list[dict], best) -> 
     files = {"results_csv": str(csv), "results_md": str(md)}
     files["per_class"] = str(tables.write_table(per_class, out / "per_class")[0])
     labels = [f"{r['backbone']} / {r['head']}" for r in rows]
-    files["comparison_png"] = str(plots.bar_chart(
+    files["comparison_png"] = str(plots.interval_chart(
         labels, [r["test_accuracy"] for r in rows], out / "comparison.png",
         "Heads on frozen features: test accuracy (95% interval)",
         intervals=[[r[c] for c in interval_columns("test_accuracy")] for r in rows]))

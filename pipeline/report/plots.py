@@ -17,13 +17,15 @@ from pipeline.data.layouts import display
 from pipeline.metrics.calibration import ReliabilityCurve
 
 
-def bar_chart(labels: Sequence[str], values: Sequence[float], path: str | os.PathLike,
-              title: str, xlabel: str = "test accuracy", colors: Sequence[str] | None = None,
-              intervals: Sequence[Sequence[float]] | None = None) -> Path:
-    """Horizontal bars, best on top, each labelled with its value.
+def interval_chart(labels: Sequence[str], values: Sequence[float], path: str | os.PathLike,
+                   title: str, xlabel: str = "test accuracy",
+                   colors: Sequence[str] | None = None,
+                   intervals: Sequence[Sequence[float]] | None = None) -> Path:
+    """Each value a point with its interval, best on top, on an axis zoomed to the data.
 
-    ``intervals`` (one ``(low, high)`` per bar; blank or NaN for none) are drawn as error
-    bars.
+    A bar from 0 would make 0.844 and 0.860 look alike; points on a zoomed axis show the
+    difference and, with ``intervals`` (one ``(low, high)`` per row; blank or NaN for none),
+    whether it is larger than the noise.
     """
     order = np.argsort(values, kind="stable")
     colors = colors or ["tab:blue"] * len(labels)
@@ -31,15 +33,66 @@ def bar_chart(labels: Sequence[str], values: Sequence[float], path: str | os.Pat
     values = np.asarray(values, dtype=np.float64)[order]
     bounds = np.array([[_number(v) for v in intervals[i]] for i in order]
                       if intervals else np.full((len(order), 2), np.nan)).reshape(-1, 2)
-    errors = np.nan_to_num(np.abs(bounds - values[:, None]).T)  # (2, bars): below, above
-    ax.barh([labels[i] for i in order], values, color=[colors[i] for i in order],
-            xerr=errors, error_kw={"capsize": 3, "elinewidth": 1})
-    for y, (value, top) in enumerate(zip(values, np.fmax(bounds[:, 1], values))):
-        ax.text(top + 0.01, y, f"{value:.3f}", va="center")
-    ax.set_xlim(0, 1.12)
+    errors = np.nan_to_num(np.abs(bounds - values[:, None]).T)  # (2, rows): below, above
+    for y, i in enumerate(order):
+        ax.errorbar(values[y], y, xerr=errors[:, y:y + 1], fmt="o", color=colors[i],
+                    capsize=3, elinewidth=1)
+    tops = np.fmax(bounds[:, 1], values)
+    for y, (value, top) in enumerate(zip(values, tops)):
+        ax.annotate(f"{value:.3f}", (top, y), xytext=(4, 0), textcoords="offset points",
+                    va="center")
+    ax.set_yticks(range(len(order)), [labels[i] for i in order])
+    ax.set_xlim(*zoomed(np.concatenate([values, bounds.ravel()]), room_right=0.12))
+    ax.set_ylim(-0.6, len(order) - 0.4)
     ax.set_xlabel(xlabel)
+    ax.grid(axis="x", alpha=0.3)
     ax.set_title(title)
     return save(fig, path)
+
+
+def forest_plot(labels: Sequence[str], differences: Sequence[float],
+                intervals: Sequence[Sequence[float]], path: str | os.PathLike, title: str,
+                colors: Sequence[str] | None = None,
+                xlabel: str = "test accuracy minus the best row's (paired 95% interval)"
+                ) -> Path:
+    """Each row's difference to the best row with its paired interval, and the zero line.
+
+    An interval that crosses zero is a difference the test set cannot tell from noise. Rows
+    keep the order given (best first), top to bottom.
+    """
+    colors = colors or ["tab:blue"] * len(labels)
+    differences = np.asarray(differences, dtype=np.float64)
+    bounds = np.array([[_number(v) for v in pair] for pair in intervals]).reshape(-1, 2)
+    fig, ax = figure(figsize=(8, 0.45 * len(labels) + 1.4))
+    ax.axvline(0, color="grey", linestyle="--", linewidth=1)
+    rows = np.arange(len(labels))[::-1]  # the first row on top
+    errors = np.nan_to_num(np.abs(bounds - differences[:, None]).T)
+    for y, i in zip(rows, range(len(labels))):
+        ax.errorbar(differences[i], y, xerr=errors[:, i:i + 1], fmt="s", color=colors[i],
+                    capsize=3, elinewidth=1.2)
+        reference = differences[i] == 0 and not np.any(np.nan_to_num(bounds[i]))
+        ax.annotate("best" if reference else f"{differences[i]:+.3f}",
+                    (np.fmax(bounds[i, 1], differences[i]), y),
+                    xytext=(4, 0), textcoords="offset points", va="center")
+    ax.set_yticks(rows, list(labels))
+    ax.set_xlim(*zoomed(np.concatenate([differences, bounds.ravel(), [0.0]]),
+                        room_right=0.15))
+    ax.set_ylim(-0.6, len(labels) - 0.4)
+    ax.set_xlabel(xlabel)
+    ax.grid(axis="x", alpha=0.3)
+    ax.set_title(title)
+    return save(fig, path)
+
+
+def zoomed(values, margin: float = 0.08, room_right: float = 0.0) -> tuple[float, float]:
+    """Axis limits around the finite ``values``: a margin each side, room for labels right."""
+    values = np.asarray(values, dtype=np.float64)
+    values = values[np.isfinite(values)]
+    if values.size == 0:
+        return 0.0, 1.0
+    low, high = float(values.min()), float(values.max())
+    span = max(high - low, 0.01)  # equal values still get an axis a point or so wide
+    return low - margin * span, high + (margin + room_right) * span
 
 
 def confusion_matrix_plot(y_true, y_pred, classes: Sequence[str], path: str | os.PathLike,

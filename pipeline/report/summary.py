@@ -28,8 +28,10 @@ from pipeline.metrics.scoring import (
     interval_columns,
 )
 from pipeline.metrics.significance import SIGNIFICANCE_LEVEL, accuracy_interval, paired_difference
+from pipeline.report.compact import compact_rows
+from pipeline.report.html import write_html
 from pipeline.report.mistakes import MISTAKES, write_mistakes
-from pipeline.report.plots import bar_chart, reliability_diagram
+from pipeline.report.plots import forest_plot, interval_chart, reliability_diagram
 from pipeline.report.tables import write_table
 from pipeline.store.run_record import RECORD, RunRecord
 from pipeline.store.tracking import STORE
@@ -51,6 +53,11 @@ _METHOD_COLOURS = {"transfer": "tab:blue", "fine-tune": "tab:orange"}
 _ORDER = ("method", "backbone", "head", "chosen", *_SCORES[:3], *SEED_COLUMNS,
           *COMPARISON_COLUMNS, *_SCORES[3:], *POSITIVE_COLUMNS, *LEAK_COLUMNS, "fit_s",
           "cache_key", "predictions", "run_record")
+
+
+EVERY_COLUMN = ("Every column, each score with its interval bounds, the paths of the stored "
+                "predictions and run records and the cache keys: report.csv and report.json; "
+                "the same page with every plot: report.html.")
 
 
 def gather_results(folder: str | os.PathLike) -> list[dict]:
@@ -126,16 +133,21 @@ def write_report(folder: str | os.PathLike, out: str | os.PathLike | None = None
                        "before predictions were stored): run their stage again to compare "
                        "them image by image.")
     table = _table(rows)
-    csv, md = write_table(table, out / "report", preamble="\n\n".join(summary))
+    compact = compact_rows(table)
+    csv, md = write_table(table, out / "report", preamble="\n\n".join(summary), shown=compact,
+                          postscript=EVERY_COLUMN)
     (out / "report.json").write_text(json.dumps({"summary": summary, "rows": table},
                                                 indent=2) + "\n")
     files = {"report_csv": str(csv), "report_md": str(md), "report_json": str(out / "report.json")}
     labels = [f"{r['method']}: {r['backbone']} / {r['head']}" for r in rows]
-    files["report_png"] = str(bar_chart(
+    files["report_png"] = str(interval_chart(
         labels, [r["test_accuracy"] for r in rows], out / "report.png",
         "Transfer learning (frozen trunk) against fine-tuning\n(test accuracy, 95% interval)",
         colors=[_METHOD_COLOURS.get(r["method"], "tab:gray") for r in rows],
         intervals=[[r[c] for c in interval_columns("test_accuracy")] for r in rows]))
+    forest = _forest(rows, labels, out, several_caches=len(keys) > 1)
+    if forest:
+        files["forest_png"] = str(forest)
     curves = _best_curves(rows, predictions)
     if curves:
         files["reliability_png"] = str(reliability_diagram(
@@ -146,7 +158,24 @@ def write_report(folder: str | os.PathLike, out: str | os.PathLike | None = None
     files.update(found)
     record.update(cache_key=keys, runs=sorted({r["run_record"] for r in rows} - {""}))
     files["run_record"] = str(record.write(out / RECORD, files.values()))
+    # The page embeds the plots and shows the run records, the report's own included.
+    files.update(write_html(folder, out, summary=summary, compact=compact, rows=rows,
+                            predictions=predictions, files=files))
     return {"summary": summary, "rows": table, "cache_keys": keys, "files": files}
+
+
+def _forest(rows: list[dict], labels: list[str], out: Path, several_caches: bool):
+    """``forest.png``: each compared row's difference to the best of its cache key."""
+    compared = [i for i, r in enumerate(rows) if r.get("diff_vs_best", "") != ""]
+    if not compared:
+        return None
+    return forest_plot(
+        [f"{rows[i]['cache_key'][:8]} {labels[i]}" if several_caches else labels[i]
+         for i in compared],
+        [rows[i]["diff_vs_best"] for i in compared],
+        [[rows[i][c] for c in interval_columns("diff_vs_best")] for i in compared],
+        out / "forest.png", "Each row against the best row on the same test images",
+        colors=[_METHOD_COLOURS.get(rows[i]["method"], "tab:gray") for i in compared])
 
 
 def _load_predictions(path: str) -> RowPredictions | None:

@@ -22,11 +22,13 @@ def _cell(value) -> str:
     return display(str(value))  # class names from folders may hold bytes that are not UTF-8
 
 
-def write_table(rows: Sequence[dict], stem: str | os.PathLike, preamble: str = ""
-                ) -> tuple[Path, Path]:
+def write_table(rows: Sequence[dict], stem: str | os.PathLike, preamble: str = "",
+                shown: Sequence[dict] | None = None, postscript: str = "") -> tuple[Path, Path]:
     """``stem.csv`` and ``stem.md`` with the same columns, in the order of the first row.
 
-    ``preamble`` (Markdown) goes above the table in ``stem.md``.
+    ``preamble`` (Markdown) goes above the table in ``stem.md`` and ``postscript`` below it;
+    ``shown``: the rows ``stem.md`` shows instead (a compact view of the same rows), the CSV
+    keeping every column.
     """
     stem = Path(stem)
     stem.parent.mkdir(parents=True, exist_ok=True)
@@ -35,8 +37,10 @@ def write_table(rows: Sequence[dict], stem: str | os.PathLike, preamble: str = "
         writer = csv.DictWriter(fh, columns)
         writer.writeheader()
         writer.writerows({c: _cell(r.get(c, "")) for c in columns} for r in rows)
-    stem.with_suffix(".md").write_text((preamble.rstrip() + "\n\n" if preamble else "")
-                                       + markdown_table(rows))
+    stem.with_suffix(".md").write_text(
+        (preamble.rstrip() + "\n\n" if preamble else "")
+        + markdown_table(rows if shown is None else shown)
+        + ("\n" + postscript.rstrip() + "\n" if postscript else ""))
     return stem.with_suffix(".csv"), stem.with_suffix(".md")
 
 
