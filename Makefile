@@ -45,7 +45,7 @@ EXTRACT_ARGS := --backbone $(BACKBONE) --weights $(WEIGHTS) --cache-dir $(CACHE_
 	$(if $(IMAGE_SIZE),--image-size $(IMAGE_SIZE)) $(if $(SPLIT),--split $(SPLIT)) \
 	$(if $(ENGINE),--engine $(ENGINE))
 
-.PHONY: help install demo features heads finetune sweep report test lint docs bench demo-data clean
+.PHONY: help install demo features heads finetune sweep report export-model test lint docs bench demo-data clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 14
@@ -91,6 +91,12 @@ report: $(REPORT) ## heads and fine-tunes of DATA and BACKBONE in one table and 
 # appears once whether it was just built or already there.
 $(REPORT): $(HEADS_TABLE) $(FINETUNE_TABLE)
 	$(BIN)/pipeline report $(RUN) --out $(@D) > /dev/null
+
+# The image size the exported file takes (HEIGHT,WIDTH); unset: the recipe's crop.
+INPUT_SIZE ?=
+
+export-model: $(REPORT) ## the most accurate model of DATA and BACKBONE as one ONNX file (INPUT_SIZE: H,W)
+	$(BIN)/pipeline export $(RUN) --out $(RUN)/model.onnx $(if $(INPUT_SIZE),--input-size $(INPUT_SIZE))
 
 demo: $(REPORT) ## run every stage on the bundled demo data and say where the results are
 	@echo

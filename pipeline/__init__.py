@@ -41,6 +41,7 @@ _EXPORTS = {
     "MLPHead": "pipeline.heads",
     "make_head": "pipeline.heads",
     "predict_images": "pipeline.deploy.predict",
+    "export_model": "pipeline.deploy.export",
     "load_model": "pipeline.store.persistence",
     "FinetunedNetwork": "pipeline.finetuning.network",
     "write_report": "pipeline.report.summary",

@@ -11,6 +11,7 @@ import click
 
 from pipeline.cli import backbones as backbones_commands
 from pipeline.cli import cache as cache_commands
+from pipeline.cli import export as export_commands
 from pipeline.cli import extract as extract_commands
 from pipeline.cli import finetune as finetune_commands
 from pipeline.cli import heads as heads_commands
@@ -30,6 +31,7 @@ def main() -> None:
 main.add_command(extract_commands.extract)
 main.add_command(heads_commands.heads)
 main.add_command(predict_commands.predict)
+main.add_command(export_commands.export_command)
 main.add_command(finetune_commands.finetune_command)
 main.add_command(finetune_commands.lr_find_command)
 main.add_command(report_commands.report_command)

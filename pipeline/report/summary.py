@@ -90,7 +90,10 @@ def gather_results(folder: str | os.PathLike) -> list[dict]:
 
 def write_report(folder: str | os.PathLike, out: str | os.PathLike | None = None,
                  mistakes: int = MISTAKES) -> dict:
-    """One table and one chart: transfer learning and fine-tuning on the same features.
+    """One table, its plots and one page: transfer learning and fine-tuning on the same features.
+
+    ``report.md`` shows the compact table (:mod:`pipeline.report.compact`); ``report.csv``
+    and ``report.json`` keep every column.
 
     Rows are grouped by cache key (backbone, weights, preprocessing, data and splits); only
     rows that share one are measured on the same test images, and only those are compared:
@@ -107,10 +110,12 @@ def write_report(folder: str | os.PathLike, out: str | os.PathLike | None = None
     -------
     dict
         ``summary`` (the sentences), ``rows`` (the table), ``cache_keys`` and ``files``
-        (``report.csv|md|json|png`` and, where rows have probabilities, ``reliability.png``
-        of the best head and the best fine-tune; ``run_record``: the report's own
-        ``run.json``; where rows have predictions, ``mistakes_png``, ``confused_pairs_csv``
-        and ``confused_pairs_md``).
+        (``report.csv|md|json|png``, ``report_html`` (:mod:`pipeline.report.html`),
+        ``forest_png`` where rows were compared, ``freeze_depth_png`` and
+        ``confusion_matrix_png`` where drawn, and, where rows have probabilities,
+        ``reliability.png`` of the best head and the best fine-tune; ``run_record``: the
+        report's own ``run.json``; where rows have predictions, ``mistakes_png``,
+        ``confused_pairs_csv`` and ``confused_pairs_md``).
     """
     record = RunRecord("report", {"folder": str(folder), "out": str(out) if out else None})
     out = Path(out) if out else Path(folder) / "report"
