@@ -37,7 +37,10 @@ __all__ = ["extract"]
 @click.option("--backbone", default=DEFAULT_BACKBONE, show_default=True,
               help="efficientnet_lite0, any torchvision model name, or timm/<arch>[.<tag>].")
 @weights_option
-@click.option("--layer", default=None, help="Graph node to take instead of the bottleneck.")
+@click.option("--layer", default=None,
+              help="Graph node to take instead of the bottleneck; several, comma-separated "
+                   "(bottleneck among them), or blocks: every block and the bottleneck, from "
+                   "one pass, side by side in one cache.")
 @click.option("--pool", type=click.Choice(POOLS), default="avg", show_default=True)
 @click.option("--image-size", type=int, default=None,
               help="Crop size instead of the weights' recipe (e.g. 96 for small images).")

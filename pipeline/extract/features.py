@@ -192,8 +192,10 @@ def extract_features(
         ctx, run_on = distributed.setup(opts.device)
     dtype, batch_size = opts.dtype, opts.batch_size
     workers = default_workers(ctx.local_world_size) if opts.workers is None else opts.workers
-    prepared, dim = _prepare_engine(spec, images, run_on, engine, opts.engine != "auto", export,
-                                    ctx, engines.get_engine(engine).streams(run_on.type, workers))
+    prepared, dim, layers = _prepare_engine(spec, images, run_on, engine,
+                                            opts.engine != "auto", export, ctx,
+                                            engines.get_engine(engine).streams(run_on.type,
+                                                                               workers))
     if prepared.engine != engine:  # auto could not use its choice: torch's cache, maybe a hit
         engine = prepared.engine
         key_spec = feature_key_spec(spec, images, opts.dtype, opts.hash_contents, amp, stamps,
@@ -213,7 +215,9 @@ def extract_features(
     meta = {"paths": images.paths, "labels": images.labels, "split": images.splits,
             "classes": images.classes, "data_root": str(images.root), "ignored": images.ignored,
             # The arguments that rebuild this backbone, for `pipeline predict` on new images.
-            "request": spec.request}
+            "request": spec.request,
+            # Several layers side by side: which columns hold which (None for one layer).
+            "layers": layers}
     if not ctx.is_main:  # one bar or log per job, not one per rank
         progress = False
     run = _Run(model, spec, images, run_on, batch_size, workers, opts.strict, progress, on_batch,
@@ -337,13 +341,17 @@ def _engine_record(prepared: engines.Prepared) -> dict:
 
 def _prepare_engine(spec: BackboneSpec, images: ImageSet, device: torch.device, engine: str,
                     strict: bool, export: Path, ctx: distributed.Context, streams: int = 1
-                    ) -> tuple[engines.Prepared, int]:
+                    ) -> tuple[engines.Prepared, int, list | None]:
     """``engine`` ready on ``device`` for ``streams`` batches at once, checked on the data's
-    first images, and the feature size. Rank 0 prepares first (it writes any export); the
-    others then take its engine."""
+    first images, the feature size and, for several layers, each one's columns. Rank 0
+    prepares first (it writes any export); the others then take its engine."""
+    from pipeline.models.feature_model import is_multi_layer  # torch: not on a cache hit
+
     eager = spec.build()
     example = example_images(spec, images)
     dim = feature_dim(eager, spec, example.device)
+    layers = (eager.layer_slices(spec.preprocessing.crop) if is_multi_layer(spec.layer)
+              else None)
     prepared = None
     if ctx.is_main:
         prepared = engines.prepare(engine, eager, example, spec.adapter, device, export,
@@ -352,7 +360,7 @@ def _prepare_engine(spec: BackboneSpec, images: ImageSet, device: torch.device, 
     if prepared is None:
         prepared = engines.prepare(chosen, eager, example, spec.adapter, device, export,
                                    spec.key(), streams=streams)
-    return prepared, dim
+    return prepared, dim, layers
 
 
 def example_images(spec: BackboneSpec, images: ImageSet) -> torch.Tensor:

@@ -18,6 +18,7 @@ from pipeline.core.errors import DataError, PipelineError
 from pipeline.core.options import DEFAULT_HEADS, HeadsOptions
 from pipeline.core.progress import Progress
 from pipeline.heads import HEADS, HeadError, head_name, make_head
+from pipeline.heads.layers import probe_layers, write_layer_curve
 from pipeline.metrics.calibration import reliability_curve
 from pipeline.metrics.scoring import (
     SCORE_COLUMNS,
@@ -71,10 +72,12 @@ class Comparison:
     rows: list[dict]
     shots: list[dict] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)  # activation caches among the paths
+    layers: list[dict] = field(default_factory=list)  # the layer-wise probe curve
     files: dict[str, str] = field(default_factory=dict)
 
     def to_json(self) -> dict:
-        return {"results": self.rows, "shots": self.shots, "files": self.files,
+        return {"results": self.rows, "shots": self.shots, "layers": self.layers,
+                "files": self.files,
                 "skipped_activation_caches": self.skipped}
 
 
@@ -223,6 +226,9 @@ def _compare(data: list[CacheData], estimators: list, opts: HeadsOptions, out: P
     if shots:
         result.shots = data_efficiency(data, estimators, shots, draws, seed, bar.update)
         result.files.update(_write_shots(out, result.shots))
+    if any(cache.info.get("layers") for cache in data):
+        result.layers = probe_layers(data, seed)
+        result.files.update(write_layer_curve(result.layers, out))
     return result
 
 

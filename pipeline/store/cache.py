@@ -238,6 +238,12 @@ def read_splits(path: str | os.PathLike,
         return {s: FeatureSplit(out[s], labels[r], paths[r].tolist()) for s, r in rows.items()}
 
 
+def cache_layers_of(f) -> list[tuple[str, int, int]]:
+    """``(layer, first column, column after the last)`` of each layer a multi-layer cache
+    holds side by side in ``features``; empty for a cache of one layer."""
+    return [tuple(layer) for layer in json.loads(f.attrs.get("layers", "[]"))]
+
+
 def read_split(path: str | os.PathLike, split: str) -> FeatureSplit:
     """The readable images of one split, as one float32 array with labels and paths."""
     return read_splits(path, (split,))[split]
@@ -258,6 +264,7 @@ def cache_info(path: str | os.PathLike) -> dict:
             "images": int(len(valid)),
             "failed": int((~valid).sum()),
             "dim": int(f["features"].shape[1]),
+            "layers": cache_layers_of(f),
             "dtype": str(f["features"].dtype),
             "labelled": labelled,
             "classes": read_strings(f["classes"]).tolist() if labelled else [],

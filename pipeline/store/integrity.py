@@ -137,8 +137,9 @@ def _structure_problems(f: h5py.File) -> list[str]:
 
 def _datasets(f: h5py.File) -> list[tuple[str, h5py.Dataset]]:
     found: list[tuple[str, h5py.Dataset]] = []
+    # A layer's view (layers/<name>) is features' own columns: read, and checked, once.
     f.visititems(lambda name, obj: found.append((name, obj))
-                 if isinstance(obj, h5py.Dataset) else None)
+                 if isinstance(obj, h5py.Dataset) and not obj.is_virtual else None)
     return found
 
 

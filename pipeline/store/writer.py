@@ -86,6 +86,8 @@ class FeatureWriter:
             "request": json.dumps(meta.get("request", {}), sort_keys=True),
             "labelled": bool(meta["classes"]),
         })
+        if meta.get("layers"):  # several layers side by side: [[name, start, stop], ...]
+            f.attrs["layers"] = json.dumps([list(layer) for layer in meta["layers"]])
         rows = max(1, min(n, self.chunk_bytes // (dim * np.dtype(dtype).itemsize)))
         f.create_dataset("features", shape=(n, dim), maxshape=(None, dim), dtype=dtype,
                          chunks=(rows, dim), fillvalue=np.nan, fletcher32=True)
@@ -159,6 +161,7 @@ class FeatureWriter:
         if self.rows_done != len(self.file["features"]):
             raise ValueError("finish() before every row was written")
         self.file.attrs.update({k: json.dumps(v) for k, v in attrs.items()})
+        add_layer_views(self.file)
         self.file.attrs["complete"] = True
         self.file.close()
         os.replace(self.partial, self.final)
@@ -167,6 +170,21 @@ class FeatureWriter:
     def close(self) -> None:
         if self.file.id.valid:
             self.file.close()
+
+
+def add_layer_views(f: h5py.File) -> None:
+    """``layers/<name>``: one dataset per layer of a multi-layer cache, each a virtual view of
+    its columns of ``features`` (no second copy of the numbers; h5py reads it as any dataset,
+    and the checksums stay those of ``features``)."""
+    if "layers" not in f.attrs or "layers" in f:
+        return
+    features = f["features"]
+    n, dim = features.shape
+    group = f.create_group("layers")
+    for name, start, stop in json.loads(f.attrs["layers"]):
+        layout = h5py.VirtualLayout(shape=(n, stop - start), dtype=features.dtype)
+        layout[:] = h5py.VirtualSource(".", "features", shape=(n, dim))[:, start:stop]
+        group.create_virtual_dataset(name.replace("/", "_"), layout, fillvalue=np.nan)
 
 
 def assemble_shards(writer: FeatureWriter, shards: list[Path]) -> None:

@@ -81,6 +81,13 @@ class Family:
 
         return feature_extraction.create_feature_extractor(model, return_nodes={node: "features"})
 
+    def extractor_of(self, model: nn.Module, nodes: dict[str, str]) -> nn.Module:
+        """A module mapping images to the outputs of several graph nodes in one pass, as a
+        dict ``{nodes[node]: output}``."""
+        from torchvision.models import feature_extraction
+
+        return feature_extraction.create_feature_extractor(model, return_nodes=nodes)
+
     def bottleneck(self, model: nn.Module) -> nn.Module:
         """A module mapping images to the classifier's input; by default the graph node just
         before the final classifier, which the feature model checks on every build."""

@@ -106,6 +106,9 @@ class TimmFamily(Family):
     def extractor(self, model: nn.Module, node: str) -> nn.Module:
         return timm.models.create_feature_extractor(model, return_nodes={node: "features"})
 
+    def extractor_of(self, model: nn.Module, nodes: dict[str, str]) -> nn.Module:
+        return timm.models.create_feature_extractor(model, return_nodes=nodes)
+
     def bottleneck(self, model: nn.Module) -> nn.Module:
         return PreLogits(model)
 
