@@ -31,7 +31,8 @@ def write_cache(path: Path, X: np.ndarray, paths: list[str], digests: list[bytes
             write_strings(f, "classes", classes)
         f.create_dataset("failed_index", data=np.zeros(0, np.int64))
         write_strings(f, "failed_reason", [])
-        spec = {"backbone": "synthetic", "splits": {"source": {}}}
+        spec = {"backbone": "synthetic", "dataset": {"fingerprint": "synthetic"},
+            "splits": {"source": {}}}
         f.attrs.update(format=FORMAT, format_version=FORMAT_VERSION, key="synthetic0000",
                        spec=json.dumps(spec), complete=True, rows_done=len(X),
                        labelled=labels is not None, data_root=data_root,
