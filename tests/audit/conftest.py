@@ -54,6 +54,7 @@ class Planted:
     copies_relabelled: list[tuple[int, int]] = field(default_factory=list)
     near: list[tuple[int, int]] = field(default_factory=list)  # (train row, test near copy)
     noise: int | None = None
+    true: np.ndarray | None = None  # the class each original row was drawn from
 
 
 def planted_cache(path: Path, n: int = 3000, dim: int = 64, classes: int = 5,
@@ -68,10 +69,10 @@ def planted_cache(path: Path, n: int = 3000, dim: int = 64, classes: int = 5,
     y = rng.integers(0, classes, size=n)
     X = np.abs(means[y] + rng.normal(0, 1.0, size=(n, dim)))
     split = rng.choice(["train", "val", "test"], size=n, p=[0.7, 0.1, 0.2]).tolist()
-    paths = [f"{['c%d' % c for c in range(classes)][y[i]]}/{i:05d}.png" for i in range(n)]
+    paths = [f"c{y[i]}/{i:05d}.png" for i in range(n)]
     digests = [digest(i) for i in range(n)]
     labels = y.copy()
-    planted = Planted(path)
+    planted = Planted(path, true=y)
     planted.flipped = sorted(rng.choice(n, int(flip * n), replace=False).tolist())
     for i in planted.flipped:
         labels[i] = (y[i] + rng.integers(1, classes)) % classes
