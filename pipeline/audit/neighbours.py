@@ -18,13 +18,14 @@ from pipeline.core.options import AuditOptions
 __all__ = ["DEFAULT_THRESHOLD", "Neighbours", "Pair", "exact_pairs", "leakage_counts",
            "near_pairs", "nearest_neighbours", "normalised"]
 
-# Cosine similarity at or above which two images are called near-duplicates. Bottleneck
-# features of a pretrained network put a re-encoded, resized or slightly cropped copy of an
-# image at 0.97 to 1.0 and distinct pictures of one class mostly below 0.95 (docs/audit.md
-# gives the measured distribution); 0.97 keeps the copies and leaves out the look-alikes.
+# Cosine similarity at or above which two images are called near-duplicates. A copy that was
+# re-encoded or slightly resized changes its bottleneck features by little, so its cosine stays
+# close to 1, while two different photographs of one class are rarely that alike; 0.97 leaves a
+# margin below 1 for such copies. It is a judgement, not yet calibrated on real images:
+# docs/audit.md says what was measured (the planted synthetic set only) and how to choose it.
 DEFAULT_THRESHOLD = AuditOptions.threshold
 
-_CHUNK_BYTES = 256 << 20  # similarities held at a time
+_CHUNK_BYTES = 64 << 20  # similarities held at a time (argpartition adds 3x that)
 
 
 @dataclass
@@ -65,7 +66,7 @@ def nearest_neighbours(Xn: np.ndarray, k: int, on_rows: Callable[[int], None] | 
     on_rows
         Called with the number of query rows done after each chunk (progress).
     chunk
-        Query rows per block; None: as many as fit in 256 MiB of similarities.
+        Query rows per block; None: as many as fit in 64 MiB of similarities.
     """
     n = len(Xn)
     k = max(0, min(k, n - 1))
