@@ -24,6 +24,7 @@ LAYERS = (
     ("report",),
     ("extract",),
     ("heads",),
+    ("audit",),
     ("finetuning",),
     ("deploy",),
     ("cli", "bench"),

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline.bench.audit import bench_audit, print_audit
 from pipeline.bench.children import child, generate_images, in_child
 from pipeline.bench.engines import bench_engines
 from pipeline.bench.finetuning import bench_finetune
@@ -95,7 +96,8 @@ def main(argv: list[str] | None = None) -> None:
                              "and the image loop's frozen trunk)")
     parser.add_argument("--finetune-epochs", type=int, default=10,
                         help="epochs of each freeze depth in the sweeps")
-    parser.add_argument("--only", choices=("startup", "extract", "engines", "heads",
+    parser.add_argument("--audit-rows", type=int, default=70000, help="rows for the audit")
+    parser.add_argument("--only", choices=("startup", "extract", "engines", "heads", "audit",
                                            "finetune", "distributed"), default=None)
     # One measurement in this fresh process (what in_child runs), its result as JSON.
     parser.add_argument("--child", nargs=2, metavar=("MODE", "KWARGS"), help=argparse.SUPPRESS)
@@ -110,6 +112,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.only in (None, "heads"):
         results["heads"] = bench_heads(args.head_rows)
         print_heads(results["heads"])
+    if args.only in (None, "audit"):
+        results["audit"] = bench_audit(args.audit_rows)
+        print_audit(results["audit"])
     if args.only in (None, "extract"):
         results.update(bench_extract(args))
     if args.only in (None, "engines"):

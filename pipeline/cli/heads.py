@@ -44,17 +44,20 @@ def _shots(_ctx, _param, value: str | None) -> list:
               help="Fit each head with this many seeds (seed, seed+1, ...) on the same splits "
                    "and report the spread of test accuracy over them.")
 @positive_option
+@click.option("--exclude", type=click.Path(dir_okay=False), default=None,
+              help="A CSV with a path column (pipeline audit's label_issues.csv): leave those "
+                   "training and validation images out of the fits; test images stay.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as one JSON object.")
 @quiet_option
 @track_option
-def heads(caches, head_specs, out, shots, draws, seed, repeats, positive, as_json, quiet,
-          track) -> None:
+def heads(caches, head_specs, out, shots, draws, seed, repeats, positive, exclude, as_json,
+          quiet, track) -> None:
     """Fit heads on cached features (CACHES: one or more .h5 files) and compare them."""
     from pipeline.heads import compare
     from pipeline.report.compact import compact_rows
 
     options = HeadsOptions(tuple(_split_heads(head_specs)), out, tuple(shots), draws, seed,
-                           repeats, positive=positive)
+                           repeats, positive=positive, exclude=exclude)
     result = compare.fit_heads(caches, options=options, progress=False if quiet else None,
                                track=track)
     if result.skipped:

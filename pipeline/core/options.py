@@ -79,6 +79,25 @@ class HeadsOptions:
     # a two-class problem's positive class (None: the second class), whose recall and
     # false-negative rate each row adds
     positive: str | None = None
+    # a CSV with a ``path`` column (such as pipeline audit's label_issues.csv): those training
+    # and validation images are left out of the fits; test images always stay
+    exclude: str | os.PathLike | None = None
+
+
+@dataclass(frozen=True)
+class AuditOptions:
+    """How ``pipeline audit`` screens a cache's data (pipeline.audit)."""
+
+    out: str | os.PathLike = "results/audit"
+    folds: int = 5  # K of the stratified K-fold that gives every image an out-of-fold probability
+    # cosine similarity of L2-normalised features from which two images are near-duplicates
+    # (pipeline.audit.neighbours.DEFAULT_THRESHOLD says why 0.97)
+    threshold: float = 0.97
+    neighbours: int = 10  # nearest rows kept per image: outlier score and near-duplicate pairs
+    top: int = 24  # suspects in each gallery and outlier list
+    map: bool = True  # draw the 2-D map (openTSNE)
+    map_points: int = 10_000  # points on the map at most (a seeded sample beyond)
+    seed: int = 0
 
 
 @dataclass(frozen=True)

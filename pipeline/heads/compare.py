@@ -55,6 +55,7 @@ class CacheData:
     test: FeatureSplit
     # Per test image: an identical image is in train or val (None: the cache has no hashes).
     leaked: np.ndarray | None = None
+    excluded: int = 0  # training and validation images left out (HeadsOptions.exclude)
 
     @property
     def backbone(self) -> str:
@@ -113,6 +114,38 @@ def load_cache_data(path: str | os.PathLike) -> CacheData:
         raise DataError(f"{path}: class(es) {names} have no training examples")
     _, leaked = leaked_test_images(path)
     return CacheData(Path(path), info, **splits, leaked=leaked)
+
+
+def exclude_images(cache: CacheData, listing: str | os.PathLike) -> CacheData:
+    """``cache`` without the training and validation images named in the ``path`` column of
+    the CSV ``listing`` (such as ``pipeline audit``'s ``label_issues.csv``); test images stay,
+    so scores before and after compare on the same test set."""
+    import csv
+
+    try:
+        with open(listing, newline="") as fh:
+            reader = csv.DictReader(fh)
+            names = [r["path"] for r in reader] if "path" in (reader.fieldnames or []) else None
+    except (OSError, UnicodeDecodeError) as err:
+        raise DataError(f"--exclude {listing}: cannot be read ({err})") from None
+    if names is None:
+        raise DataError(f"--exclude {listing}: no 'path' column (give a CSV of pipeline audit, "
+                        "such as label_issues.csv)")
+    names = set(names)
+    unknown = names - {p for s in (cache.train, cache.val, cache.test) for p in s.paths}
+    if unknown:
+        raise DataError(f"--exclude {listing}: {len(unknown)} image(s) not in {cache.path.name}, "
+                        f"such as {sorted(unknown)[0]!r}; audit this cache to list its images")
+
+    def kept(split: FeatureSplit) -> FeatureSplit:
+        keep = [i for i, p in enumerate(split.paths) if p not in names]
+        return FeatureSplit(split.X[keep], split.y[keep], [split.paths[i] for i in keep])
+
+    train, val = kept(cache.train), kept(cache.val)
+    if len(val.y) == 0:
+        raise DataError(f"--exclude {listing} leaves no validation image of {cache.path.name}")
+    excluded = len(cache.train.y) - len(train.y) + len(cache.val.y) - len(val.y)
+    return replace(cache, train=train, val=val, excluded=excluded)
 
 
 def fit_heads(
@@ -176,6 +209,8 @@ def fit_heads(
     estimators = [(spec, make_head(spec)) for spec in heads]  # bad specs fail before any fit
     caches, skipped = feature_caches(caches)
     data = [load_cache_data(path) for path in caches]
+    if opts.exclude is not None:
+        data = [exclude_images(cache, opts.exclude) for cache in data]
     for cache in data:  # a wrong --positive fails before any fit
         positive_class(cache.classes, opts.positive)
     record = RunRecord("heads", opts, seed).with_caches(caches)
@@ -210,6 +245,8 @@ def _compare(data: list[CacheData], estimators: list, opts: HeadsOptions, out: P
                 bar.update(opts.repeats - 1)
                 per_seed += [_seed_row(r, seed + i) for i, r in enumerate(seeds)]
                 row = with_repeats(row, [r["test_accuracy"] for r in seeds])
+            if opts.exclude is not None:
+                row["excluded"] = cache.excluded
             row["model"] = str(_save(out, cache, spec, estimator))
             row["predictions"] = _save_predictions(out, cache, spec, proba, y_pred)
             rows.append(row)

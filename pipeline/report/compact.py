@@ -23,7 +23,7 @@ __all__ = ["COMPACT_COLUMNS", "compact_rows", "format_interval", "format_p"]
 
 COMPACT_COLUMNS = ("method", "cache", "backbone", "head", "setting", "accuracy [95% CI]",
                    "seeds", "Δ vs best [95% CI]", "p", "macro-F1", "ECE", "positive recall",
-                   "without leaked", "fit s")
+                   "without leaked", "excluded", "fit s")
 
 
 def _number(value) -> float | None:
@@ -98,6 +98,8 @@ def _cells(row: dict, several_caches: bool) -> dict:
         "without leaked": format_interval(row.get("test_accuracy_without_leaked"),
                                           row.get("test_accuracy_without_leaked_ci_low"),
                                           row.get("test_accuracy_without_leaked_ci_high")),
+        # training and validation images left out (pipeline heads --exclude)
+        "excluded": str(row.get("excluded", "")),
         "fit s": _plain(row.get("fit_s"), 1),
     }
 

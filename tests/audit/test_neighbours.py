@@ -1,0 +1,59 @@
+"""The chunked kNN is exact; copies across splits are found and counted as leakage."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from pipeline.audit.neighbours import (
+    DEFAULT_THRESHOLD,
+    exact_pairs,
+    leakage_counts,
+    near_pairs,
+    nearest_neighbours,
+    normalised,
+)
+from pipeline.audit.rows import read_rows
+from tests.audit.conftest import planted_cache
+
+
+def test_chunked_knn_equals_the_dense_answer():
+    rng = np.random.default_rng(0)
+    Xn = normalised(rng.normal(size=(300, 16)))
+    knn = nearest_neighbours(Xn, 5, chunk=7)
+    dense = Xn @ Xn.T
+    np.fill_diagonal(dense, -np.inf)
+    expected = np.argsort(-dense, axis=1)[:, :5]
+    assert (knn.index == expected).all()
+    assert np.allclose(knn.similarity, np.take_along_axis(dense, expected, 1), atol=1e-6)
+    assert (knn.index != np.arange(300)[:, None]).all()
+
+
+def test_copies_across_splits_are_found_and_counted(tmp_path):
+    p = planted_cache(tmp_path / "c.h5")
+    rows = read_rows(p.path)
+    exact = exact_pairs(rows.digests)
+    knn = nearest_neighbours(normalised(rows.X), 10)
+    near = near_pairs(knn, DEFAULT_THRESHOLD, {(x.a, x.b) for x in exact})
+    copies = set(p.copies + p.copies_relabelled)
+    found_exact = {(x.a, x.b) for x in exact}
+    found_near = {(x.a, x.b) for x in near}
+    print(f"exact copies: {len(copies & found_exact)}/{len(copies)}, near copies: "
+          f"{len(set(p.near) & found_near)}/{len(p.near)}, other near pairs: "
+          f"{len(found_near - set(p.near))}")
+    assert found_exact == copies
+    assert set(p.near) <= found_near
+    assert len(found_near - set(p.near)) <= 2  # distinct images of a class stay below 0.97
+    counts = leakage_counts(exact + near, rows.split)
+    assert counts["train-test"]["exact"] == len(copies)
+    assert counts["train-test"]["near"] >= len(p.near)
+    relabelled = {(a, b) for a, b in p.copies_relabelled}
+    assert all(rows.labels[a] != rows.labels[b] for a, b in relabelled)
+
+
+def test_leakage_names_split_pairs_in_order():
+    from pipeline.audit.neighbours import Pair
+
+    split = np.array(["test", "train", "val", "train"])
+    pairs = [Pair(0, 1, "exact", 1.0), Pair(1, 2, "near", 0.99), Pair(1, 3, "near", 0.98)]
+    assert leakage_counts(pairs, split) == {"train-test": {"exact": 1, "near": 0},
+                                            "train-val": {"exact": 0, "near": 1}}
