@@ -41,7 +41,7 @@ SEED_COLUMNS = ("repeats", "test_accuracy_seeds_mean", "test_accuracy_seeds_std"
                 "test_accuracy_seeds_ci_low", "test_accuracy_seeds_ci_high")
 # What the report takes from each results.json row.
 REPORT_COLUMNS = ("method", "backbone", "head", "chosen", *_SCORES, *SEED_COLUMNS,
-                  *POSITIVE_COLUMNS, "fit_s", "cache_key")
+                  *POSITIVE_COLUMNS, "excluded", "fit_s", "cache_key")
 # What it adds: the comparison with the best row of the same test images ...
 COMPARISON_COLUMNS = ("diff_vs_best", *interval_columns("diff_vs_best"), "p_vs_best")
 # ... and, where test images are also training images, the scores without them.
@@ -51,7 +51,8 @@ LEAK_COLUMNS = ("leaked_test_images", "test_accuracy_without_leaked",
 # Bars by method: transfer blue, fine-tune orange, anything else (from scratch) grey.
 _METHOD_COLOURS = {"transfer": "tab:blue", "fine-tune": "tab:orange"}
 _ORDER = ("method", "backbone", "head", "chosen", *_SCORES[:3], *SEED_COLUMNS,
-          *COMPARISON_COLUMNS, *_SCORES[3:], *POSITIVE_COLUMNS, *LEAK_COLUMNS, "fit_s",
+          *COMPARISON_COLUMNS, *_SCORES[3:], *POSITIVE_COLUMNS, *LEAK_COLUMNS, "excluded",
+          "fit_s",
           "cache_key", "predictions", "run_record")
 
 
@@ -290,7 +291,8 @@ def _p(value: float) -> str:
 def _table(rows: list[dict]) -> list[dict]:
     """The rows in the report's column order; seed, comparison and leakage columns only where
     some row has them."""
-    optional = {*SEED_COLUMNS, *COMPARISON_COLUMNS, *POSITIVE_COLUMNS, *LEAK_COLUMNS}
+    optional = {*SEED_COLUMNS, *COMPARISON_COLUMNS, *POSITIVE_COLUMNS, *LEAK_COLUMNS,
+                "excluded"}
     columns = [c for c in _ORDER
                if c not in optional or any(r.get(c, "") != "" for r in rows)]
     return [{c: r.get(c, "") for c in columns} for r in rows]
