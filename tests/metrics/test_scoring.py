@@ -73,7 +73,9 @@ def test_the_row_has_the_columns_of_both_stages_in_order():
     assert list(row) == ["backbone", "head", "chosen", *scores, "fit_s", "predict_s",
                          "blocks_unfrozen", "best_epoch", "cache_key", "method"]
     # seeds: rows with --repeats; the positive class: stages add it for two-class data
-    assert set(REPORT_COLUMNS) - set(SEED_COLUMNS) - set(POSITIVE_COLUMNS) <= set(row)
+    # Seed, two-class and --exclude columns are in a row only when their option was used.
+    optional = {*SEED_COLUMNS, *POSITIVE_COLUMNS, "excluded"}
+    assert set(REPORT_COLUMNS) - optional <= set(row)
     assert row["test_accuracy"] == pytest.approx(2 / 3) and row["blocks_unfrozen"] == 1
     assert (row["test_accuracy_ci_low"], row["test_accuracy_ci_high"]) == accuracy_interval(2, 3)
     assert math.isnan(row["log_loss_ci_low"])  # no probabilities, no log loss to bound
