@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.report.mistakes import thumbnail as report_thumbnail
 from pipeline.report.plots import figure, save
 
 __all__ = ["gallery", "thumbnail"]
@@ -17,18 +18,8 @@ _COLUMNS = 6
 
 
 def thumbnail(path: Path) -> np.ndarray | None:
-    """The image at ``path`` shrunk to a tile, as RGB pixels; None if it cannot be read."""
-    from PIL import Image
-
-    from pipeline.data.images import read_image
-
-    try:
-        image, _ = read_image(path, hash_file=False)
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError,
-            Image.DecompressionBombWarning):
-        return None
-    image.thumbnail((_THUMBNAIL, _THUMBNAIL))
-    return np.asarray(image)
+    """The image at ``path`` shrunk to an audit tile; None if it cannot be read."""
+    return report_thumbnail(path, _THUMBNAIL)
 
 
 def gallery(paths: Sequence[str], captions: Sequence[str], out: str | os.PathLike,

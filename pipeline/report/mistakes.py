@@ -27,7 +27,7 @@ from pipeline.report.tables import write_table
 from pipeline.store.run_record import read_record
 
 __all__ = ["MISTAKES", "Mistake", "best_row", "confused_pairs", "contact_sheet",
-           "contact_sheet_figure", "image_root", "top_mistakes", "write_mistakes"]
+           "contact_sheet_figure", "image_root", "thumbnail", "top_mistakes", "write_mistakes"]
 
 _THUMBNAIL = 160  # pixels, the longer side of a tile's image
 _COLUMNS = 4
@@ -122,7 +122,7 @@ def contact_sheet_figure(mistakes: Sequence[Mistake], root: str | os.PathLike | 
     for ax in axes.flat:
         ax.set_axis_off()
     for ax, mistake in zip(axes.flat, mistakes):
-        image = _thumbnail(Path(root or "") / mistake.path)
+        image = thumbnail(Path(root or "") / mistake.path)
         if image is None:
             ax.imshow(np.full((_THUMBNAIL, _THUMBNAIL, 3), 235, np.uint8))
             ax.text(0.5, 0.5, "unreadable", transform=ax.transAxes, ha="center", va="center",
@@ -140,8 +140,9 @@ def contact_sheet_figure(mistakes: Sequence[Mistake], root: str | os.PathLike | 
     return fig
 
 
-def _thumbnail(path: Path) -> np.ndarray | None:
-    """The image at ``path``, shrunk to a tile, as RGB pixels; None if it cannot be read."""
+def thumbnail(path: Path, size: int = _THUMBNAIL) -> np.ndarray | None:
+    """The image at ``path``, shrunk to a tile (``size`` px on its longer side), as RGB
+    pixels; None if it cannot be read."""
     from PIL import Image
 
     from pipeline.data.images import read_image
@@ -151,7 +152,7 @@ def _thumbnail(path: Path) -> np.ndarray | None:
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError,
             Image.DecompressionBombWarning):
         return None
-    image.thumbnail((_THUMBNAIL, _THUMBNAIL))
+    image.thumbnail((size, size))
     return np.asarray(image)
 
 
