@@ -2,10 +2,11 @@
 
 Every labelled image is scored by a head that never saw it: standardised features and a
 multinomial logistic regression, fitted K times (stratified folds, fixed seed) on the other
-folds (:func:`out_of_fold_probabilities`). Confident learning (cleanlab's
-``find_label_issues``) then estimates how often each class is labelled as each other one and
-flags the images whose given label is least likely against those rates, ranked by
-self-confidence (the out-of-fold probability of the given label), lowest first.
+folds (:func:`out_of_fold_probabilities`), without a copy of the features per fold.
+Confident learning (cleanlab's ``find_label_issues``) then estimates how often each class is
+labelled as each other one and flags the images whose given label is least likely against
+those rates, ranked by self-confidence (the out-of-fold probability of the given label),
+lowest first.
 """
 
 from __future__ import annotations
@@ -14,11 +15,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["LabelIssue", "fold_count", "label_issues", "out_of_fold_probabilities"]
+__all__ = ["LabelIssue", "fold_count", "label_issues", "out_of_fold_probabilities",
+           "standardised"]
 
 # Iterations of lbfgs per fold: the fit is a screen, not the reported model; 200 converges on
 # bottleneck features to within a few 1e-3 of the probabilities of a full fit.
 _MAX_ITER = 200
+_BLOCK_ROWS = 8192  # rows standardised at a time: float64 temporaries of one block only
 
 
 @dataclass(frozen=True)
@@ -42,6 +45,22 @@ def fold_count(y: np.ndarray, folds: int) -> int:
     return k if k >= 2 else 0
 
 
+def standardised(X: np.ndarray) -> np.ndarray:
+    """A float32 copy of ``X`` with every column at mean 0 and variance 1 (a constant column
+    at 0), in blocks of rows so that no float64 copy of ``X`` is ever made."""
+    X = np.asarray(X, np.float32)
+    mean = X.mean(0, dtype=np.float64)
+    var = np.zeros(X.shape[1])
+    for lo in range(0, len(X), _BLOCK_ROWS):
+        var += np.square(X[lo:lo + _BLOCK_ROWS] - mean).sum(0)
+    scale = np.sqrt(var / max(1, len(X)))
+    scale[scale == 0] = 1.0
+    out = np.empty_like(X)
+    for lo in range(0, len(X), _BLOCK_ROWS):
+        out[lo:lo + _BLOCK_ROWS] = (X[lo:lo + _BLOCK_ROWS] - mean) / scale
+    return out
+
+
 def out_of_fold_probabilities(X: np.ndarray, y: np.ndarray, n_classes: int, folds: int = 5,
                               seed: int = 0, C: float = 1.0) -> np.ndarray:
     """``(n, n_classes)`` probabilities, each row from the fold model that did not see it.
@@ -59,25 +78,34 @@ def out_of_fold_probabilities(X: np.ndarray, y: np.ndarray, n_classes: int, fold
         Shuffles the folds.
     C
         Inverse regularisation of the logistic regression.
-    """
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.model_selection import StratifiedKFold, cross_val_predict
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
 
-    head = make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=_MAX_ITER))
-    present = np.unique(y)
-    remap = np.searchsorted(present, y)
-    cv = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+    Notes
+    -----
+    Memory holds ``X`` and one standardised copy, never a copy per fold: each fold's model is
+    fitted on all rows with weight 0 on its held-out fold, which is the same objective as
+    fitting on the other folds alone (scikit-learn scales the penalty by the sum of the
+    weights), at about 1/(K-1) more arithmetic. The standardisation's means and variances are
+    those of all rows: they use no label, so no label leaks into a held-out fold.
+    """
     import warnings
 
     from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConvergenceWarning)
-        proba = cross_val_predict(head, X, remap, cv=cv, method="predict_proba")
+    present = np.unique(y)
+    remap = np.searchsorted(present, y)
+    Xs = standardised(X)
     out = np.zeros((len(y), n_classes), np.float64)
-    out[:, present] = proba
+    cv = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+    for train, held_out in cv.split(np.zeros(len(y)), remap):
+        weight = np.zeros(len(y))
+        weight[train] = 1.0
+        head = LogisticRegression(C=C, max_iter=_MAX_ITER)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            head.fit(Xs, remap, sample_weight=weight)
+        out[np.ix_(held_out, present)] = head.predict_proba(Xs[held_out])
     return out
 
 

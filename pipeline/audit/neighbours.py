@@ -46,11 +46,12 @@ class Pair:
     similarity: float
 
 
-def normalised(X: np.ndarray) -> np.ndarray:
-    """Rows scaled to unit length (a zero row stays zero), as float32."""
-    X = np.asarray(X, np.float32)
+def normalised(X: np.ndarray, copy: bool = True) -> np.ndarray:
+    """Rows scaled to unit length (a zero row stays zero), as float32; ``copy=False`` scales
+    a float32 ``X`` in place (a 70,000 x 1,280 set is 358 MB a copy)."""
+    X = np.array(X, np.float32, copy=copy or None)
     norms = np.linalg.norm(X, axis=1, keepdims=True)
-    return X / np.where(norms > 0, norms, 1.0)
+    return np.divide(X, np.where(norms > 0, norms, 1.0), out=X)
 
 
 def nearest_neighbours(Xn: np.ndarray, k: int, on_rows: Callable[[int], None] | None = None,

@@ -138,7 +138,7 @@ def audit(cache: str | os.PathLike, out: str | os.PathLike | None = None, *,
     suspects[[i.index for i in result.label_issues]] = True
     seconds["labels"] = time.perf_counter() - started
     started = time.perf_counter()
-    Xn = normalised(rows.X)
+    Xn = normalised(rows.X, copy=False)  # in place: the raw features are not read again
     with Progress(len(Xn), "audit neighbours", "img", progress=progress) as bar:
         knn = nearest_neighbours(Xn, opts.neighbours, bar.update)
     exact = exact_pairs(rows.digests)

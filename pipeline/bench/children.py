@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from pipeline.bench.memory import peak_rss_mb
 from pipeline.core.devices import (
     autocast,
     default_batch_size,
@@ -128,23 +129,6 @@ def _sweep(kw: dict) -> dict:
     sweep_depths(on_epoch=on_epoch, **kw)
     return {"seconds": time.perf_counter() - started, "epoch_s": runs,
             "before_first_epoch_s": first_epoch_at[0] - started if first_epoch_at else None}
-
-
-def peak_rss_mb() -> float:
-    """This process's peak resident memory in MiB.
-
-    VmHWM, which exec resets, on Linux: ``ru_maxrss`` would carry over the peak of the process
-    that forked this one.
-    """
-    try:
-        with open("/proc/self/status") as fh:
-            hwm = next(line for line in fh if line.startswith("VmHWM"))
-        return int(hwm.split()[1]) / 1024
-    except (OSError, StopIteration):
-        import resource
-
-        scale = 2**20 if sys.platform == "darwin" else 1024  # bytes there, KiB on Linux
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale
 
 
 def _prepared(spec, images, device: torch.device, engine: str,

@@ -57,3 +57,11 @@ def test_leakage_names_split_pairs_in_order():
     pairs = [Pair(0, 1, "exact", 1.0), Pair(1, 2, "near", 0.99), Pair(1, 3, "near", 0.98)]
     assert leakage_counts(pairs, split) == {"train-test": {"exact": 1, "near": 0},
                                             "train-val": {"exact": 0, "near": 1}}
+
+
+def test_normalised_in_place_scales_the_given_array_and_a_copy_leaves_it():
+    X = np.array([[3.0, 4.0], [0.0, 0.0]], np.float32)
+    copied = normalised(X)
+    assert X[0, 0] == 3.0 and np.allclose(copied, [[0.6, 0.8], [0, 0]])
+    same = normalised(X, copy=False)
+    assert same is X and np.allclose(X, [[0.6, 0.8], [0, 0]])
