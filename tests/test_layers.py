@@ -24,7 +24,7 @@ LAYERS = (
     ("report",),
     ("extract",),
     ("heads",),
-    ("audit",),
+    ("audit", "advise"),
     ("finetuning",),
     ("deploy",),
     ("cli", "bench"),

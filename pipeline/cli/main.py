@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import click
 
+from pipeline.cli import advise as advise_commands
 from pipeline.cli import audit as audit_commands
 from pipeline.cli import backbones as backbones_commands
 from pipeline.cli import cache as cache_commands
@@ -37,6 +38,7 @@ main.add_command(finetune_commands.finetune_command)
 main.add_command(finetune_commands.lr_find_command)
 main.add_command(report_commands.report_command)
 main.add_command(audit_commands.audit_command)
+main.add_command(advise_commands.advise_command)
 main.add_command(cache_commands.cache_group)
 main.add_command(backbones_commands.blocks_command)
 main.add_command(backbones_commands.list_backbones)

@@ -33,7 +33,7 @@ __all__ = ["FORMATS", "ExportError", "ExportResult", "choose_model", "export_mod
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".pt"}
 # Heads whose prediction is a few tensor operations on the features, by class name.
-_LINEAR_HEADS = ("LogRegHead", "LinearProbe")
+_LINEAR_HEADS = ("LogRegHead", "LinearProbe", "MultiLayerHead")
 _MODULE_HEADS = ("MLPHead",)
 
 
@@ -164,7 +164,7 @@ def _head_module(estimator, n_classes: int):
         weight = logreg.coef_ / scaler.scale_[None, :]
         bias = logreg.intercept_ - weight @ scaler.mean_
         layers = _linear(weight, bias)
-    elif kind == "LinearProbe":
+    elif kind in ("LinearProbe", "MultiLayerHead"):  # coef_ on the raw features, all columns
         layers = _linear(estimator.coef_, estimator.intercept_)
     elif kind in _MODULE_HEADS:
         import copy
@@ -176,7 +176,7 @@ def _head_module(estimator, n_classes: int):
         layers = torch.nn.Sequential(scale, copy.deepcopy(estimator.module_).float().eval())
     else:
         raise ExportError(f"a {kind} head has no tensor form to export; export a logreg, "
-                          "linear or mlp head, or a fine-tuned network")
+                          "linear, multilayer or mlp head, or a fine-tuned network")
     binary = kind == "LogRegHead" and estimator.pipeline_[-1].coef_.shape[0] == 1
     return _torch_modules().Probabilities(layers.float(), labels, n_classes, binary)
 

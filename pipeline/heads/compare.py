@@ -41,7 +41,9 @@ from pipeline.store.run_record import RECORD, RunRecord, device_name
 
 __all__ = ["DEFAULT_HEADS", "Comparison", "HeadsOptions", "fit_heads"]
 # Learned attributes that say which hyperparameters a head chose on the validation split.
-_CHOSEN = ("C_", "weight_decay_", "lr_", "best_epoch_")
+_CHOSEN = ("fraction_", "C_", "weight_decay_", "lr_", "best_epoch_", "layers_")
+# Added to the default heads when a cache holds several layers (pipeline extract --layer).
+MULTI_LAYER_HEAD = "multilayer"
 
 
 @dataclass
@@ -206,9 +208,11 @@ def fit_heads(
     heads, shots, draws, seed, out = opts.heads, opts.shots, opts.draws, opts.seed, Path(opts.out)
     if opts.repeats < 1:
         raise PipelineError("repeats must be at least 1")
-    estimators = [(spec, make_head(spec)) for spec in heads]  # bad specs fail before any fit
     caches, skipped = feature_caches(caches)
     data = [load_cache_data(path) for path in caches]
+    if tuple(heads) == DEFAULT_HEADS and any(cache.info.get("layers") for cache in data):
+        heads = [*heads, MULTI_LAYER_HEAD]
+    estimators = [(spec, make_head(spec)) for spec in heads]  # bad specs fail before any fit
     if opts.exclude is not None:
         data = [exclude_images(cache, opts.exclude) for cache in data]
     for cache in data:  # a wrong --positive fails before any fit
@@ -284,8 +288,11 @@ def _fit_and_score(cache: CacheData, spec: str, template, seed: int, intervals: 
     """Fit one head, score it on the test split: the estimator, its row, probabilities and
     predictions."""
     estimator = clone(template)
-    if "random_state" in estimator.get_params():
+    params = estimator.get_params()
+    if "random_state" in params:
         estimator.set_params(random_state=seed)
+    if params.get("layers", False) is None and cache.info.get("layers"):  # MultiLayerHead
+        estimator.set_params(layers=[tuple(span) for span in cache.info["layers"]])
     started = time.perf_counter()
     try:
         _fit(estimator, cache.train, cache.val)

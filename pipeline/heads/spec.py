@@ -1,8 +1,8 @@
 """Head specs: ``NAME[:param=value,...]`` parsed into a classifier, and the registry of names.
 
-``NAME`` is a key of :data:`HEADS` (``logreg``, ``mlp``, ``linear``) or the import path of any
-scikit-learn classifier (``sklearn.svm.LinearSVC:C=0.1``). A new head of our own is one module
-in ``pipeline/heads/`` plus one entry in :data:`HEADS`.
+``NAME`` is a key of :data:`HEADS` (``logreg``, ``mlp``, ``linear``, ``multilayer``) or the
+import path of any scikit-learn classifier (``sklearn.svm.LinearSVC:C=0.1``). A new head of our
+own is one module in ``pipeline/heads/`` plus one entry in :data:`HEADS`.
 """
 
 from __future__ import annotations
@@ -18,9 +18,11 @@ from pipeline.core.errors import PipelineError
 from pipeline.heads.linear_probe import LinearProbe
 from pipeline.heads.logreg import LogRegHead
 from pipeline.heads.mlp import MLPHead
+from pipeline.heads.multilayer import MultiLayerHead
 
 # The short names of make_head and `pipeline heads --heads`; a new head is one entry here.
-HEADS = {"logreg": LogRegHead, "mlp": MLPHead, "linear": LinearProbe}
+HEADS = {"logreg": LogRegHead, "mlp": MLPHead, "linear": LinearProbe,
+         "multilayer": MultiLayerHead}
 # A parameter value that is not a Python literal is taken as a string if it looks like one word:
 # solver=saga, device=cuda:1.
 _BARE_WORD = re.compile(r"[A-Za-z_][\w.:/+-]*\Z")

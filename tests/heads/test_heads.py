@@ -20,6 +20,7 @@ from pipeline.heads import (
     LinearProbe,
     LogRegHead,
     MLPHead,
+    MultiLayerHead,
     head_name,
     make_head,
 )
@@ -40,9 +41,11 @@ CHECKED = [
         patience=5,
         device="cpu",
     ),
+    MultiLayerHead(fractions=(0.5, 1.0), Cs=(0.1, 1.0, 10.0), max_iter=50),
 ]
 # Every check holds for every head; a check that cannot hold goes here, with its reason.
-EXPECTED_FAILED_CHECKS: dict[type, dict[str, str]] = {LogRegHead: {}, MLPHead: {}, LinearProbe: {}}
+EXPECTED_FAILED_CHECKS: dict[type, dict[str, str]] = {LogRegHead: {}, MLPHead: {}, LinearProbe: {},
+                                                      MultiLayerHead: {}}
 
 
 def _expected_failed_checks(estimator) -> dict[str, str]:

@@ -1,0 +1,11 @@
+"""Advice on how deep to train, measured from a multi-layer cache.
+
+- ``logme.py``: the LogME transferability score of features for labels;
+- ``rule.py``: size per class, the per-block probe gap, the matrix that gives the strategy;
+- ``run.py``: :func:`advise`, from a data set (extracting its blocks) or a cache.
+"""
+
+from pipeline.advise.rule import Advice, advise_cache
+from pipeline.advise.run import advise
+
+__all__ = ["Advice", "advise", "advise_cache"]

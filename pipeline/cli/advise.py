@@ -1,0 +1,53 @@
+"""``pipeline advise``: heads only, the top block, or deeper, from the data's size and layers."""
+
+from __future__ import annotations
+
+import click
+
+from pipeline.cli.options import (
+    cache_dir_option,
+    device_option,
+    offline_option,
+    quiet_option,
+    split_option,
+    weights_option,
+)
+from pipeline.cli.output import emit_json
+from pipeline.core.options import DEFAULT_BACKBONE
+
+__all__ = ["advise_command"]
+
+
+@click.command("advise")
+@click.argument("data", type=click.Path())
+@click.option("--backbone", default=DEFAULT_BACKBONE, show_default=True,
+              help="efficientnet_lite0, any torchvision model name, or timm/<arch>[.<tag>].")
+@weights_option
+@click.option("--image-size", type=int, default=None,
+              help="Crop size instead of the weights' recipe (e.g. 96 for small images).")
+@cache_dir_option
+@split_option
+@device_option
+@offline_option
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--out", type=click.Path(file_okay=False), default="results/advice",
+              show_default=True, help="Folder of advice.json|md and advice_layers.csv|md.")
+@click.option("--json", "as_json", is_flag=True, help="Print the advice as one JSON object.")
+@quiet_option
+def advise_command(data, backbone, out, seed, as_json, quiet, **settings) -> None:
+    """Advise a strategy for DATA: an image folder (its blocks are extracted once into the
+    cache, or found there) or a cache extracted with --layer blocks."""
+    from dataclasses import asdict
+
+    from pipeline.advise.run import advise
+
+    advice = advise(data, out, backbone=backbone, seed=seed,
+                    progress=False if quiet else None, **settings)
+    if as_json:
+        emit_json({**asdict(advice), "sentence": advice.sentence()})
+        return
+    click.echo(advice.sentence())
+    for row in advice.layers:
+        click.echo(f"  {row['layer']:<12} {row['features']:>5} features  validation "
+                   f"{row['val_accuracy']:.3f}  LogME {row['logme']:+.3f}")
+    click.echo(f"advice in {out}/")
