@@ -37,6 +37,7 @@ HEADS_TABLE := $(RUN)/heads/results.md
 FINETUNE_TABLE := $(RUN)/finetune/freeze_depth.md
 REPORT := $(RUN)/report/report.md
 SWEEP_TABLE := $(RUN)/sweep/sweep.md
+ADVICE := $(RUN)/advice/advice.json
 # The cache file that `make features` recorded in its JSON summary.
 CACHE_OF = $$($(BIN)/python -c 'import json,sys; print(json.load(open(sys.argv[1]))["cache_path"])' $(FEATURES))
 DATA_FILES := $(shell find $(DATA) -type f 2>/dev/null)
@@ -45,7 +46,7 @@ EXTRACT_ARGS := --backbone $(BACKBONE) --weights $(WEIGHTS) --cache-dir $(CACHE_
 	$(if $(IMAGE_SIZE),--image-size $(IMAGE_SIZE)) $(if $(SPLIT),--split $(SPLIT)) \
 	$(if $(ENGINE),--engine $(ENGINE))
 
-.PHONY: help install demo features heads finetune sweep report export-model test lint docs bench demo-data clean
+.PHONY: help install demo features heads finetune sweep advise report export-model test lint docs bench demo-data clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 14
@@ -84,12 +85,21 @@ $(SWEEP_TABLE): $(FEATURES)
 	$(STAGE) finetune $(DATA) $(EXTRACT_ARGS) --lr $(LRS) --batch-size $(BATCHES) \
 		--unfreeze $(SWEEP_UNFREEZE) --sweep $(SWEEP) --epochs $(EPOCHS) --out $(@D)
 
+advise: $(ADVICE) ## how deep to train DATA: images per class, a probe of every block, LogME
+	@$(BIN)/python -c 'import json,sys; print(json.load(open(sys.argv[1]))["sentence"])' $(ADVICE)
+
+# Every block's features (one pass, a cache of their own), then the advice; the report says it.
+$(ADVICE): $(BIN)/.installed $(DATA_FILES)
+	$(BIN)/pipeline advise $(DATA) --backbone $(BACKBONE) --weights $(WEIGHTS) \
+		--cache-dir $(CACHE_DIR) $(if $(IMAGE_SIZE),--image-size $(IMAGE_SIZE)) \
+		$(if $(SPLIT),--split $(SPLIT)) --out $(@D) -q > /dev/null
+
 report: $(REPORT) ## heads and fine-tunes of DATA and BACKBONE in one table and chart
 	@cat $(REPORT)
 
 # The report is printed by the targets that ask for it (report, demo), from report.md, so it
 # appears once whether it was just built or already there.
-$(REPORT): $(HEADS_TABLE) $(FINETUNE_TABLE)
+$(REPORT): $(HEADS_TABLE) $(FINETUNE_TABLE) $(ADVICE)
 	$(BIN)/pipeline report $(RUN) --out $(@D) > /dev/null
 
 # The image size the exported file takes (HEIGHT,WIDTH); unset: the recipe's crop.
@@ -108,6 +118,7 @@ demo: $(REPORT) ## run every stage on the bundled demo data and say where the re
 	@echo "heads:    $(RUN)/heads/ (results, per_class, comparison.png, confusion_matrix.png,"
 	@echo "          shots.png, models/*.head)"
 	@echo "finetune: $(RUN)/finetune/unfreeze-K/ (history.csv|png, checkpoint.pt, models/*.net)"
+	@echo "advice:   $(RUN)/advice/ (advice.md|json|png: how deep to train, and why)"
 	@echo "report:   $(RUN)/report/report.html (one page: table, every plot, run records;"
 	@echo "          also report.md|csv|json, forest.png, report.png)"
 	@echo "predict:  $(BIN)/pipeline predict $(RUN)/heads/models/<model>.head IMAGES..."

@@ -39,6 +39,7 @@ _EXPORTS = {
     "LinearProbe": "pipeline.heads",
     "LogRegHead": "pipeline.heads",
     "MLPHead": "pipeline.heads",
+    "MultiLayerHead": "pipeline.heads",
     "make_head": "pipeline.heads",
     "predict_images": "pipeline.deploy.predict",
     "export_model": "pipeline.deploy.export",

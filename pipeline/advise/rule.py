@@ -33,6 +33,7 @@ from pipeline.advise.logme import logme
 from pipeline.core.errors import DataError
 from pipeline.heads.compare import load_cache_data
 from pipeline.heads.layers import probe_layers
+from pipeline.report.plots import figure, save
 from pipeline.report.tables import write_table
 
 __all__ = ["SMALL_PER_CLASS", "Advice", "advise_cache", "gap_margin", "strategy"]
@@ -41,6 +42,7 @@ __all__ = ["SMALL_PER_CLASS", "Advice", "advise_cache", "gap_margin", "strategy"
 # data" recipe (1,000 a class), where fine-tuning more than the top block over-fits.
 SMALL_PER_CLASS = 1000
 _MIN_GAP = 0.01  # a gap under one point is no evidence on any validation split
+_WIDE_MARGIN = 0.1  # beyond this margin the probe gap says little: the advice says so
 
 
 @dataclass
@@ -131,6 +133,12 @@ def advise_cache(cache: str | os.PathLike, out: str | os.PathLike | None = None,
               f"the bottleneck's {bottleneck['val_accuracy']:.3f} (gap {gap:+.3f}, "
               f"{'within' if similar else 'beyond'} the margin {margin:.3f}: "
               f"{'similar to' if similar else 'far from'} the pretraining)")
+    if small and not similar:
+        reason += ("; the multilayer head (pipeline heads on this cache) uses the lower blocks "
+                   "without training any")
+    if margin >= _WIDE_MARGIN:
+        reason += (f"; {len(data.val.y)} validation images cannot tell a gap under "
+                   f"{margin:.2f} from noise, so sweep the depths")
     advice = Advice(
         str(cache), data.backbone, len(data.classes), len(data.train.y), per_class,
         int(counts.min()), small, bottleneck["val_accuracy"], best["layer"],
@@ -143,6 +151,27 @@ def advise_cache(cache: str | os.PathLike, out: str | os.PathLike | None = None,
     return advice
 
 
+def _plot(advice: Advice, path: Path) -> Path:
+    """Validation accuracy of each block's probe, the bottleneck's margin, and LogME."""
+    fig, ax = figure(figsize=(7, 4.5))
+    depth = [r["depth"] for r in advice.layers]
+    ax.plot(depth, [r["val_accuracy"] for r in advice.layers], marker="o",
+            label="linear probe, validation accuracy")
+    ax.axhline(advice.bottleneck_val_accuracy + advice.margin, color="tab:gray", ls="--",
+               label=f"bottleneck + margin ({advice.margin:.3f})")
+    ax.set_xticks(depth, [r["layer"] for r in advice.layers], rotation=30, ha="right")
+    ax.set_ylabel("validation accuracy")
+    ax.grid(alpha=0.3)
+    twin = ax.twinx()
+    twin.plot(depth, [r["logme"] for r in advice.layers], marker="s", color="tab:orange",
+              label="LogME (training split)")
+    twin.set_ylabel("LogME")
+    lines = ax.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
+    ax.legend(lines, [h.get_label() for h in lines], fontsize="small", loc="lower right")
+    ax.set_title(f"{advice.backbone}: {advice.strategy} (--unfreeze {advice.unfreeze})")
+    return save(fig, path)
+
+
 def _write(advice: Advice, out: Path) -> dict[str, str]:
     out.mkdir(parents=True, exist_ok=True)
     csv, md = write_table(advice.layers, out / "advice_layers",
@@ -150,7 +179,8 @@ def _write(advice: Advice, out: Path) -> dict[str, str]:
     (out / "advice.md").write_text(f"# Advice\n\n{advice.sentence()}\n\n"
                                    f"{md.read_text()}\n")
     files = {"advice_md": str(out / "advice.md"), "advice_layers_csv": str(csv),
-             "advice_layers_md": str(md), "advice_json": str(out / "advice.json")}
+             "advice_layers_md": str(md), "advice_png": str(_plot(advice, out / "advice.png")),
+             "advice_json": str(out / "advice.json")}
     body = {**asdict(advice), "files": files, "sentence": advice.sentence()}
     (out / "advice.json").write_text(json.dumps(body, indent=2) + "\n")
     return files

@@ -33,6 +33,7 @@ from pipeline.bench.children import child, generate_images, in_child
 from pipeline.bench.engines import bench_engines
 from pipeline.bench.finetuning import bench_finetune
 from pipeline.bench.heads import bench_heads, print_heads
+from pipeline.bench.layers import bench_layers, print_layers
 from pipeline.bench.numbers import mb
 from pipeline.bench.startup import bench_startup
 from pipeline.core.devices import (
@@ -97,8 +98,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--finetune-epochs", type=int, default=10,
                         help="epochs of each freeze depth in the sweeps")
     parser.add_argument("--audit-rows", type=int, default=70000, help="rows for the audit")
-    parser.add_argument("--only", choices=("startup", "extract", "engines", "heads", "audit",
-                                           "finetune", "distributed"), default=None)
+    parser.add_argument("--only", choices=("startup", "extract", "layers", "engines", "heads",
+                                           "audit", "finetune", "distributed"), default=None)
     # One measurement in this fresh process (what in_child runs), its result as JSON.
     parser.add_argument("--child", nargs=2, metavar=("MODE", "KWARGS"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -117,6 +118,9 @@ def main(argv: list[str] | None = None) -> None:
         print_audit(results["audit"])
     if args.only in (None, "extract"):
         results.update(bench_extract(args))
+    if args.only in (None, "layers"):
+        results["layers"] = bench_layers(args)
+        print_layers(results["layers"])
     if args.only in (None, "engines"):
         results["engines"] = bench_engines(args)
     if args.only in (None, "finetune"):

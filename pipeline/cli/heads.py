@@ -30,8 +30,9 @@ def _shots(_ctx, _param, value: str | None) -> list:
 @click.argument("caches", nargs=-1, required=True, type=click.Path())
 @click.option("--heads", "head_specs", default=",".join(default(HeadsOptions, "heads")),
               show_default=True,
-              help="Comma-separated heads: logreg, mlp, linear, or an import path with "
-                   "parameters (sklearn.svm.LinearSVC:C=0.1); separate several with ';'.")
+              help="Comma-separated heads: logreg, mlp, linear, multilayer, or an import "
+                   "path with parameters (sklearn.svm.LinearSVC:C=0.1); separate several "
+                   "with ';'. The default adds multilayer on a cache of several layers.")
 @click.option("--out", type=click.Path(file_okay=False), default=default(HeadsOptions, "out"),
               show_default=True, help="Folder of the tables, plots and saved heads.")
 @click.option("--shots", callback=_shots, default=",".join(default(HeadsOptions, "shots")),

@@ -63,9 +63,8 @@ def write_layer_curve(rows: list[dict], out: Path) -> dict[str, str]:
         series[f"{label}: test"] = (depth, [r["test_accuracy"] for r in mine],
                                     [r["test_accuracy_ci_low"] for r in mine],
                                     [r["test_accuracy_ci_high"] for r in mine])
-        series[f"{label}: validation"] = (depth, [r["val_accuracy"] for r in mine],
-                                          [r["val_accuracy"] for r in mine],
-                                          [r["val_accuracy"] for r in mine])
+        series[f"{label}: validation"] = (depth, [r["val_accuracy"] for r in mine], None,
+                                          None)
     names = " < ".join(r["layer"] for r in rows if r["cache_key"] == rows[0]["cache_key"])
     png = plots.curve_plot(series, out / "layers.png",
                            "Linear probe on each layer (test: 95% interval)",

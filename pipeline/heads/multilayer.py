@@ -156,7 +156,8 @@ class MultiLayerHead(BaseHead):
     layer_counts_ : dict of str to int
         Chosen columns per layer, in layer order.
     layers_ : str
-        The same as ``name:count`` joined by ``+`` (the results table's ``chosen``).
+        The same as ``name:count`` joined by ``+`` (the results table's ``chosen``), or
+        ``all`` when every column is kept.
     relevance_ : ndarray of shape (n_features_in_,)
         Each column's (or its layer's) group-lasso weight norm.
     n_iter_ : int
@@ -235,7 +236,8 @@ class MultiLayerHead(BaseHead):
         self.C_, self.head_ = head.C_, head
         self.layer_counts_ = {name: int(np.sum((self.support_ >= start) & (self.support_ < stop)))
                               for name, start, stop in layers}
-        self.layers_ = "+".join(f"{name}:{k}" for name, k in self.layer_counts_.items() if k)
+        self.layers_ = ("all" if len(self.support_) == X.shape[1] else
+                        "+".join(f"{name}:{k}" for name, k in self.layer_counts_.items() if k))
         self.coef_, self.intercept_ = self._logits_of(head, X.shape[1])
         return self
 

@@ -23,7 +23,7 @@ from pipeline.report import plots
 from pipeline.report.mistakes import best_row
 from pipeline.store.tracking import STORE
 
-__all__ = ["HTML", "embedded_png", "freeze_depth_series", "write_html"]
+__all__ = ["HTML", "embedded_png", "freeze_depth_series", "results_files", "write_html"]
 
 HTML = "report.html"
 TEMPLATE = "report.html.j2"
@@ -36,7 +36,7 @@ def embedded_png(path: str | os.PathLike) -> str:
     return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode()
 
 
-def _results_files(folder: Path, name: str) -> list[Path]:
+def results_files(folder: Path, name: str) -> list[Path]:
     """Every ``name`` the stages wrote under ``folder``, leaving out the report's own folder
     and the copies in a local MLflow store."""
     found = []
@@ -50,7 +50,7 @@ def _results_files(folder: Path, name: str) -> list[Path]:
 def freeze_depth_series(folder: Path) -> dict[str, tuple[list, list, list, list]]:
     """Test accuracy against blocks unfrozen, one series per freeze-depth experiment found."""
     series = {}
-    for path in _results_files(folder, "freeze_depth.csv"):
+    for path in results_files(folder, "freeze_depth.csv"):
         with open(path, newline="") as fh:
             rows = [r for r in csv.DictReader(fh) if r["blocks_unfrozen"].isdigit()]
         if len(rows) < 2:
@@ -141,7 +141,11 @@ def write_html(folder: str | os.PathLike, out: str | os.PathLike, *, summary: Se
         written["freeze_depth_png"] = str(depth)
         figures.append(("Freeze depth", depth))
     figures += [(f"k-shot: {p.parent.relative_to(folder)}", p)
-                for p in _results_files(folder, "shots.png")]
+                for p in results_files(folder, "shots.png")]
+    figures += [(f"Linear probe per layer: {p.parent.relative_to(folder)}", p)
+                for p in results_files(folder, "layers.png")]
+    figures += [(f"Advice: {p.parent.relative_to(folder)}", p)
+                for p in results_files(folder, "advice.png")]
     best = _best_details(rows, predictions, out)
     if best:
         written["confusion_matrix_png"] = str(best["confusion_png"])

@@ -110,11 +110,13 @@ def confusion_matrix_plot(y_true, y_pred, classes: Sequence[str], path: str | os
 
 def curve_plot(series: dict[str, tuple[list, list, list, list]], path: str | os.PathLike,
                title: str, xlabel: str, ylabel: str, log_x: bool = False) -> Path:
-    """One line per series ``name -> (x, mean, low, high)``, ``low`` to ``high`` a band."""
+    """One line per series ``name -> (x, mean, low, high)``, ``low`` to ``high`` a band
+    (None, None: a line without one)."""
     fig, ax = figure(figsize=(7, 4.5))
     for name, (x, mean, low, high) in series.items():
-        ax.plot(x, mean, marker="o", label=name)
-        ax.fill_between(x, low, high, alpha=0.2)
+        line, = ax.plot(x, mean, marker="o", label=name)
+        if low is not None and high is not None:
+            ax.fill_between(x, low, high, alpha=0.2, color=line.get_color())
     if log_x:
         ax.set_xscale("log")
     ax.set_xlabel(xlabel)

@@ -29,7 +29,7 @@ from pipeline.metrics.scoring import (
 )
 from pipeline.metrics.significance import SIGNIFICANCE_LEVEL, accuracy_interval, paired_difference
 from pipeline.report.compact import compact_rows
-from pipeline.report.html import write_html
+from pipeline.report.html import results_files, write_html
 from pipeline.report.mistakes import MISTAKES, write_mistakes
 from pipeline.report.plots import forest_plot, interval_chart, reliability_diagram
 from pipeline.report.tables import write_table
@@ -89,6 +89,17 @@ def gather_results(folder: str | os.PathLike) -> list[dict]:
     return rows
 
 
+def advice_sentences(folder: str | os.PathLike) -> list[str]:
+    """The sentence of each ``advice.json`` (``pipeline advise``) under ``folder``."""
+    sentences = []
+    for path in results_files(Path(folder), "advice.json"):
+        try:
+            sentences.append(json.loads(path.read_text())["sentence"])
+        except (OSError, ValueError, KeyError):  # another tool's advice.json: not ours to read
+            continue
+    return sentences
+
+
 def write_report(folder: str | os.PathLike, out: str | os.PathLike | None = None,
                  mistakes: int = MISTAKES) -> dict:
     """One table, its plots and one page: transfer learning and fine-tuning on the same features.
@@ -133,6 +144,7 @@ def write_report(folder: str | os.PathLike, out: str | os.PathLike | None = None
         summary += _compare_key([rows[i] for i in mine], [predictions[i] for i in mine],
                                 f"On cache {key[:8]} ({rows[mine[0]]['backbone']}): "
                                 if len(keys) > 1 else "")
+    summary += advice_sentences(folder)
     missing = sum(p is None for p in predictions)
     if missing:
         summary.append(f"{missing} row(s) have no stored test predictions (results written "

@@ -44,6 +44,7 @@ def test_a_small_set_that_the_bottleneck_serves_gets_heads_only(tmp_path):
     assert advice.sweep == [0, 1] and advice.blocks == 4
     written = json.loads((tmp_path / "out" / "advice.json").read_text())
     assert written["unfreeze"] == 0 and "heads only" in written["sentence"]
+    assert (tmp_path / "out" / "advice.png").read_bytes()[:4] == b"\x89PNG"
     assert [r["layer"] for r in written["layers"]] == [name for name, _, _ in LAYERS]
 
 
@@ -53,6 +54,7 @@ def test_a_small_set_far_from_the_pretraining_gets_the_top_block(tmp_path):
     assert advice.best_layer == "layer2" and advice.blocks_above_best == 2
     assert advice.gap > advice.margin
     assert (advice.unfreeze, advice.strategy) == (1, "fine-tune the top block")
+    assert "multilayer head" in advice.sentence()
 
 
 def test_a_large_set_far_from_the_pretraining_retrains_the_blocks_above_its_best_probe(tmp_path):

@@ -23,6 +23,7 @@ def test_advise_extracts_the_blocks_once_and_writes_its_advice(tmp_path):
     assert result.exit_code == 0, result.output
     assert result.output.startswith("Advice (resnet18): ")
     assert "--unfreeze" in result.output and "LogME" in result.output
+    assert "12 validation images cannot tell a gap under" in result.output  # 4 a class
     written = json.loads((tmp_path / "out" / "advice.json").read_text())
     assert written["blocks"] == 4 and written["per_class_median"] == 8
     assert [r["layer"] for r in written["layers"]] == ["layer1", "layer2", "layer3",

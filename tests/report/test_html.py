@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import shutil
 import subprocess
 from html.parser import HTMLParser
@@ -163,3 +164,21 @@ def test_a_browser_opens_the_page_and_sorts_the_table(report, order, tmp_path):
     expected = sorted(accuracy, reverse=order != "#sort=4")  # the report lists best first
     assert accuracy == expected
     assert "logreg" in dom and "data:image/png;base64," in dom
+
+
+def test_the_layer_curve_and_the_advice_are_on_the_page_and_in_the_summary(tmp_path):
+    _run(tmp_path / "heads", "logreg", "transfer", 100)
+    curve = {"test": ([0, 1], [0.6, 0.8], [0.5, 0.7], [0.7, 0.9])}
+    plots.curve_plot(curve, tmp_path / "heads" / "layers.png", "layers", "depth", "accuracy")
+    advice = tmp_path / "advice"
+    advice.mkdir()
+    plots.curve_plot(curve, advice / "advice.png", "advice", "depth", "accuracy")
+    sentence = "Advice (resnet18): heads only (--unfreeze 0; sweep 0,1): 100 per class."
+    (advice / "advice.json").write_text(json.dumps({"sentence": sentence, "unfreeze": 0}))
+    result = write_report(tmp_path)
+    text = Path(result["files"]["report_html"]).read_text()
+    assert sentence in result["summary"] and sentence in Path(result["files"]["report_md"]
+                                                              ).read_text()
+    captions = re.findall(r"<figcaption>(.*?)</figcaption>", text)
+    assert captions[2:4] == ["Linear probe per layer: heads", "Advice: advice"]
+    assert len(Page(text).images) == len(captions) == 7
