@@ -6,20 +6,13 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
+from pipeline.report.plots import save
+from pipeline.report.tiles import tile_sheet
 
-from pipeline.report.mistakes import thumbnail as report_thumbnail
-from pipeline.report.plots import figure, save
+__all__ = ["gallery"]
 
-__all__ = ["gallery", "thumbnail"]
-
-_THUMBNAIL = 128  # pixels, the longer side of a tile's image
+_THUMBNAIL = 128  # pixels, the longer side of a tile's image: more tiles than the report's
 _COLUMNS = 6
-
-
-def thumbnail(path: Path) -> np.ndarray | None:
-    """The image at ``path`` shrunk to an audit tile; None if it cannot be read."""
-    return report_thumbnail(path, _THUMBNAIL)
 
 
 def gallery(paths: Sequence[str], captions: Sequence[str], out: str | os.PathLike,
@@ -28,22 +21,6 @@ def gallery(paths: Sequence[str], captions: Sequence[str], out: str | os.PathLik
 
     An image that cannot be read (the data folder moved) gets a blank tile saying so.
     """
-    columns = max(1, min(columns, len(paths)))
-    rows = max(1, -(-len(paths) // columns))
-    fig, axes = figure(rows, columns, figsize=(2.2 * columns, 2.5 * rows + 0.6), squeeze=False)
-    for ax in axes.flat:
-        ax.set_axis_off()
-    for ax, path, caption in zip(axes.flat, paths, captions):
-        image = thumbnail(Path(root or "") / path)
-        if image is None:
-            ax.imshow(np.full((_THUMBNAIL, _THUMBNAIL, 3), 235, np.uint8))
-            ax.text(0.5, 0.5, "unreadable", transform=ax.transAxes, ha="center",
-                    va="center", color="tab:red")
-        else:
-            ax.imshow(image)
-        ax.set_title(caption, fontsize=7)
-    if not paths:
-        axes[0][0].text(0.5, 0.5, "nothing to show", transform=axes[0][0].transAxes,
-                        ha="center", va="center")
-    fig.suptitle(title, fontsize=10)
-    return save(fig, out)
+    return save(tile_sheet(paths, captions, root, title, columns=columns, size=_THUMBNAIL,
+                           tile_inches=(2.2, 2.5), caption_size=7, empty="nothing to show"),
+                out)

@@ -22,12 +22,13 @@ import numpy as np
 from pipeline.core.options import MISTAKES
 from pipeline.data.layouts import display
 from pipeline.metrics.scoring import RowPredictions
-from pipeline.report.plots import figure, save
+from pipeline.report.plots import save
 from pipeline.report.tables import write_table
+from pipeline.report.tiles import tile_sheet
 from pipeline.store.run_record import read_record
 
 __all__ = ["MISTAKES", "Mistake", "best_row", "confused_pairs", "contact_sheet",
-           "contact_sheet_figure", "image_root", "thumbnail", "top_mistakes", "write_mistakes"]
+           "contact_sheet_figure", "image_root", "top_mistakes", "write_mistakes"]
 
 _THUMBNAIL = 160  # pixels, the longer side of a tile's image
 _COLUMNS = 4
@@ -115,45 +116,14 @@ def contact_sheet_figure(mistakes: Sequence[Mistake], root: str | os.PathLike | 
         Tiles per row, at most.
     """
 
-    columns = max(1, min(columns, len(mistakes)))
-    rows = max(1, -(-len(mistakes) // columns))
-    fig, axes = figure(rows, columns, figsize=(2.4 * columns, 2.7 * rows + 0.6),
-                        squeeze=False)
-    for ax in axes.flat:
-        ax.set_axis_off()
-    for ax, mistake in zip(axes.flat, mistakes):
-        image = thumbnail(Path(root or "") / mistake.path)
-        if image is None:
-            ax.imshow(np.full((_THUMBNAIL, _THUMBNAIL, 3), 235, np.uint8))
-            ax.text(0.5, 0.5, "unreadable", transform=ax.transAxes, ha="center", va="center",
-                    color="tab:red")
-        else:
-            ax.imshow(image)
-        probability = ("" if np.isnan(mistake.probability)
-                       else f" ({mistake.probability:.2f})")
-        ax.set_title(f"true: {_short(mistake.true)}\n"
-                     f"predicted: {_short(mistake.predicted)}{probability}", fontsize=8)
-    if not mistakes:
-        axes[0][0].text(0.5, 0.5, "no test image was predicted wrong",
-                        transform=axes[0][0].transAxes, ha="center", va="center")
-    fig.suptitle(title, fontsize=10)
-    return fig
+    return tile_sheet([m.path for m in mistakes], [_caption(m) for m in mistakes], root, title,
+                      columns=columns, size=_THUMBNAIL, tile_inches=(2.4, 2.7), caption_size=8,
+                      empty="no test image was predicted wrong")
 
 
-def thumbnail(path: Path, size: int = _THUMBNAIL) -> np.ndarray | None:
-    """The image at ``path``, shrunk to a tile (``size`` px on its longer side), as RGB
-    pixels; None if it cannot be read."""
-    from PIL import Image
-
-    from pipeline.data.images import read_image
-
-    try:
-        image, _ = read_image(path, hash_file=False)
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError,
-            Image.DecompressionBombWarning):
-        return None
-    image.thumbnail((size, size))
-    return np.asarray(image)
+def _caption(mistake: Mistake) -> str:
+    probability = "" if np.isnan(mistake.probability) else f" ({mistake.probability:.2f})"
+    return f"true: {_short(mistake.true)}\npredicted: {_short(mistake.predicted)}{probability}"
 
 
 def _images(count: int) -> str:
