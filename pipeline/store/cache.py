@@ -220,8 +220,8 @@ def read_splits(path: str | os.PathLike,
     """
     with open_cache(path) as f:
         if "labels" not in f:
-            raise DataError(f"{path} holds unlabelled images (no classes, no splits); heads "
-                            "and fine-tuning need class folders or a manifest with labels. "
+            raise DataError(f"{path} holds unlabelled images (no classes, no splits); heads, "
+                            "fine-tuning and advice need class folders or a manifest with labels. "
                             "`pipeline predict` and `pipeline cache export` take it")
         features = f["features"]
         split, valid = read_strings(f["split"]), f["valid"][:]

@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from pipeline.advise.run import advise
 from pipeline.cli.main import main
 from pipeline.extract.features import extract_features
-from tests.conftest import TINY, make_split_folder
+from tests.conftest import TINY, make_split_folder, write_image
 
 
 def test_advise_extracts_the_blocks_once_and_writes_its_advice(tmp_path):
@@ -39,3 +39,14 @@ def test_a_cache_of_the_bottleneck_alone_is_refused_in_one_line(tmp_path):
     assert result.exit_code != 0
     assert "extract with --layer blocks" in result.output
     assert "Traceback" not in result.output
+
+
+def test_a_flat_unlabelled_folder_is_refused_in_one_line_naming_the_advice(tmp_path):
+    for i in range(6):
+        write_image(tmp_path / "flat" / f"{i}.jpg", seed=i)
+    args = ["advise", str(tmp_path / "flat"), "--backbone", TINY["backbone"], "--weights",
+            "none", "--image-size", "32", "--cache-dir", str(tmp_path / "cache"), "-q"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 1
+    assert "unlabelled images" in result.output and "advice need" in result.output
+    assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
