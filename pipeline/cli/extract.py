@@ -130,7 +130,8 @@ def _describe_data(result) -> None:
                                           for s in result.splits))
     else:
         click.echo("unlabelled images (no class folders or label column): features and paths "
-                   "only; `pipeline predict` and `pipeline cache export` take them")
+                   "only; `pipeline audit`, `pipeline predict` and `pipeline cache export` "
+                   "take them")
     if result.ignored:
         counts = cache.ignored_counts(result.ignored)
         click.echo(f"ignored {len(result.ignored)} file(s) or folder(s): " + ", ".join(

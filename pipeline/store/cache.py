@@ -220,9 +220,10 @@ def read_splits(path: str | os.PathLike,
     """
     with open_cache(path) as f:
         if "labels" not in f:
-            raise DataError(f"{path} holds unlabelled images (no classes, no splits); heads, "
-                            "fine-tuning and advice need class folders or a manifest with labels. "
-                            "`pipeline predict` and `pipeline cache export` take it")
+            # The store does not know which command asked: the one the user ran is "this".
+            raise DataError(f"{path} holds unlabelled images (no classes, no splits): this "
+                            "needs class folders or a manifest with labels; `pipeline audit`, "
+                            "`pipeline predict` and `pipeline cache export` take it as it is")
         features = f["features"]
         split, valid = read_strings(f["split"]), f["valid"][:]
         paths, labels = read_strings(f["paths"]), f["labels"][:]

@@ -41,12 +41,13 @@ def test_a_cache_of_the_bottleneck_alone_is_refused_in_one_line(tmp_path):
     assert "Traceback" not in result.output
 
 
-def test_a_flat_unlabelled_folder_is_refused_in_one_line_naming_the_advice(tmp_path):
+def test_a_flat_unlabelled_folder_is_refused_in_one_line_naming_what_takes_it(tmp_path):
     for i in range(6):
         write_image(tmp_path / "flat" / f"{i}.jpg", seed=i)
     args = ["advise", str(tmp_path / "flat"), "--backbone", TINY["backbone"], "--weights",
             "none", "--image-size", "32", "--cache-dir", str(tmp_path / "cache"), "-q"]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 1
-    assert "unlabelled images" in result.output and "advice need" in result.output
+    assert "unlabelled images" in result.output and "needs class folders" in result.output
+    assert "`pipeline audit`" in result.output
     assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1

@@ -285,6 +285,7 @@ def test_unlabelled_folder_extracts_predicts_and_exports_but_is_not_trained_on(t
     cache_dir = tmp_path / "c"
     done = _run("extract", flat, *TINY_ARGS, "--cache-dir", cache_dir)
     assert done.exit_code == 0 and "unlabelled images" in done.output
+    assert "`pipeline audit`" in done.output  # what does take an unlabelled cache
     cache = next(cache_dir.glob("*.h5"))
     _assert_one_line_error(_run("heads", cache, "--out", tmp_path / "h"), "unlabelled")
     _assert_one_line_error(_run("finetune", flat, *TINY_ARGS, "--cache-dir", cache_dir,

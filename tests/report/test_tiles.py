@@ -32,7 +32,7 @@ def test_the_sheet_wraps_rows_and_captions_each_tile_in_order(tmp_path):
     assert [ax.get_title() for ax in tiles] == [f"c{i}" for i in range(5)]
     assert [int(np.asarray(ax.images[0].get_array())[0, 0, 0]) for ax in tiles] == [
         0, 40, 80, 120, 160]
-    assert fig._suptitle.get_text() == "five"
+    assert fig.get_suptitle() == "five"
 
 
 def test_an_empty_sheet_says_so(tmp_path):
