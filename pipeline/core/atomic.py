@@ -155,3 +155,38 @@ def _amount(count: int) -> str:
         return f"{count} bytes"
     power = min(len(str(count)) - 1, 3 * len(_UNITS)) // 3
     return f"{count:,} bytes ({count / 1000 ** power:.1f} {_UNITS[power - 1]})"
+
+
+def write_text(path: str | os.PathLike, text: str, *, encoding: str = "utf-8") -> Path:
+    """``text`` into ``path`` all at once (:func:`atomic_write`), its folder made if needed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_write(path, "w", encoding=encoding) as fh:
+        fh.write(text)
+    return path
+
+
+def write_json(path: str | os.PathLike, obj) -> Path:
+    """``obj`` as indented JSON (paths and other values as their ``str``), all at once."""
+    import json  # noqa: PLC0415 - json is light, but most callers of this module need no JSON
+
+    return write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """``data`` into ``path`` all at once, its folder made if needed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_write(path, size=len(data)) as fh:
+        fh.write(data)
+    return path
+
+
+def save_figure(fig, path: str | os.PathLike, **savefig) -> Path:
+    """A matplotlib ``Figure`` as a file all at once (its format from ``path``'s suffix)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    savefig.setdefault("format", path.suffix.lstrip(".") or "png")
+    with atomic_write(path) as fh:
+        fig.savefig(fh, **savefig)
+    return path
