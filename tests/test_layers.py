@@ -27,6 +27,7 @@ LAYERS = (
     ("audit", "advise"),
     ("finetuning",),
     ("deploy",),
+    ("drift",),
     ("cli", "bench"),
     ("__main__",),
 )
