@@ -27,15 +27,21 @@ from pipeline.core.atomic import save_figure, write_json, write_text
 from pipeline.core.contract import Result, to_plain
 from pipeline.core.errors import DataError
 from pipeline.data.layouts import display
-from pipeline.drift.classifier import domain_classifier
+from pipeline.drift.classifier import ClassifierTest, domain_classifier
 from pipeline.drift.harm import accuracy_change, atc_estimate, atc_threshold
-from pipeline.drift.kernel import mmd_test
+from pipeline.drift.kernel import MMDTest, mmd_test
 from pipeline.drift.options import SPLITS, DriftOptions
-from pipeline.drift.outputs import holm, label_shift, softmax_shift
+from pipeline.drift.outputs import (
+    LabelShiftTest,
+    SoftmaxShift,
+    holm,
+    label_shift,
+    softmax_shift,
+)
 from pipeline.drift.sources import Model, Rows, find_reference, load_deployed, new_rows, read_rows
 from pipeline.metrics.significance import mcnemar_test
 
-__all__ = ["MIN_IMAGES", "DriftResult", "drift"]
+__all__ = ["MIN_IMAGES", "DriftResult", "Shift", "drift", "measure_shift"]
 
 # Fewer new images than this cannot show a distribution: the cross-fit needs a few per fold
 # and a permutation test of a handful of rows has no power.
@@ -143,15 +149,9 @@ def drift(new: str | os.PathLike, *, against: str | os.PathLike,
     if model.note:
         notes.append(model.note)
 
-    classifier, scores = domain_classifier(sample.X, new_set.X, folds=options.folds,
-                                           seed=options.seed)
-    mmd = mmd_test(sample.X, new_set.X, permutations=options.permutations, seed=options.seed)
-    proba_sample, proba_new = _proba(model, sample, options), _proba(model, new_set, options)
-    predicted = label_shift(proba_sample.argmax(1), proba_new.argmax(1), model.classes,
-                            seed=options.seed)
-    outputs = softmax_shift(proba_sample, proba_new, model.classes)
-    family = holm([classifier.p_value, mmd.p_value, predicted.p_value])
-    shifted = bool(family.min() < options.level)
+    shift = measure_shift(sample, new_set, model, options)
+    classifier, mmd, predicted = shift.classifier, shift.mmd, shift.predicted
+    family, shifted, proba_new = shift.family, shift.shifted, shift.proba_new
     layers = _layer_rows(sample, new_set, options) if len(reference.layers) > 1 else []
 
     y_new, unseen = _new_labels(new_set, model.classes)
@@ -181,13 +181,45 @@ def drift(new: str | os.PathLike, *, against: str | os.PathLike,
         str(new), str(against), str(reference.path), str(new_set.path), model.name,
         list(options.reference), len(sample.X), len(new_set.X), options.level, shifted,
         harmful, action, unfreeze, "", _plain(classifier), _plain(mmd),
-        {**_plain(predicted), "p_holm": float(family[2])}, _plain(outputs), atc, accuracy,
-        refit, layers, unseen, notes, _gallery(new_set, scores, proba_new, model, options),
+        {**_plain(predicted), "p_holm": float(family[2])}, _plain(shift.outputs), atc,
+        accuracy, refit, layers, unseen, notes,
+        _gallery(new_set, shift.scores, proba_new, model, options),
         str(new_set.root))
     result.domain_classifier["p_holm"], result.mmd["p_holm"] = float(family[0]), float(family[1])
     result.sentence = sentence(result)
     result.seconds = time.perf_counter() - started
     return result
+
+
+@dataclass
+class Shift:
+    """The three measures of one comparison, and the model's outputs on either side."""
+
+    classifier: ClassifierTest
+    scores: np.ndarray  # each new row's out-of-fold probability of being new
+    mmd: MMDTest
+    predicted: LabelShiftTest
+    outputs: SoftmaxShift
+    family: np.ndarray  # Holm-adjusted p-values: classifier, MMD, predicted classes
+    shifted: bool
+    proba_sample: np.ndarray
+    proba_new: np.ndarray
+
+
+def measure_shift(sample: Rows, new: Rows, model: Model, options: DriftOptions) -> Shift:
+    """Whether ``new`` differs from the reference ``sample``: the domain classifier, the MMD
+    test and the predicted classes of ``model``, one decision at ``options.level`` over the
+    three Holm-adjusted p-values; the softmax shift beside them."""
+    classifier, scores = domain_classifier(sample.X, new.X, folds=options.folds,
+                                           seed=options.seed)
+    mmd = mmd_test(sample.X, new.X, permutations=options.permutations, seed=options.seed)
+    proba_sample, proba_new = _proba(model, sample, options), _proba(model, new, options)
+    predicted = label_shift(proba_sample.argmax(1), proba_new.argmax(1), model.classes,
+                            seed=options.seed)
+    outputs = softmax_shift(proba_sample, proba_new, model.classes)
+    family = holm([classifier.p_value, mmd.p_value, predicted.p_value])
+    return Shift(classifier, scores, mmd, predicted, outputs, family,
+                 bool(family.min() < options.level), proba_sample, proba_new)
 
 
 def _plain(value) -> dict:

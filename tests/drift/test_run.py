@@ -4,6 +4,7 @@ gives, and each bad input's one line."""
 from __future__ import annotations
 
 import json
+
 import pytest
 from click.testing import CliRunner
 
