@@ -186,6 +186,11 @@ def drift(new: str | os.PathLike, *, against: str | os.PathLike,
         _gallery(new_set, shift.scores, proba_new, model, options),
         str(new_set.root))
     result.domain_classifier["p_holm"], result.mmd["p_holm"] = float(family[0]), float(family[1])
+    # Each measure names its statistic the same way, beside its own name for it.
+    for measure, key in ((result.domain_classifier, "auc"), (result.mmd, "mmd2"),
+                         (result.label_shift, "total_variation"),
+                         (result.softmax, "confidence_change")):
+        measure["statistic"] = measure[key]
     result.sentence = sentence(result)
     result.seconds = time.perf_counter() - started
     return result
@@ -402,7 +407,8 @@ def sentence(result: DriftResult) -> str:
               f"({', '.join(result.new_classes)})" if result.new_classes else "")
     if result.action == "none":
         tail = f"; {accuracy_clause(result)}" if accuracy_clause(result) else ""
-        return f"No shift: {n} cannot be told from the reference ({evidence(result)}){tail}."
+        return (f"No shift: {n} cannot be told from the reference ({evidence(result)})"
+                f"{unseen}{tail}.")
     if result.action == "judge":
         return (f"{n} differs from the reference ({evidence(result)}){unseen}, but whether it "
                 "hurts cannot be judged: it has no labels and the reference no validation "
