@@ -1,0 +1,228 @@
+"""Shard files as data sets: Parquet, Arrow folders and WebDataset tars, read through addresses."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from pipeline.cli.main import main
+from pipeline.data.images import load_image_set, read_image
+from pipeline.data.shards import image_bytes, split_address
+from pipeline.extract.features import extract_features
+from tests.conftest import TINY
+
+NAMES = ["zebra", "ant", "mole"]  # a ClassLabel order that is not alphabetical
+
+
+def png(seed: int, size: int = 20) -> bytes:
+    rng = np.random.default_rng(seed)
+    out = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(out, "PNG")
+    return out.getvalue()
+
+
+def hf_metadata(names=NAMES) -> dict:
+    """The schema metadata Hugging Face datasets writes: Image and ClassLabel features."""
+    features = {"image": {"_type": "Image"}, "label": {"names": list(names), "_type": "ClassLabel"}}
+    return {"huggingface": json.dumps({"info": {"features": features}})}
+
+
+def write_parquet(path: Path, n: int = 9, seed: int = 0, struct: bool = True,
+                  labels="classlabel", split=None, row_group_size: int | None = None) -> Path:
+    """``n`` PNG rows; labels "classlabel" (ints + metadata), "strings", "ints" or None."""
+    images = [png(seed + i) for i in range(n)]
+    columns = {"image": [{"bytes": b, "path": f"{seed + i}.png"} for i, b in enumerate(images)]
+               if struct else images}
+    if labels == "strings":
+        columns["label"] = [NAMES[i % 3] for i in range(n)]
+    elif labels in ("classlabel", "ints"):
+        columns["label"] = [i % 3 for i in range(n)]
+    if split is not None:
+        columns["split"] = split
+    table = pa.table(columns)
+    if labels == "classlabel":
+        table = table.replace_schema_metadata(hf_metadata())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, path, row_group_size=row_group_size)
+    return path
+
+
+def _extract(data, tmp_path, **kw):
+    return extract_features(data, cache_dir=tmp_path / "c", progress=False, **{**TINY, **kw})
+
+
+def _cli(*args) -> tuple[int, str]:
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    return result.exit_code, result.output
+
+
+def _cli_extract(data, tmp_path) -> tuple[int, str]:
+    return _cli("extract", data, "--cache-dir", tmp_path / "c", "--backbone", TINY["backbone"],
+                "--weights", TINY["weights"], "--image-size", TINY["image_size"], "--workers", 0)
+
+
+def _one_line_error(code: int, output: str, *fragments: str) -> None:
+    assert code != 0 and "Traceback" not in output and output.count("\n") == 1, output
+    for fragment in fragments:
+        assert fragment in output, output
+
+
+# --- Parquet -------------------------------------------------------------------------------------
+
+def test_plain_bytes_with_string_labels_and_a_split_column(tmp_path):
+    split = ["train"] * 6 + ["valid"] * 3 + ["test"] * 3
+    path = write_parquet(tmp_path / "d" / "data.parquet", n=12, struct=False, labels="strings",
+                         split=split)
+    images = load_image_set(path)
+    assert images.paths[:2] == ["data.parquet#0", "data.parquet#1"]
+    assert images.classes == sorted(NAMES)  # strings: sorted, as class folders are
+    assert [images.classes[k] for k in images.labels[:3]] == NAMES
+    assert images.split_counts() == {"train": 6, "val": 3, "test": 3}
+    assert images.split_sources["val"] == "given (split column)"
+    image, digest = read_image(images.absolute(4))
+    assert np.array_equal(np.asarray(image), np.asarray(Image.open(io.BytesIO(png(4)))))
+    assert len(digest) == 64
+
+
+def test_struct_images_with_classlabel_integers_keep_the_classlabel_order(tmp_path):
+    images = load_image_set(write_parquet(tmp_path / "data.parquet", n=9))
+    assert images.classes == NAMES
+    assert list(images.labels) == [i % 3 for i in range(9)]
+    assert image_bytes(images.absolute(5)) == png(5)
+
+
+def test_integer_labels_without_metadata_are_named_in_numeric_order(tmp_path):
+    table = pa.table({"img": [png(i) for i in range(33)], "label": [i % 11 for i in range(33)]})
+    pq.write_table(table, tmp_path / "x.parquet")
+    images = load_image_set(tmp_path / "x.parquet")
+    assert images.classes == [str(i) for i in range(11)]  # "10" after "9", not after "1"
+    assert images.classes[images.labels[21]] == "10"
+
+
+def test_splits_from_file_names_in_a_folder_of_shards(tmp_path):
+    root = tmp_path / "hub" / "data"
+    write_parquet(root / "train-00000-of-00002.parquet", n=9, seed=0)
+    write_parquet(root / "train-00001-of-00002.parquet", n=9, seed=100)
+    write_parquet(root / "validation-00000-of-00001.parquet", n=6, seed=200)
+    write_parquet(root / "test-00000-of-00001.parquet", n=6, seed=300)
+    (root / "README.md").write_text("a dataset card")
+    images = load_image_set(tmp_path / "hub")
+    assert images.split_counts() == {"train": 18, "val": 6, "test": 6}
+    assert images.paths[0] == "data/test-00000-of-00001.parquet#0"
+    assert images.split_sources["val"].startswith("given (file names such as data/validation")
+    assert image_bytes(images.root / "data/train-00001-of-00002.parquet#3") == png(103)
+
+
+def test_a_row_that_does_not_decode_is_listed_and_skipped(tmp_path):
+    rows = [png(i) for i in range(9)]
+    rows[4] = b"\x89PNG this is not a picture"
+    table = pa.table({"image": rows, "label": [NAMES[i % 3] for i in range(9)]})
+    pq.write_table(table, tmp_path / "data.parquet")
+    result = _extract(tmp_path / "data.parquet", tmp_path)
+    assert result.failed == 1 and result.failures[0][0] == "data.parquet#4"
+    assert "UnidentifiedImageError" in result.failures[0][1]
+    with h5py.File(result.cache_path) as f:
+        assert list(f["valid"][:]) == [i != 4 for i in range(9)]
+
+
+def test_missing_image_column_unknown_label_and_empty_shard_end_in_one_line(tmp_path):
+    pq.write_table(pa.table({"pixels": [1, 2], "label": [0, 1]}), tmp_path / "a.parquet")
+    _one_line_error(*_cli_extract(tmp_path / "a.parquet", tmp_path), "no column of image bytes",
+                    "pixels (int64)")
+    bad = pa.table({"image": [png(0), png(1)], "label": [0, 7]})
+    pq.write_table(bad.replace_schema_metadata(hf_metadata()), tmp_path / "b.parquet")
+    _one_line_error(*_cli_extract(tmp_path / "b.parquet", tmp_path),
+                    "row 1: label 7 is not one of the 3 class names of its ClassLabel")
+    named = pa.table({"image": [png(0)], "label": ["giraffe"]})
+    pq.write_table(named.replace_schema_metadata(hf_metadata()), tmp_path / "c.parquet")
+    _one_line_error(*_cli_extract(tmp_path / "c.parquet", tmp_path),
+                    "label 'giraffe' is not one of the names of its ClassLabel (zebra, ant")
+    empty = pa.table({"image": pa.array([], pa.binary()), "label": pa.array([], pa.int64())})
+    pq.write_table(empty, tmp_path / "d.parquet")
+    _one_line_error(*_cli_extract(tmp_path / "d.parquet", tmp_path), "d.parquet: an empty shard")
+
+
+def test_the_cache_key_changes_when_a_shard_changes(tmp_path):
+    root = tmp_path / "d"
+    write_parquet(root / "train-0.parquet", n=9)
+    write_parquet(root / "test-0.parquet", n=6, seed=50)
+    first = _extract(root, tmp_path)
+    assert _extract(root, tmp_path).hit
+    write_parquet(root / "test-0.parquet", n=6, seed=60)  # same rows, other pictures
+    changed = _extract(root, tmp_path)
+    assert not changed.hit and changed.key != first.key
+    hashed = _extract(root, tmp_path, hash_contents=True)
+    os.utime(root / "test-0.parquet", ns=(1, 1))  # touched, not changed: content hash holds
+    assert _extract(root, tmp_path, hash_contents=True).key == hashed.key
+
+
+def test_an_interrupted_extraction_resumes_where_it_stopped(tmp_path, monkeypatch):
+    monkeypatch.setattr("pipeline.store.writer._CHUNK_BYTES", 4 * 512 * 4)  # 4 rows a chunk
+    data = write_parquet(tmp_path / "d" / "data.parquet", n=16, row_group_size=5)
+
+    def interrupt(done, total):
+        if done >= 8:
+            raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError, match="killed"):
+        _extract(data, tmp_path, batch_size=4, on_batch=interrupt)
+    resumed = _extract(data, tmp_path, batch_size=4)
+    assert resumed.resumed_from == 8 and not resumed.hit and resumed.failed == 0
+    whole = extract_features(data, cache_dir=tmp_path / "whole", progress=False, batch_size=4,
+                             **TINY)
+    with h5py.File(resumed.cache_path) as a, h5py.File(whole.cache_path) as b:
+        np.testing.assert_allclose(a["features"][:], b["features"][:], rtol=1e-5, atol=1e-6)
+        assert list(a["paths"].asstr()[:]) == [f"data.parquet#{i}" for i in range(16)]
+
+
+def test_a_large_parquet_is_read_a_batch_at_a_time(tmp_path):
+    """One row group of 2,000 rows of 16 KB (32 MB of image bytes, in pages of 64 rows):
+    listing reads the labels only, and reading every image holds a page and a batch at a time,
+    never the column (read a column chunk at once, as pyarrow does by default, it peaks at
+    34 MB)."""
+    path = tmp_path / "big.parquet"
+    rng = np.random.default_rng(0)
+    blobs = [rng.bytes(16_000) for _ in range(2000)]
+    pq.write_table(pa.table({"image": blobs, "label": [i % 2 for i in range(2000)]}), path,
+                   row_group_size=2000, compression="none", use_dictionary=False,
+                   write_batch_size=64)
+    script = textwrap.dedent(f"""
+        import pyarrow as pa
+        from pipeline.data.parquet import BATCH_ROWS, list_parquet, row_reader
+        assert list_parquet({str(path)!r}).rows == 2000
+        reader = row_reader({str(path)!r})
+        total = sum(len(reader.image_bytes(i)) for i in range(2000))
+        assert total == 2000 * 16_000, total
+        assert reader.largest_batch == BATCH_ROWS, reader.largest_batch
+        print(pa.default_memory_pool().max_memory())
+    """)
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": os.getcwd()})
+    assert run.returncode == 0, run.stderr
+    peak = int(run.stdout.split()[-1])
+    assert peak < 8_000_000, f"pyarrow held {peak:,} bytes at once for a 32 MB column"
+
+
+def test_addresses_are_told_from_files(tmp_path):
+    data = write_parquet(tmp_path / "a.parquet", n=3)
+    assert split_address(f"{data}#2") == (str(data), "2")
+    odd = tmp_path / "x.parquet#1.png"  # a real file with such a name stays a file
+    odd.write_bytes(png(9))
+    assert split_address(odd) is None and image_bytes(odd) == png(9)
+    with pytest.raises(FileNotFoundError, match="no row 3"):
+        image_bytes(f"{data}#3")
+    with pytest.raises(FileNotFoundError):
+        image_bytes(tmp_path / "gone.parquet#0")
