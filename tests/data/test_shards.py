@@ -226,3 +226,53 @@ def test_addresses_are_told_from_files(tmp_path):
         image_bytes(f"{data}#3")
     with pytest.raises(FileNotFoundError):
         image_bytes(tmp_path / "gone.parquet#0")
+
+
+# --- Arrow (save_to_disk) ------------------------------------------------------------------------
+
+def write_arrow_folder(folder: Path, n: int, seed: int = 0, split: str = "train",
+                       files: int = 2) -> Path:
+    """What ``Dataset.save_to_disk`` writes: ``data-*.arrow`` (IPC streams), its
+    ``dataset_info.json`` and ``state.json``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    names = [f"data-{k:05d}-of-{files:05d}.arrow" for k in range(files)]
+    schema = pa.schema({"image": pa.struct({"bytes": pa.binary(), "path": pa.string()}),
+                        "label": pa.int64()}, metadata=hf_metadata())
+    rows = iter(range(n))
+    for k, name in enumerate(names):
+        chunk = [next(rows) for _ in range(n // files + (k < n % files))]
+        with pa.OSFile(str(folder / name), "wb") as sink, \
+                pa.ipc.new_stream(sink, schema) as writer:
+            for part in (chunk[:3], chunk[3:]):  # two record batches per file
+                writer.write_batch(pa.record_batch(
+                    {"image": [{"bytes": png(seed + i), "path": None} for i in part],
+                     "label": [i % 3 for i in part]}, schema=schema))
+    features = json.loads(hf_metadata()["huggingface"])["info"]["features"]
+    (folder / "dataset_info.json").write_text(json.dumps({"features": features}))
+    (folder / "state.json").write_text(json.dumps(
+        {"_data_files": [{"filename": n} for n in names], "_split": split}))
+    return folder
+
+
+def test_an_arrow_folder_as_save_to_disk_writes_it(tmp_path):
+    folder = write_arrow_folder(tmp_path / "ds", n=15)
+    (folder / "cache-1f2e3d.arrow").write_bytes(b"a map() cache, not data")
+    images = load_image_set(folder)
+    assert len(images) == 15 and images.classes == NAMES
+    assert images.paths[:2] == ["data-00000-of-00002.arrow#0", "data-00000-of-00002.arrow#1"]
+    assert ("cache-1f2e3d.arrow", "not a data file of its state.json") in images.ignored
+    assert image_bytes(images.root / "data-00001-of-00002.arrow#4") == png(12)
+    assert [images.classes[k] for k in images.labels[8:11]] == ["mole", "zebra", "ant"]
+
+
+def test_a_dataset_dict_folder_gives_its_splits_from_its_folders(tmp_path):
+    root = tmp_path / "dd"
+    write_arrow_folder(root / "train", n=12)
+    write_arrow_folder(root / "test", n=6, seed=50, split="test", files=1)
+    (root / "dataset_dict.json").write_text(json.dumps({"splits": ["train", "test"]}))
+    images = load_image_set(root)
+    assert images.split_counts() == {"train": 9, "val": 3, "test": 6}  # val: 1 per class
+    assert images.split_sources["test"] == ("given (file names such as "
+                                            "test/data-00000-of-00001.arrow)")
+    result = _extract(root, tmp_path)
+    assert result.images == 18 and result.failed == 0
