@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import tarfile
 import textwrap
 from pathlib import Path
 
@@ -19,8 +20,9 @@ from click.testing import CliRunner
 from PIL import Image
 
 from pipeline.cli.main import main
+from pipeline.core.errors import DataError
 from pipeline.data.images import load_image_set, read_image
-from pipeline.data.shards import image_bytes, split_address
+from pipeline.data.shards import expand_braces, image_bytes, split_address
 from pipeline.extract.features import extract_features
 from tests.conftest import TINY
 
@@ -276,3 +278,82 @@ def test_a_dataset_dict_folder_gives_its_splits_from_its_folders(tmp_path):
                                             "test/data-00000-of-00001.arrow)")
     result = _extract(root, tmp_path)
     assert result.images == 18 and result.failed == 0
+
+
+# --- WebDataset ----------------------------------------------------------------------------------
+
+def write_tar(path: Path, n: int = 6, seed: int = 0, label: str | None = "cls",
+              extra: dict | None = None) -> Path:
+    """``n`` samples ``<key>.png`` with a ``.cls`` integer or a ``.json`` label (or none)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w") as tar:
+        def add(name: str, data: bytes) -> None:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+        for i in range(n):
+            key = f"{path.stem}/{seed + i:06d}"
+            add(f"{key}.png", png(seed + i))
+            if label == "cls":
+                add(f"{key}.cls", str(i % 3).encode())
+            elif label == "json":
+                add(f"{key}.json", json.dumps({"label": NAMES[i % 3], "w": 20}).encode())
+        for name, data in (extra or {}).items():
+            add(name, data)
+    return path
+
+
+def test_tar_with_cls_labels_groups_members_by_key(tmp_path):
+    path = write_tar(tmp_path / "train-0.tar", n=9,
+                     extra={"train-0/000003.txt": b"a caption", "README": b"notes"})
+    images = load_image_set(path)
+    assert images.paths[3] == "train-0.tar#train-0/000003.png"
+    assert images.classes == ["0", "1", "2"] and list(images.labels[:4]) == [0, 1, 2, 0]
+    assert image_bytes(images.absolute(3)) == png(3)
+    assert ("train-0.tar#train-0/000003.txt", "not the image or label of sample "
+            "train-0/000003") in images.ignored
+    assert ("train-0.tar#README", "no extension: not part of a sample") in images.ignored
+
+
+def test_tar_with_json_labels(tmp_path):
+    images = load_image_set(write_tar(tmp_path / "a.tar", n=9, label="json"))
+    assert images.classes == sorted(NAMES)
+    assert [images.classes[k] for k in images.labels[:3]] == NAMES
+
+
+def test_a_brace_pattern_and_a_folder_of_tars_read_the_same_shards(tmp_path):
+    for k in range(3):
+        write_tar(tmp_path / "shards" / f"train-{k:04d}.tar", n=6, seed=10 * k)
+    write_tar(tmp_path / "shards" / "test-0000.tar", n=6, seed=90)
+    pattern = load_image_set(str(tmp_path / "shards" / "train-{0000..0002}.tar"))
+    assert len(pattern) == 18 and pattern.split_counts()["test"] > 0  # carved: train only
+    folder = load_image_set(tmp_path / "shards")
+    assert folder.split_counts()["test"] == 6 and len(folder) == 24
+    assert set(pattern.paths) < set(folder.paths)
+    with pytest.raises(DataError, match=r"1 of its 4 files do not exist, the first .*0003\.tar"):
+        load_image_set(str(tmp_path / "shards" / "train-{0000..0003}.tar"))
+
+
+def test_brace_expansion_follows_bash():
+    assert expand_braces("s-{0000..0002}.tar") == ["s-0000.tar", "s-0001.tar", "s-0002.tar"]
+    assert expand_braces("{train,test}-{0..1}.tar") == ["train-0.tar", "train-1.tar",
+                                                        "test-0.tar", "test-1.tar"]
+    assert expand_braces("a{1..5..2}") == ["a1", "a3", "a5"]
+    assert expand_braces("a{x}b") == ["a{x}b"] and expand_braces("plain.tar") == ["plain.tar"]
+
+
+def test_tar_errors_end_in_one_line(tmp_path):
+    write_tar(tmp_path / "a.tar", n=3, extra={"a/orphan.cls": b"1"})
+    _one_line_error(*_cli_extract(tmp_path / "a.tar", tmp_path),
+                    "sample 'a/orphan' has no image member (.jpg, .jpeg, .png or .webp; it has "
+                    ".cls)")
+    write_tar(tmp_path / "b.tar", n=3, extra={"b/000009.png": png(9), "b/000009.cls": b"cat"})
+    _one_line_error(*_cli_extract(tmp_path / "b.tar", tmp_path),
+                    "b/000009.cls holds 'cat', not an integer class index")
+    write_tar(tmp_path / "c.tar", n=0)
+    _one_line_error(*_cli_extract(tmp_path / "c.tar", tmp_path), "c.tar: an empty shard")
+    write_tar(tmp_path / "mixed" / "train-0.tar", n=3)
+    write_tar(tmp_path / "mixed" / "train-1.tar", n=3, seed=5, label=None)
+    _one_line_error(*_cli_extract(tmp_path / "mixed", tmp_path),
+                    "train-1.tar has no label column or member while train-0.tar has")
