@@ -357,3 +357,21 @@ def test_tar_errors_end_in_one_line(tmp_path):
     write_tar(tmp_path / "mixed" / "train-1.tar", n=3, seed=5, label=None)
     _one_line_error(*_cli_extract(tmp_path / "mixed", tmp_path),
                     "train-1.tar has no label column or member while train-0.tar has")
+
+
+# --- the examples of docs/data.md ----------------------------------------------------------------
+
+def _doc_examples() -> list[str]:
+    text = (Path(__file__).parents[2] / "docs" / "data.md").read_text(encoding="utf-8")
+    section = text[text.index("## Parquet, Arrow and WebDataset shards"):]
+    return [block.split("```", 1)[0] for block in section.split("```python\n")[1:]]
+
+
+@pytest.mark.parametrize("example", _doc_examples(), ids=["parquet", "arrow", "webdataset"])
+def test_the_documented_examples_write_and_read_back_as_they_say(example, tmp_path):
+    expected = example.rstrip().rsplit("# prints: ", 1)[1]
+    run = subprocess.run([sys.executable, "-c", example], capture_output=True, text=True,
+                         cwd=tmp_path, env={**os.environ, "PYTHONPATH": os.getcwd()})
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == expected
+    assert len(example.strip().splitlines()) <= 20
