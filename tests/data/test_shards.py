@@ -21,7 +21,7 @@ from PIL import Image
 
 from pipeline.cli.main import main
 from pipeline.core.errors import DataError
-from pipeline.data.images import load_image_set, read_image
+from pipeline.data.images import ImageFiles, load_image_set, read_image
 from pipeline.data.shards import expand_braces, image_bytes, split_address
 from pipeline.extract.features import extract_features
 from tests.conftest import TINY
@@ -306,11 +306,15 @@ def write_tar(path: Path, n: int = 6, seed: int = 0, label: str | None = "cls",
 
 def test_tar_with_cls_labels_groups_members_by_key(tmp_path):
     path = write_tar(tmp_path / "train-0.tar", n=9,
-                     extra={"train-0/000003.txt": b"a caption", "README": b"notes"})
+                     extra={"train-0/000003.txt": b"a caption", "README": b"notes",
+                            "train-0/000009.png": b"not a picture", "train-0/000009.cls": b"1"})
     images = load_image_set(path)
     assert images.paths[3] == "train-0.tar#train-0/000003.png"
     assert images.classes == ["0", "1", "2"] and list(images.labels[:4]) == [0, 1, 2, 0]
     assert image_bytes(images.absolute(3)) == png(3)
+    files = ImageFiles(images, lambda image: np.asarray(image), (20, 20, 3))
+    assert files[3][2] == "" and files[3][0].shape == (20, 20, 3)
+    assert files[9][2].startswith("UnidentifiedImageError")  # listed and skipped, not raised
     assert ("train-0.tar#train-0/000003.txt", "not the image or label of sample "
             "train-0/000003") in images.ignored
     assert ("train-0.tar#README", "no extension: not part of a sample") in images.ignored
