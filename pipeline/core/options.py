@@ -6,7 +6,9 @@ Importing this module loads no framework, so ``pipeline --help`` can show every 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
+
+from pipeline.core.contract import Between, OneOf, Options, Satisfies
 
 DEFAULT_BACKBONE = "efficientnet_lite0"
 DEVICES = ("auto", "cuda", "mps", "cpu")
@@ -34,6 +36,13 @@ LR_FIND_STEPS, LR_FIND_START_LR, LR_FIND_END_LR = 100, 1e-7, 1.0
 DEFAULT_HEADS = ("logreg", "mlp", "linear")
 EXPORT_FORMATS = ("npy", "parquet", "csv")
 DEFAULT_CACHE_DIR = os.environ.get("PIPELINE_CACHE_DIR", "cache")
+# Where the CLI writes each stage's files when --out is not given (``result.write(out)``).
+HEADS_OUT = "results/heads"
+AUDIT_OUT = "results/audit"
+ADVICE_OUT = "results/advice"
+# numpy's and scikit-learn's seeds: a non-negative 32-bit integer.
+SEED = [Between(0, 2**32 - 1, integer=True)]
+FLAG = [OneOf((True, False))]
 
 
 @dataclass(frozen=True)
@@ -84,20 +93,54 @@ class HeadsOptions:
     exclude: str | os.PathLike | None = None
 
 
-@dataclass(frozen=True)
-class AuditOptions:
-    """How ``pipeline audit`` screens a cache's data (pipeline.audit)."""
+@dataclass(frozen=True, kw_only=True)
+class AuditOptions(Options):
+    """How ``pipeline audit`` screens a cache's data (pipeline.auditing)."""
 
-    out: str | os.PathLike = "results/audit"
     folds: int = 5  # K of the stratified K-fold that gives every image an out-of-fold probability
     # cosine similarity of L2-normalised features from which two images are near-duplicates
-    # (pipeline.audit.neighbours.DEFAULT_THRESHOLD says why 0.97)
+    # (pipeline.auditing.neighbours.DEFAULT_THRESHOLD says why 0.97)
     threshold: float = 0.97
     neighbours: int = 10  # nearest rows kept per image: outlier score and near-duplicate pairs
     top: int = 24  # suspects in each gallery and outlier list
     map: bool = True  # draw the 2-D map (openTSNE)
     map_points: int = 10_000  # points on the map at most (a seeded sample beyond)
-    seed: int = 0
+    seed: int = 0  # seeds the folds, the map and its sample
+
+    constraints = {
+        "folds": [Between(2, None, integer=True)],  # one fold leaves nothing to fit on
+        "threshold": [Between(0, 1, open="low")],
+        "neighbours": [Between(1, None, integer=True)],
+        "top": [Between(1, None, integer=True)],
+        "map": FLAG,
+        "map_points": [Between(2, None, integer=True)],
+        "seed": SEED,
+    }
+
+
+@dataclass(frozen=True, kw_only=True)
+class AdviseOptions(Options):
+    """How ``pipeline advise`` measures a data set (pipeline.advice)."""
+
+    seed: int = 0  # seeds the per-layer probes
+    # How the blocks are extracted when the data is an image set, not a cache: the CLI gives
+    # its --seed here too, so that the carved splits and the probes share one seed.
+    extract: ExtractOptions = field(default_factory=ExtractOptions)
+
+    constraints = {
+        "seed": SEED,
+        "extract": [Satisfies(lambda v: isinstance(v, ExtractOptions), "ExtractOptions")],
+    }
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReportOptions(Options):
+    """What ``pipeline report`` draws beside its table (pipeline.report)."""
+
+    # the best row's most confident wrong test predictions drawn in mistakes.png; 0: none
+    mistakes: int = MISTAKES
+
+    constraints = {"mistakes": [Between(0, None, integer=True)]}
 
 
 @dataclass(frozen=True)
