@@ -28,8 +28,9 @@ def test_advise_extracts_the_blocks_once_and_writes_its_advice(tmp_path):
     assert written["blocks"] == 4 and written["per_class_median"] == 8
     assert [r["layer"] for r in written["layers"]] == ["layer1", "layer2", "layer3",
                                                        "bottleneck"]
-    again = advise(written["cache"], None)  # the cache itself, nothing extracted
+    again = advise(written["cache"])  # the cache itself, nothing extracted
     assert again.unfreeze == written["unfreeze"] and again.files == {}
+    assert again.to_json() == {**written, "files": {}}  # the same advice, not yet written
 
 
 def test_a_cache_of_the_bottleneck_alone_is_refused_in_one_line(tmp_path):
