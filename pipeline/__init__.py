@@ -45,7 +45,8 @@ _EXPORTS = {
     "export_model": "pipeline.deploy.export",
     "load_model": "pipeline.store.persistence",
     "FinetunedNetwork": "pipeline.finetuning.network",
-    "write_report": "pipeline.report.summary",
+    "compare_results": "pipeline.report.summary",
+    "ReportResult": "pipeline.report.summary",
 }
 
 __all__ = sorted(_EXPORTS)
