@@ -12,6 +12,17 @@ from PIL import Image
 TINY = {"backbone": "resnet18", "weights": "none", "image_size": 32, "workers": 0}
 
 
+def fit_and_write(caches, out: Path, **options):
+    """``fit_heads`` with ``HeadsOptions(**options)``, its result written to ``out`` (as
+    ``pipeline heads`` does)."""
+    from pipeline.core.options import HeadsOptions
+    from pipeline.heads.compare import fit_heads
+
+    result = fit_heads(list(caches), options=HeadsOptions(**options), progress=False)
+    result.write(out)
+    return result
+
+
 def write_image(path: Path, seed: int, size: tuple[int, int] = (40, 36)) -> Path:
     rng = np.random.default_rng(seed)
     pixels = rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)

@@ -73,15 +73,29 @@ class ExtractOptions:
     lock_timeout: float = 3600.0
 
 
-@dataclass(frozen=True)
-class HeadsOptions:
-    """Which heads stage 2 fits on cached features, and where their results go."""
+def _head_specs(value) -> bool:
+    return (isinstance(value, tuple | list) and len(value) > 0
+            and all(isinstance(v, str) and v.strip() for v in value))
+
+
+def _shot_counts(value) -> bool:
+    return isinstance(value, tuple | list) and all(
+        v == "all" or (isinstance(v, int) and not isinstance(v, bool) and v >= 1)
+        for v in value)
+
+
+def _path_like(value) -> bool:
+    return isinstance(value, str | os.PathLike)
+
+
+@dataclass(frozen=True, kw_only=True)
+class HeadsOptions(Options):
+    """Which heads stage 2 fits on cached features, and how it compares them."""
 
     heads: tuple[str, ...] = DEFAULT_HEADS  # head specs, see pipeline.heads.make_head
-    out: str | os.PathLike = "results/heads"
     shots: tuple[int | str, ...] = ()  # examples per class for the data-efficiency curve
     draws: int = 5  # random draws per number of shots
-    seed: int = 0
+    seed: int = 0  # seeds every head and every draw: the same seed gives the same table
     # fits per head with seeds seed, seed+1, ... on the same splits: the spread over seeds
     # (initialisation, minibatch order) beside the single run's interval over test images
     repeats: int = 1
@@ -91,6 +105,16 @@ class HeadsOptions:
     # a CSV with a ``path`` column (such as pipeline audit's label_issues.csv): those training
     # and validation images are left out of the fits; test images always stay
     exclude: str | os.PathLike | None = None
+
+    constraints = {
+        "heads": [Satisfies(_head_specs, "a non-empty sequence of head specs")],
+        "shots": [Satisfies(_shot_counts, "a sequence of counts >= 1 or 'all'")],
+        "draws": [Between(1, None, integer=True)],
+        "seed": SEED,
+        "repeats": [Between(1, None, integer=True)],
+        "positive": [Satisfies(lambda v: isinstance(v, str), "a class name"), None],
+        "exclude": [Satisfies(_path_like, "a path"), None],
+    }
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -15,11 +15,10 @@ from pipeline.deploy.predict import predict_images, write_predictions
 from pipeline.extract import batches
 from pipeline.extract.features import extract_features
 from pipeline.finetuning.network import FinetunedNetwork
-from pipeline.heads.compare import fit_heads
 from pipeline.models.backbones import BackboneSpec, replace_classifier, resolve_backbone
 from pipeline.store.cache import cache_info, read_split
 from pipeline.store.persistence import ModelFileError, load_head, save_head
-from tests.conftest import TINY, make_folder, write_image
+from tests.conftest import TINY, fit_and_write, make_folder, write_image
 
 DEMO = Path(__file__).resolve().parents[2] / "data" / "fashion-mnist-mini"
 
@@ -28,7 +27,7 @@ DEMO = Path(__file__).resolve().parents[2] / "data" / "fashion-mnist-mini"
 def demo_model(tmp_path_factory):
     out = tmp_path_factory.mktemp("heads")
     cache = extract_features(DEMO, cache_dir=tmp_path_factory.mktemp("c"), **TINY).cache_path
-    result = fit_heads([cache], ["logreg"], out)
+    result = fit_and_write([cache], out, heads=("logreg",))
     return cache, Path(result.rows[0]["model"])
 
 
