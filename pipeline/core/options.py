@@ -45,11 +45,24 @@ SEED = [Between(0, 2**32 - 1, integer=True)]
 FLAG = [OneOf((True, False))]
 
 
-@dataclass(frozen=True)
-class ExtractOptions:
-    """How stage 1 reads the images and stores the features (the backbone is separate)."""
+def _fractions(value) -> bool:
+    return (isinstance(value, tuple | list) and len(value) == 3
+            and all(isinstance(v, int | float) and not isinstance(v, bool) and v >= 0
+                    for v in value)
+            and value[0] > 0 and abs(sum(value) - 1.0) < 1e-6)
+
+
+def _path_like(value) -> bool:
+    return isinstance(value, str | os.PathLike)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExtractOptions(Options):
+    """How stage 1 reads the images and stores the features (the backbone is separate: a
+    name or a spec, ``extract_features(data, backbone=..., options=...)``)."""
 
     dtype: str = "float32"  # stored feature type; "float16" halves the disk
+    # the folder of the HDF5 caches: where a run looks for its key before computing anything
     cache_dir: str | os.PathLike = DEFAULT_CACHE_DIR
     batch_size: int | None = None  # images per forward pass; None: 8 on a CPU, 64 on a GPU
     workers: int | None = None  # loader processes; None: 0 on 2 cores or fewer, else half
@@ -72,6 +85,23 @@ class ExtractOptions:
     # Seconds to wait for another run writing the same cache (then reuse what it finished).
     lock_timeout: float = 3600.0
 
+    constraints = {
+        "dtype": [OneOf(DTYPES)],
+        "cache_dir": [Satisfies(_path_like, "a folder")],
+        "batch_size": [Between(1, None, integer=True), None],
+        "workers": [Between(0, None, integer=True), None],
+        "device": [OneOf(DEVICES)],
+        "strict": FLAG,
+        "hash_contents": FLAG,
+        "split_fractions": [Satisfies(_fractions, "three fractions train,val,test, "
+                                                  "non-negative, train above 0, summing to 1")],
+        "seed": SEED,
+        "compile": FLAG,
+        "engine": [OneOf(ENGINES)],
+        "repair": FLAG,
+        "lock_timeout": [Between(0, None)],
+    }
+
 
 def _head_specs(value) -> bool:
     return (isinstance(value, tuple | list) and len(value) > 0
@@ -82,10 +112,6 @@ def _shot_counts(value) -> bool:
     return isinstance(value, tuple | list) and all(
         v == "all" or (isinstance(v, int) and not isinstance(v, bool) and v >= 1)
         for v in value)
-
-
-def _path_like(value) -> bool:
-    return isinstance(value, str | os.PathLike)
 
 
 @dataclass(frozen=True, kw_only=True)

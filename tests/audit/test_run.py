@@ -10,9 +10,8 @@ import pytest
 from pipeline.audit.run import audit
 from pipeline.core.errors import OptionError
 from pipeline.core.options import AuditOptions
-from pipeline.extract.features import extract_features
 from tests.audit.conftest import planted_cache
-from tests.conftest import TINY, make_folder, write_image
+from tests.conftest import extract_tiny, make_folder, write_image
 
 
 def test_planted_faults_end_to_end(tmp_path):
@@ -42,8 +41,8 @@ def test_planted_faults_end_to_end(tmp_path):
 def test_real_image_cache_with_a_copy_across_splits(tmp_path):
     data = make_folder(tmp_path / "d", classes=("a", "b"), per_class=12)
     (data / "a" / "copy.png").write_bytes((data / "a" / "000.png").read_bytes())
-    cache = extract_features(data, cache_dir=tmp_path / "c", progress=False,
-                             split_fractions=(0.5, 0.25, 0.25), **TINY).cache_path
+    cache = extract_tiny(data, cache_dir=tmp_path / "c", progress=False,
+                             split_fractions=(0.5, 0.25, 0.25)).cache_path
     result = audit(cache, options=AuditOptions(folds=3), progress=False)
     result.write(tmp_path / "out")
     exact = [d for d in result.duplicates if d["kind"] == "exact"]
@@ -58,7 +57,7 @@ def test_an_unlabelled_set_skips_label_issues_in_one_line(tmp_path):
     for i in range(12):
         write_image(flat / f"{i:02d}.png", seed=i)
     (flat / "dup.png").write_bytes((flat / "03.png").read_bytes())
-    cache = extract_features(flat, cache_dir=tmp_path / "c", progress=False, **TINY).cache_path
+    cache = extract_tiny(flat, cache_dir=tmp_path / "c", progress=False).cache_path
     result = audit(cache, progress=False)
     assert not (tmp_path / "out").exists()  # the stage writes nothing
     result.write(tmp_path / "out")

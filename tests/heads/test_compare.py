@@ -10,17 +10,16 @@ import pytest
 
 from pipeline.core.errors import DataError, PipelineError
 from pipeline.core.options import HeadsOptions
-from pipeline.extract.features import extract_features
 from pipeline.heads.compare import fit_heads, load_cache_data, sample_shots
 from pipeline.metrics.scoring import RowPredictions
 from pipeline.metrics.significance import accuracy_interval
-from tests.conftest import TINY, fit_and_write, make_folder, make_split_folder
+from tests.conftest import TINY, extract_tiny, fit_and_write, make_folder, make_split_folder
 
 
 @pytest.fixture(scope="module")
 def cache_file(tmp_path_factory):
     root = make_folder(tmp_path_factory.mktemp("d") / "images", per_class=20)
-    return extract_features(root, cache_dir=tmp_path_factory.mktemp("c"), **TINY).cache_path
+    return extract_tiny(root, cache_dir=tmp_path_factory.mktemp("c")).cache_path
 
 
 HEADS = ["logreg", "sklearn.neighbors.KNeighborsClassifier:n_neighbors=3"]
@@ -118,8 +117,8 @@ def test_same_seed_same_table_to_the_digit(tmp_path, cache_file):
 
 
 def test_several_caches_land_in_one_table(tmp_path, cache_file):
-    other = extract_features(make_folder(tmp_path / "d", per_class=20),
-                             cache_dir=tmp_path / "c", **{**TINY, "image_size": 48})
+    other = extract_tiny(make_folder(tmp_path / "d", per_class=20),
+                             cache_dir=tmp_path / "c", image_size=48)
     result = fit_and_write([cache_file, other.cache_path], tmp_path / "out", heads=("logreg",))
     assert len(result.rows) == 2 and len({r["model"] for r in result.rows}) == 2
     assert json.loads((tmp_path / "out" / "results.json").read_text())[1]["head"] == "logreg"
@@ -185,8 +184,8 @@ def test_bad_inputs_are_pipeline_errors(tmp_path, cache_file):
     with pytest.raises(PipelineError):
         fit_and_write([cache_file], tmp_path / "out", heads=("nohead",))
     no_val = make_split_folder(tmp_path / "s", counts={"train": 4, "test": 2})
-    path = extract_features(no_val, cache_dir=tmp_path / "c", split_fractions=(1.0, 0.0, 0.0),
-                            **TINY).cache_path
+    path = extract_tiny(no_val, cache_dir=tmp_path / "c",
+                        split_fractions=(1.0, 0.0, 0.0)).cache_path
     with pytest.raises(DataError, match="val split has no"):
         fit_and_write([path], tmp_path / "out", heads=("logreg",))
     with pytest.raises(PipelineError, match="no such cache"):
@@ -195,7 +194,7 @@ def test_bad_inputs_are_pipeline_errors(tmp_path, cache_file):
 
 def test_two_class_rows_carry_the_positive_class_recall(tmp_path):
     root = make_folder(tmp_path / "images", classes=("cat", "dog"), per_class=15)
-    cache = extract_features(root, cache_dir=tmp_path / "c", **TINY).cache_path
+    cache = extract_tiny(root, cache_dir=tmp_path / "c").cache_path
     default = fit_and_write([cache], tmp_path / "a", heads=("logreg",)).rows[0]
     chosen = fit_and_write([cache], tmp_path / "b", heads=("logreg",), positive="cat").rows[0]
     assert (default["positive_class"], chosen["positive_class"]) == ("dog", "cat")

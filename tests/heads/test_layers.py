@@ -9,10 +9,9 @@ import numpy as np
 import pytest
 
 from pipeline.core.errors import BackboneError
-from pipeline.extract.features import extract_features
 from pipeline.models.backbones import resolve_backbone
 from pipeline.store.integrity import verify_cache
-from tests.conftest import TINY, fit_and_write, make_split_folder
+from tests.conftest import extract_tiny, fit_and_write, make_split_folder
 
 
 @pytest.fixture(scope="module")
@@ -20,13 +19,13 @@ def layered(tmp_path_factory):
     root = make_split_folder(tmp_path_factory.mktemp("layers") / "data",
                              counts={"train": 8, "val": 4, "test": 4}, classes=("a", "b", "c"))
     cache_dir = root.parent / "cache"
-    return root, cache_dir, extract_features(root, cache_dir=cache_dir, layer="blocks", **TINY)
+    return root, cache_dir, extract_tiny(root, cache_dir=cache_dir, layer="blocks")
 
 
 def test_blocks_come_out_of_one_pass_side_by_side_with_a_view_per_layer(layered):
     root, cache_dir, result = layered
-    single = {name: extract_features(root, cache_dir=cache_dir,
-                                     layer=None if name == "bottleneck" else name, **TINY)
+    single = {name: extract_tiny(root, cache_dir=cache_dir,
+                                     layer=None if name == "bottleneck" else name)
               for name in ("layer2", "bottleneck")}
     with h5py.File(result.cache_path) as f:
         layers = json.loads(f.attrs["layers"])
@@ -38,7 +37,7 @@ def test_blocks_come_out_of_one_pass_side_by_side_with_a_view_per_layer(layered)
             with h5py.File(one.cache_path) as g:
                 assert np.allclose(f[f"layers/{name}"][:], g["features"][:], atol=1e-4)
     assert verify_cache(result.cache_path)["status"] == "ok"
-    again = extract_features(root, cache_dir=cache_dir, layer="blocks", **TINY)
+    again = extract_tiny(root, cache_dir=cache_dir, layer="blocks")
     assert again.hit and again.cache_path == result.cache_path
 
 
