@@ -40,7 +40,7 @@ def advise_command(data, backbone, weights, image_size, offline, out, seed, as_j
     cache, or found there) or a cache extracted with --layer blocks."""
     from pathlib import Path
 
-    from pipeline.advise.run import advise
+    from pipeline.advice.run import advise
     from pipeline.core.options import AdviseOptions, ExtractOptions
 
     # One --seed: the carved splits of the extraction and the per-layer probes.

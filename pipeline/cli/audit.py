@@ -37,7 +37,7 @@ __all__ = ["audit_command"]
 def audit_command(cache, out, folds, threshold, neighbours, top, draw_map, map_points, seed,
                   as_json, quiet) -> None:
     """Audit the images of a feature cache (CACHE: an .h5 file) from its features alone."""
-    from pipeline.audit.run import audit
+    from pipeline.auditing.run import audit
 
     options = AuditOptions(folds=folds, threshold=threshold, neighbours=neighbours, top=top,
                            map=draw_map, map_points=map_points, seed=seed)

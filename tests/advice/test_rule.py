@@ -10,9 +10,9 @@ import h5py
 import numpy as np
 import pytest
 
-from pipeline.advise.rule import SMALL_PER_CLASS, advise_cache, gap_margin, strategy
+from pipeline.advice.rule import SMALL_PER_CLASS, advise_cache, gap_margin, strategy
 from pipeline.core.errors import DataError
-from tests.audit.conftest import digest, write_cache
+from tests.auditing.conftest import digest, write_cache
 
 LAYERS = [["layer1", 0, 16], ["layer2", 16, 32], ["layer3", 32, 48], ["bottleneck", 48, 64]]
 

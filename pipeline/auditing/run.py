@@ -10,14 +10,14 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.audit.gallery import gallery
-from pipeline.audit.labels import (
+from pipeline.auditing.gallery import gallery
+from pipeline.auditing.labels import (
     LabelIssue,
     fold_count,
     label_issues,
     out_of_fold_probabilities,
 )
-from pipeline.audit.neighbours import (
+from pipeline.auditing.neighbours import (
     Pair,
     exact_pairs,
     leakage_counts,
@@ -25,9 +25,9 @@ from pipeline.audit.neighbours import (
     nearest_neighbours,
     normalised,
 )
-from pipeline.audit.outliers import Outlier, outlier_scores, top_outliers
-from pipeline.audit.projection import MapPoints, embed_map
-from pipeline.audit.rows import AuditRows, read_rows
+from pipeline.auditing.outliers import Outlier, outlier_scores, top_outliers
+from pipeline.auditing.projection import MapPoints, embed_map
+from pipeline.auditing.rows import AuditRows, read_rows
 from pipeline.core.atomic import write_json
 from pipeline.core.contract import Result, to_plain
 from pipeline.core.errors import DataError

@@ -7,10 +7,10 @@ import json
 
 import pytest
 
-from pipeline.audit.run import audit
+from pipeline.auditing.run import audit
 from pipeline.core.errors import OptionError
 from pipeline.core.options import AuditOptions
-from tests.audit.conftest import planted_cache
+from tests.auditing.conftest import planted_cache
 from tests.conftest import extract_tiny, make_folder, write_image
 
 

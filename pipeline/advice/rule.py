@@ -10,7 +10,7 @@ split:
   penultimate layer is where the pretrained network is most specific to its own task (Yosinski
   et al. 2014); when a lower block probes better by more than :func:`gap_margin`, the blocks
   above it encode features this data does not want, and the data counts as ``dissimilar``.
-  LogME (:mod:`pipeline.advise.logme`) of each layer is reported beside it, a second view that
+  LogME (:mod:`pipeline.advice.logme`) of each layer is reported beside it, a second view that
   needs no training.
 
 The matrix (the seeds' rule, after CS231n's transfer-learning notes): small and similar wants
@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.advise.logme import logme
+from pipeline.advice.logme import logme
 from pipeline.core.atomic import write_json, write_text
 from pipeline.core.contract import Result
 from pipeline.core.errors import DataError

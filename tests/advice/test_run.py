@@ -7,7 +7,7 @@ import json
 
 from click.testing import CliRunner
 
-from pipeline.advise.run import advise
+from pipeline.advice.run import advise
 from pipeline.cli.main import main
 from tests.conftest import TINY, extract_tiny, make_split_folder, write_image
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from pipeline.advise.rule import AdviceResult, advise_cache
+from pipeline.advice.rule import AdviceResult, advise_cache
 from pipeline.core.errors import DataError
 from pipeline.core.options import DEFAULT_BACKBONE, AdviseOptions
 from pipeline.models.backbones import BackboneSpec
@@ -45,7 +45,7 @@ def advise(data: str | os.PathLike, *, backbone: str | BackboneSpec = DEFAULT_BA
     AdviceResult
         The strategy, the ``--unfreeze`` depth and the depths to sweep around it, with the
         size per class, the per-layer probes and LogME that chose them
-        (:mod:`pipeline.advise.rule`).
+        (:mod:`pipeline.advice.rule`).
     """
     if Path(data).suffix == ".h5":
         return advise_cache(data, options=options)
