@@ -57,6 +57,10 @@ def heads(caches, head_specs, out, shots, draws, seed, repeats, positive, exclud
     options = HeadsOptions(heads=tuple(_split_heads(head_specs)), shots=tuple(shots),
                            draws=draws, seed=seed, repeats=repeats, positive=positive,
                            exclude=exclude)
+    if track:  # --track without MLflow stops before any fit, not after them
+        from pipeline.store import tracking
+
+        tracking.check(track)
     result = compare.fit_heads(caches, options=options, progress=False if quiet else None)
     result.write(out, track=track)
     if result.skipped:

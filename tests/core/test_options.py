@@ -11,7 +11,14 @@ from click.testing import CliRunner
 
 from pipeline.cli.main import main
 from pipeline.core.errors import OptionError
-from pipeline.core.options import ExtractOptions, FinetuneConfig, HeadsOptions, split_settings
+from pipeline.core.options import (
+    AuditOptions,
+    ExtractOptions,
+    FinetuneConfig,
+    HeadsOptions,
+    ReportOptions,
+    split_settings,
+)
 from pipeline.extract.features import extract_features
 from pipeline.models.backbones import resolve_backbone
 
@@ -23,10 +30,12 @@ def _cli_default(command: str, name: str):
 
 @pytest.mark.parametrize("command, cls", [("extract", ExtractOptions),
                                           ("finetune", FinetuneConfig),
-                                          ("heads", HeadsOptions)])
+                                          ("heads", HeadsOptions),
+                                          ("audit", AuditOptions),
+                                          ("report", ReportOptions)])
 def test_every_cli_default_is_the_dataclass_default(command, cls):
     names = {p.name for p in main.commands[command].params if isinstance(p, click.Option)}
-    aliases = {"heads": "head_specs"}
+    aliases = {"heads": "head_specs", "map": "draw_map"}
     checked = 0
     for field in fields(cls):
         name = aliases.get(field.name, field.name)
@@ -45,7 +54,8 @@ def test_every_cli_default_is_the_dataclass_default(command, cls):
         else:
             assert cli == field.default, field.name
         checked += 1
-    assert checked >= {"extract": 9, "finetune": 13, "heads": 3}[command]
+    assert checked >= {"extract": 9, "finetune": 13, "heads": 3, "audit": 7,
+                       "report": 1}[command]
 
 
 def test_settings_go_to_the_dataclass_that_has_them():
