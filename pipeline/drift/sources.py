@@ -126,9 +126,22 @@ def _model_rows(folder: Path) -> list[dict]:
         except (OSError, ValueError):
             continue
         for row in rows if isinstance(rows, list) else []:
-            if isinstance(row, dict) and row.get("model") and Path(row["model"]).is_file():
-                found.append({**row, "run": str(path.parent)})
+            model = _model_file(row, path.parent) if isinstance(row, dict) else None
+            if model is not None:
+                found.append({**row, "model": str(model), "run": str(path.parent)})
     return found
+
+
+def _model_file(row: dict, run: Path) -> Path | None:
+    """A row's saved model: its path as written (relative to where the stage ran), or the
+    file of that name in the run folder's models/ (the folder may have moved)."""
+    if not row.get("model"):
+        return None
+    written = Path(row["model"])
+    for candidate in (written, run / written, run / "models" / written.name):
+        if candidate.is_file():
+            return candidate
+    return None
 
 
 def _row_cache(row: dict) -> Path:
@@ -183,10 +196,12 @@ def new_rows(new: str | os.PathLike, reference: Rows, cache_dir: str | os.PathLi
         new = rows.root
     elif not new.exists():
         raise DataError(f"{display(str(new))}: no such image folder, manifest or cache")
+    from pipeline.core.options import ExtractOptions
     from pipeline.extract.features import extract_features
 
     spec = reference_spec(reference)
-    result = extract_features(new, spec, cache_dir=cache_dir, device=device,
+    result = extract_features(new, backbone=spec,
+                              options=ExtractOptions(cache_dir=cache_dir, device=device),
                               progress=progress)
     notes.append(f"NEW's features {'found in' if result.hit else 'extracted into'} "
                  f"{result.cache_path.name}")

@@ -17,10 +17,12 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
+from pipeline.core.options import ExtractOptions
 from pipeline.drift.options import DriftOptions
 from pipeline.drift.run import measure_shift
 from pipeline.drift.sources import load_deployed, read_rows
 from pipeline.extract.features import extract_features
+from pipeline.models.backbones import resolve_backbone
 
 DEMO = Path(__file__).resolve().parents[2] / "data" / "fashion-mnist-mini"
 HELD_OUT = "bag"
@@ -57,8 +59,10 @@ def planted(tmp_path_factory):
         for kind, shift in SHIFTS.items():
             for i, f in enumerate(_files("test", name, 10, 20)):
                 shift(Image.open(f), rng).save(folder / f"{kind}_{i}.png")
-    cache = extract_features(root / "all", "efficientnet_lite0", image_size=32,
-                             cache_dir=root / "cache", workers=0, progress=False).cache_path
+    cache = extract_features(root / "all", backbone=resolve_backbone("efficientnet_lite0",
+                                                                     image_size=32),
+                             options=ExtractOptions(cache_dir=root / "cache", workers=0),
+                             progress=False).cache_path
     rows = read_rows(cache)
     kind = np.array([Path(p).name.rsplit("_", 1)[0] for p in rows.paths])
     sets = {k: rows.take(kind == k) for k in np.unique(kind)}

@@ -12,9 +12,7 @@ from pipeline.cli.main import main
 from pipeline.core.errors import DataError, OptionError
 from pipeline.drift.options import DriftOptions
 from pipeline.drift.run import drift
-from pipeline.extract.features import extract_features
-from pipeline.heads.compare import fit_heads
-from tests.conftest import TINY, make_folder, make_split_folder, write_image
+from tests.conftest import extract_tiny, fit_and_write, make_folder, make_split_folder, write_image
 
 FAST = DriftOptions(permutations=30, gallery=4)
 
@@ -25,9 +23,9 @@ def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("drift")
     reference = make_split_folder(root / "ref", {"train": 16, "val": 8, "test": 8},
                                   classes=("a", "b"))
-    cache = extract_features(reference, cache_dir=root / "cache", **TINY).cache_path
+    cache = extract_tiny(reference, root / "cache").cache_path
     results = root / "results"
-    fit_heads([cache], ["logreg"], results / "heads", progress=False)
+    fit_and_write([cache], results / "heads", heads=("logreg",))
     new = make_folder(root / "new", classes=("a", "b", "c"), per_class=6)
     return {"root": root, "cache": cache, "results": results, "new": new,
             "cache_dir": root / "cache"}
@@ -61,14 +59,14 @@ def test_a_results_folder_judges_its_best_rows_head(tiny):
 
 
 def test_new_as_a_cache_of_the_same_spec_is_reused(tiny):
-    cache = extract_features(tiny["new"], cache_dir=tiny["cache_dir"], **TINY).cache_path
+    cache = extract_tiny(tiny["new"], tiny["cache_dir"]).cache_path
     result = drift(cache, against=tiny["cache"], options=FAST)
     assert result.new_cache == str(cache)
     assert any("from its cache" in note for note in result.notes)
 
 
 def test_new_as_a_cache_of_another_spec_is_extracted_again_and_said_so(tiny, tmp_path):
-    other = extract_features(tiny["new"], cache_dir=tmp_path, **{**TINY, "image_size": 48})
+    other = extract_tiny(tiny["new"], tmp_path, image_size=48)
     result = drift(other.cache_path, against=tiny["cache"], options=FAST)
     assert any("re-extracted" in note and "preprocessing" in note for note in result.notes)
     assert result.new_cache != str(other.cache_path)
@@ -92,8 +90,7 @@ def test_one_image_is_refused_in_one_line(tiny, tmp_path):
 
 def test_a_reference_without_a_validation_split_says_so(tmp_path):
     data = make_split_folder(tmp_path / "ref", {"train": 12, "test": 8}, classes=("a", "b"))
-    cache = extract_features(data, cache_dir=tmp_path / "c", split_fractions=(1.0, 0.0, 0.0),
-                             **TINY).cache_path
+    cache = extract_tiny(data, tmp_path / "c", split_fractions=(1.0, 0.0, 0.0)).cache_path
     new = make_folder(tmp_path / "new", classes=("a", "b"), per_class=6)
     result = drift(new, against=cache, options=FAST.replace(reference=("test",)))
     assert result.atc is None
