@@ -5,12 +5,15 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 from click.testing import CliRunner
 
 from pipeline.cli.main import main
-from tests.heads.unlabelled_data import planted_pair, write_cache
+from tests.heads.unlabelled_data import one_torch_thread, planted_pair, write_cache
 
 HEAD = "logreg:Cs=(0.1,1.0)"
+
+one_thread = pytest.fixture(autouse=True)(one_torch_thread)
 
 
 def _run(*args):

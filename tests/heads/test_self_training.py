@@ -14,9 +14,11 @@ from pipeline.heads.self_training import select_pseudo_labels, self_train, thinn
 from pipeline.heads.spec import HeadError
 from pipeline.store.cache import cache_info
 from pipeline.store.persistence import load_head
-from tests.heads.unlabelled_data import planted_pair, write_cache
+from tests.heads.unlabelled_data import one_torch_thread, planted_pair, write_cache
 
 LOGREG = "logreg:Cs=(0.1,1.0,10.0)"  # three Cs keep each fit fast
+
+one_thread = pytest.fixture(autouse=True)(one_torch_thread)
 
 
 @pytest.fixture(scope="module")

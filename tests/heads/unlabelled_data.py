@@ -78,3 +78,14 @@ def planted_pair(folder: Path, *, shots: int = 2, classes: int = 4, dim: int = 2
                                 split=["train"] * pool_n, classes=names, key="poolL0000000",
                                 prefix="pool")
     return cache, pool, labelled_pool
+
+
+def one_torch_thread():
+    """A fixture body: torch on one thread for the test (on a loaded 2-core machine its thread
+    pool fights the other processes: a 1,500-row fit took 30 s with the default, 0.9 s with one)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
