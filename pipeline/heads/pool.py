@@ -24,7 +24,8 @@ import numpy as np
 from pipeline.core.errors import DataError
 from pipeline.store.cache import cache_layers_of, open_cache, read_strings
 
-__all__ = ["BLOCK_BYTES", "MATCHED_FIELDS", "Pool", "PoolError", "open_pool", "pool_from_arrays"]
+__all__ = ["BLOCK_BYTES", "MATCHED_FIELDS", "Pool", "PoolError", "feature_space", "open_pool",
+           "pool_from_arrays", "space_differences"]
 
 # Bytes of features read at a time from a pool file: bounded memory whatever the pool's size.
 BLOCK_BYTES = 64 << 20
@@ -178,17 +179,28 @@ def _check_space(path: Path, spec: dict, dim: int, layers, cache_path, cache_inf
     if "activations" in spec:
         raise PoolError(f"{path} is an activation cache written by fine-tuning, not a feature "
                         "cache; give the cache of `pipeline extract POOL_FOLDER`")
-    ours = {**spec, "layers": [list(x) for x in layers], "dim": dim}
-    theirs = {**cache_info["spec"], "layers": [list(x) for x in cache_info.get("layers", [])],
-              "dim": cache_info["dim"]}
-    differ = [name for name in (*MATCHED_FIELDS, "layers", "dim")
-              if ours.get(name) != theirs.get(name)]
+    differ = space_differences(feature_space(spec, dim, layers),
+                               feature_space(cache_info["spec"], cache_info["dim"],
+                                             cache_info.get("layers", [])))
     if differ:
-        shown = "; ".join(f"{name} {_short(ours.get(name))} vs {_short(theirs.get(name))}"
-                          for name in differ[:3])
         raise PoolError(f"{path} was extracted differently from {Path(cache_path).name} "
-                        f"({shown}); extract the pool with the same --backbone, --weights, "
+                        f"({differ}); extract the pool with the same --backbone, --weights, "
                         "--layer and image size")
+
+
+def feature_space(spec: dict, dim: int, layers) -> dict:
+    """What decides a cache's feature space: :data:`MATCHED_FIELDS` of its key ``spec``, its
+    ``layers`` and its ``dim``."""
+    return {**{name: spec.get(name) for name in MATCHED_FIELDS},
+            "layers": [list(x) for x in layers or []], "dim": dim}
+
+
+def space_differences(ours: dict, theirs: dict) -> str:
+    """How two :func:`feature_space` values differ, as ``name ours vs theirs`` for the first
+    three fields that do ("" where none does)."""
+    differ = [name for name in ours if ours.get(name) != theirs.get(name)]
+    return "; ".join(f"{name} {_short(ours.get(name))} vs {_short(theirs.get(name))}"
+                     for name in differ[:3])
 
 
 def _short(value) -> str:

@@ -29,8 +29,6 @@ here:
 
 from __future__ import annotations
 
-import csv
-import io
 import math
 import os
 import time
@@ -42,22 +40,18 @@ from sklearn.base import clone
 from sklearn.metrics import log_loss
 from sklearn.utils.validation import has_fit_parameter
 
-from pipeline.core.atomic import write_json, write_text
 from pipeline.core.contract import Result
 from pipeline.core.options import SelfTrainOptions
 from pipeline.core.progress import Progress
 from pipeline.heads.compare import CacheData, load_cache_data
+from pipeline.heads.derived import base_columns, write_derived
 from pipeline.heads.pool import Pool, open_pool
 from pipeline.heads.spec import HeadError, head_name, make_head
 from pipeline.metrics.scoring import RowPredictions, class_probabilities, results_row
-from pipeline.metrics.significance import paired_difference
-from pipeline.report.tables import markdown_table
 from pipeline.store import tracking
-from pipeline.store.persistence import HEAD_SUFFIX, save_head
-from pipeline.store.run_record import RECORD, RunRecord
 
-__all__ = ["SUFFIX", "SelfTrainResult", "base_columns", "fit_prepared", "select_pseudo_labels",
-           "self_train", "thinned", "write_rows"]
+__all__ = ["SUFFIX", "SelfTrainResult", "fit_prepared", "select_pseudo_labels", "self_train",
+           "thinned"]
 
 SUFFIX = "+self-train"  # the self-trained row's head: "<head>+self-train"
 
@@ -109,65 +103,9 @@ class SelfTrainResult(Result):
         """``results.csv|md|json`` (the ``+self-train`` rows), ``rounds.csv|md``,
         ``models/*.head``, ``predictions/*.npz`` and ``run.json`` in ``out``; with ``track``,
         an MLflow run with a nested run per head (:mod:`pipeline.store.tracking`)."""
-        out = Path(out)
-        (out / "models").mkdir(parents=True, exist_ok=True)
-        files = []
-        for row in self.rows:
-            name = f"{self.cache['backbone']}-{self.cache['key'][:8]}-{row['head']}"
-            model = save_head(out / "models" / f"{name}{HEAD_SUFFIX}",
-                              self.estimators[row["head"]],
-                              {"head": row["head"], "backbone": self.cache["backbone"],
-                               "classes": self.cache["classes"], "dim": self.cache["dim"],
-                               "cache_key": self.cache["key"], "spec": self.cache["spec"],
-                               "request": self.cache["request"]})
-            relative = Path("predictions") / f"{name}.npz"
-            self.predictions[row["head"]].save(out / relative)
-            row["model"], row["predictions"] = str(model), relative.as_posix()
-            files += [model, out / relative]
-        files += write_rows(self.rows, out / "results")
-        files.append(write_json(out / "results.json", self.rows))
-        files += write_rows(self.rounds, out / "rounds")
-        record = RunRecord("self-train", self.options, self.options.seed)
-        if self.cache.get("path"):
-            record.with_caches([self.cache["path"]])
-        record.update(pool=self.pool)
-        files.append(record.write(out / RECORD, files))
-        parent = tracking.start(track, out.parent, out.name, "self-train")
-        with tracking.ending(parent):
-            for row in self.rows:
-                tracking.log_head_fit(parent, row, self.estimators[row["head"]], out,
-                                      self.options.seed, time.time())
-            if parent is not None:
-                tracking.log_runs(parent, {**self.options.to_json(), **self.pool},
-                                  {"best_test_accuracy": max(r["test_accuracy"]
-                                                             for r in self.rows)},
-                                  [f for f in files if Path(f).suffix in (".csv", ".md",
-                                                                           ".json")])
-        return files
-
-
-def write_rows(rows: list[dict], stem: Path) -> list[Path]:
-    """``stem.csv`` and ``stem.md`` of ``rows`` (columns: every key of any row, in order of
-    first appearance), written atomically."""
-    columns = list(dict.fromkeys(k for r in rows for k in r))
-    text = io.StringIO()
-    writer = csv.DictWriter(text, columns, restval="")
-    writer.writeheader()
-    writer.writerows(rows)
-    shown = [{c: r.get(c, "") for c in columns} for r in rows]
-    return [write_text(stem.with_suffix(".csv"), text.getvalue()),
-            write_text(stem.with_suffix(".md"), markdown_table(shown))]
-
-
-def base_columns(y_true: np.ndarray, y_pred: np.ndarray, base_pred: np.ndarray,
-                 base_head: str, base_accuracy: float) -> dict:
-    """A row's paired comparison with the row it was derived from, on the same test images:
-    accuracy difference with its paired bootstrap interval and McNemar's p
-    (:func:`pipeline.metrics.significance.paired_difference`)."""
-    paired = paired_difference(y_true, y_pred, base_pred)
-    return {"base_head": base_head, "base_test_accuracy": base_accuracy,
-            "diff_vs_base": paired.difference, "diff_vs_base_ci_low": paired.ci_low,
-            "diff_vs_base_ci_high": paired.ci_high, "p_vs_base": paired.p_value}
+        return write_derived(Path(out), "self-train", self.rows, self.estimators,
+                             self.predictions, self.cache, self.options,
+                             {"rounds": self.rounds}, {"pool": self.pool}, track)
 
 
 def fit_prepared(template, cache: CacheData, seed: int, X: np.ndarray, y: np.ndarray,
