@@ -27,6 +27,7 @@ LAYERS = (
     ("audit", "advise"),
     ("finetuning",),
     ("deploy",),
+    ("distillation",),
     ("cli", "bench"),
     ("__main__",),
 )
