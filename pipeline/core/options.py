@@ -176,7 +176,7 @@ class SelfTrainOptions(Options):
     # rounds at most per threshold; the validation split chooses how many (0 is supervised)
     rounds: int = 4
     # pool images one class may take in a round at most: bounds the memory of the refits
-    max_per_class: int = 20_000
+    max_per_class: int = 5_000
     seed: int = 0
 
     constraints: ClassVar[dict[str, list]] = {
