@@ -174,3 +174,20 @@ def test_bad_pools_and_heads_end_in_one_clear_error(helped, tmp_path):
         pool_from_arrays(np.zeros((0, 20)))
     with pytest.raises(HeadError, match="no probabilities"):
         self_train(cache, pool=pool, options=SelfTrainOptions(heads=("sklearn.svm.LinearSVC",)))
+
+
+def test_write_logs_to_mlflow_as_stage_2_does(helped, tmp_path):
+    mlflow = pytest.importorskip("mlflow", reason="tracking needs the [track] extra")
+    from pipeline.store import tracking
+
+    _, _, result = helped
+    out = tmp_path / "results" / "self-train"
+    result.write(out, track=True)
+    store = tracking.local_store(out.parent)
+    client = mlflow.MlflowClient(f"sqlite:///{store / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name(tracking.DEFAULT_EXPERIMENT)
+    runs = {r.info.run_name: r for r in client.search_runs([experiment.experiment_id])}
+    fit = runs["synthetic / logreg+self-train"]
+    assert fit.data.metrics["test_accuracy"] == pytest.approx(result.rows[0]["test_accuracy"])
+    assert fit.data.metrics["diff_vs_base"] == pytest.approx(result.rows[0]["diff_vs_base"])
+    assert runs["self-train"].data.params["rounds"] == "3"
