@@ -198,9 +198,16 @@ def feature_space(spec: dict, dim: int, layers) -> dict:
 def space_differences(ours: dict, theirs: dict) -> str:
     """How two :func:`feature_space` values differ, as ``name ours vs theirs`` for the first
     three fields that do ("" where none does)."""
-    differ = [name for name in ours if ours.get(name) != theirs.get(name)]
-    return "; ".join(f"{name} {_short(ours.get(name))} vs {_short(theirs.get(name))}"
-                     for name in differ[:3])
+    differ = []
+    for name in ours:
+        mine, other = ours.get(name), theirs.get(name)
+        if isinstance(mine, dict) and isinstance(other, dict):  # name the inner fields
+            differ += [(f"{name}.{key}", mine.get(key), other.get(key))
+                       for key in sorted(mine.keys() | other.keys())
+                       if mine.get(key) != other.get(key)]
+        elif mine != other:
+            differ.append((name, mine, other))
+    return "; ".join(f"{name} {_short(a)} vs {_short(b)}" for name, a, b in differ[:3])
 
 
 def _short(value) -> str:

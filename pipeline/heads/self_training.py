@@ -92,7 +92,8 @@ class SelfTrainResult(Result):
     pool: dict = field(default_factory=dict)  # path, key, size, left out as duplicates
     cache: dict = field(default_factory=dict)  # path, key, backbone, classes, spec, request
     estimators: dict = field(default_factory=dict, repr=False)  # head -> fitted estimator
-    predictions: dict = field(default_factory=dict, repr=False)  # head -> RowPredictions
+    # head -> RowPredictions: each self-trained row's, and its supervised base head's
+    predictions: dict = field(default_factory=dict, repr=False)
 
     def to_json(self) -> dict:
         return {"results": self.rows, "rounds": self.rounds, "pool": self.pool,
@@ -170,11 +171,12 @@ def self_train(cache: str | os.PathLike | CacheData, *, pool: str | os.PathLike 
             if not hasattr(template, "predict_proba"):
                 raise HeadError(f"head {spec!r} gives no probabilities (predict_proba), which "
                                 "self-training ranks pool images by; choose another head")
-            row, history, estimator, stored = _self_train_head(data, pool, spec, template,
-                                                               options, bar)
+            row, history, estimator, stored, base = _self_train_head(data, pool, spec,
+                                                                     template, options, bar)
             rows.append(row)
             rounds += history
             estimators[row["head"]], predictions[row["head"]] = estimator, stored
+            predictions[row["base_head"]] = base
     return SelfTrainResult(
         rows, rounds, options,
         pool={"pool_path": str(pool.path or ""), "pool_key": pool.key or "",
@@ -223,7 +225,10 @@ def _self_train_head(data: CacheData, pool: Pool, spec: str, template, opts: Sel
     for row in history:
         row["chosen"] = row["threshold"] == best.threshold and row["round"] == best.round
     row, stored = _scored(data, name, best, supervised, fit_s, len(pool), weighted, history)
-    return row, history, best.estimator, stored
+    proba = class_probabilities(supervised, data.test.X, len(data.classes))
+    base = RowPredictions(data.test.paths, data.test.y, proba.argmax(1), proba, data.leaked,
+                          data.classes)
+    return row, history, best.estimator, stored, base
 
 
 def _scored(data: CacheData, name: str, best: _Fitted, supervised, fit_s: float,

@@ -40,6 +40,8 @@ def test_the_pool_reveals_the_clusters_and_the_row_says_so(helped):
     assert row["rounds"] >= 1 and row["pool_used"] > 0 and row["pool_size"] == 1200
     assert row["pseudo_accuracy"] > 0.85  # the pool's own labels score the pseudo-labels
     assert row["pool_weights"] == "drawn by weight"  # LogRegHead takes no sample_weight
+    base = result.predictions["logreg"]  # the supervised head's test predictions, kept too
+    assert np.mean(base.y_pred == base.y_true) == row["base_test_accuracy"]
 
 
 def test_rounds_record_validation_use_per_class_and_changes(helped):
