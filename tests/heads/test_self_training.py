@@ -156,6 +156,10 @@ def test_bad_pools_and_heads_end_in_one_clear_error(helped, tmp_path):
                         spec={"weights": "imagenet"})
     with pytest.raises(PoolError, match="weights 'imagenet' vs 'random'"):
         open_pool(other, cache, info)
+    cropped = write_cache(tmp_path / "cropped.h5", np.ones((5, 20)), key="cropped00000",
+                          spec={"preprocessing": {"crop": 4}, "image_size": 4})
+    with pytest.raises(PoolError, match="preprocessing.crop 4 vs 8; image_size 4 vs 8"):
+        open_pool(cropped, cache, info)
     narrow = write_cache(tmp_path / "narrow.h5", np.ones((5, 7)), key="narrow000000")
     with pytest.raises(PoolError, match="dim 7 vs 20"):
         open_pool(narrow, cache, info)
