@@ -216,7 +216,7 @@ def _network_targets(teacher: Teacher, files: list[Path], keys: list[str], progr
                                   progress=False)
             by_path = {r["path"]: r for r in rows}
             for file, key in zip(files[lo:hi], keys[lo:hi]):
-                row = by_path.get(str(file))
+                row = by_path.get(str(file.absolute()))  # predict_images gives them absolute
                 if row is None or "error" in row:
                     raise TeacherError(f"the teacher could not read {file}: "
                                        f"{(row or {}).get('error', 'not found')}")
