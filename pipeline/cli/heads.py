@@ -9,6 +9,7 @@ import click
 from pipeline.cli.options import positive_option, quiet_option, track_option
 from pipeline.cli.output import emit_json, markdown
 from pipeline.core.options import (
+    HEADS_OUT,
     SELF_TRAIN_THRESHOLDS,
     HeadsOptions,
     SelfTrainOptions,
@@ -45,7 +46,7 @@ def _thresholds(_ctx, _param, value: str) -> tuple[float, ...]:
               help="Comma-separated heads: logreg, mlp, linear, multilayer, or an import "
                    "path with parameters (sklearn.svm.LinearSVC:C=0.1); separate several "
                    "with ';'. The default adds multilayer on a cache of several layers.")
-@click.option("--out", type=click.Path(file_okay=False), default=default(HeadsOptions, "out"),
+@click.option("--out", type=click.Path(file_okay=False), default=HEADS_OUT,
               show_default=True, help="Folder of the tables, plots and saved heads.")
 @click.option("--shots", callback=_shots, default=",".join(default(HeadsOptions, "shots")),
               help="Examples per class for the data-efficiency curve, e.g. 1,2,5,10,all.")
@@ -81,15 +82,20 @@ def heads(caches, head_specs, out, shots, draws, seed, repeats, positive, exclud
     from pipeline.heads import compare
     from pipeline.report.compact import compact_rows
 
-    options = HeadsOptions(tuple(_split_heads(head_specs)), out, tuple(shots), draws, seed,
-                           repeats, positive=positive, exclude=exclude)
+    options = HeadsOptions(heads=tuple(_split_heads(head_specs)), shots=tuple(shots),
+                           draws=draws, seed=seed, repeats=repeats, positive=positive,
+                           exclude=exclude)
+    if track:  # --track without MLflow stops before any fit, not after them
+        from pipeline.store import tracking
+
+        tracking.check(track)
     if pool is not None:  # a pool that cannot be used stops the command before any fit
         from pipeline.heads.pool import open_pool
         from pipeline.store.cache import cache_info
 
         open_pool(pool, caches[0], cache_info(caches[0]))
-    result = compare.fit_heads(caches, options=options, progress=False if quiet else None,
-                               track=track)
+    result = compare.fit_heads(caches, options=options, progress=False if quiet else None)
+    result.write(out, track=track)
     if result.skipped:
         click.echo(f"skipped {len(result.skipped)} activation cache(s) (fine-tuning's block "
                    f"inputs, not features): {', '.join(result.skipped)}", err=True)

@@ -14,14 +14,12 @@ from pipeline.deploy.export import export_model
 from pipeline.distillation import teacher as teacher_module
 from pipeline.distillation.run import distill
 from pipeline.distillation.teacher import TeacherError
-from pipeline.extract.features import extract_features
 from pipeline.finetuning.network import FinetunedNetwork
-from pipeline.heads.compare import fit_heads
 from pipeline.heads.logreg import LogRegHead
 from pipeline.models.backbones import replace_classifier, resolve_backbone
 from pipeline.store.cache import cache_info, read_split
 from pipeline.store.persistence import load_head, save_head
-from tests.conftest import TINY, make_split_folder, write_image
+from tests.conftest import extract_tiny, fit_and_write, make_split_folder, write_image
 from tests.heads.unlabelled_data import one_torch_thread, planted_pair
 
 one_thread = pytest.fixture(autouse=True)(one_torch_thread)
@@ -36,9 +34,9 @@ def real(tmp_path_factory):
     data = make_split_folder(root / "images", {"train": 6, "val": 3, "test": 4})
     for i in range(8):
         write_image(root / "pool" / f"{i:02d}.png", seed=500 + i)
-    cache = extract_features(data, cache_dir=root / "cache", **TINY).cache_path
-    pool = extract_features(root / "pool", cache_dir=root / "cache", **TINY).cache_path
-    heads = fit_heads([cache], ["logreg"], root / "heads")
+    cache = extract_tiny(data, cache_dir=root / "cache").cache_path
+    pool = extract_tiny(root / "pool", cache_dir=root / "cache").cache_path
+    heads = fit_and_write([cache], root / "heads", heads=("logreg",))
     info = cache_info(cache)
     spec = resolve_backbone("resnet18", "none", image_size=32)
     module = spec.build_classifier()
