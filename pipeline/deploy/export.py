@@ -3,9 +3,9 @@
 The file holds everything between a decoded image and its probabilities: the preprocessing
 of the weights' recipe (resize of the shorter side, centre crop, scaling and normalisation,
 the same torchvision operations ``pipeline predict`` applies), the backbone, and the head
-(logistic regression, linear probe or MLP, as torch layers) or the fine-tuned network. It
-runs with onnxruntime (``--format onnx``) or torch alone (``--format torchscript``), with no
-``pipeline`` import.
+(its linear form as one linear layer, or its own torch module, as the head gives them:
+:mod:`pipeline.heads.protocol`) or the fine-tuned network. It runs with onnxruntime
+(``--format onnx``) or torch alone (``--format torchscript``), with no ``pipeline`` import.
 
 The input is a batch of RGB images as ``uint8`` of shape ``(N, H, W, 3)``, what
 ``numpy.asarray(PIL.Image.open(path).convert("RGB"))`` gives; the batch size is free, the
@@ -32,9 +32,6 @@ __all__ = ["FORMATS", "ExportError", "ExportResult", "choose_model", "export_mod
            "resized_size"]
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".pt"}
-# Heads whose prediction is a few tensor operations on the features, by class name.
-_LINEAR_HEADS = ("LogRegHead", "LinearProbe", "MultiLayerHead")
-_MODULE_HEADS = ("MLPHead",)
 
 
 class ExportError(PipelineError):
@@ -154,31 +151,24 @@ def _feature_model(spec):
 
 
 def _head_module(estimator, n_classes: int):
-    """A fitted head as torch layers giving probabilities over all ``n_classes`` columns."""
-    import torch
+    """A fitted head as torch layers giving probabilities over all ``n_classes`` columns.
 
-    kind = type(estimator).__name__
-    labels = np.asarray(estimator.classes_, dtype=np.int64)
-    if kind == "LogRegHead":
-        scaler, logreg = estimator.pipeline_[0], estimator.pipeline_[-1]
-        weight = logreg.coef_ / scaler.scale_[None, :]
-        bias = logreg.intercept_ - weight @ scaler.mean_
-        layers = _linear(weight, bias)
-    elif kind in ("LinearProbe", "MultiLayerHead"):  # coef_ on the raw features, all columns
-        layers = _linear(estimator.coef_, estimator.intercept_)
-    elif kind in _MODULE_HEADS:
-        import copy
+    The head says what it is (:mod:`pipeline.heads.protocol`): an affine map of the features
+    (its linear form), or a torch module of its own.
+    """
+    # Here, not at the top: the heads package loads torch, and importing this file needs none.
+    from pipeline.heads.protocol import HasLinearForm, HasLogitModule
 
-        scale = torch.nn.Linear(len(estimator.mean_), len(estimator.mean_))
-        with torch.no_grad():
-            scale.weight.copy_(torch.diag(torch.as_tensor(1 / estimator.scale_)))
-            scale.bias.copy_(torch.as_tensor(-estimator.mean_ / estimator.scale_))
-        layers = torch.nn.Sequential(scale, copy.deepcopy(estimator.module_).float().eval())
+    if isinstance(estimator, HasLinearForm):
+        layers = _linear(*estimator.linear_form())
+    elif isinstance(estimator, HasLogitModule):
+        layers = estimator.logit_module()
     else:
-        raise ExportError(f"a {kind} head has no tensor form to export; export a logreg, "
-                          "linear, multilayer or mlp head, or a fine-tuned network")
-    binary = kind == "LogRegHead" and estimator.pipeline_[-1].coef_.shape[0] == 1
-    return _torch_modules().Probabilities(layers.float(), labels, n_classes, binary)
+        raise ExportError(f"a {type(estimator).__name__} head has no tensor form to export; "
+                          "export a logreg, linear, multilayer or mlp head, or a fine-tuned "
+                          "network")
+    labels = np.asarray(estimator.classes_, dtype=np.int64)
+    return _torch_modules().Probabilities(layers.float(), labels, n_classes)
 
 
 def _linear(weight: np.ndarray, bias: np.ndarray):
@@ -217,19 +207,15 @@ def _torch_modules() -> SimpleNamespace:
     class Probabilities(nn.Module):
         """Scores of the head's own classes, softmaxed, then placed at their labels."""
 
-        def __init__(self, layers: nn.Module, labels: np.ndarray, n_classes: int,
-                     binary: bool):  # binary: one logit, of the second class
+        def __init__(self, layers: nn.Module, labels: np.ndarray, n_classes: int):
             super().__init__()
-            self.layers, self.binary = layers, binary
+            self.layers = layers
             place = torch.zeros(len(labels), n_classes)
             place[torch.arange(len(labels)), torch.as_tensor(labels)] = 1.0
             self.register_buffer("place", place)
 
         def forward(self, x):
-            scores = self.layers(x)
-            if self.binary:  # scikit-learn's two-class logistic regression: one logit
-                scores = torch.cat([torch.zeros_like(scores), scores], dim=1)
-            return torch.softmax(scores, dim=1) @ self.place
+            return torch.softmax(self.layers(x), dim=1) @ self.place
 
     class Preprocessed(nn.Module):
         """uint8 (N, H, W, 3) images of one size through the recipe, then the classifier.

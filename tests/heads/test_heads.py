@@ -429,3 +429,17 @@ def test_linear_probe_keeps_each_heads_best_weights():
     assert log_loss(y_val, probe.predict_proba(X_val)) == pytest.approx(
         chosen["val_loss"], rel=1e-5
     )
+
+
+@pytest.mark.parametrize("classes", [2, 3])
+def test_logreg_linear_form_is_its_prediction_also_for_two_classes(classes):
+    from scipy.special import softmax
+
+    X, y = make_classification(n_samples=120, n_features=6, n_informative=4,
+                               n_classes=classes, random_state=0)
+    head = LogRegHead(Cs=(0.1, 1.0)).fit(X * 10 + 3, y)  # far from standardised
+    coef, intercept = head.linear_form()
+    assert coef.shape == (classes, 6) and intercept.shape == (classes,)
+    np.testing.assert_allclose(softmax((X * 10 + 3) @ coef.T + intercept, axis=1),
+                               head.predict_proba(X * 10 + 3), atol=1e-12)
+    assert head.chosen_params() == {"C": head.C_}
