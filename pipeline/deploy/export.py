@@ -25,18 +25,16 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from pipeline.core.errors import PipelineError
+from pipeline.core.errors import ExportError
+from pipeline.core.extras import require, require_all
 from pipeline.store.persistence import HEAD_SUFFIX, NETWORK_SUFFIX, SavedHead, load_model
 
 __all__ = ["FORMATS", "ExportError", "ExportResult", "choose_model", "export_model",
            "resized_size"]
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".pt"}
-
-
-class ExportError(PipelineError):
-    """A model that cannot be exported as asked: none found, an unknown format, a head kind
-    without a tensor form."""
+# What each format needs beyond torch: torch's ONNX exporter (dynamo) runs on onnxscript.
+_NEEDS = {"onnx": ("onnx", "onnxscript"), "torchscript": ()}
 
 
 @dataclass
@@ -61,7 +59,7 @@ def choose_model(source: str | os.PathLike) -> Path:
     if source.is_file():
         return source
     if not source.is_dir():
-        raise ExportError(f"{source}: no such file or folder")
+        raise ExportError(f"{source}: no such file or folder", path=source)
     best = None
     for results in sorted(source.rglob("results.json")):
         for row in json.loads(results.read_text()):
@@ -75,10 +73,12 @@ def choose_model(source: str | os.PathLike) -> Path:
         found = sorted([*source.rglob(f"*{HEAD_SUFFIX}"), *source.rglob(f"*{NETWORK_SUFFIX}")])
         if len(found) == 1:
             return found[0]
-        raise ExportError(
-            f"{source}: no saved model (.head or .net) with a results row under it"
-            + (f" ({len(found)} model files: name one)" if found else
-               "; run `pipeline heads` or `pipeline finetune` first"))
+        if found:
+            raise ExportError(f"{source}: no saved model (.head or .net) with a results row "
+                              f"under it ({len(found)} model files: name one)", path=source,
+                              found=found)
+        raise ExportError(f"{source}: no saved model (.head or .net) with a results row under "
+                          "it", path=source, found=found, reason="no-model")
     return best[1]
 
 
@@ -109,12 +109,14 @@ def export_model(source: str | os.PathLike, format: str = "onnx",
     """
     if format not in FORMATS:
         raise ExportError(f"unknown export format {format!r}; choose one of "
-                          f"{', '.join(FORMATS)}")
+                          f"{', '.join(FORMATS)}", format=format, formats=tuple(FORMATS))
+    require_all(_NEEDS[format], f"{format} export")  # before the model is built
     model_path = choose_model(source)
     module, spec, classes = _classifier(model_path, offline)
     size = tuple(input_size) if input_size else (spec.preprocessing.crop,) * 2
     if len(size) != 2 or min(size) < 1:
-        raise ExportError(f"input size {size}: give a height and a width, e.g. 224,224")
+        raise ExportError(f"input size {size}: give a height and a width, e.g. 224,224",
+                          input_size=size)
     out = Path(out) if out else model_path.with_suffix(FORMATS[format])
     out.parent.mkdir(parents=True, exist_ok=True)
     wrapped = _torch_modules().Preprocessed(module, spec.preprocessing, size).eval()
@@ -166,7 +168,7 @@ def _head_module(estimator, n_classes: int):
     else:
         raise ExportError(f"a {type(estimator).__name__} head has no tensor form to export; "
                           "export a logreg, linear, multilayer or mlp head, or a fine-tuned "
-                          "network")
+                          "network", head=type(estimator).__name__)
     labels = np.asarray(estimator.classes_, dtype=np.int64)
     return _torch_modules().Probabilities(layers.float(), labels, n_classes)
 
@@ -295,9 +297,9 @@ def _example(size: tuple[int, int]):
 
 
 def _onnx(module, size: tuple[int, int], out: Path, meta: dict) -> None:
-    import onnx
     import torch
 
+    onnx = require("onnx", "onnx export")
     batch = torch.export.Dim("batch", min=1)
     with torch.inference_mode(False), torch.no_grad():
         program = torch.onnx.export(module, (_example(size),), dynamo=True,

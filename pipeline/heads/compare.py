@@ -95,8 +95,8 @@ def feature_caches(paths: Sequence[str | os.PathLike]) -> tuple[list[Path], list
     activations = [p for p, kind in kinds.items() if kind == "activations"]
     if not features:
         raise DataError(f"{activations[0]} is an activation cache written by fine-tuning (block "
-                        "inputs of augmented views), not a feature cache; `pipeline cache list` "
-                        "shows each file's kind")
+                        "inputs of augmented views), not a feature cache", path=activations[0],
+                        reason="activation-cache")
     return features, activations
 
 

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import importlib.util
 import json
 import os
 import shutil
@@ -46,7 +45,8 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
-from pipeline.core.errors import PipelineError
+from pipeline.core.errors import EngineError, MissingExtraError
+from pipeline.core.extras import installed, require
 from pipeline.core.options import ENGINES
 
 if TYPE_CHECKING:
@@ -70,9 +70,6 @@ _EXPORTERS = ("torch", "onnxscript", "onnx")  # their versions key the export
 EXPORTED = ".exported"  # an export's folder: <backbone>-<key>.exported
 REFUSED = ".refused.json"  # beside it: the engines auto could not use for it, and why
 
-
-class EngineError(PipelineError):
-    """An engine that is not installed, does not run on the device, or gives other features."""
 
 
 @dataclass
@@ -112,7 +109,7 @@ class Engine:
     streams_on_cpu: ClassVar[bool] = False
 
     def installed(self) -> bool:
-        return all(importlib.util.find_spec(m) is not None for m in self.requires)
+        return all(installed(m) for m in self.requires)
 
     def version(self) -> str | None:
         return _version(self.distribution)
@@ -154,8 +151,7 @@ class OnnxRuntimeEngine(Engine):
     streams_on_cpu = True
 
     def prepare(self, model, example, family, export=None, streams=1):
-        import onnxruntime as ort
-
+        ort = require("onnxruntime", "the onnxruntime engine")
         options = ort.SessionOptions()
         # One session serves every stream (its run is thread-safe), each run on its share.
         options.intra_op_num_threads = max(1, _threads() // streams)
@@ -175,8 +171,7 @@ class OpenVinoEngine(Engine):
     streams_on_cpu = True
 
     def prepare(self, model, example, family, export=None, streams=1):
-        import openvino as ov
-
+        ov = require("openvino", "the openvino engine")
         core = ov.Core()
         # float32 everywhere: on CPUs with bfloat16 units OpenVINO would otherwise use them.
         config = {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": _threads()}
@@ -218,9 +213,9 @@ def resolve_engine(name: str, device_type: str, compile: bool = False,
         return next(e for e in AUTO_ORDER if e not in refused and _ENGINES[e].installed())
     engine = get_engine(name)
     if not engine.installed():
-        missing = [m for m in engine.requires if importlib.util.find_spec(m) is None]
-        raise EngineError(f"--engine {name} needs {', '.join(missing)}: pip install "
-                          f"'cnn-bottleneck-pipeline[{engine.extra}]'")
+        # The one line names the extra; the module named is the first one missing.
+        missing = next((m for m in engine.requires if not installed(m)), engine.requires[0])
+        raise MissingExtraError(missing, engine.extra, f"the {name} engine")
     if device_type not in engine.devices:
         raise EngineError(f"--engine {name} runs on the CPU, not on {device_type}; use "
                           "--engine torch (or auto) there, or --device cpu")
