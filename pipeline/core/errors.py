@@ -153,3 +153,12 @@ class MissingExtraError(PipelineError):
         super().__init__(f"{purpose} needs {module}, which is not installed: "
                          f"pip install 'cnn-bottleneck-pipeline[{extra}]'",
                          module=module, extra=extra, purpose=purpose)
+
+
+class TeacherError(PipelineError):
+    """A teacher that cannot teach this cache: unreadable, other classes, other features."""
+
+
+class PoolError(DataError):
+    """A pool that cannot be used with the labelled cache: empty, another feature space, or the
+    labelled cache itself."""
