@@ -14,8 +14,8 @@ from __future__ import annotations
 __all__ = ["ActivationError", "BackboneError", "BlockError", "CacheDamaged", "CacheError",
            "DataError", "DistributedError", "EngineError", "ExportError", "FinetuneError",
            "HeadError", "LRFindError", "LockTimeout", "MissingExtraError", "ModelFileError",
-           "OptionError", "PipelineError", "SweepError", "TTAError", "TrackingError",
-           "WeightsError", "WriteError"]
+           "OptionError", "PipelineError", "PoolError", "SweepError", "TTAError", "TeacherError",
+           "TrackingError", "WeightsError", "WriteError"]
 
 
 def _rebuilt(cls: type, args: tuple, state: dict) -> PipelineError:

@@ -173,7 +173,7 @@ def _check_space(path: Path, spec: dict, dim: int, layers, cache_path, cache_inf
     """Refuse a pool whose features are not comparable with the labelled cache's."""
     if "activations" in spec:
         raise PoolError(f"{path} is an activation cache written by fine-tuning, not a feature "
-                        "cache; give the cache of `pipeline extract POOL_FOLDER`")
+                        "cache; give the feature cache of the pool's images")
     differ = space_differences(feature_space(spec, dim, layers),
                                feature_space(cache_info["spec"], cache_info["dim"],
                                              cache_info.get("layers", [])))
