@@ -14,8 +14,8 @@ from __future__ import annotations
 __all__ = ["ActivationError", "BackboneError", "BlockError", "CacheDamaged", "CacheError",
            "DataError", "DistributedError", "EngineError", "ExportError", "FinetuneError",
            "HeadError", "LRFindError", "LockTimeout", "MissingExtraError", "ModelFileError",
-           "OptionError", "PipelineError", "SweepError", "TTAError", "TrackingError",
-           "WeightsError", "WriteError"]
+           "OptionError", "PipelineError", "PoolError", "SweepError", "TTAError", "TeacherError",
+           "TrackingError", "WeightsError", "WriteError"]
 
 
 def _rebuilt(cls: type, args: tuple, state: dict) -> PipelineError:
@@ -153,3 +153,12 @@ class MissingExtraError(PipelineError):
         super().__init__(f"{purpose} needs {module}, which is not installed: "
                          f"pip install 'cnn-bottleneck-pipeline[{extra}]'",
                          module=module, extra=extra, purpose=purpose)
+
+
+class TeacherError(PipelineError):
+    """A teacher that cannot teach this cache: unreadable, other classes, other features."""
+
+
+class PoolError(DataError):
+    """A pool that cannot be used with the labelled cache: empty, another feature space, or the
+    labelled cache itself."""
