@@ -27,7 +27,7 @@ LAYERS = (
     ("auditing", "advice"),
     ("finetuning",),
     ("deploy",),
-    ("distillation",),
+    ("distillation", "drift"),
     ("cli", "bench"),
     ("__main__",),
 )
