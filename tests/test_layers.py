@@ -27,7 +27,7 @@ LAYERS = (
     ("auditing", "advice"),
     ("finetuning",),
     ("deploy",),
-    ("distillation", "drift"),
+    ("distillation", "monitoring"),
     ("cli", "bench"),
     ("__main__",),
 )

@@ -9,7 +9,7 @@ import click
 from pipeline.cli.options import quiet_option
 from pipeline.cli.output import emit_json
 from pipeline.core.options import DEVICES
-from pipeline.drift.options import SPLITS, DriftOptions
+from pipeline.monitoring.options import SPLITS, DriftOptions
 
 __all__ = ["drift_command"]
 
@@ -52,7 +52,7 @@ def _splits(ctx, param, value: str) -> tuple[str, ...]:
 def drift_command(new, against, out, as_json, quiet, **settings) -> None:
     """Compare NEW (an image folder, manifest or cache) with the reference a model was built
     on: is it different, does it hurt, and what to retrain."""
-    from pipeline.drift.run import drift
+    from pipeline.monitoring.run import drift
 
     options = DriftOptions(**settings)
     result = drift(new, against=against, options=options, progress=False if quiet else None)

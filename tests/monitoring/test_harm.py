@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.drift.harm import accuracy_change, atc_estimate, atc_threshold
+from pipeline.monitoring.harm import accuracy_change, atc_estimate, atc_threshold
 
 
 def test_the_threshold_reproduces_the_validation_accuracy():

@@ -2,14 +2,14 @@
 
 Three measures on the features say whether the new set differs from the reference, each with
 an effect size, its 95% interval and a p-value: the domain classifier
-(:mod:`~pipeline.drift.classifier`), the MMD test (:mod:`~pipeline.drift.kernel`) and the shift of
-the classes the deployed model predicts (:mod:`~pipeline.drift.outputs`). The set counts as
+(:mod:`~pipeline.monitoring.classifier`), the MMD test (:mod:`~pipeline.monitoring.kernel`) and the shift of
+the classes the deployed model predicts (:mod:`~pipeline.monitoring.outputs`). The set counts as
 shifted when the smallest of the three Holm-adjusted p-values is below the level, so the three
 together raise a false alarm at most that often. On a cache of several layers the first two
 run on each layer too: where in the network the shift appears.
 
 Whether it hurts is the model's accuracy: measured where the new set has labels, expected by
-ATC (:mod:`~pipeline.drift.harm`) where it has none; beside it the shift of the softmax outputs.
+ATC (:mod:`~pipeline.monitoring.harm`) where it has none; beside it the shift of the softmax outputs.
 What to do follows in one sentence: nothing, watch, refit the head on old and new features
 (tried and measured when the new set has labels), or fine-tune from a depth.
 """
@@ -27,19 +27,26 @@ from pipeline.core.atomic import save_figure, write_json, write_text
 from pipeline.core.contract import Result, to_plain
 from pipeline.core.errors import DataError
 from pipeline.data.layouts import display
-from pipeline.drift.classifier import ClassifierTest, domain_classifier
-from pipeline.drift.harm import accuracy_change, atc_estimate, atc_threshold
-from pipeline.drift.kernel import MMDTest, mmd_test
-from pipeline.drift.options import SPLITS, DriftOptions
-from pipeline.drift.outputs import (
+from pipeline.metrics.significance import mcnemar_test
+from pipeline.monitoring.classifier import ClassifierTest, domain_classifier
+from pipeline.monitoring.harm import accuracy_change, atc_estimate, atc_threshold
+from pipeline.monitoring.kernel import MMDTest, mmd_test
+from pipeline.monitoring.options import SPLITS, DriftOptions
+from pipeline.monitoring.outputs import (
     LabelShiftTest,
     SoftmaxShift,
     holm,
     label_shift,
     softmax_shift,
 )
-from pipeline.drift.sources import Model, Rows, find_reference, load_deployed, new_rows, read_rows
-from pipeline.metrics.significance import mcnemar_test
+from pipeline.monitoring.sources import (
+    Model,
+    Rows,
+    find_reference,
+    load_deployed,
+    new_rows,
+    read_rows,
+)
 
 __all__ = ["MIN_IMAGES", "DriftResult", "Shift", "drift", "measure_shift"]
 
@@ -111,7 +118,7 @@ def drift(new: str | os.PathLike, *, against: str | os.PathLike,
         ``pipeline finetune`` output) whose best row's saved model is judged, with the cache
         that row was fitted on.
     options
-        :class:`~pipeline.drift.options.DriftOptions`.
+        :class:`~pipeline.monitoring.options.DriftOptions`.
     progress
         Extraction progress on stderr; False: nothing.
 

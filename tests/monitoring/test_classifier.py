@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from pipeline.drift.classifier import delong_interval, domain_classifier
+from pipeline.monitoring.classifier import delong_interval, domain_classifier
 
 
 def test_delong_auc_equals_scikit_learn_and_brackets_it():

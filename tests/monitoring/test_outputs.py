@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from pipeline.drift.outputs import (
+from pipeline.monitoring.outputs import (
     holm,
     label_shift,
     newcombe_interval,

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import stats
 
-from pipeline.drift.outputs import newcombe_interval
 from pipeline.metrics.significance import accuracy_interval
+from pipeline.monitoring.outputs import newcombe_interval
 
 __all__ = ["AccuracyChange", "accuracy_change", "atc_estimate", "atc_threshold"]
 

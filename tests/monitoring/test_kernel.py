@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.drift.kernel import (
+from pipeline.monitoring.kernel import (
     kernel_sums,
     median_bandwidth,
     mmd2_unbiased,

@@ -10,8 +10,8 @@ from click.testing import CliRunner
 
 from pipeline.cli.main import main
 from pipeline.core.errors import DataError, OptionError
-from pipeline.drift.options import DriftOptions
-from pipeline.drift.run import drift
+from pipeline.monitoring.options import DriftOptions
+from pipeline.monitoring.run import drift
 from tests.conftest import extract_tiny, fit_and_write, make_folder, make_split_folder, write_image
 
 FAST = DriftOptions(permutations=30, gallery=4)

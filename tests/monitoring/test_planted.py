@@ -18,11 +18,11 @@ import pytest
 from PIL import Image, ImageFilter
 
 from pipeline.core.options import ExtractOptions
-from pipeline.drift.options import DriftOptions
-from pipeline.drift.run import measure_shift
-from pipeline.drift.sources import load_deployed, read_rows
 from pipeline.extract.features import extract_features
 from pipeline.models.backbones import resolve_backbone
+from pipeline.monitoring.options import DriftOptions
+from pipeline.monitoring.run import measure_shift
+from pipeline.monitoring.sources import load_deployed, read_rows
 
 DEMO = Path(__file__).resolve().parents[2] / "data" / "fashion-mnist-mini"
 HELD_OUT = "bag"
