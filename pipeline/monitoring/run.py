@@ -3,8 +3,8 @@
 Three measures on the features say whether the new set differs from the reference, each with
 an effect size, its 95% interval and a p-value: the domain classifier
 (:mod:`~pipeline.monitoring.classifier`), the MMD test (:mod:`~pipeline.monitoring.kernel`)
-and the shift of the classes the deployed model predicts (:mod:`~pipeline.monitoring.outputs`). The set counts as
-shifted when the smallest of the three Holm-adjusted p-values is below the level, so the three
+and the shift of the classes the deployed model predicts (:mod:`~pipeline.monitoring.outputs`).
+The set counts as shifted when the smallest of the three Holm-adjusted p-values is below the level, so the three
 together raise a false alarm at most that often. On a cache of several layers the first two
 run on each layer too: where in the network the shift appears.
 
