@@ -1,18 +1,17 @@
 """The drift stage: is the new data different, does it hurt, and what to retrain.
 
-Three measures on the features say whether the new set differs from the reference, each with
-an effect size, its 95% interval and a p-value: the domain classifier
-(:mod:`~pipeline.monitoring.classifier`), the MMD test (:mod:`~pipeline.monitoring.kernel`)
-and the shift of the classes the deployed model predicts (:mod:`~pipeline.monitoring.outputs`).
-The set counts as shifted when the smallest of the three Holm-adjusted p-values is below the level, so the three
-together raise a false alarm at most that often. On a cache of several layers the first two
-run on each layer too: where in the network the shift appears.
+Three measures on the features say whether the new set differs from the reference, each with an
+effect size, its 95% interval and a p-value: the domain classifier
+(:mod:`~pipeline.monitoring.classifier`), the MMD test (:mod:`~pipeline.monitoring.kernel`) and
+the shift of the classes the deployed model predicts (:mod:`~pipeline.monitoring.outputs`). The
+set counts as shifted when the smallest of the three Holm-adjusted p-values is below the level,
+so the three together raise a false alarm at most that often. On a cache of several layers the
+first two run on each layer too: where in the network the shift appears.
 
 Whether it hurts is the model's accuracy: measured where the new set has labels, expected by
 ATC (:mod:`~pipeline.monitoring.harm`) where it has none; beside it the shift of the softmax
-outputs.
-What to do follows in one sentence: nothing, watch, refit the head on old and new features
-(tried and measured when the new set has labels), or fine-tune from a depth.
+outputs. What to do follows in one sentence: nothing, watch, refit the head on old and new
+features (tried and measured when the new set has labels), or fine-tune from a depth.
 """
 
 from __future__ import annotations
