@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -39,6 +40,11 @@ __all__ = ["FeatureBatch", "feature_batches", "feature_dim", "prefetched", "prep
 # Batches decoded ahead by a background thread while the engine runs the current one (when
 # no loader processes do it); 0 decodes in turn with the forward passes.
 _PREFETCH_BATCHES = 2
+# Decoding a batch in turn takes this fraction of its forward pass or more: threads decode
+# ahead, torch on one thread. The demo's 28 px PNGs take 0.08 of Lite0's forward pass, 12 MP
+# JPEGs drafted about 5 on an idle 2-core machine; a busy machine slows torch's threads most
+# (0.26 measured there, 2026-12-07), hence a threshold well below 1.
+_THREADS_FROM = 0.25
 
 
 def prepare_model(spec: BackboneSpec, device: torch.device) -> torch.nn.Module:
@@ -117,10 +123,10 @@ def feature_batches(model: torch.nn.Module, spec: BackboneSpec, images: ImageSet
     (:func:`pipeline.data.decode.decode_image`).
 
     Without loader processes, the first batch is decoded and run in turn, and timed. If its
-    decoding took longer than its forward pass (photos of several megapixels, say), threads, one
-    per core, decode the next images while ``model`` runs (decoding, resizing and hashing
-    release the GIL): the forward pass is then the lesser share, and a core left idle while
-    one thread decodes costs more than the cores the forward pass loses to the decoders.
+    decoding took a quarter of its forward pass or more (photos of several megapixels, say),
+    threads, one per core, decode the next images while ``model`` runs (decoding, resizing and
+    hashing release the GIL) and torch runs on one thread: decoding is then the larger share,
+    and a core left idle while one thread decodes costs more than the forward pass loses.
     Otherwise, with ``decode_ahead``, one background thread decodes the next batches; by default
     it does so on a GPU, whose forward pass leaves the CPU free, and not on a CPU, where torch's
     own threads already take every core and the extra thread slows them (measured:
@@ -139,7 +145,7 @@ def feature_batches(model: torch.nn.Module, spec: BackboneSpec, images: ImageSet
         batches = _streamed(run, _files(images, spec, files, decode), indices, size, streams)
     elif workers == 0:
         batches = _in_process(run, _files(images, spec, files, decode), indices, size,
-                              decode_ahead)
+                              decode_ahead, device.type == "cpu")
     else:
         loaded = _loader(images, spec, indices, size, workers, device, files, decode)
         batches = ((*_timed(run, x), index, errors, digests)
@@ -209,11 +215,13 @@ def _streamed(run: Callable, files: ImageFiles, indices: Sequence[int], batch_si
 
 
 def _in_process(run: Callable, files: ImageFiles, indices: Sequence[int], batch_size: int,
-                decode_ahead: bool) -> Iterator[tuple]:
+                decode_ahead: bool, on_cpu: bool = True) -> Iterator[tuple]:
     """``(features, forward seconds, index, errors, digests)`` of each batch of ``indices``, in
     order, decoded in this process: the first batch in turn, the rest as
     :func:`feature_batches` says (by threads, one per core, where decoding outweighs the
-    forward pass; else by one thread ahead with ``decode_ahead``, or in turn)."""
+    forward pass; else by one thread ahead with ``decode_ahead``, or in turn).
+
+    While threads decode on the CPU, torch runs on one thread (:func:`_one_torch_thread`)."""
     batches = [indices[start:start + batch_size]
                for start in range(0, len(indices), batch_size)]
     if not batches:
@@ -223,14 +231,16 @@ def _in_process(run: Callable, files: ImageFiles, indices: Sequence[int], batch_
     decode_s = time.perf_counter() - started
     feats, forward_s = _timed(run, x)
     yield feats, forward_s, index, errors, digests
-    if decode_s > forward_s:
+    threaded = decode_s > _THREADS_FROM * forward_s
+    if threaded:
         decoded = _decoded_by_threads(files, batches[1:], _cores(), _PREFETCH_BATCHES)
     else:
         decoded = (_collated([files[i] for i in batch]) for batch in batches[1:])
         if decode_ahead:
             decoded = prefetched(decoded, _PREFETCH_BATCHES)
-    for x, index, errors, digests in decoded:
-        yield (*_timed(run, x), index, errors, digests)
+    with _one_torch_thread(threaded and on_cpu):
+        for x, index, errors, digests in decoded:
+            yield (*_timed(run, x), index, errors, digests)
 
 
 def _decoded_by_threads(files: ImageFiles, batches: Sequence[Sequence[int]], threads: int,
@@ -254,6 +264,30 @@ def _decoded_by_threads(files: ImageFiles, batches: Sequence[Sequence[int]], thr
             for futures in pending:
                 for future in futures:
                     future.cancel()
+
+
+@contextmanager
+def _one_torch_thread(active: bool) -> Iterator[None]:
+    """Torch's operations on one thread (the forward pass, and the decoding threads' few)
+    while ``active``, then as many as before.
+
+    Threads that decode already take every core; torch's own OpenMP threads would then spin at
+    each layer's barrier waiting for a core (measured 2026-12-07 on 24 phone photos, 2 cores
+    busy with other work: 1.3 img/s and 205 CPU-ms per image with two torch threads, 4.0 to
+    4.7 img/s and 62 to 72 CPU-ms with one). Set before the decoding threads start, which
+    take the count when they first run a torch operation.
+    """
+    if not active:
+        yield
+        return
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _collated(items: list) -> tuple:

@@ -75,14 +75,16 @@ class _Timed(ImageFiles):
 
 
 @pytest.mark.parametrize("decode_s, forward_s, threaded", [(0.03, 0.0, True),
-                                                           (0.0, 0.05, False)])
+                                                           (0.0, 0.2, False)])
 def test_threads_decode_ahead_only_when_decoding_outweighs_the_forward_pass(
         tmp_path, spec, decode_s, forward_s, threaded):
     images = load_image_set(make_folder(tmp_path / "d", per_class=8), (1.0, 0.0, 0.0))
     files = _Timed(images, decode_s)
+    torch_threads, before = [], torch.get_num_threads()
 
     def model(x):
         time.sleep(forward_s)
+        torch_threads.append(torch.get_num_threads())
         return x[:, 0, 0, :2]
 
     got = list(feature_batches(model, spec, images, torch.device("cpu"), batch_size=4,
@@ -96,3 +98,6 @@ def test_threads_decode_ahead_only_when_decoding_outweighs_the_forward_pass(
     assert first == {"MainThread"}  # the first batch decodes in turn, timed
     assert all(n.startswith("pipeline-decode") for n in rest) == threaded
     assert (rest == {"MainThread"}) == (not threaded)
+    # torch on one thread while the decoders take the cores, as before once done
+    assert torch_threads == [before] + [1 if threaded else before] * (len(got) - 1)
+    assert torch.get_num_threads() == before
