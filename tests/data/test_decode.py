@@ -18,7 +18,8 @@ RECIPE = Preprocessing(resize=64, crop=56, mean=(0.5,) * 3, std=(0.5,) * 3,
 # Mean and largest absolute difference on 0-255 of the recipe's crop, drafted against full.
 # Measured on these photo-like pictures: means 0.16 to 0.27, largest 2 to 4 (on edges, where
 # the scaled inverse DCT and the bicubic filter disagree most); docs/data.md has real photos
-# (means 0.3 to 0.6). Four times the largest mean, three times the largest difference.
+# (means 0.13 to 0.81, largest up to 20 on fine sand ripples). The tolerances: about four
+# times the largest mean here, three times the largest difference.
 MEAN_TOLERANCE, MAX_TOLERANCE = 1.0, 12
 
 
