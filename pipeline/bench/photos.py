@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -91,10 +92,16 @@ def tutorial_loop(data: str, backbone: str = DEFAULT_BACKBONE) -> dict:
     return {"images": images, "loop_seconds": time.perf_counter() - started}
 
 
-def _timed_run(command: list[str]) -> tuple[float, str]:
-    started = time.perf_counter()
+def _timed_run(command: list[str]) -> tuple[float, float, str]:
+    """Wall seconds, CPU seconds (the process and every process it waited for: the loader's
+    workers too) and stdout of ``command``."""
+    def cpu() -> float:
+        usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return usage.ru_utime + usage.ru_stime
+
+    started, cpu_before = time.perf_counter(), cpu()
     run = subprocess.run(command, check=True, capture_output=True, text=True)
-    return time.perf_counter() - started, run.stdout
+    return time.perf_counter() - started, cpu() - cpu_before, run.stdout
 
 
 def _decode_ms(paths: list[Path], backbone: str) -> dict[str, float]:
@@ -115,24 +122,24 @@ def bench_photos(out: Path, n: int = 60, backbone: str = DEFAULT_BACKBONE) -> di
     """The tutorial's loop, ``pipeline extract`` (draft, then exact) on ``n`` phone JPEGs."""
     data = make_photos(out / f"photos-{n}", n)
     paths = sorted(data.rglob("*.jpg"))
-    tutorial_s, stdout = _timed_run([sys.executable, "-m", "pipeline.bench.photos", "tutorial",
-                                     str(data), backbone])
+    tutorial_s, tutorial_cpu, stdout = _timed_run(
+        [sys.executable, "-m", "pipeline.bench.photos", "tutorial", str(data), backbone])
     tutorial = json.loads(stdout.strip().splitlines()[-1])
     runs = {}
     for mode in ("draft", "exact"):
         cache_dir = out / f"cache-photos-{mode}"
         shutil.rmtree(cache_dir, ignore_errors=True)
-        seconds, stdout = _timed_run([sys.executable, "-m", "pipeline", "extract", str(data),
+        seconds, cpu, stdout = _timed_run([sys.executable, "-m", "pipeline", "extract", str(data),
                                       "--backbone", backbone, "--cache-dir", str(cache_dir),
                                       "--decode", mode, "--json", "--quiet"])
         summary = json.loads(stdout.strip().splitlines()[-1])
         timings = cache_info(summary["cache_path"])["timings"]
-        runs[mode] = {"seconds": seconds, "img_s": n / seconds,
+        runs[mode] = {"seconds": seconds, "img_s": n / seconds, "cpu_s": cpu,
                       "loop_img_s": n / timings["loop_seconds"]}
     result = {
         "images": n, "size": list(PHONE_SIZE), "mb_per_image":
             sum(p.stat().st_size for p in paths) / n / 1e6, "cores": os.cpu_count(),
-        "tutorial": {"seconds": tutorial_s, "img_s": n / tutorial_s,
+        "tutorial": {"seconds": tutorial_s, "img_s": n / tutorial_s, "cpu_s": tutorial_cpu,
                      "loop_img_s": n / tutorial["loop_seconds"]},
         "extract": runs, "ratio": runs["draft"]["img_s"] / (n / tutorial_s),
         "ratio_exact": runs["exact"]["img_s"] / (n / tutorial_s),
@@ -145,13 +152,13 @@ def bench_photos(out: Path, n: int = 60, backbone: str = DEFAULT_BACKBONE) -> di
 def print_photos(r: dict) -> None:
     print(f"{r['images']} JPEGs of {r['size'][0]} x {r['size'][1]} "
           f"({r['mb_per_image']:.1f} MB each), {r['cores']} cores; images/s from process "
-          "start to end (loop only)")
+          "start to end (loop only), ratio; CPU seconds in all (every process)")
     rows = [("tutorial loop", r["tutorial"], 1.0),
             ("pipeline extract", r["extract"]["draft"], r["ratio"]),
             ("pipeline extract --decode exact", r["extract"]["exact"], r["ratio_exact"])]
     for name, run, ratio in rows:
         print(f"  {name:32s} {run['img_s']:6.1f} img/s ({run['loop_img_s']:6.1f})  "
-              f"{ratio:.2f}x")
+              f"{ratio:.2f}x  {run['cpu_s']:6.1f} CPU s")
     ms = r["decode_ms"]
     print(f"  decode + resize + crop, one image, one thread: exact {ms['exact']:.1f} ms, "
           f"draft {ms['draft']:.1f} ms ({ms['exact'] / ms['draft']:.1f}x)")
