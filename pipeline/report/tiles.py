@@ -26,10 +26,11 @@ def thumbnail(path: Path, size: int) -> np.ndarray | None:
     applies it."""
     from PIL import Image
 
-    from pipeline.data.decode import decode_image
+    from pipeline.data.images import read_image
 
-    try:
-        image = decode_image(path, resize=size, interpolation="bicubic", mode="draft")
+    try:  # a file, or an image inside a shard
+        image, _ = read_image(path, hash_file=False, resize=size, interpolation="bicubic",
+                              decode="draft")
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError,
             Image.DecompressionBombWarning):
         return None
