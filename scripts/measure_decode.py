@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from pipeline.core.options import ExtractOptions
 from pipeline.data.decode import decode_image
 from pipeline.extract.features import extract_features
 from pipeline.heads.spec import make_head
@@ -84,8 +85,8 @@ def head_comparison(root: Path, out: Path, recipe) -> dict:
     caches, seconds = {}, {}
     for mode in ("draft", "exact"):
         started = time.perf_counter()
-        caches[mode] = extract_features(root, cache_dir=out / "cache", decode=mode,
-                                        progress=False).cache_path
+        options = ExtractOptions(cache_dir=out / "cache", decode=mode)
+        caches[mode] = extract_features(root, options=options, progress=False).cache_path
         seconds[mode] = time.perf_counter() - started
     preds, accuracy = {}, {}
     for mode, cache in caches.items():

@@ -24,7 +24,7 @@ LAYERS = (
     ("report",),
     ("extract",),
     ("heads",),
-    ("audit", "advise"),
+    ("auditing", "advice"),
     ("finetuning",),
     ("deploy",),
     ("cli", "bench"),

@@ -118,7 +118,8 @@ def prepare(data, backbone, config, options, settings, *, split_seed=None, posit
         # Nothing pretrained to keep: BatchNorm statistics are learnt, every layer at one rate.
         cfg = replace(cfg, bn_train=True, backbone_lr_ratio=1.0)
     # The features are extracted as plain float32 (compile is for the training steps).
-    cache = extract_features(images, spec, replace(opts, compile=False), progress=progress)
+    cache = extract_features(images, backbone=spec, options=replace(opts, compile=False),
+                             progress=progress)
     splits = read_splits(cache.cache_path)
     _check_splits(splits, images)
     model, head, unfrozen = build_model(spec, images.classes, cfg, splits)

@@ -8,19 +8,17 @@ import numpy as np
 import pytest
 
 from pipeline.deploy.predict import decode_mode, predict_images
-from pipeline.extract.features import extract_features
-from pipeline.heads.compare import fit_heads
 from pipeline.store.cache import read_split
 from pipeline.store.persistence import load_head
-from tests.conftest import TINY
+from tests.conftest import extract_tiny, fit_and_write
 from tests.extract.test_photos import photo_folder
 
 
 @pytest.mark.parametrize("decode", ["draft", "exact"])
 def test_a_head_gives_on_a_photo_what_it_gave_on_its_cached_features(tmp_path, decode):
     root = photo_folder(tmp_path / "photos", per_class=10, size=(800, 600))
-    cache = extract_features(root, cache_dir=tmp_path / "c", decode=decode, **TINY).cache_path
-    model = Path(fit_heads([cache], ["logreg"], tmp_path / "heads").rows[0]["model"])
+    cache = extract_tiny(root, cache_dir=tmp_path / "c", decode=decode).cache_path
+    model = Path(fit_and_write([cache], tmp_path / "heads", heads=("logreg",)).rows[0]["model"])
     saved = load_head(model)
     assert decode_mode(saved) == decode
     test = read_split(cache, "test")

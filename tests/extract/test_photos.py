@@ -14,11 +14,11 @@ from PIL import Image
 
 from pipeline.data.images import ImageFiles, load_image_set
 from pipeline.extract.batches import feature_batches
-from pipeline.extract.features import extract_features, feature_key_spec
+from pipeline.extract.features import feature_key_spec
 from pipeline.models.backbones import resolve_backbone
 from pipeline.store import run_record
 from pipeline.store.cache import read_split
-from tests.conftest import TINY, make_folder
+from tests.conftest import extract_tiny, make_folder
 from tests.data.test_decode import photo
 
 
@@ -49,16 +49,16 @@ def test_the_decode_mode_keys_a_jpeg_cache_and_leaves_a_png_key_as_it_was(tmp_pa
 
 def test_both_modes_extract_close_features_into_their_own_caches(tmp_path):
     root = photo_folder(tmp_path / "photos")
-    args = {**TINY, "cache_dir": tmp_path / "c", "split_fractions": (1.0, 0.0, 0.0)}
-    draft = extract_features(root, **args)
-    exact = extract_features(root, decode="exact", **args)
+    args = {"cache_dir": tmp_path / "c", "split_fractions": (1.0, 0.0, 0.0)}
+    draft = extract_tiny(root, **args)
+    exact = extract_tiny(root, decode="exact", **args)
     assert not draft.hit and not exact.hit and draft.cache_path != exact.cache_path
     record = json.loads(run_record.extract_record_path(draft.cache_path).read_text())
     assert record["settings"]["options"]["decode"] == "draft"
     a, b = read_split(draft.cache_path, "train").X, read_split(exact.cache_path, "train").X
     cosine = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
     assert cosine.min() > 0.99 and not np.array_equal(a, b)
-    assert extract_features(root, decode="exact", **args).hit
+    assert extract_tiny(root, decode="exact", **args).hit
 
 
 class _Timed(ImageFiles):
