@@ -27,6 +27,7 @@ LAYERS = (
     ("auditing", "advice"),
     ("finetuning",),
     ("deploy",),
+    ("distillation",),
     ("cli", "bench"),
     ("__main__",),
 )

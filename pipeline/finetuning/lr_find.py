@@ -26,7 +26,7 @@ import torch
 from pipeline.core import distributed
 from pipeline.core.atomic import atomic_write
 from pipeline.core.devices import autocast_dtype
-from pipeline.core.errors import PipelineError
+from pipeline.core.errors import LRFindError
 from pipeline.core.options import (
     DEFAULT_BACKBONE,
     LR_FIND_END_LR,
@@ -57,9 +57,6 @@ RULE = "steepest descent of the smoothed loss against log10(lr), before its mini
 # Settings that do not change the test (how long the real run trains, and its own rate).
 _NOT_PROBED = ("lr", "epochs", "patience", "schedule", "step_size")
 
-
-class LRFindError(PipelineError):
-    """A range test that cannot run as asked."""
 
 
 @dataclass

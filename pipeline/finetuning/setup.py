@@ -17,7 +17,7 @@ from torch import nn
 
 from pipeline.core import distributed
 from pipeline.core.devices import default_batch_size, default_workers
-from pipeline.core.errors import DataError, PipelineError
+from pipeline.core.errors import DataError, FinetuneError
 from pipeline.core.options import (
     ACTIVATION_DTYPES,
     ACTIVATION_FIELDS,
@@ -71,9 +71,6 @@ FROM_SCRATCH = "from scratch"
 # The resolve_backbone arguments finetune also takes, when given a backbone name.
 _BACKBONE_ARGS = ("weights", "image_size", "offline")
 
-
-class FinetuneError(PipelineError):
-    """A fine-tuning run that cannot start or resume as asked."""
 
 
 class Setup(NamedTuple):

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from pipeline.core import distributed
 from pipeline.core.atomic import atomic_write
-from pipeline.core.errors import PipelineError
+from pipeline.core.errors import SweepError
 from pipeline.core.options import SWEEP_MODES, FinetuneConfig, split_settings
 from pipeline.metrics.scoring import POSITIVE_COLUMNS
 from pipeline.report import plots, tables
@@ -37,9 +37,6 @@ RUN_RECORD = "sweep-run.json"
 # What a run is chosen on: validation accuracy at its best epoch, ties to the lower loss.
 SELECTION = "val_accuracy, then val_loss"
 
-
-class SweepError(PipelineError):
-    """A sweep that cannot run as asked, or whose folder holds another sweep's runs."""
 
 
 @dataclass
