@@ -15,7 +15,7 @@ from click.testing import CliRunner
 
 from pipeline.cli.main import main
 from pipeline.core.extras import EXTRAS
-from tests.audit.conftest import planted_cache
+from tests.auditing.conftest import planted_cache
 from tests.conftest import TINY, make_folder
 
 TINY_ARGS = ["--backbone", TINY["backbone"], "--weights", TINY["weights"], "--image-size",
