@@ -16,7 +16,7 @@ _EXPORTS = {
     "DataError": "pipeline.core.errors",
     "PipelineError": "pipeline.core.errors",
     "WeightsError": "pipeline.core.errors",
-    "BackboneSpec": "pipeline.models.backbones",
+    "BackboneSpec": "pipeline.models.backbone_spec",
     "list_backbones": "pipeline.models.backbones",
     "resolve_backbone": "pipeline.models.backbones",
     "parse_weights": "pipeline.models.weights",

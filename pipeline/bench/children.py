@@ -28,7 +28,8 @@ from pipeline.data.images import ImageFiles, load_image_set
 from pipeline.extract.batches import prepare_model
 from pipeline.extract.features import example_images, extract_features
 from pipeline.models import engines
-from pipeline.models.backbones import resolve_backbone
+from pipeline.models.backbones import build_feature_model, resolve_backbone
+from pipeline.models.families import family_of
 from pipeline.store.cache import cache_info
 
 __all__ = ["child", "forward_only", "generate_images", "in_child", "peak_rss_mb", "prepare_engine",
@@ -138,8 +139,8 @@ def _prepared(spec, images, device: torch.device, engine: str,
     crop = spec.preprocessing.crop
     export = engines.export_path(cache_dir, spec.name, spec.key(), (3, crop, crop))
     name = engines.resolve_engine(engine, device.type, export=export)
-    return engines.prepare(name, spec.build(), example_images(spec, images), spec.adapter,
-                           device, export, spec.key(),
+    return engines.prepare(name, build_feature_model(spec), example_images(spec, images),
+                           family_of(spec), device, export, spec.key(),
                            streams=engines.get_engine(name).streams(device.type, 0))
 
 
@@ -148,7 +149,7 @@ def _engine_model(spec, images, device: torch.device, engine: str, cache_dir: st
     """What extraction would run for ``engine`` (``eager``: the unprepared network), and how
     many batches it runs at once."""
     if engine == "eager":
-        return spec.build().to(device, memory_format=torch.channels_last), 1
+        return build_feature_model(spec).to(device, memory_format=torch.channels_last), 1
     if engine == "torch":
         return prepare_model(spec, device), 1
     ready = _prepared(spec, images, device, engine, cache_dir or "cache")

@@ -22,7 +22,7 @@ import torch
 
 from pipeline.core import distributed
 from pipeline.extract.features import extract_features
-from pipeline.models.backbones import resolve_backbone
+from pipeline.models.backbones import build_classifier, resolve_backbone
 from pipeline.store.cache import cache_info
 from pipeline.store.paths import shard_paths
 from pipeline.store.persistence import load_network
@@ -258,7 +258,7 @@ def _model(out: Path) -> dict:
 def test_ddp_ranks_agree_and_train_only_the_unfrozen_block(ddp_run):
     rank0, rank1 = (torch.load(ddp_run / f"rank{r}.pt") for r in (0, 1))
     assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)  # one model, two processes
-    before = resolve_backbone("resnet18", "none", image_size=32).build_classifier().state_dict()
+    before = build_classifier(resolve_backbone("resnet18", "none", image_size=32)).state_dict()
     saved = _model(ddp_run)
     for key, value in before.items():
         if key.startswith("fc."):

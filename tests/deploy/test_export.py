@@ -21,7 +21,7 @@ from pipeline.deploy.predict import predict_images
 from pipeline.extract.features import extract_features
 from pipeline.finetuning.network import FinetunedNetwork
 from pipeline.heads.compare import fit_heads
-from pipeline.models.backbones import replace_classifier, resolve_backbone
+from pipeline.models.backbones import build_classifier, replace_classifier, resolve_backbone
 from pipeline.store.cache import cache_info
 from tests.conftest import TINY, write_image
 
@@ -42,7 +42,7 @@ def trained(tmp_path_factory):
     heads = fit_heads([cache], ["logreg", "mlp", "linear"], root.parent / "heads")
     info = cache_info(cache)
     spec = resolve_backbone("resnet18", "none", image_size=32)
-    module = spec.build_classifier()
+    module = build_classifier(spec)
     replace_classifier(spec, module, len(CLASSES))
     with torch.no_grad():  # far from uniform, short of certain: a wrong pixel would show
         module.fc.weight.mul_(4)

@@ -16,7 +16,12 @@ from pipeline.extract import batches
 from pipeline.extract.features import extract_features
 from pipeline.finetuning.network import FinetunedNetwork
 from pipeline.heads.compare import fit_heads
-from pipeline.models.backbones import BackboneSpec, replace_classifier, resolve_backbone
+from pipeline.models import feature_model
+from pipeline.models.backbones import (
+    build_classifier,
+    replace_classifier,
+    resolve_backbone,
+)
 from pipeline.store.cache import cache_info, read_split
 from pipeline.store.persistence import ModelFileError, load_head, save_head
 from tests.conftest import TINY, make_folder, write_image
@@ -103,7 +108,7 @@ def tiny_network(tmp_path_factory):
     cache = extract_features(root, cache_dir=tmp_path_factory.mktemp("c"), **TINY).cache_path
     info = cache_info(cache)
     spec = resolve_backbone("resnet18", "none", image_size=32)
-    module = spec.build_classifier()
+    module = build_classifier(spec)
     replace_classifier(spec, module, len(info["classes"]))
     with torch.no_grad():  # far from uniform probabilities, so a wrong order would show
         module.fc.weight.mul_(50)
@@ -121,7 +126,7 @@ def no_feature_path(monkeypatch):
 
     monkeypatch.setattr(batches, "feature_batches", refuse)
     monkeypatch.setattr(batches, "prepare_model", refuse)
-    monkeypatch.setattr(BackboneSpec, "build", refuse)
+    monkeypatch.setattr(feature_model, "make_feature_model", refuse)
 
 
 def _softmax_of_module(network: FinetunedNetwork, paths) -> np.ndarray:

@@ -19,7 +19,7 @@ from pipeline.core.errors import CacheError, DataError
 from pipeline.data.images import file_stamps, fingerprint_files, load_image_set
 from pipeline.extract import features as extract
 from pipeline.extract.features import extract_features
-from pipeline.models.backbones import BackboneSpec
+from pipeline.models.backbones import BackboneSpec, build_classifier
 from pipeline.store.integrity import CacheDamaged
 from pipeline.store.writer import FeatureWriter
 from tests.conftest import TINY, make_folder, write_image
@@ -86,7 +86,7 @@ def test_any_change_of_the_inputs_gives_a_new_key(tmp_path, image_folder, change
 def _random_resnet_state():
     from pipeline.models.backbones import resolve_backbone
 
-    return resolve_backbone("resnet18", "none").build_classifier().state_dict()
+    return build_classifier(resolve_backbone("resnet18", "none")).state_dict()
 
 
 def test_unreadable_images_are_skipped_listed_and_nan(tmp_path, image_folder):
