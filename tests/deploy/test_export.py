@@ -16,6 +16,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from pipeline.cli.main import main
+from pipeline.core.options import PredictOptions
 from pipeline.deploy.export import ExportError, choose_model, export_model, resized_size
 from pipeline.deploy.predict import predict_images
 from pipeline.extract.features import extract_features
@@ -59,7 +60,8 @@ def _batch(images) -> np.ndarray:
 
 
 def _predicted(model, images) -> np.ndarray:
-    rows = predict_images(model, images, top_k=len(CLASSES), workers=0, progress=False)
+    rows = predict_images(model, images, options=PredictOptions(top_k=len(CLASSES), workers=0),
+                          progress=False).rows
     return np.array([[dict(r["top_k"])[c] for c in CLASSES] for r in rows])
 
 

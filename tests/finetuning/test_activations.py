@@ -14,8 +14,9 @@ from pipeline.core.errors import CacheError
 from pipeline.finetuning import activations
 from pipeline.finetuning.activations import ActivationError, cut_network, lowest_trained
 from pipeline.finetuning.run import finetune, sweep_depths
-from pipeline.models.backbones import replace_classifier, resolve_backbone
+from pipeline.models.backbones import build_classifier, replace_classifier, resolve_backbone
 from pipeline.models.blocks import Block
+from pipeline.models.families import family_of
 from pipeline.store import integrity, writer
 from pipeline.store.catalog import list_caches
 from tests.conftest import make_folder
@@ -155,9 +156,9 @@ def test_a_sweep_runs_the_trunk_once_for_every_depth(data, tmp_path, monkeypatch
 
 def test_a_cut_across_a_skip_connection_is_refused():
     spec = resolve_backbone("resnet18", "none", image_size=32)
-    model = spec.build_classifier()
+    model = build_classifier(spec)
     replace_classifier(spec, model, 3)
-    blocks = spec.adapter.blocks(model)
+    blocks = family_of(spec).blocks(model)
     assert cut_network(spec, model, lowest_trained(spec, model, blocks, 1)).block == "layer4"
     assert lowest_trained(spec, model, blocks, 0).name == "fc"
     # Cutting inside a residual block would drop its shortcut: refused, not silently wrong.
@@ -209,7 +210,7 @@ def test_an_interrupted_activation_pass_resumes_to_the_same_file(data, tmp_path,
 def test_layer_counts_train_those_layers_from_the_blocks_that_hold_them(data, tmp_path):
     """15 layers of resnet18 reach into layer3: the cache holds layer3's input, layer3's
     lower layers run frozen on it, and only the 15 layers and the head change."""
-    before = resolve_backbone("resnet18", "none", image_size=32).build_classifier().state_dict()
+    before = build_classifier(resolve_backbone("resnet18", "none", image_size=32)).state_dict()
     result = _run(data, tmp_path, "layers", unfreeze="15L", augment="none")
     after = result.model.module.state_dict()
     assert result.row["trained_from"] == "cached activations"
