@@ -92,7 +92,9 @@ def child(mode: str, kw: dict) -> dict:
         from pipeline.finetuning.run import finetune
 
         started = time.perf_counter()
-        result = finetune(**kw)
+        args = finetune_args(kw)
+        result = finetune(**args)
+        result.write(args["workdir"])
         out = {"seconds": time.perf_counter() - started,
                "epoch_s": [h["seconds"] for h in result.history],
                "trainable_parameters": result.row["trainable_parameters"],
@@ -111,6 +113,25 @@ def child(mode: str, kw: dict) -> dict:
     return out
 
 
+def finetune_args(kw: dict) -> dict:
+    """A fine-tune's flat settings, as the bench passes them through JSON (the former
+    ``finetune(data, backbone, weights=..., lr=..., cache_dir=..., out=...)`` keywords), as
+    :func:`pipeline.finetuning.run.finetune`'s arguments: the backbone resolved, the options
+    by concern, ``out`` as the working folder (the files are written there too)."""
+    from pipeline.core.options import DEFAULT_BACKBONE, FinetuneOptions
+    from pipeline.models.backbones import resolve_backbone
+
+    kw = dict(kw)
+    call = {k: kw.pop(k) for k in ("data", "depths", "progress", "positive", "tta",
+                                    "split_seed", "track", "repeats") if k in kw}
+    workdir = kw.pop("out", None)
+    name = kw.pop("backbone", DEFAULT_BACKBONE)
+    backbone = {k: kw.pop(k) for k in ("weights", "image_size", "offline") if k in kw}
+    options = FinetuneOptions.from_flat(kw)
+    spec = resolve_backbone(name, **backbone, seed=options.training.seed)
+    return {**call, "backbone": spec, "options": options, "workdir": workdir}
+
+
 def _sweep(kw: dict) -> dict:
     """A freeze-depth sweep: its seconds, each run's epoch seconds, and the seconds before its
     first epoch (features read, models built, probes fitted, the one-off activation pass)."""
@@ -127,7 +148,8 @@ def _sweep(kw: dict) -> dict:
         runs[-1].append(row["seconds"])
 
     started = time.perf_counter()
-    sweep_depths(on_epoch=on_epoch, **kw)
+    args = finetune_args(kw)
+    sweep_depths(on_epoch=on_epoch, **args).write(args["workdir"])
     return {"seconds": time.perf_counter() - started, "epoch_s": runs,
             "before_first_epoch_s": first_epoch_at[0] - started if first_epoch_at else None}
 

@@ -230,7 +230,13 @@ ft.Trainer.fit = fit_and_save
 def crash(epoch, row):
     if mode == "crash" and rank == 0 and epoch == 1:
         os.kill(os.getpid(), signal.SIGKILL)
-run.finetune(on_epoch=crash, **kw)
+from pipeline.core.options import FinetuneOptions
+from pipeline.models.backbones import resolve_backbone
+data, out = kw.pop("data"), kw.pop("out")
+spec = resolve_backbone(kw.pop("backbone"), kw.pop("weights"), image_size=kw.pop("image_size"))
+result = run.finetune(data, backbone=spec, options=FinetuneOptions.from_flat(kw), workdir=out,
+                      on_epoch=crash)
+result.write(out)
 """
 
 FT_KW = {**TINY, "batch_size": 4, "epochs": 2, "patience": 5, "lr": 0.01, "unfreeze": 1}

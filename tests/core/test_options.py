@@ -8,7 +8,14 @@ import click
 import pytest
 
 from pipeline.cli.main import main
-from pipeline.core.options import ExtractOptions, FinetuneConfig, HeadsOptions, split_settings
+from pipeline.core.options import (
+    FINETUNE_CONCERNS,
+    ExtractOptions,
+    HeadsOptions,
+    OptimizerOptions,
+    TrainingOptions,
+    split_settings,
+)
 from pipeline.extract.features import extract_features
 from pipeline.models.backbones import resolve_backbone
 from tests.conftest import TINY
@@ -20,7 +27,7 @@ def _cli_default(command: str, name: str):
 
 
 @pytest.mark.parametrize("command, cls", [("extract", ExtractOptions),
-                                          ("finetune", FinetuneConfig),
+                                          *(("finetune", c) for c in FINETUNE_CONCERNS.values()),
                                           ("heads", HeadsOptions)])
 def test_every_cli_default_is_the_dataclass_default(command, cls):
     names = {p.name for p in main.commands[command].params if isinstance(p, click.Option)}
@@ -37,19 +44,22 @@ def test_every_cli_default_is_the_dataclass_default(command, cls):
             assert cli == ",".join(map(str, field.default))
         elif field.name == "split_fractions":
             assert tuple(float(v) for v in cli.split(",")) == field.default
-        elif cls is FinetuneConfig and field.name in ("unfreeze", "lr", "batch_size"):
+        elif command == "finetune" and field.name in ("unfreeze", "lr", "batch_size"):
             # lists (a sweep's): one value, as text
             assert cli == str(field.default)
         else:
             assert cli == field.default, field.name
         checked += 1
-    assert checked >= {"extract": 9, "finetune": 13, "heads": 3}[command]
+    assert checked >= {"ExtractOptions": 9, "OptimizerOptions": 5, "NetworkOptions": 3,
+                       "TrainingOptions": 5, "ActivationOptions": 3,
+                       "HeadsOptions": 3}[cls.__name__]
 
 
 def test_settings_go_to_the_dataclass_that_has_them():
-    cfg, opts, rest = split_settings({"lr": 0.1, "seed": 3, "cache_dir": "c", "weights": "none"},
-                                     FinetuneConfig, ExtractOptions)
-    assert cfg == {"lr": 0.1, "seed": 3} and opts == {"cache_dir": "c"}
+    optim, training, opts, rest = split_settings(
+        {"lr": 0.1, "seed": 3, "cache_dir": "c", "weights": "none"}, OptimizerOptions,
+        TrainingOptions, ExtractOptions)
+    assert optim == {"lr": 0.1} and training == {"seed": 3} and opts == {"cache_dir": "c"}
     assert rest == {"weights": "none"}
 
 

@@ -11,18 +11,18 @@ import pytest
 import torch
 
 from pipeline.core.errors import CacheError
+from pipeline.core.options import FinetuneOptions
 from pipeline.finetuning import activations
 from pipeline.finetuning.activations import ActivationError, cut_network, lowest_trained
-from pipeline.finetuning.run import finetune, sweep_depths
+from pipeline.finetuning.run import sweep_depths
 from pipeline.models.backbones import build_classifier, replace_classifier, resolve_backbone
 from pipeline.models.blocks import Block
 from pipeline.models.families import family_of
 from pipeline.store import integrity, writer
 from pipeline.store.catalog import list_caches
-from tests.conftest import make_folder
+from tests.conftest import make_folder, run_finetune
 
-FT = {"backbone": "resnet18", "weights": "none", "image_size": 32, "workers": 0,
-      "batch_size": 4, "epochs": 1, "lr": 1e-2, "split_fractions": (0.5, 0.25, 0.25)}
+FT = {"workers": 0, "batch_size": 4, "epochs": 1, "lr": 1e-2, "split_fractions": (0.5, 0.25, 0.25)}
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +32,7 @@ def data(tmp_path_factory):
 
 
 def _run(data, tmp_path, name, **kw):
-    return finetune(data, cache_dir=tmp_path / "c", out=tmp_path / name, **{**FT, **kw})
+    return run_finetune(data, tmp_path / name, cache_dir=tmp_path / "c", **{**FT, **kw})
 
 
 def _states_equal(a, b, atol=1e-6):
@@ -146,8 +146,9 @@ def test_a_sweep_runs_the_trunk_once_for_every_depth(data, tmp_path, monkeypatch
     # sys.modules: the package's attribute `finetune` is the function, not the module.
     monkeypatch.setattr(sys.modules["pipeline.finetuning.setup"], "write_activations",
                         lambda cuts, *a, **k: calls.append(len(cuts)) or write(cuts, *a, **k))
-    table = sweep_depths(data, [0, 1, 2, "all"], tmp_path / "sweep", cache_dir=tmp_path / "c",
-                         augment="none", **FT)
+    options = FinetuneOptions.from_flat({"cache_dir": tmp_path / "c", "augment": "none", **FT})
+    table = sweep_depths(data, [0, 1, 2, "all"], options=options, progress=False,
+                         backbone=resolve_backbone("resnet18", "none", image_size=32)).table
     assert [r["blocks_unfrozen"] for r in table] == [0, 1, 2, 4]
     assert calls == [3]  # one pass, three boundaries; "all" reads images
     kinds = [r["kind"] for r in list_caches(tmp_path / "c")]

@@ -33,7 +33,7 @@ from pipeline.models.engines import (
     resolve_engine,
 )
 from pipeline.models.families import Family, family_of
-from tests.conftest import TINY
+from tests.conftest import TINY, run_finetune
 
 CPU = torch.device("cpu")
 # One network or more per registered family, at a small input size (Lite0 with its real
@@ -326,7 +326,6 @@ def test_the_cli_names_the_extra_of_a_missing_engine(tmp_path, image_folder, mon
 
 
 def test_from_images_runs_the_prepared_trunk_below_the_trained_blocks(tmp_path, monkeypatch):
-    from pipeline.finetuning.run import finetune
     from tests.conftest import make_folder
 
     prepared = []
@@ -338,9 +337,9 @@ def test_from_images_runs_the_prepared_trunk_below_the_trained_blocks(tmp_path, 
 
     monkeypatch.setattr(engines, "prepare_for_inference", spy)
     data = make_folder(tmp_path / "d", classes=("a", "b"), per_class=6)
-    result = finetune(data, cache_dir=tmp_path / "c", out=tmp_path / "o", unfreeze=1,
-                      epochs=1, from_images=True, batch_size=4,
-                      split_fractions=(0.5, 0.25, 0.25), **TINY)
+    result = run_finetune(data, tmp_path / "o", cache_dir=tmp_path / "c", unfreeze=1,
+                          epochs=1, from_images=True, batch_size=4, workers=0,
+                          split_fractions=(0.5, 0.25, 0.25))
     assert result.row["trained_from"] == "images (--from-images)"
     assert "_Activation" in prepared  # the trunk below layer4, for every epoch's images
 
