@@ -232,10 +232,12 @@ def crash(epoch, row):
         os.kill(os.getpid(), signal.SIGKILL)
 from pipeline.core.options import FinetuneOptions
 from pipeline.models.backbones import resolve_backbone
-data, out = kw.pop("data"), kw.pop("out")
-spec = resolve_backbone(kw.pop("backbone"), kw.pop("weights"), image_size=kw.pop("image_size"))
-result = run.finetune(data, backbone=spec, options=FinetuneOptions.from_flat(kw), workdir=out,
-                      on_epoch=crash)
+flat = dict(kw)
+data, out = flat.pop("data"), flat.pop("out")
+spec = resolve_backbone(flat.pop("backbone"), flat.pop("weights"),
+                        image_size=flat.pop("image_size"))
+result = run.finetune(data, backbone=spec, options=FinetuneOptions.from_flat(flat),
+                      workdir=out, on_epoch=crash)
 result.write(out)
 """
 

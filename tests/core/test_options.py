@@ -77,3 +77,27 @@ def test_unknown_settings_are_refused(tmp_path, image_folder):
     spec = resolve_backbone("resnet18", "none", image_size=32)
     with pytest.raises(TypeError, match="belong to resolve_backbone"):
         extract_features(image_folder, spec, weights="none", cache_dir=tmp_path / "c")
+
+
+def test_fine_tune_options_refuse_a_value_out_of_range_by_concern():
+    from pipeline.core.errors import OptionError
+    from pipeline.core.options import FinetuneOptions, NetworkOptions, PredictOptions
+
+    for build, message in (
+            (lambda: OptimizerOptions(lr=0), "lr must be a number > 0 or one of 'auto'"),
+            (lambda: OptimizerOptions(schedule="linear"), "schedule must be one of"),
+            (lambda: NetworkOptions(unfreeze="top"), "unfreeze must be a number of blocks"),
+            (lambda: NetworkOptions(unfreeze=-1), "unfreeze must be"),
+            (lambda: TrainingOptions(batch_size=0), "batch-size must be an integer >= 1"),
+            (lambda: FinetuneOptions(training=OptimizerOptions()), "training must be"),
+            (lambda: PredictOptions(top_k=0), "top-k must be an integer >= 1"),
+            (lambda: PredictOptions(device="tpu"), "device must be auto, cuda")):
+        with pytest.raises(OptionError, match=message):
+            build()
+    for unfreeze in (0, 3, "all", "ALL", "15L", "15l"):
+        assert NetworkOptions(unfreeze=unfreeze).unfreeze == unfreeze
+    assert PredictOptions(device="cuda:1").device == "cuda:1"
+    options = FinetuneOptions().with_flat({"lr": 0.01, "unfreeze": 2, "workers": 0})
+    assert (options.optim.lr, options.network.unfreeze, options.extract.workers) == (0.01, 2, 0)
+    with pytest.raises(TypeError, match="unexpected fine-tune setting"):
+        FinetuneOptions.from_flat({"momentum": 0.9})

@@ -138,6 +138,22 @@ def _softmax_of_module(network: FinetunedNetwork, paths) -> np.ndarray:
         return torch.softmax(network.module(x), dim=1).numpy()
 
 
+def test_the_result_writes_the_csv_it_prints_and_nothing_before(tiny_network, tmp_path):
+    network, root, _ = tiny_network
+    path = network.save(tmp_path / "tiny.net")
+    result = predict_images(path, [root], options=PredictOptions(top_k=2, workers=0))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.net"]  # computed, not written
+    printed = io.StringIO(newline="")
+    result.to_csv(printed)
+    assert result.write(tmp_path / "out" / "predictions.csv") == [
+        tmp_path / "out" / "predictions.csv"]
+    assert (tmp_path / "out" / "predictions.csv").read_text() == printed.getvalue()
+    header = printed.getvalue().splitlines()[0]
+    assert header == "path,prediction,probability,class1,p1,class2,p2,error"
+    assert result.to_json() == {"model": str(path), "predictions": result.rows}
+    assert len(result.rows) == len(list(root.rglob("*.png")))
+
+
 def test_a_network_classifies_images_by_the_softmax_of_its_logits(tiny_network,
                                                                    no_feature_path):
     network, root, _ = tiny_network
