@@ -80,7 +80,8 @@ def extract(data, as_json, write_json, quiet, **options) -> None:
     """Extract bottleneck features of the images in DATA once and cache them in HDF5.
 
     DATA is a folder root/<class>/<image>, a split folder root/{train,val,test}/<class>/<image>,
-    or a CSV manifest path,label[,split].
+    a CSV manifest path,label[,split], or shards: Parquet or Arrow files (a file, a folder, a
+    save_to_disk folder) or WebDataset tars ('shards/train-{0000..0009}.tar', or their folder).
 
     Under torchrun (torchrun --standalone --nproc-per-node N -m pipeline extract ...) each
     process extracts a shard and rank 0 assembles the same cache one process writes.

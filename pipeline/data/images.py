@@ -15,6 +15,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from pipeline.core.errors import DataError
 from pipeline.data.layouts import Listing, as_bytes, display, read_folder, read_manifest
+from pipeline.data.shards import container, image_bytes, read_shards, shard_files
 from pipeline.data.splits import SPLITS, assign_splits, check_fractions
 
 _HASH_BLOCK = 1 << 20
@@ -58,7 +59,7 @@ def load_image_set(
     split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1),
     seed: int = 0,
 ) -> ImageSet:
-    """Read a class folder, a split folder, a flat folder or a CSV manifest.
+    """Read a class folder, a split folder, a flat folder, a CSV manifest or shard files.
 
     Parameters
     ----------
@@ -66,24 +67,30 @@ def load_image_set(
         ``root/<class>/<image>``; ``root/{train,val,test}/<class>/<image>`` with any of the
         splits (``val`` also spelled ``valid`` or ``validation``); a folder of images without
         class folders (an unlabelled set); or a CSV file with a header ``path[,label][,split]``
-        whose paths are relative to the CSV's folder.
+        whose paths are relative to the CSV's folder; or Parquet, Arrow or WebDataset tar
+        files: one, a folder of them, or a brace pattern (see :mod:`pipeline.data.shards`).
     split_fractions
         Train/val/test fractions of the training images for the splits the source does not
         give (see :mod:`pipeline.data.splits`).
     seed
         Seed of those splits.
     """
-    source = Path(source)
-    if not source.exists():
-        raise DataError(f"{display(str(source))}: no such file or folder")
     check_fractions(split_fractions)
-    if source.is_file():
+    listing = _shards(source)
+    source = Path(source)
+    if listing is not None:
+        listing, root = listing
+    elif not source.exists():
+        raise DataError(f"{display(str(source))}: no such file or folder")
+    elif source.is_file():
         if source.suffix.lower() != ".csv":
             raise DataError(f"{display(str(source))}: expected an image folder or a .csv "
                             "manifest")
         listing, root = read_manifest(source), source.parent
     else:
         listing, root = read_folder(source), source
+        if not listing.paths and (found := shard_files(source)):  # a folder of shards
+            listing, root = read_shards(*found, root=source)
     if not listing.paths:
         raise DataError(f"{display(str(source))}: no images found (files with an extension "
                         f"that Pillow opens, such as .jpg, .png, .gif, .webp, .tif); "
@@ -95,9 +102,17 @@ def load_image_set(
     return _labelled(source, root, listing, split_fractions, seed)
 
 
+def _shards(source: str | os.PathLike) -> tuple[Listing, Path] | None:
+    """A shard file or pattern's listing (a folder of shards is read when it has no image)."""
+    if Path(source).is_dir():
+        return None
+    found = shard_files(source)
+    return read_shards(*found) if found else None
+
+
 def _labelled(source: Path, root: Path, listing: Listing,
               fractions: tuple[float, float, float], seed: int) -> ImageSet:
-    classes = sorted(set(listing.names))
+    classes = listing.classes or sorted(set(listing.names))
     if len(classes) < 2:
         raise DataError(f"{display(str(source))}: found a single class ({classes[0]!r}); a "
                         "classifier needs two (a folder without class folders is read as "
@@ -130,18 +145,27 @@ def file_stamps(image_set: ImageSet, hash_contents: bool = False,
     """What identifies each file's contents: ``size:mtime_ns``, or its SHA-256."""
     indices = range(len(image_set)) if indices is None else indices
     root = os.fspath(image_set.root)
-    stamps = []
+    stamps, shards = [], {}
     for i in indices:
         path = os.path.join(root, image_set.paths[i])  # str, not Path: once per file
-        try:
-            if hash_contents:
-                stamps.append(file_sha256(path))
-            else:
-                st = os.stat(path)
-                stamps.append(f"{st.st_size}:{st.st_mtime_ns}")
-        except OSError as err:  # a dangling link or unreadable file: it fails, listed, later
-            stamps.append(f"unreadable:{type(err).__name__}")
+        if "#" in path:  # an image inside a shard: the shard's stamp, computed once
+            path = container(path)
+            if path not in shards:
+                shards[path] = _stamp(path, hash_contents)
+            stamps.append(shards[path])
+        else:
+            stamps.append(_stamp(path, hash_contents))
     return stamps
+
+
+def _stamp(path: str, hash_contents: bool) -> str:
+    try:
+        if hash_contents:
+            return file_sha256(path)
+        st = os.stat(path)
+        return f"{st.st_size}:{st.st_mtime_ns}"
+    except OSError as err:  # a dangling link or unreadable file: it fails, listed, later
+        return f"unreadable:{type(err).__name__}"
 
 
 def fingerprint_splits(image_set: ImageSet) -> str:
@@ -168,14 +192,15 @@ def load_rgb(path: str | os.PathLike) -> Image.Image:
 def read_image(path: str | os.PathLike, hash_file: bool = True) -> tuple[Image.Image, str]:
     """Decode an image as 8-bit RGB with its EXIF orientation applied, and hash its bytes.
 
+    ``path`` is a file or an address inside a shard (``train.parquet#12``).
+
     The file is read once: its SHA-256 (which finds the same picture stored twice) comes from
     the bytes that are decoded. Raises ``OSError`` or ``ValueError`` for missing, truncated,
     empty or non-image files and ``Image.DecompressionBombError`` for images above Pillow's
     pixel limit (its warning, for images above half the limit, is raised as an error too, so
     a bomb never gets decoded).
     """
-    with open(path, "rb") as fh:
-        data = fh.read()
+    data = image_bytes(path)  # a file, or an image inside a shard (pipeline.data.shards)
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         with Image.open(io.BytesIO(data)) as img:

@@ -63,6 +63,7 @@ class Listing:
     given: list[str] | None = None  # "train", "val", "test", or "" (not given) per image
     ignored: list[tuple[str, str]] = field(default_factory=list)  # (path, why it was not taken)
     given_from: dict[str, str] = field(default_factory=dict)  # split -> where it was given
+    classes: list[str] | None = None  # class order the data gives (else sorted by name)
 
 
 class _Walk:

@@ -29,6 +29,7 @@ from pipeline.core.options import PredictOptions
 from pipeline.core.progress import Progress
 from pipeline.data.images import ImageSet
 from pipeline.data.layouts import display, find_images
+from pipeline.data.shards import read_shards, shard_files, split_address
 from pipeline.finetuning.tta import (
     TTAError,
     ViewFeatures,
@@ -56,21 +57,35 @@ _FEATURE_FIELDS = ("backbone", "weights", "weights_sha256", "layer", "pool", "pr
 
 
 def collect_images(inputs: Sequence[str | os.PathLike]) -> list[Path]:
-    """Image files given directly or found (recursively, sorted, each once) in given folders.
+    """Image files given directly or found (recursively, sorted, each once) in given folders,
+    and the images of shard files (Parquet, Arrow, tar; a folder of them, a brace pattern),
+    as addresses (:mod:`pipeline.data.shards`).
 
     A dangling link is kept: it gets an error row like any unreadable image.
     """
     found: list[Path] = []
-    for item in map(Path, inputs):
+    for given in inputs:
+        item = Path(given)
         if item.is_dir():
-            found += [item / p for p in find_images(item).paths]
-        elif item.is_file() or item.is_symlink():
+            found += [item / p for p in find_images(item).paths] or _shard_images(given) or []
+        elif (inside := _shard_images(given)) is not None:
+            found += inside
+        elif item.is_file() or item.is_symlink() or split_address(item):
             found.append(item)
         else:
             raise DataError(f"{display(str(item))}: no such file or folder")
     if not found:
         raise DataError("no images found in " + ", ".join(display(str(i)) for i in inputs))
     return [p.absolute() for p in found]
+
+
+def _shard_images(source: str | os.PathLike) -> list[Path] | None:
+    """The addresses of the images in shard files, or None if ``source`` names none."""
+    files = shard_files(source)
+    if files is None:
+        return None
+    listing, root = read_shards(*files, root=Path(source) if Path(source).is_dir() else None)
+    return [root / p for p in listing.paths]
 
 
 def is_cache(path: str | os.PathLike) -> bool:
