@@ -140,9 +140,10 @@ def _softmax_of_module(network: FinetunedNetwork, paths) -> np.ndarray:
 
 def test_the_result_writes_the_csv_it_prints_and_nothing_before(tiny_network, tmp_path):
     network, root, _ = tiny_network
-    path = network.save(tmp_path / "tiny.net")
+    path = network.save(tmp_path / "model" / "tiny.net")
     result = predict_images(path, [root], options=PredictOptions(top_k=2, workers=0))
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.net"]  # computed, not written
+    assert [p.name for p in path.parent.iterdir()] == ["tiny.net"]  # computed, not written
+    assert not (tmp_path / "out").exists()
     printed = io.StringIO(newline="")
     result.to_csv(printed)
     assert result.write(tmp_path / "out" / "predictions.csv") == [
