@@ -12,6 +12,34 @@ from PIL import Image
 TINY = {"backbone": "resnet18", "weights": "none", "image_size": 32, "workers": 0}
 
 
+def extract_tiny(data, cache_dir, *, weights: str = TINY["weights"],
+                 image_size: int | None = TINY["image_size"], layer: str | None = None,
+                 progress=None, on_batch=None, **options):
+    """``extract_features`` with TINY's backbone (its ``weights``, ``image_size`` and ``layer``
+    as given) resolved with ``options``' seed, and ``ExtractOptions(cache_dir=cache_dir,
+    workers=0, **options)``."""
+    from pipeline.core.options import ExtractOptions
+    from pipeline.extract.features import extract_features
+    from pipeline.models.backbones import resolve_backbone
+
+    opts = ExtractOptions(cache_dir=cache_dir, **{"workers": TINY["workers"], **options})
+    spec = resolve_backbone(TINY["backbone"], weights, layer, image_size=image_size,
+                            seed=opts.seed)
+    return extract_features(data, backbone=spec, options=opts, progress=progress,
+                            on_batch=on_batch)
+
+
+def fit_and_write(caches, out: Path, **options):
+    """``fit_heads`` with ``HeadsOptions(**options)``, its result written to ``out`` (as
+    ``pipeline heads`` does)."""
+    from pipeline.core.options import HeadsOptions
+    from pipeline.heads.compare import fit_heads
+
+    result = fit_heads(list(caches), options=HeadsOptions(**options), progress=False)
+    result.write(out)
+    return result
+
+
 def write_image(path: Path, seed: int, size: tuple[int, int] = (40, 36)) -> Path:
     rng = np.random.default_rng(seed)
     pixels = rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)

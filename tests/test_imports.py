@@ -41,7 +41,11 @@ def test_public_names_resolve_on_first_use():
 
     assert pipeline.resolve_backbone.__module__ == "pipeline.models.backbones"
     assert set(pipeline.__all__) <= set(dir(pipeline))
-    import pipeline.finetuning.network  # loading the subpackages leaves the names alone
+    import pipeline.advice.run  # loading the subpackages leaves the names alone
+    import pipeline.auditing.run
+    import pipeline.finetuning.network
+
+    assert callable(pipeline.audit) and callable(pipeline.advise)  # not the subpackages
 
     for name in pipeline.__all__:  # each comes from the subpackage that defines it
         assert getattr(pipeline, name).__module__.startswith(pipeline._EXPORTS[name]), name

@@ -25,7 +25,7 @@ LAYERS = (
     ("report",),
     ("extract",),
     ("heads",),
-    ("audit", "advise"),
+    ("auditing", "advice"),
     ("finetuning",),
     ("deploy",),
     ("cli", "bench"),

@@ -24,6 +24,7 @@ from pipeline.core.devices import (
     keep_freed_memory,
     resolve_device,
 )
+from pipeline.core.options import ExtractOptions
 from pipeline.data.images import ImageFiles, load_image_set
 from pipeline.extract.batches import prepare_model
 from pipeline.extract.features import example_images, extract_features
@@ -32,14 +33,28 @@ from pipeline.models.backbones import build_feature_model, resolve_backbone
 from pipeline.models.families import family_of
 from pipeline.store.cache import cache_info
 
-__all__ = ["child", "forward_only", "generate_images", "in_child", "peak_rss_mb", "prepare_engine",
-           "timed_child"]
+__all__ = ["child", "extract_named", "forward_only", "generate_images", "in_child", "peak_rss_mb",
+           "prepare_engine", "timed_child"]
 
 
 FORWARD_SECONDS = 8.0
 
 
 CHILD_MODES = ("extract", "finetune", "forward", "sweep", "engine")
+
+
+# What the benchmarks name of the backbone beside its name: resolve_backbone's keywords.
+_BACKBONE_ARGS = ("weights", "layer", "pool", "image_size", "offline")
+
+
+def extract_named(data, backbone: str, progress: bool | str | None = False, **settings):
+    """:func:`pipeline.extract_features` from plain values (a child's JSON arguments): the
+    backbone's keywords resolve ``backbone``, the rest build the
+    :class:`~pipeline.core.options.ExtractOptions`."""
+    named = {k: settings.pop(k) for k in _BACKBONE_ARGS if k in settings}
+    options = ExtractOptions(**settings)
+    spec = resolve_backbone(backbone, **named, seed=options.seed)
+    return extract_features(data, backbone=spec, options=options, progress=progress)
 
 
 def generate_images(root: Path, n: int, classes: int = 10, size: int = 256, seed: int = 0) -> Path:
@@ -85,7 +100,7 @@ def child(mode: str, kw: dict) -> dict:
         if kw.pop("one_stream", False):  # one run at a time over every core, as before streams
             for engine in engines._ENGINES.values():
                 engine.streams = lambda device_type, workers: 1
-        out = extract_features(**kw).to_json()
+        out = extract_named(**kw).to_json()
         if not out["hit"]:  # the extraction loop alone, without the run's fixed start
             out["loop_seconds"] = cache_info(out["cache_path"])["timings"].get("loop_seconds")
     elif mode == "finetune":

@@ -21,6 +21,7 @@ TARGET = 1.2  # multi-layer seconds per image at most this times single-layer's 
 def bench_layers(args, rounds: int = 2) -> dict:
     """Seconds per image of ``--layer blocks`` against the bottleneck on ``args.data``, and
     the linear probe curve of the blocks' cache."""
+    from pipeline.core.options import HeadsOptions
     from pipeline.heads.compare import fit_heads
 
     net = {"backbone": args.backbone, "weights": args.weights}
@@ -35,8 +36,10 @@ def bench_layers(args, rounds: int = 2) -> dict:
     per_image = {layer: sum(r["loop_seconds"] for r in rs) / sum(r["images"] for r in rs)
                  for layer, rs in runs.items()}
     started = time.perf_counter()
-    curve = fit_heads([runs["blocks"][-1]["cache_path"]], ["linear"],
-                      Path(args.out) / "layers-heads", progress=False).layers
+    fitted = fit_heads([runs["blocks"][-1]["cache_path"]],
+                       options=HeadsOptions(heads=("linear",)), progress=False)
+    fitted.write(Path(args.out) / "layers-heads")
+    curve = fitted.layers
     return {"images": runs["blocks"][0]["images"], "dim": runs["blocks"][0]["dim"],
             "ms_per_image": {k: 1000 * v for k, v in per_image.items()},
             "runs_ms_per_image": {k: [1000 * r["loop_seconds"] / r["images"] for r in rs]

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from pipeline.bench.audit import bench_audit, print_audit
-from pipeline.bench.children import child, generate_images, in_child
+from pipeline.bench.children import child, extract_named, generate_images, in_child
 from pipeline.bench.engines import bench_engines
 from pipeline.bench.finetuning import bench_finetune
 from pipeline.bench.heads import bench_heads, print_heads
@@ -40,7 +40,6 @@ from pipeline.core.devices import (
     default_batch_size,
     resolve_device,
 )
-from pipeline.extract.features import extract_features
 from pipeline.models.backbones import DEFAULT_BACKBONE
 from pipeline.store.cache import cache_info
 
@@ -56,8 +55,8 @@ def bench_set(name: str, data: Path, out: Path, backbone: str, weights: str) -> 
     miss = in_child("extract", data=str(data), cache_dir=str(cache_dir), progress=False, **net)
     after = in_child("forward", data=str(data), **net)
     forward = (before["img_s"] + after["img_s"]) / 2
-    extract_features(data, cache_dir=cache_dir, progress=False, **net)  # imports
-    hit = extract_features(data, cache_dir=cache_dir, progress=False, **net)
+    extract_named(data, cache_dir=cache_dir, progress=False, **net)  # imports
+    hit = extract_named(data, cache_dir=cache_dir, progress=False, **net)
     started = time.perf_counter()
     subprocess.run([sys.executable, "-m", "pipeline", "extract", str(data), "--backbone",
                     backbone, "--weights", weights, "--cache-dir", str(cache_dir), "--json"],

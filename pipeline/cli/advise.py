@@ -13,7 +13,7 @@ from pipeline.cli.options import (
     weights_option,
 )
 from pipeline.cli.output import emit_json
-from pipeline.core.options import DEFAULT_BACKBONE
+from pipeline.core.options import ADVICE_OUT, DEFAULT_BACKBONE
 
 __all__ = ["advise_command"]
 
@@ -30,21 +30,31 @@ __all__ = ["advise_command"]
 @device_option
 @offline_option
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--out", type=click.Path(file_okay=False), default="results/advice",
+@click.option("--out", type=click.Path(file_okay=False), default=ADVICE_OUT,
               show_default=True, help="Folder of advice.json|md and advice_layers.csv|md.")
 @click.option("--json", "as_json", is_flag=True, help="Print the advice as one JSON object.")
 @quiet_option
-def advise_command(data, backbone, out, seed, as_json, quiet, **settings) -> None:
+def advise_command(data, backbone, weights, image_size, offline, out, seed, as_json, quiet,
+                   **extract) -> None:
     """Advise a strategy for DATA: an image folder (its blocks are extracted once into the
     cache, or found there) or a cache extracted with --layer blocks."""
-    from dataclasses import asdict
+    from pathlib import Path
 
-    from pipeline.advise.run import advise
+    from pipeline.advice.run import advise
+    from pipeline.core.options import AdviseOptions, ExtractOptions
 
-    advice = advise(data, out, backbone=backbone, seed=seed,
-                    progress=False if quiet else None, **settings)
+    # One --seed: the carved splits of the extraction and the per-layer probes.
+    options = AdviseOptions(seed=seed, extract=ExtractOptions(seed=seed, **extract))
+    if Path(data).suffix != ".h5":  # a cache needs no backbone
+        from pipeline.models.backbones import resolve_backbone
+
+        backbone = resolve_backbone(backbone, weights, "blocks", image_size=image_size,
+                                    seed=seed, offline=offline)
+    advice = advise(data, backbone=backbone, options=options,
+                    progress=False if quiet else None)
+    advice.write(out)
     if as_json:
-        emit_json({**asdict(advice), "sentence": advice.sentence()})
+        emit_json(advice.to_json())
         return
     click.echo(advice.sentence())
     for row in advice.layers:

@@ -6,14 +6,14 @@ import click
 
 from pipeline.cli.options import quiet_option
 from pipeline.cli.output import display, emit_json
-from pipeline.core.options import AuditOptions, default
+from pipeline.core.options import AUDIT_OUT, AuditOptions, default
 
 __all__ = ["audit_command"]
 
 
 @click.command("audit")
 @click.argument("cache", type=click.Path())
-@click.option("--out", type=click.Path(file_okay=False), default=default(AuditOptions, "out"),
+@click.option("--out", type=click.Path(file_okay=False), default=AUDIT_OUT,
               show_default=True, help="Folder of the tables, galleries and map.")
 @click.option("--folds", type=click.IntRange(min=2), default=default(AuditOptions, "folds"),
               show_default=True, help="K of the stratified K-fold out-of-fold probabilities.")
@@ -37,10 +37,12 @@ __all__ = ["audit_command"]
 def audit_command(cache, out, folds, threshold, neighbours, top, draw_map, map_points, seed,
                   as_json, quiet) -> None:
     """Audit the images of a feature cache (CACHE: an .h5 file) from its features alone."""
-    from pipeline.audit.run import audit
+    from pipeline.auditing.run import audit
 
-    options = AuditOptions(out, folds, threshold, neighbours, top, draw_map, map_points, seed)
+    options = AuditOptions(folds=folds, threshold=threshold, neighbours=neighbours, top=top,
+                           map=draw_map, map_points=map_points, seed=seed)
     result = audit(cache, options=options, progress=False if quiet else None)
+    result.write(out)
     if as_json:
         emit_json(result.to_json())
         return

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import sys
-from pathlib import Path
 
 import click
 
@@ -76,7 +74,8 @@ __all__ = ["extract"]
 @click.option("--write-json", type=click.Path(dir_okay=False), default=None,
               help="Also write the JSON summary to this file.")
 @quiet_option
-def extract(data, as_json, write_json, quiet, **options) -> None:
+def extract(data, backbone, weights, layer, pool, image_size, offline, as_json, write_json,
+            quiet, **options) -> None:
     """Extract bottleneck features of the images in DATA once and cache them in HDF5.
 
     DATA is a folder root/<class>/<image>, a split folder root/{train,val,test}/<class>/<image>,
@@ -87,22 +86,26 @@ def extract(data, as_json, write_json, quiet, **options) -> None:
     process extracts a shard and rank 0 assembles the same cache one process writes.
     """
     from pipeline.extract.features import extract_features
+    from pipeline.models.backbones import resolve_backbone
 
-    keep_freed_memory(options["device"])
+    opts = ExtractOptions(**options)
+    keep_freed_memory(opts.device)
     try:
-        result = extract_features(data, progress=False if quiet else None, **options)
+        # --seed also seeds a random init (--weights none), as the splits it carves.
+        spec = resolve_backbone(backbone, weights, layer, pool, image_size, opts.seed,
+                                offline=offline)
+        result = extract_features(data, backbone=spec, options=opts,
+                                  progress=False if quiet else None)
     except KeyboardInterrupt:
         click.echo("interrupted: the features written so far are kept; run the same command "
                    "again to resume", err=True)
         sys.exit(130)
     if not distributed.context().is_main:  # under torchrun rank 0 speaks for the job
         return
-    summary = result.to_json()
     if write_json:
-        Path(write_json).parent.mkdir(parents=True, exist_ok=True)
-        Path(write_json).write_text(json.dumps(summary, indent=2) + "\n")
+        result.write_summary(write_json)
     if as_json:
-        emit_json(summary)
+        emit_json(result.to_json())
         return
     if result.hit:
         click.echo(f"cache hit: {result.cache_path} ({result.images} images, {result.dim}-d); "

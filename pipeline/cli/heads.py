@@ -6,10 +6,7 @@ import click
 
 from pipeline.cli.options import positive_option, quiet_option, track_option
 from pipeline.cli.output import emit_json, markdown
-from pipeline.core.options import (
-    HeadsOptions,
-    default,
-)
+from pipeline.core.options import HEADS_OUT, HeadsOptions, default
 
 __all__ = ["heads"]
 
@@ -33,7 +30,7 @@ def _shots(_ctx, _param, value: str | None) -> list:
               help="Comma-separated heads: logreg, mlp, linear, multilayer, or an import "
                    "path with parameters (sklearn.svm.LinearSVC:C=0.1); separate several "
                    "with ';'. The default adds multilayer on a cache of several layers.")
-@click.option("--out", type=click.Path(file_okay=False), default=default(HeadsOptions, "out"),
+@click.option("--out", type=click.Path(file_okay=False), default=HEADS_OUT,
               show_default=True, help="Folder of the tables, plots and saved heads.")
 @click.option("--shots", callback=_shots, default=",".join(default(HeadsOptions, "shots")),
               help="Examples per class for the data-efficiency curve, e.g. 1,2,5,10,all.")
@@ -57,10 +54,15 @@ def heads(caches, head_specs, out, shots, draws, seed, repeats, positive, exclud
     from pipeline.heads import compare
     from pipeline.report.compact import compact_rows
 
-    options = HeadsOptions(tuple(_split_heads(head_specs)), out, tuple(shots), draws, seed,
-                           repeats, positive=positive, exclude=exclude)
-    result = compare.fit_heads(caches, options=options, progress=False if quiet else None,
-                               track=track)
+    options = HeadsOptions(heads=tuple(_split_heads(head_specs)), shots=tuple(shots),
+                           draws=draws, seed=seed, repeats=repeats, positive=positive,
+                           exclude=exclude)
+    if track:  # --track without MLflow stops before any fit, not after them
+        from pipeline.store import tracking
+
+        tracking.check(track)
+    result = compare.fit_heads(caches, options=options, progress=False if quiet else None)
+    result.write(out, track=track)
     if result.skipped:
         click.echo(f"skipped {len(result.skipped)} activation cache(s) (fine-tuning's block "
                    f"inputs, not features): {', '.join(result.skipped)}", err=True)

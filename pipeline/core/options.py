@@ -37,16 +37,33 @@ LR_FIND_STEPS, LR_FIND_START_LR, LR_FIND_END_LR = 100, 1e-7, 1.0
 DEFAULT_HEADS = ("logreg", "mlp", "linear")
 EXPORT_FORMATS = ("npy", "parquet", "csv")
 DEFAULT_CACHE_DIR = os.environ.get("PIPELINE_CACHE_DIR", "cache")
-# numpy's and torch's seeds: a non-negative 32-bit integer.
+# Where the CLI writes each stage's files when --out is not given (``result.write(out)``).
+HEADS_OUT = "results/heads"
+AUDIT_OUT = "results/audit"
+ADVICE_OUT = "results/advice"
+# numpy's and scikit-learn's seeds: a non-negative 32-bit integer.
 SEED = [Between(0, 2**32 - 1, integer=True)]
 FLAG = [OneOf((True, False))]
 
 
-@dataclass(frozen=True)
-class ExtractOptions:
-    """How stage 1 reads the images and stores the features (the backbone is separate)."""
+def _fractions(value) -> bool:
+    return (isinstance(value, tuple | list) and len(value) == 3
+            and all(isinstance(v, int | float) and not isinstance(v, bool) and v >= 0
+                    for v in value)
+            and value[0] > 0 and abs(sum(value) - 1.0) < 1e-6)
+
+
+def _path_like(value) -> bool:
+    return isinstance(value, str | os.PathLike)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExtractOptions(Options):
+    """How stage 1 reads the images and stores the features (the backbone is separate: a
+    name or a spec, ``extract_features(data, backbone=..., options=...)``)."""
 
     dtype: str = "float32"  # stored feature type; "float16" halves the disk
+    # the folder of the HDF5 caches: where a run looks for its key before computing anything
     cache_dir: str | os.PathLike = DEFAULT_CACHE_DIR
     batch_size: int | None = None  # images per forward pass; None: 8 on a CPU, 64 on a GPU
     workers: int | None = None  # loader processes; None: 0 on 2 cores or fewer, else half
@@ -69,16 +86,43 @@ class ExtractOptions:
     # Seconds to wait for another run writing the same cache (then reuse what it finished).
     lock_timeout: float = 3600.0
 
+    constraints = {
+        "dtype": [OneOf(DTYPES)],
+        "cache_dir": [Satisfies(_path_like, "a folder")],
+        "batch_size": [Between(1, None, integer=True), None],
+        "workers": [Between(0, None, integer=True), None],
+        "device": [OneOf(DEVICES)],
+        "strict": FLAG,
+        "hash_contents": FLAG,
+        "split_fractions": [Satisfies(_fractions, "three fractions train,val,test, "
+                                                  "non-negative, train above 0, summing to 1")],
+        "seed": SEED,
+        "compile": FLAG,
+        "engine": [OneOf(ENGINES)],
+        "repair": FLAG,
+        "lock_timeout": [Between(0, None)],
+    }
 
-@dataclass(frozen=True)
-class HeadsOptions:
-    """Which heads stage 2 fits on cached features, and where their results go."""
+
+def _head_specs(value) -> bool:
+    return (isinstance(value, tuple | list) and len(value) > 0
+            and all(isinstance(v, str) and v.strip() for v in value))
+
+
+def _shot_counts(value) -> bool:
+    return isinstance(value, tuple | list) and all(
+        v == "all" or (isinstance(v, int) and not isinstance(v, bool) and v >= 1)
+        for v in value)
+
+
+@dataclass(frozen=True, kw_only=True)
+class HeadsOptions(Options):
+    """Which heads stage 2 fits on cached features, and how it compares them."""
 
     heads: tuple[str, ...] = DEFAULT_HEADS  # head specs, see pipeline.heads.make_head
-    out: str | os.PathLike = "results/heads"
     shots: tuple[int | str, ...] = ()  # examples per class for the data-efficiency curve
     draws: int = 5  # random draws per number of shots
-    seed: int = 0
+    seed: int = 0  # seeds every head and every draw: the same seed gives the same table
     # fits per head with seeds seed, seed+1, ... on the same splits: the spread over seeds
     # (initialisation, minibatch order) beside the single run's interval over test images
     repeats: int = 1
@@ -89,21 +133,65 @@ class HeadsOptions:
     # and validation images are left out of the fits; test images always stay
     exclude: str | os.PathLike | None = None
 
+    constraints = {
+        "heads": [Satisfies(_head_specs, "a non-empty sequence of head specs")],
+        "shots": [Satisfies(_shot_counts, "a sequence of counts >= 1 or 'all'")],
+        "draws": [Between(1, None, integer=True)],
+        "seed": SEED,
+        "repeats": [Between(1, None, integer=True)],
+        "positive": [Satisfies(lambda v: isinstance(v, str), "a class name"), None],
+        "exclude": [Satisfies(_path_like, "a path"), None],
+    }
 
-@dataclass(frozen=True)
-class AuditOptions:
-    """How ``pipeline audit`` screens a cache's data (pipeline.audit)."""
 
-    out: str | os.PathLike = "results/audit"
+@dataclass(frozen=True, kw_only=True)
+class AuditOptions(Options):
+    """How ``pipeline audit`` screens a cache's data (pipeline.auditing)."""
+
     folds: int = 5  # K of the stratified K-fold that gives every image an out-of-fold probability
     # cosine similarity of L2-normalised features from which two images are near-duplicates
-    # (pipeline.audit.neighbours.DEFAULT_THRESHOLD says why 0.97)
+    # (pipeline.auditing.neighbours.DEFAULT_THRESHOLD says why 0.97)
     threshold: float = 0.97
     neighbours: int = 10  # nearest rows kept per image: outlier score and near-duplicate pairs
     top: int = 24  # suspects in each gallery and outlier list
     map: bool = True  # draw the 2-D map (openTSNE)
     map_points: int = 10_000  # points on the map at most (a seeded sample beyond)
-    seed: int = 0
+    seed: int = 0  # seeds the folds, the map and its sample
+
+    constraints = {
+        "folds": [Between(2, None, integer=True)],  # one fold leaves nothing to fit on
+        "threshold": [Between(0, 1, open="low")],
+        "neighbours": [Between(1, None, integer=True)],
+        "top": [Between(1, None, integer=True)],
+        "map": FLAG,
+        "map_points": [Between(2, None, integer=True)],
+        "seed": SEED,
+    }
+
+
+@dataclass(frozen=True, kw_only=True)
+class AdviseOptions(Options):
+    """How ``pipeline advise`` measures a data set (pipeline.advice)."""
+
+    seed: int = 0  # seeds the per-layer probes
+    # How the blocks are extracted when the data is an image set, not a cache: the CLI gives
+    # its --seed here too, so that the carved splits and the probes share one seed.
+    extract: ExtractOptions = field(default_factory=ExtractOptions)
+
+    constraints = {
+        "seed": SEED,
+        "extract": [Satisfies(lambda v: isinstance(v, ExtractOptions), "ExtractOptions")],
+    }
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReportOptions(Options):
+    """What ``pipeline report`` draws beside its table (pipeline.report)."""
+
+    # the best row's most confident wrong test predictions drawn in mistakes.png; 0: none
+    mistakes: int = MISTAKES
+
+    constraints = {"mistakes": [Between(0, None, integer=True)]}
 
 
 def _unfreeze(value) -> bool:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from importlib.metadata import version
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from pipeline.core import distributed, distribution
+from pipeline.core.atomic import write_json
+from pipeline.core.contract import Result, to_plain
 from pipeline.core.devices import (
     autocast_dtype,
     autocast_name,
@@ -25,7 +27,6 @@ from pipeline.core.options import (
     DEFAULT_CACHE_DIR,
     DTYPES,
     ExtractOptions,
-    split_settings,
 )
 from pipeline.core.progress import note
 from pipeline.data.images import (
@@ -38,7 +39,7 @@ from pipeline.data.images import (
 )
 from pipeline.data.layouts import display
 from pipeline.models import engines
-from pipeline.models.backbones import BackboneSpec, as_spec
+from pipeline.models.backbones import BackboneSpec, resolve_backbone
 from pipeline.store import locks, run_record
 from pipeline.store.cache import stored_duplicates, stored_summary
 from pipeline.store.integrity import CacheDamaged, failure_reason, quarantine, verify_cache
@@ -54,9 +55,8 @@ from pipeline.models.families import family_of
 __all__ = ["DEFAULT_CACHE_DIR", "DTYPES", "ExtractOptions", "ExtractResult", "example_images",
            "extract_features", "feature_key_spec"]
 
-
-# The resolve_backbone arguments that extract_features also takes, when given a backbone name.
-_BACKBONE_ARGS = ("weights", "layer", "pool", "image_size", "offline")
+# The file ExtractResult.write puts in a folder: the summary, as `pipeline extract --json`.
+SUMMARY = "extract.json"
 
 
 # Images of the data set an engine's features are checked on against eager torch's.
@@ -73,8 +73,12 @@ _WRITE_EVERY_S = 2.0
 
 
 @dataclass
-class ExtractResult:
-    """What one ``extract`` call did; ``to_json`` is the CLI's ``--json`` object."""
+class ExtractResult(Result):
+    """What one ``extract`` call did; ``to_json`` is the CLI's ``--json`` object.
+
+    The cache itself is the store's (:mod:`pipeline.store.writer` writes it while the stage
+    runs, so that an interrupted run resumes); :meth:`write` writes the summary beside it.
+    """
 
     cache_path: Path
     hit: bool
@@ -100,7 +104,15 @@ class ExtractResult:
         out["cache_path"] = str(self.cache_path)
         out["failures"] = [{"path": p, "reason": r} for p, r in self.failures]
         out["ignored"] = [{"path": p, "reason": r} for p, r in self.ignored]
-        return out
+        return to_plain(out)
+
+    def write(self, out: str | os.PathLike) -> list[Path]:
+        """The summary (:meth:`to_json`) as ``extract.json`` in the folder ``out``."""
+        return [self.write_summary(Path(out) / SUMMARY)]
+
+    def write_summary(self, path: str | os.PathLike) -> Path:
+        """The summary (:meth:`to_json`) as the JSON file ``path`` (``--write-json``)."""
+        return write_json(path, self.to_json())
 
     def described(self, images: ImageSet) -> ExtractResult:
         """This result with what the data set says about itself and the cache about
@@ -114,38 +126,40 @@ class ExtractResult:
 
 def extract_features(
     data: str | os.PathLike | ImageSet,
-    backbone: str | BackboneSpec = DEFAULT_BACKBONE,
-    options: ExtractOptions | None = None,
     *,
+    backbone: str | BackboneSpec = DEFAULT_BACKBONE,
+    options: ExtractOptions = ExtractOptions(),
     progress: bool | str | None = None,
     on_batch: Callable[[int, int], None] | None = None,
-    **settings,
 ) -> ExtractResult:
     """Extract bottleneck features of every image once, or find them in the cache.
+
+    The features go to the HDF5 cache (the store's file, named by the cache key, written
+    while the stage runs so that an interrupted run resumes); nothing else is written:
+    ``result.write(out)`` writes the summary.
 
     Parameters
     ----------
     data
         Image folder, split folder or CSV manifest (see
-        :func:`pipeline.data.images.load_image_set`),
-        or an image set already read with ``options``' split fractions and seed.
+        :func:`pipeline.data.images.load_image_set`), or an image set already read with
+        ``options``' split fractions and seed.
     backbone
-        A :class:`~pipeline.models.backbones.BackboneSpec` from :func:`pipeline.resolve_backbone`,
-        or a
-        backbone name resolved here with the ``weights``, ``layer``, ``pool``, ``image_size``
-        and ``offline`` given in ``settings`` (and ``seed`` for a random init).
+        A :class:`~pipeline.models.backbones.BackboneSpec` from
+        :func:`pipeline.resolve_backbone` (other weights, a layer, pooling, an image size,
+        offline), or a backbone name, resolved with its default weights at its bottleneck
+        (and ``options.seed`` for a random init).
     options
         How images are read and features stored: :class:`~pipeline.core.options.ExtractOptions`
         (``dtype``, ``cache_dir``, ``batch_size``, ``workers``, ``device``, ``strict``,
-        ``hash_contents``, ``split_fractions``, ``seed``, ``compile``).
+        ``hash_contents``, ``split_fractions``, ``seed``, ``compile``, ``engine``, ``repair``,
+        ``lock_timeout``).
     progress
         A bar where stderr is a terminal, elsewhere a line every 30 s and at the end
         (:mod:`pipeline.core.progress`); False: nothing.
     on_batch
         Called with ``(rows_done, total)`` each time rows are safely on disk, a chunk's worth
         (or two seconds' worth) at a time (under torchrun: of this rank's shard).
-    **settings
-        Fields of ``ExtractOptions`` overriding ``options``'s, and the backbone arguments above.
 
     Notes
     -----
@@ -164,13 +178,11 @@ def extract_features(
     """
     started = time.perf_counter()
     record = run_record.RunRecord("extract")
-    opts_settings, backbone_args = split_settings(settings, ExtractOptions)
-    opts = replace(options or ExtractOptions(), **opts_settings)
-    if opts.dtype not in DTYPES:
-        raise DataError(f"dtype must be one of {', '.join(DTYPES)}, not {opts.dtype!r}")
+    opts = options
     images = (data if isinstance(data, ImageSet)
               else load_image_set(data, opts.split_fractions, opts.seed))
-    spec = as_spec(backbone, opts.seed, _BACKBONE_ARGS, backbone_args)
+    spec = (backbone if isinstance(backbone, BackboneSpec)
+            else resolve_backbone(backbone, seed=opts.seed))
     ctx, run_on = distributed.context(), None
     if ctx.distributed:  # before the ranks share out work over their image lists
         ctx, run_on = distributed.setup(opts.device)

@@ -112,7 +112,8 @@ def prepare(data, backbone: str | BackboneSpec, options: FinetuneOptions, *,
                           optim=replace(options.optim, backbone_lr_ratio=1.0))
     network, training, activations = options.network, options.training, options.activations
     # The features are extracted as plain float32 (compile is for the training steps).
-    cache = extract_features(images, spec, replace(extract, compile=False), progress=progress)
+    cache = extract_features(images, backbone=spec, options=replace(extract, compile=False),
+                             progress=progress)
     splits = read_splits(cache.cache_path)
     _check_splits(splits, images)
     model, head, unfrozen = build_model(spec, images.classes, network, training.seed, splits)

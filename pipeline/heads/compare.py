@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -14,7 +13,9 @@ import numpy as np
 from sklearn.base import clone
 from sklearn.utils.validation import has_fit_parameter
 
-from pipeline.core.errors import DataError, PipelineError
+from pipeline.core.atomic import write_json
+from pipeline.core.contract import Result, to_plain
+from pipeline.core.errors import DataError
 from pipeline.core.options import DEFAULT_HEADS, HeadsOptions
 from pipeline.core.progress import Progress
 from pipeline.heads import HEADS, HeadError, head_name, make_head
@@ -39,7 +40,7 @@ from pipeline.store.leakage import leaked_test_images
 from pipeline.store.persistence import HEAD_SUFFIX, save_head
 from pipeline.store.run_record import RECORD, RunRecord, device_name
 
-__all__ = ["DEFAULT_HEADS", "Comparison", "HeadsOptions", "fit_heads"]
+__all__ = ["DEFAULT_HEADS", "HeadFit", "HeadsOptions", "HeadsResult", "fit_heads"]
 # Learned attributes that say which hyperparameters a head chose on the validation split.
 _CHOSEN = ("fraction_", "C_", "weight_decay_", "lr_", "best_epoch_", "layers_")
 # Added to the default heads when a cache holds several layers (pipeline extract --layer).
@@ -69,19 +70,92 @@ class CacheData:
 
 
 @dataclass
-class Comparison:
-    """Rows of the results table, the k-shot table, and the files written."""
+class HeadFit:
+    """One fitted head of the table: what :meth:`HeadsResult.write` saves and logs of it."""
 
-    rows: list[dict]
+    estimator: object
+    name: str  # file stem of its .head and .npz: backbone, cache key, head
+    meta: dict  # the .head file's header (pipeline.store.persistence)
+    predictions: RowPredictions  # on the test split
+    started: float  # time.time() when its fit began (the MLflow run's start)
+
+
+@dataclass
+class HeadsResult(Result):
+    """What :func:`fit_heads` fitted and scored; :meth:`write` puts the tables, plots, saved
+    heads and test predictions in a folder."""
+
+    rows: list[dict]  # the results table, one row per cache and head
     shots: list[dict] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)  # activation caches among the paths
     layers: list[dict] = field(default_factory=list)  # the layer-wise probe curve
+    # The files of the last write(out), by kind; empty until the result is written.
     files: dict[str, str] = field(default_factory=dict)
+    # What the files hold beside the table (not in to_json): the options, each head fitted,
+    # the per-class and per-seed rows, the best row's test predictions, the run record.
+    options: HeadsOptions = field(default_factory=HeadsOptions, repr=False)
+    fits: list[HeadFit] = field(default_factory=list, repr=False)
+    per_class: list[dict] = field(default_factory=list, repr=False)
+    per_seed: list[dict] = field(default_factory=list, repr=False)
+    best: tuple | None = field(default=None, repr=False)  # (row, classes, y_true, y_pred, proba)
+    record: RunRecord | None = field(default=None, repr=False)
 
     def to_json(self) -> dict:
-        return {"results": self.rows, "shots": self.shots, "layers": self.layers,
-                "files": self.files,
-                "skipped_activation_caches": self.skipped}
+        """``results``, ``shots``, ``layers``, ``files``, ``skipped_activation_caches``."""
+        return to_plain({"results": self.rows, "shots": self.shots, "layers": self.layers,
+                         "files": self.files, "skipped_activation_caches": self.skipped})
+
+    def write(self, out: str | os.PathLike, *,
+              track: bool | tracking.Run | None = None) -> list[Path]:
+        """Write the fitted heads and their comparison into the folder ``out``.
+
+        ``results.csv|md|json`` (each score with its 95% interval), ``per_class.csv``,
+        ``comparison.png``, ``confusion_matrix.png`` and ``reliability.png`` (best head),
+        ``models/*.head``, ``predictions/*.npz`` (each head's test predictions,
+        :class:`~pipeline.metrics.scoring.RowPredictions`), with repeats ``repeats.csv|md``,
+        with shots ``shots.csv|md|png``, for a multi-layer cache ``layers.csv|md|png``, and
+        ``run.json`` (:mod:`pipeline.store.run_record`). Each row's ``model`` becomes the path
+        of its saved head under ``out``.
+
+        ``track`` logs each head and the whole comparison to MLflow
+        (:mod:`pipeline.store.tracking`); None: only when ``MLFLOW_TRACKING_URI`` is set.
+        """
+        out = Path(out)
+        record = self.record or RunRecord("heads", self.options, self.options.seed)
+        started = record.started
+        parent = tracking.start(track, out.parent, out.name, "heads", start_time=started)
+        with tracking.ending(parent):
+            for row, fit in zip(self.rows, self.fits):
+                row["model"] = str(save_head(out / _model_path(fit.name), fit.estimator,
+                                             fit.meta))
+            files = self._write_files(out)
+            written = [*files.values(), out / "results.json", out / "per_class.md",
+                       *(r["model"] for r in self.rows),
+                       *(out / r["predictions"] for r in self.rows)]
+            # The record says where the files went, as the settings did when they held --out.
+            record.update(settings={**record.fields["settings"], "out": str(out)},
+                          device=_device(), tracking=parent.describe() if parent else None)
+            files["run_record"] = str(record.write(out / RECORD, written))
+            for row, fit in zip(self.rows, self.fits):
+                tracking.log_head_fit(parent, row, fit.estimator, out, self.options.seed,
+                                      fit.started)
+            tracking.log_heads(parent, self.options, self.rows, [*written, out / RECORD])
+        self.files = {k: v for k, v in files.items() if k != "run_record"}
+        return [Path(f) for f in [*written, out / RECORD]]
+
+    def _write_files(self, out: Path) -> dict[str, str]:
+        """The predictions, tables and plots; their paths by kind."""
+        for row, fit in zip(self.rows, self.fits):
+            fit.predictions.save(out / row["predictions"])
+        files = _write_results(out, self.rows, self.per_class, self.best)
+        if self.per_seed:
+            files.update(zip(("repeats_csv", "repeats_md"),
+                             map(str, tables.write_table(self.per_seed, out / "repeats"))))
+        if self.shots:
+            files.update(_write_shots(out, self.shots))
+        if self.layers:
+            files.update(write_layer_curve(self.layers, out))
+        return files
 
 
 def feature_caches(paths: Sequence[str | os.PathLike]) -> tuple[list[Path], list[Path]]:
@@ -152,64 +226,47 @@ def exclude_images(cache: CacheData, listing: str | os.PathLike) -> CacheData:
 
 def fit_heads(
     caches: Sequence[str | os.PathLike],
-    heads: Sequence[str] | None = None,
-    out: str | os.PathLike | None = None,
-    shots: Sequence[int | str] | None = None,
-    draws: int | None = None,
-    seed: int | None = None,
-    repeats: int | None = None,
     *,
-    options: HeadsOptions | None = None,
+    options: HeadsOptions = HeadsOptions(),
     progress: bool | str | None = None,
-    track: bool | tracking.Run | None = None,
-) -> Comparison:
-    """Fit each head on each cache with the same splits and seed; write tables and plots.
+) -> HeadsResult:
+    """Fit each head on each cache with the same splits and seed; score and compare them.
 
-    The settings come from ``options`` (:class:`~pipeline.core.options.HeadsOptions`, whose defaults
-    the CLI shows); any of ``heads`` .. ``repeats`` given overrides its field.
+    Computes and writes nothing: ``result.write(out)`` writes the tables, plots, saved heads
+    and test predictions (:meth:`HeadsResult.write`).
 
     Parameters
     ----------
     caches
-        Feature caches (HDF5 files written by :func:`pipeline.extract_features`).
-    heads
-        Head specs for :func:`pipeline.heads.make_head`: ``logreg``, ``mlp``, ``linear``, or a
-        classifier's import path with parameters (``sklearn.svm.LinearSVC:C=0.1``).
-    out
-        Folder of ``results.csv|md|json`` (each score with its 95% interval),
-        ``per_class.csv``, ``confusion_matrix.png`` and ``reliability.png`` (best head),
-        ``comparison.png``, ``models/*.head``, ``predictions/*.npz`` (each head's test
-        predictions, :class:`~pipeline.metrics.scoring.RowPredictions`), with ``shots``,
-        ``shots.csv|md|png``, and with ``repeats`` above 1, ``repeats.csv|md``.
-    shots
-        Training examples per class for the data-efficiency curve (``"all"`` for the full set).
-    draws
-        Random draws of the k-shot training set per k.
-    seed
-        Seed of every head and every draw: the same seed gives the same table.
-    repeats
-        Fits of each head with seeds ``seed``, ``seed + 1``, ... on the same splits; above 1,
-        each row adds the mean, standard deviation and t-interval of its test accuracy over
-        the seeds (its scores and predictions stay those of ``seed``).
+        Feature caches (HDF5 files written by :func:`pipeline.extract_features`); activation
+        caches among them are skipped and listed.
+    options
+        :class:`~pipeline.core.options.HeadsOptions` (whose defaults the CLI shows):
+        ``heads``, specs for :func:`pipeline.heads.make_head` (``logreg``, ``mlp``,
+        ``linear``, or a classifier's import path with parameters,
+        ``sklearn.svm.LinearSVC:C=0.1``); ``shots``, training examples per class for the
+        data-efficiency curve (``"all"`` for the full set) with ``draws`` random draws per
+        k; ``seed`` of every head and draw (the same seed gives the same table);
+        ``repeats``, fits of each head with seeds ``seed``, ``seed + 1``, ... on the same
+        splits (above 1, each row adds the mean, standard deviation and t-interval of its
+        test accuracy over the seeds; its scores and predictions stay those of ``seed``);
+        ``positive``, a two-class problem's positive class; ``exclude``, a CSV of training
+        and validation images to leave out.
     progress
         Fits done: a bar where stderr is a terminal, elsewhere a line every 30 s and at the
         end (:mod:`pipeline.core.progress`); False: nothing.
-    track
-        Log each head fit to MLflow (:mod:`pipeline.store.tracking`), nested under one run of the
-        whole call; None: only when ``MLFLOW_TRACKING_URI`` is set.
 
-    Notes
-    -----
-    ``out/run.json`` records the call (:mod:`pipeline.store.run_record`).
+    Returns
+    -------
+    HeadsResult
+        The results rows (``model`` and ``predictions`` relative to the folder the result is
+        written to, until it is), the k-shot rows, the layer-wise probe curve of a
+        multi-layer cache, and the fitted heads.
     """
-    given = {"heads": heads, "out": out, "shots": shots, "draws": draws, "seed": seed,
-             "repeats": repeats}
-    opts = replace(options or HeadsOptions(), **{k: v for k, v in given.items() if v is not None})
-    heads, shots, draws, seed, out = opts.heads, opts.shots, opts.draws, opts.seed, Path(opts.out)
-    if opts.repeats < 1:
-        raise PipelineError("repeats must be at least 1")
+    opts = options
     caches, skipped = feature_caches(caches)
     data = [load_cache_data(path) for path in caches]
+    heads = opts.heads
     if tuple(heads) == DEFAULT_HEADS and any(cache.info.get("layers") for cache in data):
         heads = [*heads, MULTI_LAYER_HEAD]
     estimators = [(spec, make_head(spec)) for spec in heads]  # bad specs fail before any fit
@@ -217,26 +274,21 @@ def fit_heads(
         data = [exclude_images(cache, opts.exclude) for cache in data]
     for cache in data:  # a wrong --positive fails before any fit
         positive_class(cache.classes, opts.positive)
-    record = RunRecord("heads", opts, seed).with_caches(caches)
-    shot_fits = sum(1 if k == "all" else draws for k in shots)
+    record = RunRecord("heads", opts, opts.seed).with_caches(caches)
+    shot_fits = sum(1 if k == "all" else opts.draws for k in opts.shots)
     fits = len(data) * len(estimators) * (opts.repeats + shot_fits)
-    parent = tracking.start(track, out.parent, out.name, "heads")
-    with tracking.ending(parent), Progress(fits, "heads", "fit", progress=progress) as bar:
-        result = _compare(data, estimators, opts, out, bar, parent)
-        result.skipped = [str(p) for p in skipped]
-        files = [*result.files.values(), out / "results.json", *(r["model"] for r in result.rows),
-                 *(out / r["predictions"] for r in result.rows)]
-        record.update(device=_device(), tracking=parent.describe() if parent else None)
-        files.append(record.write(out / RECORD, files))
-        tracking.log_heads(parent, opts, result.rows, files)
+    with Progress(fits, "heads", "fit", progress=progress) as bar:
+        result = _compare(data, estimators, opts, bar)
+    result.skipped = [str(p) for p in skipped]
+    result.record = record
     return result
 
 
-def _compare(data: list[CacheData], estimators: list, opts: HeadsOptions, out: Path,
-             bar: Progress, parent: tracking.Run | None) -> Comparison:
-    """Fit, score and save every head on every cache; the tables and plots."""
+def _compare(data: list[CacheData], estimators: list, opts: HeadsOptions,
+             bar: Progress) -> HeadsResult:
+    """Fit and score every head on every cache; the rows of every table."""
     seed, shots, draws = opts.seed, opts.shots, opts.draws
-    rows, per_class, per_seed, best = [], [], [], None
+    result = HeadsResult([], options=opts)
     for cache in data:
         for spec, template in estimators:
             started = time.time()
@@ -247,29 +299,26 @@ def _compare(data: list[CacheData], estimators: list, opts: HeadsOptions, out: P
                 seeds = [row] + [_fit_and_score(cache, spec, template, seed + r, False)[1]
                                  for r in range(1, opts.repeats)]
                 bar.update(opts.repeats - 1)
-                per_seed += [_seed_row(r, seed + i) for i, r in enumerate(seeds)]
+                result.per_seed += [_seed_row(r, seed + i) for i, r in enumerate(seeds)]
                 row = with_repeats(row, [r["test_accuracy"] for r in seeds])
             if opts.exclude is not None:
                 row["excluded"] = cache.excluded
-            row["model"] = str(_save(out, cache, spec, estimator))
-            row["predictions"] = _save_predictions(out, cache, spec, proba, y_pred)
-            rows.append(row)
-            tracking.log_head_fit(parent, row, estimator, out, seed, started)
-            per_class += per_class_rows(cache.test.y, y_pred, cache.classes,
-                                        backbone=cache.backbone, head=row["head"])
-            if best is None or row["test_accuracy"] > best[0]["test_accuracy"]:
-                best = (row, cache, y_pred, proba)
-    result = Comparison(rows)
-    result.files = _write_results(out, rows, per_class, best)
-    if per_seed:
-        result.files.update(zip(("repeats_csv", "repeats_md"),
-                                map(str, tables.write_table(per_seed, out / "repeats"))))
+            name = _name(cache, spec)
+            row["model"] = _model_path(name).as_posix()  # under the folder written to
+            row["predictions"] = (Path("predictions") / f"{name}.npz").as_posix()
+            result.rows.append(row)
+            result.fits.append(HeadFit(
+                estimator, name, _meta(cache, spec),
+                RowPredictions(cache.test.paths, cache.test.y, y_pred, proba, cache.leaked,
+                               cache.classes), started))
+            result.per_class += per_class_rows(cache.test.y, y_pred, cache.classes,
+                                               backbone=cache.backbone, head=row["head"])
+            if result.best is None or row["test_accuracy"] > result.best[0]["test_accuracy"]:
+                result.best = (row, cache.classes, cache.test.y, y_pred, proba)
     if shots:
         result.shots = data_efficiency(data, estimators, shots, draws, seed, bar.update)
-        result.files.update(_write_shots(out, result.shots))
     if any(cache.info.get("layers") for cache in data):
         result.layers = probe_layers(data, seed)
-        result.files.update(write_layer_curve(result.layers, out))
     return result
 
 
@@ -341,24 +390,21 @@ def _chosen(estimator, spec: str) -> str:
                     for k, v in found.items())
 
 
-def _save(out: Path, cache: CacheData, spec: str, estimator) -> Path:
-    meta = {"head": spec, "backbone": cache.backbone, "classes": cache.classes,
+def _meta(cache: CacheData, spec: str) -> dict:
+    """What a saved head records of where it came from (:mod:`pipeline.store.persistence`)."""
+    return {"head": spec, "backbone": cache.backbone, "classes": cache.classes,
             "dim": int(cache.train.X.shape[1]), "cache_key": cache.info["key"],
             "spec": cache.info["spec"], "request": cache.info["request"]}
-    return save_head(out / "models" / f"{_name(cache, spec)}{HEAD_SUFFIX}", estimator, meta)
+
+
+def _model_path(name: str) -> Path:
+    """A saved head's path under the folder the result is written to."""
+    return Path("models") / f"{name}{HEAD_SUFFIX}"
 
 
 def _name(cache: CacheData, spec: str) -> str:
     # The key keeps apart heads of one backbone on different caches (image size, data, ...).
     return f"{cache.backbone}-{cache.info['key'][:8]}-{head_name(spec)}".replace("/", "_")
-
-
-def _save_predictions(out: Path, cache: CacheData, spec: str, proba, y_pred) -> str:
-    """Store a head's test predictions; the path returned is relative to ``out``."""
-    relative = Path("predictions") / f"{_name(cache, spec)}.npz"
-    RowPredictions(cache.test.paths, cache.test.y, y_pred, proba, cache.leaked,
-                   cache.classes).save(out / relative)
-    return relative.as_posix()
 
 
 def _write_results(out: Path, rows: list[dict], per_class: list[dict], best) -> dict:
@@ -370,16 +416,16 @@ def _write_results(out: Path, rows: list[dict], per_class: list[dict], best) -> 
         labels, [r["test_accuracy"] for r in rows], out / "comparison.png",
         "Heads on frozen features: test accuracy (95% interval)",
         intervals=[[r[c] for c in interval_columns("test_accuracy")] for r in rows]))
-    row, cache, y_pred, proba = best
+    row, classes, y_true, y_pred, proba = best
     name = f"{row['backbone']} / {row['head']}"
     files["confusion_png"] = str(plots.confusion_matrix_plot(
-        cache.test.y, y_pred, cache.classes, out / "confusion_matrix.png",
+        y_true, y_pred, classes, out / "confusion_matrix.png",
         f"Best head: {name} (accuracy {row['test_accuracy']:.3f})"))
     if proba is not None:
         files["reliability_png"] = str(plots.reliability_diagram(
-            {name: reliability_curve(cache.test.y, proba)}, out / "reliability.png",
+            {name: reliability_curve(y_true, proba)}, out / "reliability.png",
             "Calibration of the best head on the test split"))
-    (out / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
+    write_json(out / "results.json", rows)
     return files
 
 

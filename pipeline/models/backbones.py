@@ -12,6 +12,7 @@ The spec itself is data (:mod:`pipeline.models.backbone_spec`); :func:`build_cla
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -20,7 +21,8 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pipeline.core.errors import BackboneError
+from pipeline.core.atomic import write_text
+from pipeline.core.errors import BackboneError, WriteError
 from pipeline.core.options import DEFAULT_BACKBONE, POOLS
 from pipeline.models import families
 from pipeline.models.backbone_spec import BackboneSpec
@@ -230,10 +232,6 @@ def _remember(memo: Path, resolution: families.Resolution) -> None:
              "weights": {**asdict(weights), "path": weights.path and str(weights.path)},
              "stat": weights.path and _stat(weights.path),
              "preprocessing": asdict(resolution.preprocessing)}
-    try:
-        memo.parent.mkdir(parents=True, exist_ok=True)
-        tmp = memo.with_name(f"{memo.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(saved))
-        os.replace(tmp, memo)
-    except OSError:  # a read-only home: resolve again next time, nothing is lost
-        pass
+    # A read-only home: resolve again next time, nothing is lost.
+    with contextlib.suppress(OSError, WriteError):
+        write_text(memo, json.dumps(saved))

@@ -33,6 +33,7 @@ which packages are installed.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import importlib.util
@@ -46,7 +47,8 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
-from pipeline.core.errors import PipelineError
+from pipeline.core.atomic import write_json, write_text
+from pipeline.core.errors import PipelineError, WriteError
 from pipeline.core.options import ENGINES
 
 if TYPE_CHECKING:
@@ -469,11 +471,11 @@ def _ensure_export(model: nn.Module, example: torch.Tensor, family: Family, fold
                                     input_names=["images"], output_names=["features"],
                                     dynamic_shapes=({0: batch},), optimize=True, verbose=False)
         program.save(str(partial / "model.onnx"))
-        (partial / "exported.json").write_text(json.dumps({
+        write_json(partial / "exported.json", {
             "network": what, "input_shape": list(example.shape[1:]),
             "exporters": {p: _version(p) for p in _EXPORTERS},
             "seconds": time.perf_counter() - started,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, indent=2) + "\n")
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
         try:
             os.replace(partial, folder)
         except OSError:  # another process put its export there first: the same file
@@ -535,11 +537,9 @@ def _refuse(export: Path | None, engine: str, reason: str) -> None:
     if export is None:
         return
     refused = {**_refused(export), engine: reason}
-    try:
-        export.parent.mkdir(parents=True, exist_ok=True)
-        refusal_path(export).write_text(json.dumps(refused) + "\n")
-    except OSError:  # a read-only cache folder: auto will try again next time
-        pass
+    # A read-only cache folder: auto will try again next time.
+    with contextlib.suppress(OSError, WriteError):
+        write_text(refusal_path(export), json.dumps(refused) + "\n")
 
 
 def _threads() -> int:

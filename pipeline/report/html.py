@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.core.atomic import write_text
 from pipeline.data.layouts import display
 from pipeline.metrics.scoring import RowPredictions, per_class_rows
 from pipeline.report import plots
@@ -160,8 +161,7 @@ def write_html(folder: str | os.PathLike, out: str | os.PathLike, *, summary: Se
         best_name=best.get("best_name", ""), per_class=best.get("per_class", []),
         records=_run_records(rows, folder, out),
         numeric=[_is_numeric(compact, c) for c in (compact[0] if compact else [])])
-    path = out / HTML
-    path.write_text(page, encoding="utf-8")
+    path = write_text(out / HTML, page)
     written["report_html"] = str(path)
     return written
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.core.atomic import save_figure
 from pipeline.data.layouts import display
 from pipeline.metrics.calibration import ReliabilityCurve
 
@@ -229,8 +230,10 @@ def _number(value) -> float:
 
 
 def save(fig, path: str | os.PathLike) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """``fig`` laid out and saved at 110 dpi, all at once
+    (:func:`~pipeline.core.atomic.save_figure`).
+
+    ``Figure.savefig`` renders with Agg for a .png, no backend needed.
+    """
     fig.tight_layout()
-    fig.savefig(path, dpi=110)  # Figure.savefig renders with Agg for a .png, no backend needed
-    return path
+    return save_figure(fig, path, dpi=110)

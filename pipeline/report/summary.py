@@ -15,11 +15,15 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from pipeline.core.atomic import write_json
+from pipeline.core.contract import Result, to_plain
 from pipeline.core.errors import PipelineError
+from pipeline.core.options import ReportOptions
 from pipeline.metrics.calibration import ReliabilityCurve, reliability_curve
 from pipeline.metrics.scoring import (
     POSITIVE_COLUMNS,
@@ -30,7 +34,7 @@ from pipeline.metrics.scoring import (
 from pipeline.metrics.significance import SIGNIFICANCE_LEVEL, accuracy_interval, paired_difference
 from pipeline.report.compact import compact_rows
 from pipeline.report.html import results_files, write_html
-from pipeline.report.mistakes import MISTAKES, write_mistakes
+from pipeline.report.mistakes import write_mistakes
 from pipeline.report.plots import forest_plot, interval_chart, reliability_diagram
 from pipeline.report.tables import write_table
 from pipeline.store.run_record import RECORD, RunRecord
@@ -100,12 +104,73 @@ def advice_sentences(folder: str | os.PathLike) -> list[str]:
     return sentences
 
 
-def write_report(folder: str | os.PathLike, out: str | os.PathLike | None = None,
-                 mistakes: int = MISTAKES) -> dict:
-    """One table, its plots and one page: transfer learning and fine-tuning on the same features.
+@dataclass
+class ReportResult(Result):
+    """What :func:`compare_results` found under a folder; :meth:`write` puts the report's
+    table, plots and page in a folder (``pipeline report`` writes ``FOLDER/report``)."""
 
-    ``report.md`` shows the compact table (:mod:`pipeline.report.compact`); ``report.csv``
-    and ``report.json`` keep every column.
+    folder: str  # the folder whose results were gathered
+    summary: list[str]  # the sentences at the top of report.md
+    rows: list[dict]  # the table: every column, in the report's order
+    cache_keys: list[str]
+    # The files of the last write(out), by kind; empty until the result is written.
+    files: dict[str, str] = field(default_factory=dict)
+    # What the files show beside the table (not in to_json): the options, its compact view,
+    # the gathered rows with their paths and each one's stored predictions, the run record.
+    options: ReportOptions = field(default_factory=ReportOptions, repr=False)
+    compact: list[dict] = field(default_factory=list, repr=False)
+    entries: list[dict] = field(default_factory=list, repr=False)
+    predictions: list[RowPredictions | None] = field(default_factory=list, repr=False)
+    record: RunRecord | None = field(default=None, repr=False)
+
+    def to_json(self) -> dict:
+        """``summary``, ``rows``, ``cache_keys`` and ``files`` (``pipeline report --json``)."""
+        return to_plain({"summary": self.summary, "rows": self.rows,
+                         "cache_keys": self.cache_keys, "files": self.files})
+
+    def write(self, out: str | os.PathLike) -> list[Path]:
+        """``report.csv|md|json|png|html``, ``forest.png``, ``reliability.png``,
+        ``mistakes.png``, ``confused_pairs.csv|md``, ``freeze_depth.png`` and
+        ``confusion_matrix.png`` (each where there is something to draw) and the report's
+        ``run.json``, into the folder ``out``; their paths."""
+        out, rows = Path(out), self.entries
+        found, section = write_mistakes(rows, self.predictions, out, self.options.mistakes)
+        csv, md = write_table(self.rows, out / "report", preamble="\n\n".join(self.summary),
+                              shown=self.compact,
+                              postscript=EVERY_COLUMN + ("\n\n" + section if section else ""))
+        json_path = write_json(out / "report.json", {"summary": self.summary, "rows": self.rows})
+        files = {"report_csv": str(csv), "report_md": str(md), "report_json": str(json_path)}
+        labels = [f"{r['method']}: {r['backbone']} / {r['head']}" for r in rows]
+        files["report_png"] = str(interval_chart(
+            labels, [r["test_accuracy"] for r in rows], out / "report.png",
+            "Transfer learning (frozen trunk) against fine-tuning\n(test accuracy, 95% interval)",
+            colors=[_METHOD_COLOURS.get(r["method"], "tab:gray") for r in rows],
+            intervals=[[r[c] for c in interval_columns("test_accuracy")] for r in rows]))
+        forest = _forest(rows, labels, out, several_caches=len(self.cache_keys) > 1)
+        if forest:
+            files["forest_png"] = str(forest)
+        curves = _best_curves(rows, self.predictions)
+        if curves:
+            files["reliability_png"] = str(reliability_diagram(
+                curves, out / "reliability.png", "Calibration of the best head and fine-tune"))
+        files.update(found)
+        record = self.record or RunRecord("report")
+        record.update(settings={"folder": self.folder, "out": str(out)})
+        files["run_record"] = str(record.write(out / RECORD, files.values()))
+        # The page embeds the plots and shows the run records, the report's own included.
+        files.update(write_html(self.folder, out, summary=self.summary, compact=self.compact,
+                                rows=rows, predictions=self.predictions, files=files))
+        self.files = files
+        return [Path(f) for f in files.values()]
+
+
+def compare_results(folder: str | os.PathLike, *, options: ReportOptions = ReportOptions()
+                    ) -> ReportResult:
+    """One table of every results row under ``folder``, and which differences are real.
+
+    Computes and writes nothing: ``result.write(out)`` writes ``report.md`` (the compact
+    table, :mod:`pipeline.report.compact`), ``report.csv`` and ``report.json`` (every
+    column), the plots and ``report.html``.
 
     Rows are grouped by cache key (backbone, weights, preprocessing, data and splits); only
     rows that share one are measured on the same test images, and only those are compared:
@@ -114,23 +179,23 @@ def write_report(folder: str | os.PathLike, out: str | os.PathLike | None = None
     head, in one sentence per key at the top of ``report.md``. Test images identical to a
     training or validation image are counted, and the rows scored without them too.
 
-    The best row's ``mistakes`` most confident wrong predictions are drawn in
-    ``mistakes.png``, its most-confused class pairs listed in ``confused_pairs.csv|md``
-    (:mod:`pipeline.report.mistakes`), and ``report.md`` ends with a paragraph naming them.
+    Parameters
+    ----------
+    folder
+        A folder of results written by ``pipeline heads`` and ``pipeline finetune``
+        (searched recursively for ``results.json``).
+    options
+        :class:`~pipeline.core.options.ReportOptions`: ``mistakes``, the best row's most
+        confident wrong predictions drawn in ``mistakes.png``, whose most-confused class
+        pairs go to ``confused_pairs.csv|md`` (:mod:`pipeline.report.mistakes`) and a
+        paragraph at the end of ``report.md``.
 
     Returns
     -------
-    dict
-        ``summary`` (the sentences), ``rows`` (the table), ``cache_keys`` and ``files``
-        (``report.csv|md|json|png``, ``report_html`` (:mod:`pipeline.report.html`),
-        ``forest_png`` where rows were compared, ``freeze_depth_png`` and
-        ``confusion_matrix_png`` where drawn, and, where rows have probabilities,
-        ``reliability.png`` of the best head and the best fine-tune; ``run_record``: the
-        report's own ``run.json``; where rows have predictions, ``mistakes_png``,
-        ``confused_pairs_csv`` and ``confused_pairs_md``).
+    ReportResult
+        ``summary`` (the sentences), ``rows`` (the table) and ``cache_keys``.
     """
-    record = RunRecord("report", {"folder": str(folder), "out": str(out) if out else None})
-    out = Path(out) if out else Path(folder) / "report"
+    record = RunRecord("report", {"folder": str(folder), "out": None})
     rows = gather_results(folder)
     if not rows:
         raise PipelineError(f"no results.json of heads or fine-tunes under {folder}; "
@@ -151,35 +216,10 @@ def write_report(folder: str | os.PathLike, out: str | os.PathLike | None = None
                        "before predictions were stored): run their stage again to compare "
                        "them image by image.")
     table = _table(rows)
-    compact = compact_rows(table)
-    csv, md = write_table(table, out / "report", preamble="\n\n".join(summary), shown=compact,
-                          postscript=EVERY_COLUMN)
-    (out / "report.json").write_text(json.dumps({"summary": summary, "rows": table},
-                                                indent=2) + "\n")
-    files = {"report_csv": str(csv), "report_md": str(md), "report_json": str(out / "report.json")}
-    labels = [f"{r['method']}: {r['backbone']} / {r['head']}" for r in rows]
-    files["report_png"] = str(interval_chart(
-        labels, [r["test_accuracy"] for r in rows], out / "report.png",
-        "Transfer learning (frozen trunk) against fine-tuning\n(test accuracy, 95% interval)",
-        colors=[_METHOD_COLOURS.get(r["method"], "tab:gray") for r in rows],
-        intervals=[[r[c] for c in interval_columns("test_accuracy")] for r in rows]))
-    forest = _forest(rows, labels, out, several_caches=len(keys) > 1)
-    if forest:
-        files["forest_png"] = str(forest)
-    curves = _best_curves(rows, predictions)
-    if curves:
-        files["reliability_png"] = str(reliability_diagram(
-            curves, out / "reliability.png", "Calibration of the best head and fine-tune"))
-    found, section = write_mistakes(rows, predictions, out, mistakes)
-    if section:
-        md.write_text(md.read_text() + "\n" + section)
-    files.update(found)
     record.update(cache_key=keys, runs=sorted({r["run_record"] for r in rows} - {""}))
-    files["run_record"] = str(record.write(out / RECORD, files.values()))
-    # The page embeds the plots and shows the run records, the report's own included.
-    files.update(write_html(folder, out, summary=summary, compact=compact, rows=rows,
-                            predictions=predictions, files=files))
-    return {"summary": summary, "rows": table, "cache_keys": keys, "files": files}
+    return ReportResult(str(folder), summary, table, keys, options=options,
+                        compact=compact_rows(table), entries=rows, predictions=predictions,
+                        record=record)
 
 
 def _forest(rows: list[dict], labels: list[str], out: Path, several_caches: bool):

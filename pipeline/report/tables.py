@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import csv
+import io
 import os
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
+from pipeline.core.atomic import write_text
 from pipeline.data.layouts import display
 
 
@@ -31,17 +33,21 @@ def write_table(rows: Sequence[dict], stem: str | os.PathLike, preamble: str = "
     keeping every column.
     """
     stem = Path(stem)
-    stem.parent.mkdir(parents=True, exist_ok=True)
     columns = list(rows[0]) if rows else []
-    with open(stem.with_suffix(".csv"), "w", newline="") as fh:
-        writer = csv.DictWriter(fh, columns)
-        writer.writeheader()
-        writer.writerows({c: _cell(r.get(c, "")) for c in columns} for r in rows)
-    stem.with_suffix(".md").write_text(
-        (preamble.rstrip() + "\n\n" if preamble else "")
-        + markdown_table(rows if shown is None else shown)
-        + ("\n" + postscript.rstrip() + "\n" if postscript else ""))
-    return stem.with_suffix(".csv"), stem.with_suffix(".md")
+    text = io.StringIO(newline="")  # the csv module's own line ends (\r\n), as on disk
+    writer = csv.DictWriter(text, columns)
+    writer.writeheader()
+    writer.writerows({c: _cell(r.get(c, "")) for c in columns} for r in rows)
+    csv_path = write_text(stem.with_suffix(".csv"), text.getvalue())
+    md_path = write_text(stem.with_suffix(".md"), markdown_document(
+        rows if shown is None else shown, preamble, postscript))
+    return csv_path, md_path
+
+
+def markdown_document(rows: Sequence[dict], preamble: str = "", postscript: str = "") -> str:
+    """The text of a table's ``.md`` file: ``preamble``, the table, ``postscript``."""
+    return ((preamble.rstrip() + "\n\n" if preamble else "") + markdown_table(rows)
+            + ("\n" + postscript.rstrip() + "\n" if postscript else ""))
 
 
 def markdown_table(rows: Sequence[dict]) -> str:

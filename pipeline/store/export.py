@@ -10,7 +10,6 @@ on disk. Rows are read and written block by block, so memory does not grow with 
 from __future__ import annotations
 
 import csv
-import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.core import distribution
+from pipeline.core.atomic import write_json
 from pipeline.core.errors import PipelineError
 from pipeline.core.options import EXPORT_FORMATS
 from pipeline.data.layouts import as_bytes, display
@@ -128,9 +128,8 @@ def _write_npy(out: Path, blocks: Iterator[_Block], n: int, dim: int, dtype) -> 
                  np.array(values, "S") if name == "path_bytes" else np.array(values, str))
         np.save(out / f"{name}.npy", array)
         files.append(out / f"{name}.npy")
-    (out / "columns.json").write_text(json.dumps(
-        {"rows": n, "dim": dim, "labelled": labelled, "files": [p.name for p in files]},
-        indent=2) + "\n")
+    write_json(out / "columns.json",
+               {"rows": n, "dim": dim, "labelled": labelled, "files": [p.name for p in files]})
     return files + [out / "columns.json"]
 
 

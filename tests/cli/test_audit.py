@@ -7,7 +7,7 @@ import json
 from click.testing import CliRunner
 
 from pipeline.cli.main import main
-from tests.audit.conftest import planted_cache
+from tests.auditing.conftest import planted_cache
 
 
 def _run(*args):

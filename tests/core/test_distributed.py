@@ -21,12 +21,11 @@ import pytest
 import torch
 
 from pipeline.core import distributed
-from pipeline.extract.features import extract_features
 from pipeline.models.backbones import build_classifier, resolve_backbone
 from pipeline.store.cache import cache_info
 from pipeline.store.paths import shard_paths
 from pipeline.store.persistence import load_network
-from tests.conftest import TINY, make_folder
+from tests.conftest import TINY, extract_tiny, make_folder
 
 TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
 ONE_MACHINE = ["--standalone", "--nproc-per-node", "2"]
@@ -80,7 +79,7 @@ def images(tmp_path_factory):
 @pytest.fixture(scope="module")
 def single(images, tmp_path_factory):
     """The cache one process writes: what every multi-process run must reproduce."""
-    return extract_features(images, cache_dir=tmp_path_factory.mktemp("single"), **TINY)
+    return extract_tiny(images, cache_dir=tmp_path_factory.mktemp("single"))
 
 
 # --- the helpers, in one process ------------------------------------------------------------
@@ -162,13 +161,13 @@ def test_a_killed_rank_resumes_its_shard_and_the_cache_is_unchanged(images, sing
     crash.write_text(textwrap.dedent(f"""
         import os, signal
         import pipeline.store.writer
-        from pipeline.extract.features import extract_features
+        from tests.conftest import extract_tiny
         pipeline.store.writer._CHUNK_BYTES = 4 * 512 * 4  # a write every 4 rows (512 float32 each)
         def die(done, total):
             if os.environ["RANK"] == "1" and done >= 8:
                 os.kill(os.getpid(), signal.SIGKILL)
-        extract_features({str(images)!r}, cache_dir={str(cache)!r}, batch_size=4,
-                         on_batch=die, **{TINY!r})
+        extract_tiny({str(images)!r}, cache_dir={str(cache)!r}, batch_size=4,
+                         on_batch=die)
     """))
     killed = torchrun(str(crash))
     assert killed.returncode != 0
@@ -196,10 +195,10 @@ def test_ranks_that_see_different_images_stop_with_one_clear_error(images, tmp_p
     script.write_text(textwrap.dedent(f"""
         import os
         from pipeline.core.errors import PipelineError
-        from pipeline.extract.features import extract_features
+        from tests.conftest import extract_tiny
         data = {str(images)!r} if os.environ["RANK"] == "0" else {str(other)!r}
         try:
-            extract_features(data, cache_dir={str(tmp_path / "c")!r}, **{TINY!r})
+            extract_tiny(data, cache_dir={str(tmp_path / "c")!r})
         except PipelineError as err:
             raise SystemExit(f"error: {{err}}")
     """))

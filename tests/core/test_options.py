@@ -2,23 +2,27 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import fields
 
 import click
 import pytest
+from click.testing import CliRunner
 
 from pipeline.cli.main import main
+from pipeline.core.errors import OptionError
 from pipeline.core.options import (
     FINETUNE_CONCERNS,
+    AuditOptions,
     ExtractOptions,
     HeadsOptions,
     OptimizerOptions,
+    ReportOptions,
     TrainingOptions,
     split_settings,
 )
 from pipeline.extract.features import extract_features
 from pipeline.models.backbones import resolve_backbone
-from tests.conftest import TINY
 
 
 def _cli_default(command: str, name: str):
@@ -28,10 +32,12 @@ def _cli_default(command: str, name: str):
 
 @pytest.mark.parametrize("command, cls", [("extract", ExtractOptions),
                                           *(("finetune", c) for c in FINETUNE_CONCERNS.values()),
-                                          ("heads", HeadsOptions)])
+                                          ("heads", HeadsOptions),
+                                          ("audit", AuditOptions),
+                                          ("report", ReportOptions)])
 def test_every_cli_default_is_the_dataclass_default(command, cls):
     names = {p.name for p in main.commands[command].params if isinstance(p, click.Option)}
-    aliases = {"heads": "head_specs"}
+    aliases = {"heads": "head_specs", "map": "draw_map"}
     checked = 0
     for field in fields(cls):
         name = aliases.get(field.name, field.name)
@@ -51,8 +57,8 @@ def test_every_cli_default_is_the_dataclass_default(command, cls):
             assert cli == field.default, field.name
         checked += 1
     assert checked >= {"ExtractOptions": 9, "OptimizerOptions": 5, "NetworkOptions": 3,
-                       "TrainingOptions": 5, "ActivationOptions": 3,
-                       "HeadsOptions": 3}[cls.__name__]
+                       "TrainingOptions": 5, "ActivationOptions": 3, "HeadsOptions": 3,
+                       "AuditOptions": 7, "ReportOptions": 1}[cls.__name__]
 
 
 def test_settings_go_to_the_dataclass_that_has_them():
@@ -63,20 +69,29 @@ def test_settings_go_to_the_dataclass_that_has_them():
     assert rest == {"weights": "none"}
 
 
-def test_a_spec_and_options_give_the_cache_that_names_and_keywords_give(tmp_path, image_folder):
-    by_name = extract_features(image_folder, cache_dir=tmp_path / "c", **TINY)
+def test_a_spec_and_options_give_the_cache_that_the_cli_gives(tmp_path, image_folder):
     spec = resolve_backbone("resnet18", "none", image_size=32)
-    typed = extract_features(image_folder, spec,
-                             ExtractOptions(cache_dir=tmp_path / "c", workers=0))
-    assert typed.hit and typed.cache_path == by_name.cache_path
+    typed = extract_features(image_folder, backbone=spec,
+                             options=ExtractOptions(cache_dir=tmp_path / "c", workers=0))
+    ran = CliRunner().invoke(main, ["extract", str(image_folder), "--backbone", "resnet18",
+                                    "--weights", "none", "--image-size", "32", "--workers", "0",
+                                    "--cache-dir", str(tmp_path / "c"), "--json", "-q"])
+    assert ran.exit_code == 0, ran.output
+    assert json.loads(ran.stdout)["hit"] and json.loads(ran.stdout)["key"] == typed.key
 
 
-def test_unknown_settings_are_refused(tmp_path, image_folder):
-    with pytest.raises(TypeError, match="unexpected setting"):
-        extract_features(image_folder, cache_dir=tmp_path / "c", epochs=3, **TINY)
-    spec = resolve_backbone("resnet18", "none", image_size=32)
-    with pytest.raises(TypeError, match="belong to resolve_backbone"):
-        extract_features(image_folder, spec, weights="none", cache_dir=tmp_path / "c")
+def test_settings_go_by_keyword_to_the_one_place_that_takes_them(tmp_path, image_folder):
+    with pytest.raises(TypeError):  # options are keyword-only
+        ExtractOptions("float16")
+    with pytest.raises(TypeError):  # no field of that name
+        ExtractOptions(epochs=3)
+    with pytest.raises(TypeError):  # nothing is routed by name: a spec carries the weights
+        extract_features(image_folder, weights="none", cache_dir=tmp_path / "c")
+    with pytest.raises(OptionError, match="dtype must be one of 'float32', 'float16'"):
+        ExtractOptions(dtype="int8")
+    with pytest.raises(OptionError, match="split-fractions must be three fractions"):
+        ExtractOptions(split_fractions=(0.5, 0.5, 0.5))
+    assert not (tmp_path / "c").exists()
 
 
 def test_fine_tune_options_refuse_a_value_out_of_range_by_concern():

@@ -12,8 +12,7 @@ from click.testing import CliRunner
 from pipeline.cli.main import main
 from pipeline.core import progress
 from pipeline.core.errors import PipelineError
-from pipeline.extract.features import extract_features
-from tests.conftest import TINY
+from tests.conftest import extract_tiny
 
 TINY_ARGS = ["--backbone", "resnet18", "--weights", "none", "--image-size", "32",
              "--workers", "0"]
@@ -105,7 +104,7 @@ def test_duration_reads_as_a_log_reader_skims():
 def test_an_extraction_off_a_terminal_prints_a_line_per_interval(tmp_path, image_folder,
                                                                   monkeypatch, capsys):
     monkeypatch.setenv(progress.INTERVAL_ENV, "0")  # every batch: 8, 16, 24, then the end
-    extract_features(image_folder, cache_dir=tmp_path / "c", batch_size=8, **TINY)
+    extract_tiny(image_folder, cache_dir=tmp_path / "c", batch_size=8)
     lines = _lines(capsys.readouterr().err)
     assert [LINE.match(line)["done"] for line in lines] == ["8", "16", "24", "30"]
     assert all(LINE.match(line)["desc"] == "extract resnet18" for line in lines)
@@ -113,11 +112,10 @@ def test_an_extraction_off_a_terminal_prints_a_line_per_interval(tmp_path, image
     assert re.fullmatch(r" in \d+s, [\d.]+ img/s", LINE.match(lines[-1])["rest"])
 
     monkeypatch.setenv(progress.INTERVAL_ENV, "3600")  # a long interval: the end line alone
-    extract_features(image_folder, cache_dir=tmp_path / "other", batch_size=8, **TINY)
+    extract_tiny(image_folder, cache_dir=tmp_path / "other", batch_size=8)
     assert [LINE.match(line)["done"] for line in _lines(capsys.readouterr().err)] == ["30"]
 
-    extract_features(image_folder, cache_dir=tmp_path / "quiet", batch_size=8, progress=False,
-                     **TINY)
+    extract_tiny(image_folder, cache_dir=tmp_path / "quiet", batch_size=8, progress=False)
     assert capsys.readouterr().err == ""
 
 
@@ -143,8 +141,7 @@ def test_finetune_prints_one_line_per_epoch_and_json_stays_clean(tmp_path, split
 
 
 def test_heads_count_their_fits(tmp_path, image_folder, monkeypatch):
-    cache = extract_features(image_folder, cache_dir=tmp_path / "c", progress=False,
-                             **TINY).cache_path
+    cache = extract_tiny(image_folder, cache_dir=tmp_path / "c", progress=False).cache_path
     monkeypatch.setenv(progress.INTERVAL_ENV, "0")
     run = CliRunner().invoke(main, ["heads", str(cache), "--heads", "logreg,linear", "--shots",
                                     "1,all", "--draws", "2", "--out", str(tmp_path / "h"),

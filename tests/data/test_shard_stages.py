@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.audit.run import audit
-from pipeline.core.options import PredictOptions
+from pipeline.auditing.run import audit
+from pipeline.core.options import AuditOptions, PredictOptions
 from pipeline.deploy.predict import predict_images
-from pipeline.extract.features import extract_features
-from pipeline.heads.compare import fit_heads
 from pipeline.report import tiles
-from pipeline.report.summary import write_report
-from tests.conftest import TINY, run_finetune
+from pipeline.report.summary import compare_results
+from tests.conftest import extract_tiny, fit_and_write, run_finetune
 from tests.data.test_shards import write_parquet, write_tar
 
 
@@ -28,8 +26,7 @@ def shards(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def cache(shards, tmp_path_factory):
-    return extract_features(shards, cache_dir=tmp_path_factory.mktemp("c"), progress=False,
-                            **TINY).cache_path
+    return extract_tiny(shards, tmp_path_factory.mktemp("c"), progress=False).cache_path
 
 
 @pytest.fixture
@@ -47,15 +44,16 @@ def thumbnails(monkeypatch):
 
 
 def test_heads_and_the_report_mistake_sheet(cache, tmp_path, thumbnails):
-    result = fit_heads([cache], ["logreg"], tmp_path / "heads")
+    result = fit_and_write([cache], tmp_path / "heads", heads=("logreg",))
     assert len(result.rows) == 1
-    write_report(tmp_path / "heads")
+    compare_results(tmp_path / "heads").write(tmp_path / "heads" / "report")
     assert list((tmp_path / "heads").rglob("mistakes.png"))
     assert thumbnails and all(thumbnails)  # every mistake's tile read from its shard
 
 
 def test_the_audit_gallery_reads_each_image_from_its_shard(cache, tmp_path, thumbnails):
-    result = audit(cache, tmp_path / "audit", progress=False, folds=3)
+    result = audit(cache, options=AuditOptions(folds=3), progress=False)
+    result.write(tmp_path / "audit")
     assert result.images == 39
     assert len(thumbnails) > 0 and all(thumbnails)
     assert (tmp_path / "audit" / "outliers.png").read_bytes()[:4] == b"\x89PNG"
@@ -72,7 +70,7 @@ def test_finetune_on_shards_and_predict_on_its_cache(shards, cache, tmp_path):
 
 
 def test_predict_reads_shard_files_given_directly(cache, tmp_path):
-    heads = fit_heads([cache], ["logreg"], tmp_path / "heads")
+    heads = fit_and_write([cache], tmp_path / "heads", heads=("logreg",))
     model = next((tmp_path / "heads").rglob("*.head"), None)
     assert heads.rows and model is not None
     tar = write_tar(tmp_path / "new.tar", n=4, label=None)

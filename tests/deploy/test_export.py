@@ -19,12 +19,10 @@ from pipeline.cli.main import main
 from pipeline.core.options import PredictOptions
 from pipeline.deploy.export import ExportError, choose_model, export_model, resized_size
 from pipeline.deploy.predict import predict_images
-from pipeline.extract.features import extract_features
 from pipeline.finetuning.network import FinetunedNetwork
-from pipeline.heads.compare import fit_heads
 from pipeline.models.backbones import build_classifier, replace_classifier, resolve_backbone
 from pipeline.store.cache import cache_info
-from tests.conftest import TINY, write_image
+from tests.conftest import extract_tiny, fit_and_write, write_image
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "export.md"
 # Wider and taller than the tiny recipe's 36 px resize: both passes shrink, with antialiasing.
@@ -39,8 +37,8 @@ def trained(tmp_path_factory):
     for c, name in enumerate(CLASSES):
         for i in range(6):
             write_image(root / name / f"{i:02d}.png", 10 * c + i, size=SIZE[::-1])
-    cache = extract_features(root, cache_dir=root.parent / "cache", **TINY).cache_path
-    heads = fit_heads([cache], ["logreg", "mlp", "linear"], root.parent / "heads")
+    cache = extract_tiny(root, cache_dir=root.parent / "cache").cache_path
+    heads = fit_and_write([cache], root.parent / "heads", heads=("logreg", "mlp", "linear"))
     info = cache_info(cache)
     spec = resolve_backbone("resnet18", "none", image_size=32)
     module = build_classifier(spec)

@@ -14,9 +14,7 @@ from PIL import Image
 from pipeline.core.options import PredictOptions
 from pipeline.deploy.predict import predict_images, write_predictions
 from pipeline.extract import batches
-from pipeline.extract.features import extract_features
 from pipeline.finetuning.network import FinetunedNetwork
-from pipeline.heads.compare import fit_heads
 from pipeline.models import feature_model
 from pipeline.models.backbones import (
     build_classifier,
@@ -25,7 +23,7 @@ from pipeline.models.backbones import (
 )
 from pipeline.store.cache import cache_info, read_split
 from pipeline.store.persistence import ModelFileError, load_head, save_head
-from tests.conftest import TINY, make_folder, write_image
+from tests.conftest import extract_tiny, fit_and_write, make_folder, write_image
 
 DEMO = Path(__file__).resolve().parents[2] / "data" / "fashion-mnist-mini"
 
@@ -33,8 +31,8 @@ DEMO = Path(__file__).resolve().parents[2] / "data" / "fashion-mnist-mini"
 @pytest.fixture(scope="module")
 def demo_model(tmp_path_factory):
     out = tmp_path_factory.mktemp("heads")
-    cache = extract_features(DEMO, cache_dir=tmp_path_factory.mktemp("c"), **TINY).cache_path
-    result = fit_heads([cache], ["logreg"], out)
+    cache = extract_tiny(DEMO, cache_dir=tmp_path_factory.mktemp("c")).cache_path
+    result = fit_and_write([cache], out, heads=("logreg",))
     return cache, Path(result.rows[0]["model"])
 
 
@@ -107,7 +105,7 @@ def tiny_network(tmp_path_factory):
     """A random-init 3-class resnet18 at 32 px, as finetune() returns one, and a cache of its
     images."""
     root = make_folder(tmp_path_factory.mktemp("net") / "images", per_class=3)
-    cache = extract_features(root, cache_dir=tmp_path_factory.mktemp("c"), **TINY).cache_path
+    cache = extract_tiny(root, cache_dir=tmp_path_factory.mktemp("c")).cache_path
     info = cache_info(cache)
     spec = resolve_backbone("resnet18", "none", image_size=32)
     module = build_classifier(spec)

@@ -18,11 +18,12 @@ from pipeline.core.distributed import Context
 from pipeline.core.errors import CacheError, DataError
 from pipeline.data.images import file_stamps, fingerprint_files, load_image_set
 from pipeline.extract import features as extract
-from pipeline.extract.features import extract_features
-from pipeline.models.backbones import BackboneSpec, build_classifier
+from pipeline.extract.features import feature_key_spec
+from pipeline.models.backbones import BackboneSpec, build_classifier, resolve_backbone
 from pipeline.store.integrity import CacheDamaged
+from pipeline.store.paths import cache_key
 from pipeline.store.writer import FeatureWriter
-from tests.conftest import TINY, make_folder, write_image
+from tests.conftest import TINY, extract_tiny, make_folder, write_image
 
 # Rows of TINY's features (512 float32) in this many bytes make a chunk of 4 rows: extraction
 # then writes, and a kill or Ctrl-C keeps, every 4 rows (a batch of 4).
@@ -30,7 +31,7 @@ FOUR_ROWS = 4 * 512 * 4
 
 
 def _extract(data, cache_dir, **kw):
-    return extract_features(data, cache_dir=cache_dir, **{**TINY, **kw})
+    return extract_tiny(data, cache_dir, **kw)
 
 
 def _arrays(path):
@@ -128,13 +129,12 @@ def test_kill_9_mid_run_then_resume_equals_an_uninterrupted_run(tmp_path, image_
     script = textwrap.dedent(f"""
         import os, signal
         import pipeline.store.writer
-        from pipeline.extract.features import extract_features
+        from tests.conftest import extract_tiny
         pipeline.store.writer._CHUNK_BYTES = {FOUR_ROWS}
         def die(done, total):
             if done >= 12:
                 os.kill(os.getpid(), signal.SIGKILL)
-        extract_features({str(image_folder)!r}, cache_dir={str(cache_dir)!r}, batch_size=4,
-                         on_batch=die, **{TINY!r})
+        extract_tiny({str(image_folder)!r}, {str(cache_dir)!r}, batch_size=4, on_batch=die)
     """)
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                          env={**os.environ, "PYTHONPATH": os.getcwd()})
@@ -283,10 +283,9 @@ def test_two_runs_started_together_on_one_key_end_with_one_cache(tmp_path, image
     cache_dir = tmp_path / "shared"
     script = textwrap.dedent(f"""
         import json, time
-        from pipeline.extract.features import extract_features
-        result = extract_features({str(image_folder)!r}, cache_dir={str(cache_dir)!r},
-                                  batch_size=4, on_batch=lambda done, total: time.sleep(0.3),
-                                  progress="lines", **{TINY!r})
+        from tests.conftest import extract_tiny
+        result = extract_tiny({str(image_folder)!r}, {str(cache_dir)!r}, batch_size=4,
+                              on_batch=lambda done, total: time.sleep(0.3), progress="lines")
         print(json.dumps({{"hit": result.hit, "path": str(result.cache_path)}}))
     """)
     env = {**os.environ, "PYTHONPATH": os.getcwd(), "PIPELINE_PROGRESS_INTERVAL": "1000"}
@@ -381,3 +380,22 @@ def test_an_unreadable_image_leaves_the_features_of_its_batch_mates_alone(tmp_pa
     good = b["valid"]
     np.testing.assert_array_equal(a["paths"], b["paths"][good])
     np.testing.assert_allclose(b["features"][good], a["features"], rtol=1e-5, atol=1e-6)
+
+
+def test_the_stage_contract_keeps_every_cache_key(tmp_path):
+    # The keys that extract_features(root, cache_dir=..., hash_contents=True, **TINY) gave
+    # before the stage contract (main, 2026-12-07): the new signature changes no key, so
+    # every cache written before is still found.
+    root = make_folder(tmp_path / "d", classes=("a", "b"), per_class=4)
+    plain = extract_tiny(root, tmp_path / "c", hash_contents=True, progress=False)
+    assert plain.key == "50c5dca76f0a87e1f3c3"
+    spec = resolve_backbone("resnet18", "none", image_size=32)
+    images = load_image_set(root, (0.8, 0.1, 0.1), 0)
+    assert cache_key(feature_key_spec(spec, images, "float32", True, None)) == plain.key
+    blocks = extract_tiny(root, tmp_path / "c", hash_contents=True, progress=False,
+                          split_fractions=(0.5, 0.25, 0.25), seed=3, dtype="float16",
+                          layer="blocks")
+    assert blocks.key == "a71617a9e5ddb3f103aa"
+    written = plain.write(tmp_path / "out")
+    assert written == [tmp_path / "out" / "extract.json"]
+    assert json.loads(written[0].read_text()) == plain.to_json()

@@ -20,12 +20,11 @@ from pipeline.deploy.predict import predict_images
 from pipeline.finetuning.run import finetune, sweep_depths
 from pipeline.finetuning.setup import FinetuneError
 from pipeline.heads import LinearProbe
-from pipeline.heads.compare import fit_heads
 from pipeline.models.backbones import build_classifier, replace_classifier, resolve_backbone
-from pipeline.report.summary import write_report
+from pipeline.report.summary import compare_results
 from pipeline.store.cache import read_splits
 from pipeline.store.persistence import load_model, load_network
-from tests.conftest import make_folder, make_split_folder, run_finetune
+from tests.conftest import fit_and_write, make_folder, make_split_folder, run_finetune
 
 FT = {"workers": 0, "batch_size": 8, "epochs": 2, "patience": 5, "lr": 1e-2}
 
@@ -260,10 +259,11 @@ def test_the_result_holds_the_best_network_ready_to_predict(data, tmp_path):
 def test_report_puts_heads_and_fine_tunes_in_one_table(data, tmp_path):
     _run(data, tmp_path, name="runs/finetune", epochs=1)
     cache = _feature_cache(tmp_path / "c")
-    fit_heads([cache], ["logreg"], tmp_path / "runs" / "heads")
-    result = write_report(tmp_path / "runs")
-    assert {r["method"] for r in result["rows"]} == {"transfer", "fine-tune"}
-    assert len(result["cache_keys"]) == 1
+    fit_and_write([cache], tmp_path / "runs" / "heads", heads=("logreg",))
+    result = compare_results(tmp_path / "runs")
+    result.write(tmp_path / "runs" / "report")
+    assert {r["method"] for r in result.rows} == {"transfer", "fine-tune"}
+    assert len(result.cache_keys) == 1
     assert (tmp_path / "runs" / "report" / "report.png").exists()
 
 
@@ -335,5 +335,6 @@ def test_random_weights_and_every_block_is_the_from_scratch_baseline(data, tmp_p
     tuned = _run(data, tmp_path, name="tuned", unfreeze=1, epochs=1)
     assert tuned.row["method"] == "fine-tune"
     assert torch.equal(_final_state(tuned)["conv1.weight"], before["conv1.weight"])
-    report = write_report(tmp_path)
-    assert {r["method"] for r in report["rows"]} == {"from scratch", "fine-tune"}
+    report = compare_results(tmp_path)
+    report.write(tmp_path / "report")
+    assert {r["method"] for r in report.rows} == {"from scratch", "fine-tune"}

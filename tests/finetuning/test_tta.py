@@ -19,13 +19,11 @@ from pipeline.cli.main import main
 from pipeline.core.errors import OptionError
 from pipeline.core.options import PredictOptions
 from pipeline.deploy.predict import predict_images
-from pipeline.extract.features import extract_features
 from pipeline.finetuning.network import FinetunedNetwork
 from pipeline.finetuning.tta import TTAError, average, input_size, transform, view_count, views
-from pipeline.heads.compare import fit_heads
 from pipeline.metrics.scoring import RowPredictions
 from pipeline.models.backbones import build_classifier, replace_classifier, resolve_backbone
-from tests.conftest import TINY, make_folder
+from tests.conftest import extract_tiny, fit_and_write, make_folder
 
 CLASSES = ["cat", "dog", "fox"]
 TINY_ARGS = ["--backbone", "resnet18", "--weights", "none", "--image-size", "32",
@@ -126,8 +124,8 @@ def test_crops_are_the_mirror_alone_where_the_recipe_does_not_crop(network):
 def head(tmp_path_factory):
     """A logistic-regression head on the tiny backbone's features, and its cache."""
     root = make_folder(tmp_path_factory.mktemp("head") / "images", per_class=8)
-    cache = extract_features(root, cache_dir=tmp_path_factory.mktemp("c"), **TINY).cache_path
-    result = fit_heads([cache], ["logreg"], tmp_path_factory.mktemp("heads"))
+    cache = extract_tiny(root, cache_dir=tmp_path_factory.mktemp("c")).cache_path
+    result = fit_and_write([cache], tmp_path_factory.mktemp("heads"), heads=("logreg",))
     return Path(result.rows[0]["model"]), root, cache
 
 

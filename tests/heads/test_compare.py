@@ -3,30 +3,36 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from pipeline.core.errors import DataError, PipelineError
 from pipeline.core.options import HeadsOptions
-from pipeline.extract.features import extract_features
 from pipeline.heads.compare import fit_heads, load_cache_data, sample_shots
 from pipeline.metrics.scoring import RowPredictions
 from pipeline.metrics.significance import accuracy_interval
-from tests.conftest import TINY, make_folder, make_split_folder, run_finetune
+from tests.conftest import (
+    extract_tiny,
+    fit_and_write,
+    make_folder,
+    make_split_folder,
+    run_finetune,
+)
 
 
 @pytest.fixture(scope="module")
 def cache_file(tmp_path_factory):
     root = make_folder(tmp_path_factory.mktemp("d") / "images", per_class=20)
-    return extract_features(root, cache_dir=tmp_path_factory.mktemp("c"), **TINY).cache_path
+    return extract_tiny(root, cache_dir=tmp_path_factory.mktemp("c")).cache_path
 
 
 HEADS = ["logreg", "sklearn.neighbors.KNeighborsClassifier:n_neighbors=3"]
 
 
 def test_table_plots_and_models_are_written(tmp_path, cache_file):
-    result = fit_heads([cache_file], HEADS, tmp_path / "out")
+    result = fit_and_write([cache_file], tmp_path / "out", heads=HEADS)
     assert [r["head"] for r in result.rows] == ["logreg", "KNeighborsClassifier"]
     row = result.rows[0]
     assert row["backbone"] == "resnet18" and row["chosen"].startswith("C=")
@@ -39,8 +45,32 @@ def test_table_plots_and_models_are_written(tmp_path, cache_file):
     assert len(lines) == 1 + 2 * 3  # header + 2 heads x 3 classes
 
 
+def test_the_stage_writes_nothing_and_its_rows_are_a_direct_scikit_learn_fit(tmp_path,
+                                                                            cache_file):
+    from sklearn.neighbors import KNeighborsClassifier
+
+    result = fit_heads([cache_file], options=HeadsOptions(heads=(HEADS[1],)), progress=False)
+    assert list(tmp_path.iterdir()) == []  # fitting writes nothing
+    data = load_cache_data(cache_file)
+    direct = KNeighborsClassifier(n_neighbors=3).fit(data.train.X, data.train.y)
+    y_pred = direct.predict(data.test.X)
+    row = result.rows[0]
+    assert row["test_accuracy"] == float(np.mean(y_pred == data.test.y))
+    assert row["model"] == "models/resnet18-" + data.info["key"][:8] + \
+        "-KNeighborsClassifier.head"  # relative until written
+    written = result.write(tmp_path / "out")
+    stored = RowPredictions.load(tmp_path / "out" / row["predictions"])
+    np.testing.assert_array_equal(stored.y_pred, y_pred)
+    on_disk = {p for p in (tmp_path / "out").rglob("*") if p.is_file()}
+    assert set(written) == on_disk and row["model"] == str(
+        tmp_path / "out" / "models" / Path(row["model"]).name)
+    assert {p.name for p in on_disk} >= {"results.csv", "results.md", "results.json",
+                                         "per_class.csv", "comparison.png", "run.json",
+                                         "confusion_matrix.png", "reliability.png"}
+
+
 def test_each_row_has_intervals_and_its_test_predictions(tmp_path, cache_file):
-    result = fit_heads([cache_file], HEADS, tmp_path / "out")
+    result = fit_and_write([cache_file], tmp_path / "out", heads=HEADS)
     data = load_cache_data(cache_file)
     for row in result.rows:
         stored = RowPredictions.load(tmp_path / "out" / row["predictions"])
@@ -60,10 +90,10 @@ def test_each_row_has_intervals_and_its_test_predictions(tmp_path, cache_file):
 
 def test_repeats_refit_with_other_seeds_on_the_same_splits(tmp_path, cache_file):
     def run(out):
-        return fit_heads([cache_file], ["logreg", "mlp"], out, repeats=3, seed=5)
+        return fit_and_write([cache_file], out, heads=("logreg", "mlp"), repeats=3, seed=5)
 
     first, again = run(tmp_path / "a"), run(tmp_path / "b")
-    single = fit_heads([cache_file], ["logreg", "mlp"], tmp_path / "c", seed=5)
+    single = fit_and_write([cache_file], tmp_path / "c", heads=("logreg", "mlp"), seed=5)
     logreg, mlp = first.rows
     assert logreg["repeats"] == mlp["repeats"] == 3
     assert logreg["test_accuracy_seeds_std"] == 0  # L-BFGS on the same split: no seed in it
@@ -81,21 +111,21 @@ def test_repeats_refit_with_other_seeds_on_the_same_splits(tmp_path, cache_file)
     assert strip == [{k: v for k, v in r.items() if not k.endswith("_s") and k != "model"}
                      for r in again.rows]
     with pytest.raises(PipelineError, match="repeats"):
-        fit_heads([cache_file], ["logreg"], tmp_path / "d", repeats=0)
+        fit_and_write([cache_file], tmp_path / "d", heads=("logreg",), repeats=0)
 
 
 def test_same_seed_same_table_to_the_digit(tmp_path, cache_file):
     def scores(out):
-        rows = fit_heads([cache_file], HEADS, out, shots=[1, 2], draws=2, seed=3).rows
+        rows = fit_and_write([cache_file], out, heads=HEADS, shots=(1, 2), draws=2, seed=3).rows
         return [{k: v for k, v in r.items() if not k.endswith("_s") and k != "model"}
                 for r in rows]
     assert scores(tmp_path / "a") == scores(tmp_path / "b")
 
 
 def test_several_caches_land_in_one_table(tmp_path, cache_file):
-    other = extract_features(make_folder(tmp_path / "d", per_class=20),
-                             cache_dir=tmp_path / "c", **{**TINY, "image_size": 48})
-    result = fit_heads([cache_file, other.cache_path], ["logreg"], tmp_path / "out")
+    other = extract_tiny(make_folder(tmp_path / "d", per_class=20),
+                             cache_dir=tmp_path / "c", image_size=48)
+    result = fit_and_write([cache_file, other.cache_path], tmp_path / "out", heads=("logreg",))
     assert len(result.rows) == 2 and len({r["model"] for r in result.rows}) == 2
     assert json.loads((tmp_path / "out" / "results.json").read_text())[1]["head"] == "logreg"
 
@@ -107,11 +137,11 @@ def test_activation_caches_among_the_paths_are_left_out_and_alone_refused(tmp_pa
     every = sorted((tmp_path / "c").glob("resnet18-*.h5"))  # the glob a user types
     activations = [p for p in every if p.name.endswith(".activations.h5")]
     assert activations and len(every) == len(activations) + 1
-    result = fit_heads(every, ["logreg"], tmp_path / "out")
+    result = fit_and_write(every, tmp_path / "out", heads=("logreg",))
     assert len(result.rows) == 1 and result.skipped == [str(p) for p in activations]
     assert result.to_json()["skipped_activation_caches"] == result.skipped
     with pytest.raises(DataError, match="is an activation cache written by fine-tuning"):
-        fit_heads(activations, ["logreg"], tmp_path / "out2")
+        fit_and_write(activations, tmp_path / "out2", heads=("logreg",))
 
 
 def test_k_shot_sampling_takes_k_per_class_from_train_only():
@@ -123,7 +153,8 @@ def test_k_shot_sampling_takes_k_per_class_from_train_only():
 
 
 def test_shots_table_has_a_row_per_k_with_spread(tmp_path, cache_file):
-    result = fit_heads([cache_file], ["logreg"], tmp_path / "out", shots=[1, 3, "all"], draws=3)
+    result = fit_and_write([cache_file], tmp_path / "out", heads=("logreg",),
+                           shots=(1, 3, "all"), draws=3)
     by_k = {r["shots"]: r for r in result.shots}
     assert set(by_k) == {1, 3, "all"} and by_k[1]["draws"] == 3 and by_k["all"]["draws"] == 1
     largest = int(np.bincount(load_cache_data(cache_file).train.y).max())
@@ -148,7 +179,7 @@ def test_k_shot_fits_never_see_val_or_test(tmp_path, cache_file, monkeypatch):
         return original(estimator, train, val)
 
     monkeypatch.setattr(compare_module, "_fit", spy)
-    fit_heads([cache_file], ["logreg"], tmp_path / "out", shots=[2], draws=2)
+    fit_and_write([cache_file], tmp_path / "out", heads=("logreg",), shots=(2,), draws=2)
     assert len(seen) == 3  # the full fit, then two 2-shot draws
     for X in seen[1:]:
         assert len(X) == 6 and all(tuple(row) in allowed for row in X)
@@ -156,26 +187,25 @@ def test_k_shot_fits_never_see_val_or_test(tmp_path, cache_file, monkeypatch):
 
 def test_bad_inputs_are_pipeline_errors(tmp_path, cache_file):
     with pytest.raises(PipelineError):
-        fit_heads([cache_file], ["nohead"], tmp_path / "out")
+        fit_and_write([cache_file], tmp_path / "out", heads=("nohead",))
     no_val = make_split_folder(tmp_path / "s", counts={"train": 4, "test": 2})
-    path = extract_features(no_val, cache_dir=tmp_path / "c", split_fractions=(1.0, 0.0, 0.0),
-                            **TINY).cache_path
+    path = extract_tiny(no_val, cache_dir=tmp_path / "c",
+                        split_fractions=(1.0, 0.0, 0.0)).cache_path
     with pytest.raises(DataError, match="val split has no"):
-        fit_heads([path], ["logreg"], tmp_path / "out")
+        fit_and_write([path], tmp_path / "out", heads=("logreg",))
     with pytest.raises(PipelineError, match="no such cache"):
-        fit_heads([tmp_path / "missing.h5"], ["logreg"], tmp_path / "out")
+        fit_and_write([tmp_path / "missing.h5"], tmp_path / "out", heads=("logreg",))
 
 
 def test_two_class_rows_carry_the_positive_class_recall(tmp_path):
     root = make_folder(tmp_path / "images", classes=("cat", "dog"), per_class=15)
-    cache = extract_features(root, cache_dir=tmp_path / "c", **TINY).cache_path
-    default = fit_heads([cache], ["logreg"], tmp_path / "a").rows[0]
-    chosen = fit_heads([cache], ["logreg"], tmp_path / "b",
-                       options=HeadsOptions(positive="cat")).rows[0]
+    cache = extract_tiny(root, cache_dir=tmp_path / "c").cache_path
+    default = fit_and_write([cache], tmp_path / "a", heads=("logreg",)).rows[0]
+    chosen = fit_and_write([cache], tmp_path / "b", heads=("logreg",), positive="cat").rows[0]
     assert (default["positive_class"], chosen["positive_class"]) == ("dog", "cat")
     stored = RowPredictions.load(tmp_path / "a" / default["predictions"])
     dogs = stored.y_true == 1
     assert default["positive_recall"] == pytest.approx(np.mean(stored.y_pred[dogs] == 1))
     assert default["false_negative_rate"] == pytest.approx(1 - default["positive_recall"])
     with pytest.raises(PipelineError, match="not a class"):
-        fit_heads([cache], ["logreg"], tmp_path / "c2", options=HeadsOptions(positive="fox"))
+        fit_and_write([cache], tmp_path / "c2", heads=("logreg",), positive="fox")

@@ -9,11 +9,9 @@ import numpy as np
 import pytest
 
 from pipeline.core.errors import BackboneError
-from pipeline.extract.features import extract_features
-from pipeline.heads.compare import fit_heads
 from pipeline.models.backbones import build_feature_model, resolve_backbone
 from pipeline.store.integrity import verify_cache
-from tests.conftest import TINY, make_split_folder
+from tests.conftest import extract_tiny, fit_and_write, make_split_folder
 
 
 @pytest.fixture(scope="module")
@@ -21,13 +19,13 @@ def layered(tmp_path_factory):
     root = make_split_folder(tmp_path_factory.mktemp("layers") / "data",
                              counts={"train": 8, "val": 4, "test": 4}, classes=("a", "b", "c"))
     cache_dir = root.parent / "cache"
-    return root, cache_dir, extract_features(root, cache_dir=cache_dir, layer="blocks", **TINY)
+    return root, cache_dir, extract_tiny(root, cache_dir=cache_dir, layer="blocks")
 
 
 def test_blocks_come_out_of_one_pass_side_by_side_with_a_view_per_layer(layered):
     root, cache_dir, result = layered
-    single = {name: extract_features(root, cache_dir=cache_dir,
-                                     layer=None if name == "bottleneck" else name, **TINY)
+    single = {name: extract_tiny(root, cache_dir=cache_dir,
+                                     layer=None if name == "bottleneck" else name)
               for name in ("layer2", "bottleneck")}
     with h5py.File(result.cache_path) as f:
         layers = json.loads(f.attrs["layers"])
@@ -39,13 +37,13 @@ def test_blocks_come_out_of_one_pass_side_by_side_with_a_view_per_layer(layered)
             with h5py.File(one.cache_path) as g:
                 assert np.allclose(f[f"layers/{name}"][:], g["features"][:], atol=1e-4)
     assert verify_cache(result.cache_path)["status"] == "ok"
-    again = extract_features(root, cache_dir=cache_dir, layer="blocks", **TINY)
+    again = extract_tiny(root, cache_dir=cache_dir, layer="blocks")
     assert again.hit and again.cache_path == result.cache_path
 
 
 def test_the_heads_draw_the_probe_of_every_layer(layered, tmp_path):
     _, _, result = layered
-    comparison = fit_heads([result.cache_path], ["logreg"], tmp_path)
+    comparison = fit_and_write([result.cache_path], tmp_path, heads=("logreg",))
     assert [r["layer"] for r in comparison.layers] == ["layer1", "layer2", "layer3",
                                                        "bottleneck"]
     assert [r["features"] for r in comparison.layers] == [64, 128, 256, 512]
@@ -65,7 +63,7 @@ def test_an_unknown_or_repeated_layer_is_refused():
 
 def test_the_default_heads_on_a_multi_layer_cache_add_the_multi_layer_head(layered, tmp_path):
     _, _, result = layered
-    comparison = fit_heads([result.cache_path], out=tmp_path)
+    comparison = fit_and_write([result.cache_path], tmp_path)
     rows = {r["head"]: r for r in comparison.rows}
     assert list(rows) == ["logreg", "mlp", "linear", "multilayer"]
     chosen = dict(part.split("=", 1) for part in rows["multilayer"]["chosen"].split(","))
@@ -76,5 +74,5 @@ def test_the_default_heads_on_a_multi_layer_cache_add_the_multi_layer_head(layer
                   (item.split(":") for item in chosen["layers"].split("+"))}
         assert set(counts) <= {"layer1", "layer2", "layer3", "bottleneck"}
         assert sum(counts.values()) == round(float(chosen["fraction"]) * result.dim)
-    single = fit_heads([result.cache_path], ["logreg"], tmp_path / "one")
+    single = fit_and_write([result.cache_path], tmp_path / "one", heads=("logreg",))
     assert [r["head"] for r in single.rows] == ["logreg"]  # heads named: no head added

@@ -13,6 +13,7 @@ from sklearn.datasets import load_sample_images
 from torchvision.models import ResNet18_Weights
 
 from pipeline.core.errors import BackboneError, WeightsError
+from pipeline.core.options import ExtractOptions
 from pipeline.data.images import ImageFiles, load_image_set
 from pipeline.extract.features import extract_features
 from pipeline.models.backbones import (
@@ -39,9 +40,9 @@ FAMILIES = ["resnet18", "vgg11", "mobilenet_v3_small", "efficientnet_b0", "convn
 @pytest.mark.parametrize("name", FAMILIES)
 def test_cached_bottleneck_through_final_layer_gives_the_logits(tmp_path, name):
     root = make_folder(tmp_path / "d", classes=("a", "b"), per_class=3)
-    result = extract_features(root, backbone=name, weights="none", image_size=32, workers=0,
-                              cache_dir=tmp_path / "c", split_fractions=(1.0, 0.0, 0.0))
     spec = resolve_backbone(name, "none", image_size=32)  # random init seeded as extract's
+    result = extract_features(root, backbone=spec, options=ExtractOptions(
+        workers=0, cache_dir=tmp_path / "c", split_fractions=(1.0, 0.0, 0.0)))
     model = build_classifier(spec)
     images = load_image_set(root, (1.0, 0.0, 0.0))
     files = ImageFiles(images, spec.preprocessing.transform(), (3, 32, 32))

@@ -20,7 +20,6 @@ from click.testing import CliRunner
 from torch import nn
 
 from pipeline.extract.batches import prefetched
-from pipeline.extract.features import extract_features
 from pipeline.models import engines, families
 from pipeline.models.backbones import build_feature_model, resolve_backbone
 from pipeline.models.engines import (
@@ -33,7 +32,7 @@ from pipeline.models.engines import (
     resolve_engine,
 )
 from pipeline.models.families import Family, family_of
-from tests.conftest import TINY, run_finetune
+from tests.conftest import extract_tiny, run_finetune
 
 CPU = torch.device("cpu")
 # One network or more per registered family, at a small input size (Lite0 with its real
@@ -281,8 +280,8 @@ def test_extraction_with_onnxruntime_is_keyed_by_it_and_gives_torchs_features(
         exported, tmp_path, image_folder):
     cache = tmp_path / "c"
     _copy_export(exported, cache)  # TINY's network: the export is found, not redone
-    by_torch = extract_features(image_folder, cache_dir=cache, **TINY)
-    by_ort = extract_features(image_folder, cache_dir=cache, engine="onnxruntime", **TINY)
+    by_torch = extract_tiny(image_folder, cache_dir=cache)
+    by_ort = extract_tiny(image_folder, cache_dir=cache, engine="onnxruntime")
     assert by_torch.engine == "torch" and by_ort.engine == "onnxruntime"
     assert by_ort.key != by_torch.key and not by_ort.hit
     torch_spec, torch_features, _, _ = _spec_of(by_torch.cache_path)
@@ -295,15 +294,15 @@ def test_extraction_with_onnxruntime_is_keyed_by_it_and_gives_torchs_features(
     assert versions["onnxruntime"] == engines.get_engine("onnxruntime").version()
     scale = np.abs(torch_features).max()
     assert np.abs(ort_features - torch_features).max() <= CHECK_RTOL * scale
-    auto = extract_features(image_folder, cache_dir=cache, engine="auto", **TINY)
+    auto = extract_tiny(image_folder, cache_dir=cache, engine="auto")
     assert auto.hit and auto.cache_path == by_ort.cache_path  # onnxruntime comes first
     assert auto.to_json()["engine"] == "onnxruntime"
     assert len(list(cache.glob("*.exported"))) == 1
     if glob.glob("/dev/nvidia[0-9]*"):  # a GPU machine asks torch about its device
         return
-    code = (f"from pipeline.extract.features import extract_features\n"
-            f"r = extract_features({str(image_folder)!r}, cache_dir={str(cache)!r}, "
-            f"engine='auto', **{TINY!r})\n"
+    code = (f"from tests.conftest import extract_tiny\n"
+            f"r = extract_tiny({str(image_folder)!r}, cache_dir={str(cache)!r}, "
+            f"engine='auto')\n"
             f"import json, sys\n"
             f"print(json.dumps([r.hit, [m for m in ('torch', 'onnxruntime', 'openvino', 'onnx')"
             f" if m in sys.modules]]))")
@@ -400,9 +399,9 @@ def test_with_one_core_onnxruntime_decodes_ahead_in_a_thread(exported, tmp_path,
     monkeypatch.setattr(engines, "_threads", lambda: 1)  # one core: a single stream
     cache = tmp_path / "c"
     _copy_export(exported, cache)
-    extract_features(image_folder, cache_dir=cache, **TINY)  # workers 0, torch on the CPU
+    extract_tiny(image_folder, cache_dir=cache)  # workers 0, torch on the CPU
     assert used == []
-    extract_features(image_folder, cache_dir=cache, engine="onnxruntime", **TINY)
+    extract_tiny(image_folder, cache_dir=cache, engine="onnxruntime")
     assert used == [extract._PREFETCH_BATCHES]
     assert engines.get_engine("torch").decodes_ahead("cuda")
     assert not engines.get_engine("torch").decodes_ahead("cpu")
@@ -474,8 +473,8 @@ def test_extraction_in_streams_writes_what_one_stream_writes(exported, tmp_path,
     monkeypatch.setattr(extract, "_streamed", spy)
     for n in (1, 3):
         monkeypatch.setattr(engines, "_threads", lambda n=n: n)
-        results[n] = extract_features(image_folder, cache_dir=cache_dir[n], engine="onnxruntime",
-                                      batch_size=4, **TINY)
+        results[n] = extract_tiny(image_folder, cache_dir=cache_dir[n], engine="onnxruntime",
+                                      batch_size=4)
     assert runs == [3]  # one thread: in turn (decoding ahead); three: three streams
     assert results[3].failures == results[1].failures and len(results[3].failures) == 2
     one, three = (_spec_of(results[n].cache_path)[1] for n in (1, 3))

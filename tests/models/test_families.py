@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from pipeline.core.errors import BackboneError
+from pipeline.core.options import ExtractOptions
 from pipeline.extract.features import extract_features
 from pipeline.models import families
 from pipeline.models.backbones import (
@@ -115,9 +116,8 @@ def test_a_new_family_is_one_class_and_one_registration(toy_family, tmp_path):
     spec = resolve_backbone("toy/two-stage", "none", seed=3)
     assert spec.key()["family"] == "toy" and spec.arch == "two-stage"
     root = make_folder(tmp_path / "d", classes=("a", "b"), per_class=3)
-    result = extract_features(root, backbone="toy/two-stage", weights="none", seed=3,
-                              workers=0, cache_dir=tmp_path / "c",
-                              split_fractions=(1.0, 0.0, 0.0))
+    result = extract_features(root, backbone=spec, options=ExtractOptions(
+        seed=3, workers=0, cache_dir=tmp_path / "c", split_fractions=(1.0, 0.0, 0.0)))
     with h5py.File(result.cache_path) as f:
         assert f["features"].shape == (6, 16)  # the input of TwoStageNet.fc
     model = build_classifier(spec)

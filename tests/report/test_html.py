@@ -17,7 +17,7 @@ from pipeline.metrics.scoring import RowPredictions, results_row
 from pipeline.report import plots
 from pipeline.report.compact import compact_rows
 from pipeline.report.html import freeze_depth_series
-from pipeline.report.summary import write_report
+from pipeline.report.summary import compare_results
 
 N = 120
 Y = np.arange(N) % 3
@@ -93,8 +93,9 @@ def report(tmp_path):
     (depths / "freeze_depth.csv").write_text(
         "blocks_unfrozen,test_accuracy,test_accuracy_ci_low,test_accuracy_ci_high\n"
         "0,0.792,0.71,0.86\n2,0.817,0.74,0.88\n1,0.875,0.80,0.93\n")
-    result = write_report(tmp_path)
-    return result, Path(result["files"]["report_html"])
+    result = compare_results(tmp_path)
+    result.write(tmp_path / "report")
+    return result, Path(result.files["report_html"])
 
 
 def test_every_plot_is_embedded_and_nothing_is_fetched(report):
@@ -106,14 +107,14 @@ def test_every_plot_is_embedded_and_nothing_is_fetched(report):
         assert base64.b64decode(src.split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
     assert page.links == [] and page.scripts == [None]  # the sorting script is inline
     assert "http://" not in path.read_text() and "https://" not in path.read_text()
-    assert {"forest_png", "freeze_depth_png", "confusion_matrix_png"} <= set(result["files"])
+    assert {"forest_png", "freeze_depth_png", "confusion_matrix_png"} <= set(result.files)
 
 
 def test_every_row_of_the_compact_table_is_on_the_page(report):
     result, path = report
     page = Page(path.read_text())
     header, *body = page.tables["results"]
-    compact = compact_rows(result["rows"])
+    compact = compact_rows(result.rows)
     assert header == list(compact[0])
     assert body == [[str(row[c]) for c in header] for row in compact]
     assert [row[header.index("head")] for row in body] == [
@@ -159,7 +160,7 @@ def test_a_browser_opens_the_page_and_sorts_the_table(report, order, tmp_path):
          f"--user-data-dir={tmp_path / 'profile'}", "--dump-dom", path.as_uri() + order],
         capture_output=True, text=True, timeout=120, check=True).stdout
     header, *body = Page(dom).tables["results"]
-    assert header[4] == "accuracy [95% CI]" and len(body) == len(result["rows"])
+    assert header[4] == "accuracy [95% CI]" and len(body) == len(result.rows)
     accuracy = [float(r[4].split()[0]) for r in body]
     expected = sorted(accuracy, reverse=order != "#sort=4")  # the report lists best first
     assert accuracy == expected
@@ -175,9 +176,10 @@ def test_the_layer_curve_and_the_advice_are_on_the_page_and_in_the_summary(tmp_p
     plots.curve_plot(curve, advice / "advice.png", "advice", "depth", "accuracy")
     sentence = "Advice (resnet18): heads only (--unfreeze 0; sweep 0,1): 100 per class."
     (advice / "advice.json").write_text(json.dumps({"sentence": sentence, "unfreeze": 0}))
-    result = write_report(tmp_path)
-    text = Path(result["files"]["report_html"]).read_text()
-    assert sentence in result["summary"] and sentence in Path(result["files"]["report_md"]
+    result = compare_results(tmp_path)
+    result.write(tmp_path / "report")
+    text = Path(result.files["report_html"]).read_text()
+    assert sentence in result.summary and sentence in Path(result.files["report_md"]
                                                               ).read_text()
     captions = re.findall(r"<figcaption>(.*?)</figcaption>", text)
     assert captions[2:4] == ["Linear probe per layer: heads", "Advice: advice"]

@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 from sklearn.metrics import confusion_matrix
 
+from pipeline.core.options import ReportOptions
 from pipeline.metrics.scoring import RowPredictions, results_row
 from pipeline.report.mistakes import (
     best_row,
@@ -19,7 +20,7 @@ from pipeline.report.mistakes import (
     contact_sheet_figure,
     top_mistakes,
 )
-from pipeline.report.summary import write_report
+from pipeline.report.summary import compare_results
 from pipeline.store.run_record import RunRecord
 
 CLASSES = ["cat", "dog", "fox"]
@@ -148,10 +149,11 @@ def test_the_report_draws_the_mistakes_of_its_best_row(tmp_path):
     worse.y_pred[:6] = (worse.y_true[:6] + 1) % 3
     _run(tmp_path / "runs" / "a", "logreg", worse, data)
     _run(tmp_path / "runs" / "b", "mlp", best, data)
-    result = write_report(tmp_path / "runs", mistakes=3)
+    result = compare_results(tmp_path / "runs", options=ReportOptions(mistakes=3))
+    result.write(tmp_path / "runs" / "report")
     out = tmp_path / "runs" / "report"
-    assert result["rows"][0]["head"] == "mlp"  # the best row, whose mistakes are drawn
-    assert result["files"]["mistakes_png"] == str(out / "mistakes.png")
+    assert result.rows[0]["head"] == "mlp"  # the best row, whose mistakes are drawn
+    assert result.files["mistakes_png"] == str(out / "mistakes.png")
     assert (out / "mistakes.png").read_bytes()[:4] == b"\x89PNG"
     lines = (out / "confused_pairs.csv").read_text().splitlines()
     assert lines[0] == "true,predicted,count,share_of_true"

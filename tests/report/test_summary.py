@@ -11,7 +11,7 @@ import pytest
 from pipeline.core.errors import PipelineError
 from pipeline.metrics.scoring import RowPredictions, results_row
 from pipeline.metrics.significance import accuracy_interval, mcnemar_test, paired_difference
-from pipeline.report.summary import gather_results, write_report
+from pipeline.report.summary import compare_results, gather_results
 
 N = 200
 Y = np.arange(N) % 4
@@ -50,8 +50,13 @@ def test_each_row_is_compared_with_the_best_on_the_same_images(tmp_path):
     best, worse = _predictions(170), _predictions(150)
     _write_run(tmp_path / "heads", "logreg", "transfer", worse)
     _write_run(tmp_path / "finetune" / "unfreeze-1", "finetune-1", "fine-tune", best)
-    result = write_report(tmp_path)
-    tuned, transfer = result["rows"]  # best first
+    result = compare_results(tmp_path)
+    assert not (tmp_path / "report").exists()  # the stage computes; its result writes
+    written = result.write(tmp_path / "report")
+    assert sorted(f.name for f in written) == sorted(f.name for f in
+                                                     (tmp_path / "report").iterdir())
+    assert set(result.to_json()) == {"summary", "rows", "cache_keys", "files"}
+    tuned, transfer = result.rows  # best first
     assert (tuned["head"], tuned["diff_vs_best"], tuned["p_vs_best"]) == ("finetune-1", 0, 1)
     expected = paired_difference(Y, worse, best)
     assert transfer["diff_vs_best"] == pytest.approx(-0.1)
@@ -64,7 +69,7 @@ def test_each_row_is_compared_with_the_best_on_the_same_images(tmp_path):
     first = md.splitlines()[0]
     assert first.startswith("Best: fine-tune resnet18 / finetune-1, test accuracy 0.850")
     assert "differ significantly on this data (difference +0.100" in first
-    assert md == "\n\n".join(result["summary"]) + "\n\n" + md.split("\n\n", 1)[1]
+    assert md == "\n\n".join(result.summary) + "\n\n" + md.split("\n\n", 1)[1]
     header = (tmp_path / "report" / "report.csv").read_text().splitlines()[0].split(",")
     assert header[4:7] == ["test_accuracy", "test_accuracy_ci_low", "test_accuracy_ci_high"]
     assert {"diff_vs_best", "diff_vs_best_ci_low", "diff_vs_best_ci_high", "p_vs_best",
@@ -73,33 +78,35 @@ def test_each_row_is_compared_with_the_best_on_the_same_images(tmp_path):
     for name in ("report.png", "reliability.png", "report.json"):
         assert (tmp_path / "report" / name).stat().st_size > 0
     assert json.loads((tmp_path / "report" / "report.json").read_text())["summary"] == \
-        result["summary"]
+        result.summary
 
 
 def test_a_difference_within_noise_is_called_so(tmp_path):
     _write_run(tmp_path / "a", "logreg", "transfer", _predictions(168))
     _write_run(tmp_path / "b", "mlp", "transfer", _predictions(160, seed=1))
     _write_run(tmp_path / "c", "finetune-1", "fine-tune", _predictions(171, seed=2))
-    result = write_report(tmp_path)
-    sentence = result["summary"][0]
+    result = compare_results(tmp_path)
+    result.write(tmp_path / "report")
+    sentence = result.summary[0]
     assert ", though 1 of the 2 other rows is not significantly worse" in sentence  # not mlp
     assert "fine-tuning (best: finetune-1, 0.855) and transfer (best: logreg, 0.840) do not " \
            "differ significantly" in sentence
-    assert [r["p_vs_best"] >= 0.05 for r in result["rows"]] == [True, True, False]
+    assert [r["p_vs_best"] >= 0.05 for r in result.rows] == [True, True, False]
 
 
 def test_only_rows_of_one_cache_key_are_compared(tmp_path):
     _write_run(tmp_path / "a", "logreg", "transfer", _predictions(150), key="a" * 20)
     _write_run(tmp_path / "b", "logreg-2", "transfer", _predictions(190), key="b" * 20)
     _write_run(tmp_path / "c", "finetune-1", "fine-tune", _predictions(160), key="a" * 20)
-    result = write_report(tmp_path)
-    assert result["cache_keys"] == ["a" * 20, "b" * 20]
-    by_head = {r["head"]: r for r in result["rows"]}
+    result = compare_results(tmp_path)
+    result.write(tmp_path / "report")
+    assert result.cache_keys == ["a" * 20, "b" * 20]
+    by_head = {r["head"]: r for r in result.rows}
     assert by_head["finetune-1"]["p_vs_best"] == 1 and by_head["logreg-2"]["p_vs_best"] == 1
     assert by_head["logreg"]["diff_vs_best"] == pytest.approx(-0.05)
-    assert result["summary"][0].startswith("On cache aaaaaaaa (resnet18): Best: fine-tune")
-    assert result["summary"][1].startswith("On cache bbbbbbbb (resnet18): Best: transfer")
-    assert "only transfer rows were scored on these images" in result["summary"][1]
+    assert result.summary[0].startswith("On cache aaaaaaaa (resnet18): Best: fine-tune")
+    assert result.summary[1].startswith("On cache bbbbbbbb (resnet18): Best: transfer")
+    assert "only transfer rows were scored on these images" in result.summary[1]
 
 
 def test_predictions_in_another_order_are_paired_image_by_image(tmp_path):
@@ -107,7 +114,7 @@ def test_predictions_in_another_order_are_paired_image_by_image(tmp_path):
     _write_run(tmp_path / "a", "logreg", "transfer", worse,
                order=np.random.default_rng(0).permutation(N))
     _write_run(tmp_path / "b", "finetune-1", "fine-tune", best)
-    transfer = write_report(tmp_path)["rows"][1]
+    transfer = compare_results(tmp_path).rows[1]
     assert transfer["p_vs_best"] == mcnemar_test(worse == Y, best == Y)
     assert transfer["diff_vs_best"] == pytest.approx(-0.1)
 
@@ -117,24 +124,26 @@ def test_leaked_test_images_are_counted_and_left_out_of_a_second_score(tmp_path)
     leaked[:12] = True  # all 12 right for both rows: they inflate the scores
     _write_run(tmp_path / "a", "logreg", "transfer", _predictions(150), leaked=leaked)
     _write_run(tmp_path / "b", "finetune-1", "fine-tune", _predictions(170), leaked=leaked)
-    result = write_report(tmp_path)
-    tuned, transfer = result["rows"]
+    result = compare_results(tmp_path)
+    result.write(tmp_path / "report")
+    tuned, transfer = result.rows
     assert tuned["leaked_test_images"] == transfer["leaked_test_images"] == 12
     assert tuned["test_accuracy_without_leaked"] == pytest.approx(158 / 188)
     assert (transfer["test_accuracy_without_leaked_ci_low"],
             transfer["test_accuracy_without_leaked_ci_high"]) == accuracy_interval(138, 188)
-    assert result["summary"][1].startswith("Warning: 12 of 200 test images are identical to a "
+    assert result.summary[1].startswith("Warning: 12 of 200 test images are identical to a "
                                            "training or validation image")
-    assert "0.840 instead of 0.850" in result["summary"][1]
+    assert "0.840 instead of 0.850" in result.summary[1]
 
 
 def test_rows_without_stored_predictions_are_listed_but_not_compared(tmp_path):
     _write_run(tmp_path / "a", "logreg", "transfer", _predictions(150), stored=False)
     _write_run(tmp_path / "b", "finetune-1", "fine-tune", _predictions(170))
-    result = write_report(tmp_path)
-    assert [r["diff_vs_best"] for r in result["rows"]] == [0, ""]
-    assert result["summary"][-1].startswith("1 row(s) have no stored test predictions")
-    assert "only fine-tune rows" in result["summary"][0]
+    result = compare_results(tmp_path)
+    result.write(tmp_path / "report")
+    assert [r["diff_vs_best"] for r in result.rows] == [0, ""]
+    assert result.summary[-1].startswith("1 row(s) have no stored test predictions")
+    assert "only fine-tune rows" in result.summary[0]
 
 
 def test_seed_repeats_of_a_fine_tune_are_not_rows_of_their_own(tmp_path):
@@ -149,7 +158,7 @@ def test_a_damaged_predictions_file_is_one_clear_error(tmp_path):
     _write_run(tmp_path / "a", "logreg", "transfer", _predictions(150))
     (tmp_path / "a" / "predictions" / "logreg.npz").write_bytes(b"not a zip")
     with pytest.raises(PipelineError, match="cannot read stored predictions .* run the stage"):
-        write_report(tmp_path)
+        compare_results(tmp_path)
 
 
 def test_tables_keep_small_values_such_as_a_learning_rate_of_1e_05(tmp_path):

@@ -12,9 +12,8 @@ import polars as pl
 import pytest
 
 from pipeline.core.errors import PipelineError
-from pipeline.extract.features import extract_features
 from pipeline.store.export import export_cache
-from tests.conftest import TINY, make_folder, write_image
+from tests.conftest import extract_tiny, make_folder, write_image
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +21,7 @@ def labelled_cache(tmp_path_factory):
     root = make_folder(tmp_path_factory.mktemp("d") / "images", classes=("a", "b"), per_class=6)
     (root / "a" / "bad.png").write_bytes(b"not a png")
     shutil.copy(root / "b" / "000.png", os.fsencode(root / "b") + b"/caf\xe9.png")
-    return extract_features(root, cache_dir=tmp_path_factory.mktemp("c"), **TINY).cache_path
+    return extract_tiny(root, cache_dir=tmp_path_factory.mktemp("c")).cache_path
 
 
 def _stored(cache):
@@ -74,7 +73,7 @@ def test_npy_folder_read_back_with_numpy(tmp_path, labelled_cache):
 def test_unlabelled_set_exports_without_labels_or_splits(tmp_path):
     for i in range(5):
         write_image(tmp_path / "flat" / f"{i}.png", i)
-    cache = extract_features(tmp_path / "flat", cache_dir=tmp_path / "c", **TINY).cache_path
+    cache = extract_tiny(tmp_path / "flat", cache_dir=tmp_path / "c").cache_path
     df = pd.read_parquet(export_cache(cache, tmp_path / "u.parquet", "parquet")["files"][0])
     assert df["label"].isna().all() and df["split"].isna().all() and df["valid"].all()
     export_cache(cache, tmp_path / "npy", "npy")

@@ -13,8 +13,8 @@ from click.testing import CliRunner
 
 from pipeline.cli.main import main
 from pipeline.heads import HeadError
-from pipeline.heads.compare import fit_heads
 from pipeline.store import run_record
+from tests.conftest import fit_and_write
 
 TINY_ARGS = ["--backbone", "resnet18", "--weights", "none", "--image-size", "32",
              "--workers", "0"]
@@ -120,12 +120,11 @@ def test_a_run_that_fails_leaves_the_previous_record(tmp_path, image_folder):
     cache = json.loads(_run("extract", image_folder, *TINY_ARGS, "--cache-dir", tmp_path / "c",
                             "--json").stdout)["cache_path"]
     out = tmp_path / "heads"
-    fit_heads([cache], heads=["logreg"], out=out, progress=False)
+    fit_and_write([cache], out, heads=("logreg",))
     first = (out / "run.json").read_text()
     # Each value is allowed, so make_head builds it; scikit-learn refuses the pair when fitting.
     with pytest.raises(HeadError, match="could not be fitted.*Unsupported set of arguments"):
-        fit_heads([cache], heads=["sklearn.svm.LinearSVC:penalty=l1,loss=hinge"], out=out,
-                  progress=False)
+        fit_and_write([cache], out, heads=("sklearn.svm.LinearSVC:penalty=l1,loss=hinge",))
     assert (out / "run.json").read_text() == first
 
 

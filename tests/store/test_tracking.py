@@ -14,11 +14,10 @@ from click.testing import CliRunner
 
 from pipeline.cli.main import main
 from pipeline.core.options import FinetuneOptions
-from pipeline.extract.features import extract_features
 from pipeline.finetuning.sweep import sweep
 from pipeline.models.backbones import resolve_backbone
 from pipeline.store import run_record, tracking
-from tests.conftest import TINY, run_finetune
+from tests.conftest import extract_tiny, run_finetune
 
 mlflow = pytest.importorskip("mlflow", reason="tracking needs the [track] extra")
 TINY_ARGS = ["--backbone", "resnet18", "--weights", "none", "--image-size", "32",
@@ -51,8 +50,7 @@ def _read_artifact(client, run, path: str, tmp_path) -> str:
 
 @pytest.fixture
 def cache(tmp_path, image_folder):
-    return extract_features(image_folder, cache_dir=tmp_path / "c", progress=False,
-                            **TINY).cache_path
+    return extract_tiny(image_folder, cache_dir=tmp_path / "c", progress=False).cache_path
 
 
 def test_heads_log_each_fit_under_one_run_to_a_local_store(tmp_path, cache):

@@ -10,9 +10,9 @@ import h5py
 import numpy as np
 import pytest
 
-from pipeline.advise.rule import SMALL_PER_CLASS, advise_cache, gap_margin, strategy
+from pipeline.advice.rule import SMALL_PER_CLASS, advise_cache, gap_margin, strategy
 from pipeline.core.errors import DataError
-from tests.audit.conftest import digest, write_cache
+from tests.auditing.conftest import digest, write_cache
 
 LAYERS = [["layer1", 0, 16], ["layer2", 16, 32], ["layer3", 32, 48], ["bottleneck", 48, 64]]
 
@@ -38,7 +38,9 @@ def layered_cache(path, per_class: int, signal: str, classes: int = 3, seed: int
 
 
 def test_a_small_set_that_the_bottleneck_serves_gets_heads_only(tmp_path):
-    advice = advise_cache(layered_cache(tmp_path / "c.h5", 40, "bottleneck"), tmp_path / "out")
+    advice = advise_cache(layered_cache(tmp_path / "c.h5", 40, "bottleneck"))
+    written = advice.write(tmp_path / "out")
+    assert sorted(f.name for f in written) == sorted(f.name for f in (tmp_path / "out").iterdir())
     assert advice.small and advice.similar and advice.best_layer == "bottleneck"
     assert (advice.unfreeze, advice.strategy) == (0, "heads only")
     assert advice.sweep == [0, 1] and advice.blocks == 4

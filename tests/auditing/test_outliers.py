@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.audit.neighbours import nearest_neighbours, normalised
-from pipeline.audit.outliers import outlier_scores, top_outliers
-from pipeline.audit.rows import read_rows
-from tests.audit.conftest import planted_cache
+from pipeline.auditing.neighbours import nearest_neighbours, normalised
+from pipeline.auditing.outliers import outlier_scores, top_outliers
+from pipeline.auditing.rows import read_rows
+from tests.auditing.conftest import planted_cache
 
 
 def test_the_noise_image_is_the_top_outlier(tmp_path):

@@ -1,23 +1,23 @@
-"""The audit stage: every screen of a cache's data in one call, its tables, galleries and map."""
+"""The audit stage: every screen of a cache's data in one call; its result writes the tables,
+galleries and map."""
 
 from __future__ import annotations
 
-import json
 import os
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
 
-from pipeline.audit.gallery import gallery
-from pipeline.audit.labels import (
+from pipeline.auditing.gallery import gallery
+from pipeline.auditing.labels import (
     LabelIssue,
     fold_count,
     label_issues,
     out_of_fold_probabilities,
 )
-from pipeline.audit.neighbours import (
+from pipeline.auditing.neighbours import (
     Pair,
     exact_pairs,
     leakage_counts,
@@ -25,22 +25,27 @@ from pipeline.audit.neighbours import (
     nearest_neighbours,
     normalised,
 )
-from pipeline.audit.outliers import Outlier, outlier_scores, top_outliers
-from pipeline.audit.projection import write_map
-from pipeline.audit.rows import AuditRows, read_rows
-from pipeline.core.errors import DataError, PipelineError
+from pipeline.auditing.outliers import Outlier, outlier_scores, top_outliers
+from pipeline.auditing.projection import MapPoints, embed_map
+from pipeline.auditing.rows import AuditRows, read_rows
+from pipeline.core.atomic import write_json
+from pipeline.core.contract import Result, to_plain
+from pipeline.core.errors import DataError
 from pipeline.core.options import AuditOptions
 from pipeline.core.progress import Progress, note
 from pipeline.data.layouts import display
+from pipeline.report.plots import save
 from pipeline.report.tables import write_table
 from pipeline.store.cache import cache_kind, cache_spec
 
 __all__ = ["AuditResult", "audit"]
 
+_SPLITS = ("train", "val", "test")
+
 
 @dataclass
-class AuditResult:
-    """What :func:`audit` found, and the files it wrote."""
+class AuditResult(Result):
+    """What :func:`audit` found; :meth:`write` puts its tables, galleries and map in a folder."""
 
     cache: str
     images: int
@@ -56,49 +61,61 @@ class AuditResult:
     threshold: float = AuditOptions.threshold
     map_points: int = 0
     seconds: dict[str, float] = field(default_factory=dict)
+    # The files of the last write(out), by kind; empty until the result is written.
     files: dict[str, str] = field(default_factory=dict)
+    # What the files show beside the findings above (not in to_json): the options, the
+    # images' folder (the galleries read them again), each outlier's row of outliers.csv,
+    # the leakage table's rows and the map's points (None: no map).
+    options: AuditOptions = field(default_factory=AuditOptions, repr=False)
+    data_root: str | None = field(default=None, repr=False)
+    outlier_rows: list[dict] = field(default_factory=list, repr=False)
+    leakage_rows: list[dict] = field(default_factory=list, repr=False)
+    map: MapPoints | None = field(default=None, repr=False)
+
+    _HIDDEN = ("options", "data_root", "outlier_rows", "leakage_rows", "map")
 
     def to_json(self) -> dict:
-        return {**asdict(self), "exact_pairs": sum(d["kind"] == "exact" for d in self.duplicates),
-                "near_pairs": sum(d["kind"] == "near" for d in self.duplicates)}
+        """The findings as ``audit.json`` holds them, with the counts of exact and near pairs."""
+        found = {f.name: getattr(self, f.name) for f in fields(self)
+                 if f.name not in self._HIDDEN}
+        found.update(label_issues=[asdict(i) for i in self.label_issues],
+                     outliers=[asdict(o) for o in self.outliers])
+        kinds = [d["kind"] for d in self.duplicates]
+        return {**to_plain(found), "exact_pairs": kinds.count("exact"),
+                "near_pairs": kinds.count("near")}
+
+    def write(self, out: str | os.PathLike) -> list[Path]:
+        """``label_issues.csv|md|png`` (labelled sets), ``duplicates.csv|md``,
+        ``leakage.csv|md`` (labelled sets), ``outliers.csv|md|png``, ``map.png`` (with a map)
+        and ``audit.json`` into the folder ``out``; their paths."""
+        out = Path(out)
+        files = _write_tables(self, out)
+        if self.map is not None:
+            files["map_png"] = str(save(self.map.figure(), out / "map.png"))
+        self.files = files  # audit.json lists the files beside it, itself aside
+        write_json(out / "audit.json", self.to_json())
+        files["json"] = str(out / "audit.json")
+        return [Path(f) for f in files.values()]
 
 
-def audit(cache: str | os.PathLike, out: str | os.PathLike | None = None, *,
-          folds: int | None = None, threshold: float | None = None,
-          neighbours: int | None = None, top: int | None = None, draw_map: bool | None = None,
-          map_points: int | None = None, seed: int | None = None,
-          options: AuditOptions | None = None, progress: bool | str | None = None
-          ) -> AuditResult:
+def audit(cache: str | os.PathLike, *, options: AuditOptions = AuditOptions(),
+          progress: bool | str | None = None) -> AuditResult:
     """Screen the images of a feature cache for label errors, duplicates, leaks and outliers.
 
-    Reads only the cache (features, labels, splits, content hashes); the galleries read the
-    images again from the cache's data root. Settings come from ``options``
-    (:class:`~pipeline.core.options.AuditOptions`); any keyword given overrides its field.
+    Reads only the cache (features, labels, splits, content hashes) and writes nothing:
+    ``result.write(out)`` writes the tables, the galleries (which read the suspects' images
+    again from the cache's data root) and the map.
 
     Parameters
     ----------
     cache
         A complete feature cache (:func:`pipeline.extract_features`), labelled or not.
-    out
-        Folder of ``label_issues.csv|md|png``, ``duplicates.csv|md``, ``leakage.csv|md``,
-        ``outliers.csv|md|png``, ``map.png`` and ``audit.json``.
-    folds
-        K of the stratified K-fold giving each labelled image an out-of-fold probability
-        (fewer when a class has fewer images).
-    threshold
-        Cosine similarity of L2-normalised features from which two images are near-duplicates.
-    neighbours
-        Nearest images kept per image, for the outlier score and the near-duplicate pairs.
-    top
-        Suspects drawn in each gallery and listed as outliers.
-    draw_map
-        Draw the 2-D t-SNE map (``map.png``).
-    map_points
-        Images on the map at most (a seeded sample beyond, suspects kept).
-    seed
-        Seeds the folds, the map and its sample.
     options
-        The settings as one value.
+        :class:`~pipeline.core.options.AuditOptions`: ``folds`` of the stratified K-fold that
+        gives each labelled image an out-of-fold probability (fewer when a class has fewer
+        images), the near-duplicate ``threshold`` (cosine similarity of L2-normalised
+        features), ``neighbours`` kept per image, the ``top`` suspects drawn and listed,
+        ``map`` and ``map_points`` (the 2-D t-SNE map, a seeded sample beyond), ``seed``.
     progress
         Progress on stderr (:mod:`pipeline.core.progress`); False: nothing.
 
@@ -106,7 +123,7 @@ def audit(cache: str | os.PathLike, out: str | os.PathLike | None = None, *,
     -------
     AuditResult
         The label issues (all that cleanlab flags, most doubtful first), every exact and near
-        pair, leakage counts per split pair, the ``top`` outliers, the files written.
+        pair, leakage counts per split pair, the ``top`` outliers and the map's points.
 
     Notes
     -----
@@ -114,24 +131,18 @@ def audit(cache: str | os.PathLike, out: str | os.PathLike | None = None, *,
     is what a user most needs to see, since it caps every score measured on it. The fast head
     is standardised features and a multinomial logistic regression.
     """
-    given = {"out": out, "folds": folds, "threshold": threshold, "neighbours": neighbours,
-             "top": top, "map": draw_map, "map_points": map_points, "seed": seed}
-    opts = replace(options or AuditOptions(), **{k: v for k, v in given.items() if v is not None})
-    if opts.folds < 2:
-        raise PipelineError("folds must be at least 2")
-    if not 0 < opts.threshold <= 1:
-        raise PipelineError(f"threshold is a cosine similarity in (0, 1], not {opts.threshold}")
+    opts = options
     if cache_kind(cache_spec(cache)) != "features":
         raise DataError(f"{cache} is an activation cache written by fine-tuning, not a feature "
                         "cache; `pipeline cache list` shows each file's kind")
-    out = Path(opts.out)
     seconds: dict[str, float] = {}
     started = time.perf_counter()
     rows = read_rows(cache)
     seconds["read"] = time.perf_counter() - started
     if len(rows.paths) < 2:
         raise DataError(f"{cache}: fewer than 2 readable images, nothing to compare")
-    result = AuditResult(str(cache), len(rows.paths), rows.labelled, threshold=opts.threshold)
+    result = AuditResult(str(cache), len(rows.paths), rows.labelled, threshold=opts.threshold,
+                         options=opts, data_root=rows.info.get("data_root"))
     suspects = np.zeros(len(rows.paths), bool)
     started = time.perf_counter()
     _audit_labels(rows, opts, result, progress)
@@ -146,24 +157,23 @@ def audit(cache: str | os.PathLike, out: str | os.PathLike | None = None, *,
     result.duplicates = [_pair_row(rows, p) for p in pairs]
     if rows.labelled:
         result.leakage = leakage_counts(pairs, rows.split)
+        result.leakage_rows = _leakage_rows(result)
     seconds["neighbours"] = time.perf_counter() - started
     started = time.perf_counter()
     scores = outlier_scores(knn)
     result.outliers = top_outliers(scores, rows.paths, opts.top)
+    result.outlier_rows = [_outlier_row(rows, o) for o in result.outliers]
     seconds["outliers"] = time.perf_counter() - started
     far = np.zeros(len(rows.paths), bool)
     far[[o.index for o in result.outliers]] = True
-    result.files = _write(out, rows, result, opts)
     if opts.map:
         started = time.perf_counter()
-        note("audit: drawing the t-SNE map", progress)
-        png, result.map_points = write_map(Xn, rows.labels, rows.classes, suspects, far,
-                                           out / "map.png", opts.seed, opts.map_points)
-        result.files["map_png"] = str(png)
+        note("audit: computing the t-SNE map", progress)
+        result.map = embed_map(Xn, rows.labels, rows.classes, suspects, far, opts.seed,
+                               opts.map_points)
+        result.map_points = len(result.map)
         seconds["map"] = time.perf_counter() - started
     result.seconds = seconds
-    (out / "audit.json").write_text(json.dumps(result.to_json(), indent=2, default=str) + "\n")
-    result.files["json"] = str(out / "audit.json")
     return result
 
 
@@ -199,11 +209,32 @@ def _pair_row(rows: AuditRows, p: Pair) -> dict:
     return row
 
 
-def _write(out: Path, rows: AuditRows, result: AuditResult, opts: AuditOptions) -> dict:
+def _leakage_rows(result: AuditResult) -> list[dict]:
+    """``leakage.csv``'s rows: each split pair's exact and near pairs, and how many of them
+    carry different labels."""
+    different: dict[str, int] = {}
+    for d in result.duplicates:
+        if d["cross_split"] and d["different_labels"]:
+            pair = "-".join(sorted((d["split_a"], d["split_b"]), key=_SPLITS.index))
+            different[pair] = different.get(pair, 0) + 1
+    return [{"splits": k, **v, "different_labels": different.get(k, 0)}
+            for k, v in result.leakage.items()]
+
+
+def _outlier_row(rows: AuditRows, o: Outlier) -> dict:
+    """``outliers.csv``'s row of one outlier: its score, with its label and split if any."""
+    row = asdict(o)
+    if rows.labelled:
+        row.update(label=rows.classes[rows.labels[o.index]], split=str(rows.split[o.index]))
+    return row
+
+
+def _write_tables(result: AuditResult, out: Path) -> dict[str, str]:
+    """The tables and galleries of ``result`` into ``out``; their paths by kind."""
     files: dict[str, str] = {}
-    root = rows.info.get("data_root")
-    issues = [asdict(i) for i in result.label_issues]
-    if rows.labelled and result.label_issues_skipped is None:
+    opts, root = result.options, result.data_root
+    if result.labelled and result.label_issues_skipped is None:
+        issues = [asdict(i) for i in result.label_issues]
         csv, md = write_table(issues, out / "label_issues",
                               f"{len(issues)} label issues among {result.images} images "
                               f"(out-of-fold accuracy {result.out_of_fold_accuracy:.4f}, "
@@ -220,29 +251,17 @@ def _write(out: Path, rows: AuditRows, result: AuditResult, opts: AuditOptions) 
                           f"Image pairs with the same bytes (exact) or cosine similarity >= "
                           f"{opts.threshold} (near).")
     files.update(duplicates_csv=str(csv), duplicates_md=str(md))
-    if rows.labelled:
-        different = {}
-        for d in result.duplicates:
-            if d["cross_split"] and d["different_labels"]:
-                pair = "-".join(sorted((d["split_a"], d["split_b"]),
-                                       key=["train", "val", "test"].index))
-                different[pair] = different.get(pair, 0) + 1
-        leak_rows = [{"splits": k, **v, "different_labels": different.get(k, 0)}
-                     for k, v in result.leakage.items()]
-        csv, md = write_table(leak_rows, out / "leakage",
+    if result.labelled:
+        csv, md = write_table(result.leakage_rows, out / "leakage",
                               "Duplicate pairs whose images lie in two splits.")
         files.update(leakage_csv=str(csv), leakage_md=str(md))
-    labels = (None if not rows.labelled else rows.labels)
-    outlier_rows = [{**asdict(o), **({"label": rows.classes[labels[o.index]],
-                                      "split": str(rows.split[o.index])} if rows.labelled
-                                     else {})} for o in result.outliers]
-    csv, md = write_table(outlier_rows, out / "outliers",
-                          f"The {len(outlier_rows)} images farthest from their "
+    csv, md = write_table(result.outlier_rows, out / "outliers",
+                          f"The {len(result.outlier_rows)} images farthest from their "
                           f"{opts.neighbours} nearest neighbours (mean cosine distance).")
     files.update(outliers_csv=str(csv), outliers_md=str(md))
     files["outliers_png"] = str(gallery(
         [o.path for o in result.outliers],
         [f"#{o.rank} {o.score:.3f}" + (f"\n{display(r['label'])}" if "label" in r else "")
-         for o, r in zip(result.outliers, outlier_rows)], out / "outliers.png", root,
+         for o, r in zip(result.outliers, result.outlier_rows)], out / "outliers.png", root,
         f"The {len(result.outliers)} images farthest from their nearest neighbours"))
     return files

@@ -7,16 +7,19 @@ import json
 
 import pytest
 
-from pipeline.audit.run import audit
-from pipeline.core.errors import PipelineError
-from pipeline.extract.features import extract_features
-from tests.audit.conftest import planted_cache
-from tests.conftest import TINY, make_folder, write_image
+from pipeline.auditing.run import audit
+from pipeline.core.errors import OptionError
+from pipeline.core.options import AuditOptions
+from tests.auditing.conftest import planted_cache
+from tests.conftest import extract_tiny, make_folder, write_image
 
 
 def test_planted_faults_end_to_end(tmp_path):
     p = planted_cache(tmp_path / "c.h5")
-    result = audit(p.path, tmp_path / "out", progress=False, map_points=500)
+    result = audit(p.path, options=AuditOptions(map_points=500), progress=False)
+    written = result.write(tmp_path / "out")
+    assert sorted(f.name for f in written) == sorted(
+        f.name for f in (tmp_path / "out").iterdir())  # every file written, and listed
     flagged = {i.index for i in result.label_issues}
     assert len(flagged & set(p.flipped)) >= 0.8 * len(p.flipped)
     assert result.leakage["train-test"]["exact"] == len(p.copies) + len(p.copies_relabelled)
@@ -38,9 +41,10 @@ def test_planted_faults_end_to_end(tmp_path):
 def test_real_image_cache_with_a_copy_across_splits(tmp_path):
     data = make_folder(tmp_path / "d", classes=("a", "b"), per_class=12)
     (data / "a" / "copy.png").write_bytes((data / "a" / "000.png").read_bytes())
-    cache = extract_features(data, cache_dir=tmp_path / "c", progress=False,
-                             split_fractions=(0.5, 0.25, 0.25), **TINY).cache_path
-    result = audit(cache, tmp_path / "out", progress=False, folds=3)
+    cache = extract_tiny(data, cache_dir=tmp_path / "c", progress=False,
+                             split_fractions=(0.5, 0.25, 0.25)).cache_path
+    result = audit(cache, options=AuditOptions(folds=3), progress=False)
+    result.write(tmp_path / "out")
     exact = [d for d in result.duplicates if d["kind"] == "exact"]
     assert [(d["path_a"], d["path_b"]) for d in exact] == [("a/000.png", "a/copy.png")]
     assert result.label_issues_skipped is None and result.folds == 3
@@ -53,8 +57,10 @@ def test_an_unlabelled_set_skips_label_issues_in_one_line(tmp_path):
     for i in range(12):
         write_image(flat / f"{i:02d}.png", seed=i)
     (flat / "dup.png").write_bytes((flat / "03.png").read_bytes())
-    cache = extract_features(flat, cache_dir=tmp_path / "c", progress=False, **TINY).cache_path
-    result = audit(cache, tmp_path / "out", progress=False)
+    cache = extract_tiny(flat, cache_dir=tmp_path / "c", progress=False).cache_path
+    result = audit(cache, progress=False)
+    assert not (tmp_path / "out").exists()  # the stage writes nothing
+    result.write(tmp_path / "out")
     assert not result.labelled and result.label_issues == []
     assert "unlabelled" in result.label_issues_skipped
     assert "\n" not in result.label_issues_skipped
@@ -66,8 +72,9 @@ def test_an_unlabelled_set_skips_label_issues_in_one_line(tmp_path):
 
 
 def test_bad_settings_are_refused(tmp_path):
-    p = planted_cache(tmp_path / "c.h5", n=200)
-    with pytest.raises(PipelineError, match="threshold"):
-        audit(p.path, tmp_path / "o", threshold=1.5, progress=False)
-    with pytest.raises(PipelineError, match="folds"):
-        audit(p.path, tmp_path / "o", folds=1, progress=False)
+    with pytest.raises(OptionError, match="threshold must be a number in \\(0, 1\\]"):
+        AuditOptions(threshold=1.5)
+    with pytest.raises(OptionError, match="folds must be an integer >= 2, not 1"):
+        AuditOptions(folds=1)
+    with pytest.raises(TypeError):  # settings go by keyword, never by position
+        AuditOptions(5)

@@ -1,7 +1,7 @@
 """Outliers: images far from every other image, by their distance to their nearest neighbours.
 
 An image's score is its mean cosine distance (1 - similarity) to its ``k`` nearest rows
-(:mod:`pipeline.audit.neighbours`), whatever their class: an image that no class has anything
+(:mod:`pipeline.auditing.neighbours`), whatever their class: an image that no class has anything
 like (a blank scan, a picture from another data set) scores high, while a mislabelled image,
 close to the images of its true class, does not; the label audit finds those.
 """
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.audit.neighbours import Neighbours
+from pipeline.auditing.neighbours import Neighbours
 
 __all__ = ["Outlier", "outlier_scores", "top_outliers"]
 

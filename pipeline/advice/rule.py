@@ -10,7 +10,7 @@ split:
   penultimate layer is where the pretrained network is most specific to its own task (Yosinski
   et al. 2014); when a lower block probes better by more than :func:`gap_margin`, the blocks
   above it encode features this data does not want, and the data counts as ``dissimilar``.
-  LogME (:mod:`pipeline.advise.logme`) of each layer is reported beside it, a second view that
+  LogME (:mod:`pipeline.advice.logme`) of each layer is reported beside it, a second view that
   needs no training.
 
 The matrix (the seeds' rule, after CS231n's transfer-learning notes): small and similar wants
@@ -21,22 +21,24 @@ fine-tune the top block (``--unfreeze 1``). The advice names the depths to sweep
 
 from __future__ import annotations
 
-import json
 import math
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from pipeline.advise.logme import logme
+from pipeline.advice.logme import logme
+from pipeline.core.atomic import write_json, write_text
+from pipeline.core.contract import Result
 from pipeline.core.errors import DataError
+from pipeline.core.options import AdviseOptions
 from pipeline.heads.compare import load_cache_data
 from pipeline.heads.layers import probe_layers
 from pipeline.report.plots import figure, save
-from pipeline.report.tables import write_table
+from pipeline.report.tables import markdown_document, write_table
 
-__all__ = ["SMALL_PER_CLASS", "Advice", "advise_cache", "gap_margin", "strategy"]
+__all__ = ["SMALL_PER_CLASS", "AdviceResult", "advise_cache", "gap_margin", "strategy"]
 
 # Training images per class below which a set is small: the regime of Keras' "very little
 # data" recipe (1,000 a class), where fine-tuning more than the top block over-fits.
@@ -46,8 +48,9 @@ _WIDE_MARGIN = 0.1  # beyond this margin the probe gap says little: the advice s
 
 
 @dataclass
-class Advice:
-    """The strategy for one cache and the numbers that chose it."""
+class AdviceResult(Result):
+    """The strategy for one cache and the numbers that chose it; :meth:`write` puts
+    ``advice.json|md|png`` and ``advice_layers.csv|md`` in a folder."""
 
     cache: str
     backbone: str
@@ -69,12 +72,51 @@ class Advice:
     sweep: list[int]
     reason: str
     layers: list[dict] = field(default_factory=list)  # per layer: validation accuracy, LogME
+    # The files of the last write(out), by kind; empty until the result is written.
     files: dict[str, str] = field(default_factory=dict)
 
     def sentence(self) -> str:
         """The advice in one sentence, with its numbers."""
         return (f"Advice ({self.backbone}): {self.strategy} (--unfreeze {self.unfreeze}; sweep "
                 f"{','.join(map(str, self.sweep))}): {self.reason}.")
+
+    def to_json(self) -> dict:
+        """Every field, and the sentence (``advice.json``, ``pipeline advise --json``)."""
+        return {**super().to_json(), "sentence": self.sentence()}
+
+    def write(self, out: str | os.PathLike) -> list[Path]:
+        """``advice.md|json|png`` and ``advice_layers.csv|md`` into the folder ``out``."""
+        out = Path(out)
+        preamble = "Linear probe of each block on validation, and LogME on training."
+        csv, md = write_table(self.layers, out / "advice_layers", preamble)
+        write_text(out / "advice.md", f"# Advice\n\n{self.sentence()}\n\n"
+                                      f"{markdown_document(self.layers, preamble)}\n")
+        self.files = {"advice_md": str(out / "advice.md"), "advice_layers_csv": str(csv),
+                      "advice_layers_md": str(md),
+                      "advice_png": str(save(self.figure(), out / "advice.png")),
+                      "advice_json": str(out / "advice.json")}
+        write_json(out / "advice.json", self.to_json())
+        return [Path(f) for f in self.files.values()]
+
+    def figure(self):
+        """Validation accuracy of each block's probe, the bottleneck's margin, and LogME."""
+        fig, ax = figure(figsize=(7, 4.5))
+        depth = [r["depth"] for r in self.layers]
+        ax.plot(depth, [r["val_accuracy"] for r in self.layers], marker="o",
+                label="linear probe, validation accuracy")
+        ax.axhline(self.bottleneck_val_accuracy + self.margin, color="tab:gray", ls="--",
+                   label=f"bottleneck + margin ({self.margin:.3f})")
+        ax.set_xticks(depth, [r["layer"] for r in self.layers], rotation=30, ha="right")
+        ax.set_ylabel("validation accuracy")
+        ax.grid(alpha=0.3)
+        twin = ax.twinx()
+        twin.plot(depth, [r["logme"] for r in self.layers], marker="s", color="tab:orange",
+                  label="LogME (training split)")
+        twin.set_ylabel("LogME")
+        lines = ax.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
+        ax.legend(lines, [h.get_label() for h in lines], fontsize="small", loc="lower right")
+        ax.set_title(f"{self.backbone}: {self.strategy} (--unfreeze {self.unfreeze})")
+        return fig
 
 
 def gap_margin(accuracy: float, n_val: int) -> float:
@@ -95,19 +137,18 @@ def strategy(small: bool, similar: bool, blocks_above_best: int, blocks: int
     return 1, "fine-tune the top block"
 
 
-def advise_cache(cache: str | os.PathLike, out: str | os.PathLike | None = None,
-                 seed: int = 0) -> Advice:
-    """Advice for the data of a cache extracted with ``--layer blocks``.
+def advise_cache(cache: str | os.PathLike, *, options: AdviseOptions = AdviseOptions()
+                 ) -> AdviceResult:
+    """Advice for the data of a cache extracted with ``--layer blocks``; writes nothing.
 
     Parameters
     ----------
     cache
         A feature cache whose layers are every block's output and the bottleneck.
-    out
-        Folder of ``advice.json|md`` and ``advice_layers.csv|md``; None: nothing written.
-    seed
-        Seed of the per-layer probes.
+    options
+        :class:`~pipeline.core.options.AdviseOptions`: its ``seed`` seeds the per-layer probes.
     """
+    seed = options.seed
     data = load_cache_data(cache)
     spec, layers = data.info["spec"], data.info.get("layers") or []
     if spec.get("layer") != "blocks" or len(layers) < 2:
@@ -139,48 +180,11 @@ def advise_cache(cache: str | os.PathLike, out: str | os.PathLike | None = None,
     if margin >= _WIDE_MARGIN:
         reason += (f"; {len(data.val.y)} validation images cannot tell a gap under "
                    f"{margin:.2f} from noise, so sweep the depths")
-    advice = Advice(
+    return AdviceResult(
         str(cache), data.backbone, len(data.classes), len(data.train.y), per_class,
         int(counts.min()), small, bottleneck["val_accuracy"], best["layer"],
         best["val_accuracy"], gap, margin, similar, blocks, above, unfreeze, name,
         sorted({max(0, unfreeze - 1), unfreeze, min(blocks, unfreeze + 1)}), reason,
         [{k: r[k] for k in ("layer", "depth", "features", "val_accuracy", "logme")}
          for r in probes])
-    if out is not None:
-        advice.files = _write(advice, Path(out))
-    return advice
 
-
-def _plot(advice: Advice, path: Path) -> Path:
-    """Validation accuracy of each block's probe, the bottleneck's margin, and LogME."""
-    fig, ax = figure(figsize=(7, 4.5))
-    depth = [r["depth"] for r in advice.layers]
-    ax.plot(depth, [r["val_accuracy"] for r in advice.layers], marker="o",
-            label="linear probe, validation accuracy")
-    ax.axhline(advice.bottleneck_val_accuracy + advice.margin, color="tab:gray", ls="--",
-               label=f"bottleneck + margin ({advice.margin:.3f})")
-    ax.set_xticks(depth, [r["layer"] for r in advice.layers], rotation=30, ha="right")
-    ax.set_ylabel("validation accuracy")
-    ax.grid(alpha=0.3)
-    twin = ax.twinx()
-    twin.plot(depth, [r["logme"] for r in advice.layers], marker="s", color="tab:orange",
-              label="LogME (training split)")
-    twin.set_ylabel("LogME")
-    lines = ax.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
-    ax.legend(lines, [h.get_label() for h in lines], fontsize="small", loc="lower right")
-    ax.set_title(f"{advice.backbone}: {advice.strategy} (--unfreeze {advice.unfreeze})")
-    return save(fig, path)
-
-
-def _write(advice: Advice, out: Path) -> dict[str, str]:
-    out.mkdir(parents=True, exist_ok=True)
-    csv, md = write_table(advice.layers, out / "advice_layers",
-                          "Linear probe of each block on validation, and LogME on training.")
-    (out / "advice.md").write_text(f"# Advice\n\n{advice.sentence()}\n\n"
-                                   f"{md.read_text()}\n")
-    files = {"advice_md": str(out / "advice.md"), "advice_layers_csv": str(csv),
-             "advice_layers_md": str(md), "advice_png": str(_plot(advice, out / "advice.png")),
-             "advice_json": str(out / "advice.json")}
-    body = {**asdict(advice), "files": files, "sentence": advice.sentence()}
-    (out / "advice.json").write_text(json.dumps(body, indent=2) + "\n")
-    return files

@@ -7,10 +7,9 @@ import json
 
 from click.testing import CliRunner
 
-from pipeline.advise.run import advise
+from pipeline.advice.run import advise
 from pipeline.cli.main import main
-from pipeline.extract.features import extract_features
-from tests.conftest import TINY, make_split_folder, write_image
+from tests.conftest import TINY, extract_tiny, make_split_folder, write_image
 
 
 def test_advise_extracts_the_blocks_once_and_writes_its_advice(tmp_path):
@@ -28,13 +27,14 @@ def test_advise_extracts_the_blocks_once_and_writes_its_advice(tmp_path):
     assert written["blocks"] == 4 and written["per_class_median"] == 8
     assert [r["layer"] for r in written["layers"]] == ["layer1", "layer2", "layer3",
                                                        "bottleneck"]
-    again = advise(written["cache"], None)  # the cache itself, nothing extracted
+    again = advise(written["cache"])  # the cache itself, nothing extracted
     assert again.unfreeze == written["unfreeze"] and again.files == {}
+    assert again.to_json() == {**written, "files": {}}  # the same advice, not yet written
 
 
 def test_a_cache_of_the_bottleneck_alone_is_refused_in_one_line(tmp_path):
     root = make_split_folder(tmp_path / "data", classes=("a", "b"))
-    cache = extract_features(root, cache_dir=tmp_path / "cache", **TINY).cache_path
+    cache = extract_tiny(root, cache_dir=tmp_path / "cache").cache_path
     result = CliRunner().invoke(main, ["advise", str(cache)])
     assert result.exit_code != 0
     assert "extract with --layer blocks" in result.output

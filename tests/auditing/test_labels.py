@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.audit.labels import (
+from pipeline.auditing.labels import (
     fold_count,
     label_issues,
     out_of_fold_probabilities,
     standardised,
 )
-from pipeline.audit.rows import read_rows
-from tests.audit.conftest import planted_cache
+from pipeline.auditing.rows import read_rows
+from tests.auditing.conftest import planted_cache
 
 
 def _issues(tmp_path, **planted):

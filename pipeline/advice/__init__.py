@@ -5,7 +5,7 @@
 - ``run.py``: :func:`advise`, from a data set (extracting its blocks) or a cache.
 """
 
-from pipeline.advise.rule import Advice, advise_cache
-from pipeline.advise.run import advise
+from pipeline.advice.rule import AdviceResult, advise_cache
+from pipeline.advice.run import advise
 
-__all__ = ["Advice", "advise", "advise_cache"]
+__all__ = ["AdviceResult", "advise", "advise_cache"]

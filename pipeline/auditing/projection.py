@@ -3,17 +3,16 @@ class, the suspects marked."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
-from pathlib import Path
+from dataclasses import dataclass
 
 import numpy as np
 
 from pipeline.core.options import AuditOptions
 from pipeline.data.layouts import display
-from pipeline.report.plots import figure, save
+from pipeline.report.plots import figure
 
-__all__ = ["MAP_POINTS", "embed", "map_figure", "write_map"]
+__all__ = ["MAP_POINTS", "MapPoints", "embed", "embed_map", "map_figure"]
 
 # Points on the map at most: t-SNE's cost grows with the points, and beyond ~10,000 a PNG
 # shows density, not images. Larger sets are subsampled (seeded), suspects always kept.
@@ -65,13 +64,30 @@ def map_figure(xy: np.ndarray, labels: np.ndarray | None, classes: Sequence[str]
     return fig
 
 
-def write_map(Xn: np.ndarray, labels: np.ndarray | None, classes: Sequence[str],
-              suspects: np.ndarray, outliers: np.ndarray, path: str | os.PathLike,
-              seed: int = 0, points: int = MAP_POINTS) -> tuple[Path, int]:
-    """Embed at most ``points`` rows (every suspect and outlier among them) and save the map.
+@dataclass
+class MapPoints:
+    """The map's points, computed once: what :meth:`figure` draws."""
 
-    Returns the PNG's path and the number of points drawn.
-    """
+    xy: np.ndarray  # (points, 2) t-SNE coordinates
+    labels: np.ndarray | None  # class index per point; None for an unlabelled set
+    classes: list[str]
+    suspects: np.ndarray  # (points,) bool: a label issue
+    outliers: np.ndarray  # (points,) bool: an outlier
+    title: str
+
+    def __len__(self) -> int:
+        return len(self.xy)
+
+    def figure(self):
+        """The map as a :class:`matplotlib.figure.Figure`."""
+        return map_figure(self.xy, self.labels, self.classes, self.suspects, self.outliers,
+                          self.title)
+
+
+def embed_map(Xn: np.ndarray, labels: np.ndarray | None, classes: Sequence[str],
+              suspects: np.ndarray, outliers: np.ndarray, seed: int = 0,
+              points: int = MAP_POINTS) -> MapPoints:
+    """Embed at most ``points`` rows (every suspect and outlier among them) for the map."""
     n = len(Xn)
     keep = np.arange(n)
     if n > points:
@@ -84,5 +100,4 @@ def write_map(Xn: np.ndarray, labels: np.ndarray | None, classes: Sequence[str],
     sub = None if labels is None else labels[keep]
     title = (f"t-SNE of the features, {len(keep):,} of {n:,} images"
              if len(keep) < n else f"t-SNE of the features, {n:,} images")
-    fig = map_figure(xy, sub, classes, suspects[keep], outliers[keep], title)
-    return save(fig, path), len(keep)
+    return MapPoints(xy, sub, list(classes), suspects[keep], outliers[keep], title)

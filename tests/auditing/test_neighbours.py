@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.audit.neighbours import (
+from pipeline.auditing.neighbours import (
     DEFAULT_THRESHOLD,
     exact_pairs,
     leakage_counts,
@@ -12,8 +12,8 @@ from pipeline.audit.neighbours import (
     nearest_neighbours,
     normalised,
 )
-from pipeline.audit.rows import read_rows
-from tests.audit.conftest import planted_cache
+from pipeline.auditing.rows import read_rows
+from tests.auditing.conftest import planted_cache
 
 
 def test_chunked_knn_equals_the_dense_answer():
@@ -51,7 +51,7 @@ def test_copies_across_splits_are_found_and_counted(tmp_path):
 
 
 def test_leakage_names_split_pairs_in_order():
-    from pipeline.audit.neighbours import Pair
+    from pipeline.auditing.neighbours import Pair
 
     split = np.array(["test", "train", "val", "train"])
     pairs = [Pair(0, 1, "exact", 1.0), Pair(1, 2, "near", 0.99), Pair(1, 3, "near", 0.98)]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from scipy.stats import multivariate_normal
 
-from pipeline.advise.logme import logme
+from pipeline.advice.logme import logme
 
 
 def _evidence(F, target, alpha, beta):
