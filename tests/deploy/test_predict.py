@@ -146,7 +146,8 @@ def test_the_result_writes_the_csv_it_prints_and_nothing_before(tiny_network, tm
     result.to_csv(printed)
     assert result.write(tmp_path / "out" / "predictions.csv") == [
         tmp_path / "out" / "predictions.csv"]
-    assert (tmp_path / "out" / "predictions.csv").read_text() == printed.getvalue()
+    # the bytes as printed: csv's own line ends, not translated
+    assert (tmp_path / "out" / "predictions.csv").read_bytes().decode() == printed.getvalue()
     header = printed.getvalue().splitlines()[0]
     assert header == "path,prediction,probability,class1,p1,class2,p2,error"
     assert result.to_json() == {"model": str(path), "predictions": result.rows}
