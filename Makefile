@@ -46,7 +46,7 @@ EXTRACT_ARGS := --backbone $(BACKBONE) --weights $(WEIGHTS) --cache-dir $(CACHE_
 	$(if $(IMAGE_SIZE),--image-size $(IMAGE_SIZE)) $(if $(SPLIT),--split $(SPLIT)) \
 	$(if $(ENGINE),--engine $(ENGINE))
 
-.PHONY: help install demo features heads finetune sweep advise report export-model test lint docs bench demo-data clean
+.PHONY: help install demo features heads selftrain distill pool-data finetune sweep advise report export-model test lint docs bench demo-data clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 14
@@ -72,6 +72,39 @@ heads: $(HEADS_TABLE) ## stage 2: fit HEADS on the cached features and compare t
 $(HEADS_TABLE): $(FEATURES)
 	$(BIN)/pipeline heads "$(CACHE_OF)" --heads '$(HEADS)' --out $(@D) \
 		$(if $(SHOTS),--shots $(SHOTS) --draws $(DRAWS))
+
+# The unlabelled pool of make selftrain and make distill: a flat folder of images, made by
+# make pool-data (Fashion-MNIST images the demo does not hold) where it is missing.
+POOL_DATA ?= data/fashion-mnist-pool
+POOL_FEATURES := $(RUN)/pool-features.json
+POOL_OF = $$($(BIN)/python -c 'import json,sys; print(json.load(open(sys.argv[1]))["cache_path"])' $(POOL_FEATURES))
+SELFTRAIN_TABLE := $(RUN)/heads/self-train/results.md
+DISTILL_TABLE := $(RUN)/distill/results.md
+# The teacher of make distill: the network that make finetune trained with one block unfrozen.
+TEACHER = $$(ls $(RUN)/finetune/unfreeze-1/models/*.net | head -n 1)
+
+pool-data: ## write POOL_DATA: Fashion-MNIST images the demo does not hold, unlabelled (Debian's dataset-fashion-mnist)
+	$(PYTHON) scripts/make_pool_data.py --out $(POOL_DATA)
+
+$(POOL_DATA):
+	$(PYTHON) scripts/make_pool_data.py --out $@
+
+$(POOL_FEATURES): $(BIN)/.installed | $(POOL_DATA)
+	@mkdir -p $(@D)
+	$(STAGE) extract $(POOL_DATA) $(EXTRACT_ARGS) --write-json $@
+
+selftrain: $(SELFTRAIN_TABLE) ## stage 2 with the unlabelled POOL_DATA: HEADS and each one self-trained, paired
+	@cat $(SELFTRAIN_TABLE)
+
+$(SELFTRAIN_TABLE): $(FEATURES) $(POOL_FEATURES)
+	$(BIN)/pipeline heads "$(CACHE_OF)" --heads '$(HEADS)' --out $(RUN)/heads \
+		$(if $(SHOTS),--shots $(SHOTS) --draws $(DRAWS)) --unlabelled "$(POOL_OF)"
+
+distill: $(DISTILL_TABLE) ## a student head taught by make finetune's unfreeze-1 network, on POOL_DATA too
+	@cat $(DISTILL_TABLE)
+
+$(DISTILL_TABLE): $(FINETUNE_TABLE) $(POOL_FEATURES)
+	$(BIN)/pipeline distill "$(TEACHER)" "$(CACHE_OF)" --unlabelled "$(POOL_OF)" --out $(@D)
 
 finetune: $(FINETUNE_TABLE) ## stage 3: fine-tune the top UNFREEZE blocks for EPOCHS, one run per depth
 

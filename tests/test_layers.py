@@ -28,6 +28,7 @@ LAYERS = (
     ("auditing", "advice"),
     ("finetuning",),
     ("deploy",),
+    ("distillation",),
     ("cli", "bench"),
     ("__main__",),
 )

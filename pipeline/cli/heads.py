@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
 from pipeline.cli.options import positive_option, quiet_option, track_option
 from pipeline.cli.output import emit_json, markdown
-from pipeline.core.options import HEADS_OUT, HeadsOptions, default
+from pipeline.core.options import (
+    HEADS_OUT,
+    SELF_TRAIN_THRESHOLDS,
+    HeadsOptions,
+    SelfTrainOptions,
+    default,
+)
 
 __all__ = ["heads"]
 
@@ -21,6 +29,14 @@ def _shots(_ctx, _param, value: str | None) -> list:
     if any(s != "all" and s < 1 for s in shots):
         raise click.BadParameter("shots must be at least 1")
     return shots
+
+
+def _thresholds(_ctx, _param, value: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in value.split(","))
+    except ValueError:
+        raise click.BadParameter("give thresholds as numbers in [0, 1], such as 0.5,0.8,0.95"
+                                 ) from None
 
 
 @click.command()
@@ -45,11 +61,23 @@ def _shots(_ctx, _param, value: str | None) -> list:
 @click.option("--exclude", type=click.Path(dir_okay=False), default=None,
               help="A CSV with a path column (pipeline audit's label_issues.csv): leave those "
                    "training and validation images out of the fits; test images stay.")
+@click.option("--unlabelled", "pool", type=click.Path(dir_okay=False), default=None,
+              help="The cache of unlabelled images (pipeline extract FOLDER) of the same "
+                   "backbone, weights, layer and preprocessing: each head is also self-trained "
+                   "on it, a row <head>+self-train beside <head> (out/self-train/).")
+@click.option("--semi", type=click.Choice(["self-train"]), default="self-train",
+              show_default=True, help="How the --unlabelled pool is used.")
+@click.option("--thresholds", callback=_thresholds,
+              default=",".join(map(str, SELF_TRAIN_THRESHOLDS)), show_default=True,
+              help="Confidence floors of the pseudo-labels tried; validation chooses one.")
+@click.option("--rounds", type=click.IntRange(min=1),
+              default=default(SelfTrainOptions, "rounds"), show_default=True,
+              help="Self-training rounds at most; validation chooses how many (0: none).")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as one JSON object.")
 @quiet_option
 @track_option
-def heads(caches, head_specs, out, shots, draws, seed, repeats, positive, exclude, as_json,
-          quiet, track) -> None:
+def heads(caches, head_specs, out, shots, draws, seed, repeats, positive, exclude, pool, semi,
+          thresholds, rounds, as_json, quiet, track) -> None:
     """Fit heads on cached features (CACHES: one or more .h5 files) and compare them."""
     from pipeline.heads import compare
     from pipeline.report.compact import compact_rows
@@ -61,18 +89,48 @@ def heads(caches, head_specs, out, shots, draws, seed, repeats, positive, exclud
         from pipeline.store import tracking
 
         tracking.check(track)
+    if pool is not None:  # a pool that cannot be used stops the command before any fit
+        from pipeline.heads.pool import open_pool
+        from pipeline.store.cache import cache_info
+
+        open_pool(pool, caches[0], cache_info(caches[0]))
     result = compare.fit_heads(caches, options=options, progress=False if quiet else None)
     result.write(out, track=track)
     if result.skipped:
         click.echo(f"skipped {len(result.skipped)} activation cache(s) (fine-tuning's block "
                    f"inputs, not features): {', '.join(result.skipped)}", err=True)
+    semi_result = None
+    if pool is not None:  # the supervised rows above; the self-trained ones beside them
+        semi_result = _self_train(result, caches, pool, options, thresholds, rounds, out,
+                                  quiet, track)
     if as_json:
-        emit_json(result.to_json())
+        emit_json({**result.to_json(), **({"self_train": semi_result.to_json()}
+                                          if semi_result else {})})
         return
     click.echo(markdown(compact_rows(result.rows)))
+    if semi_result is not None:
+        click.echo(markdown(compact_rows(semi_result.rows)))
     if result.shots:
         click.echo(markdown(result.shots))
     click.echo(f"tables, plots and saved heads in {out}/")
+
+
+def _self_train(result, caches, pool, options: HeadsOptions, thresholds, rounds, out, quiet,
+                track):
+    """Self-train the heads of ``options`` on the one feature cache with ``pool``; write the
+    rows to ``out/self-train``."""
+    from pipeline.core.errors import PipelineError
+    from pipeline.heads.self_training import self_train
+
+    features = [c for c in caches if str(c) not in result.skipped]
+    if len(features) != 1:
+        raise PipelineError(f"--unlabelled takes one labelled cache, not {len(features)}; "
+                            "run pipeline heads once per cache")
+    semi = SelfTrainOptions(heads=tuple(options.heads), thresholds=thresholds, rounds=rounds,
+                            seed=options.seed)
+    found = self_train(features[0], pool=pool, options=semi, progress=False if quiet else None)
+    found.write(Path(out) / "self-train", track=track)
+    return found
 
 
 def _split_heads(value: str) -> list[str]:

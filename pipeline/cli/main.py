@@ -13,6 +13,7 @@ from pipeline.cli import advise as advise_commands
 from pipeline.cli import audit as audit_commands
 from pipeline.cli import backbones as backbones_commands
 from pipeline.cli import cache as cache_commands
+from pipeline.cli import distill as distill_commands
 from pipeline.cli import export as export_commands
 from pipeline.cli import extract as extract_commands
 from pipeline.cli import finetune as finetune_commands
@@ -32,6 +33,7 @@ def main() -> None:
 # Every command, from its module (click lists them by name in --help).
 main.add_command(extract_commands.extract)
 main.add_command(heads_commands.heads)
+main.add_command(distill_commands.distill_command)
 main.add_command(predict_commands.predict)
 main.add_command(export_commands.export_command)
 main.add_command(finetune_commands.finetune_command)

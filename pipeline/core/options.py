@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass, field, fields
+from typing import ClassVar
 
 from pipeline.core.contract import Between, OneOf, Options, Satisfies
 
@@ -388,3 +389,69 @@ def split_settings(settings: dict, *classes: type) -> list[dict]:
                       if key in {f.name for f in fields(c)}), len(classes))
         parts[owner][key] = value
     return parts
+
+
+# --- the unlabelled pool: self-training and distillation (pipeline.heads.self_training,
+# pipeline.distillation) ---------------------------------------------------------------------
+
+SELF_TRAIN_THRESHOLDS = (0.5, 0.8, 0.95)
+STUDENTS = ("linear", "mlp")
+
+
+def _unit_interval_tuple(values) -> bool:
+    return (isinstance(values, tuple) and len(values) > 0
+            and all(isinstance(v, int | float) and not isinstance(v, bool) and 0 <= v <= 1
+                    for v in values))
+
+
+def _positive_tuple(values) -> bool:
+    return (isinstance(values, tuple) and len(values) > 0
+            and all(isinstance(v, int | float) and not isinstance(v, bool) and v > 0
+                    for v in values))
+
+
+@dataclass(frozen=True, kw_only=True)
+class SelfTrainOptions(Options):
+    """How ``pipeline heads --unlabelled POOL --semi self-train`` self-trains each head."""
+
+    heads: tuple[str, ...] = DEFAULT_HEADS  # the base heads (any head spec of stage 2)
+    # confidence floors tried; the validation split chooses one (or none: round 0)
+    thresholds: tuple[float, ...] = SELF_TRAIN_THRESHOLDS
+    # rounds at most per threshold; the validation split chooses how many (0 is supervised)
+    rounds: int = 4
+    # pool images one class may take in a round at most: bounds the memory of the refits
+    max_per_class: int = 5_000
+    seed: int = 0
+
+    constraints: ClassVar[dict[str, list]] = {
+        "heads": [Satisfies(lambda v: isinstance(v, tuple) and len(v) > 0,
+                            "a non-empty tuple of head specs")],
+        "thresholds": [Satisfies(_unit_interval_tuple, "a non-empty tuple of numbers in [0, 1]")],
+        "rounds": [Between(1, 50, integer=True)],
+        "max_per_class": [Between(1, None, integer=True)],
+        "seed": [Between(0, None, integer=True)],
+    }
+
+
+@dataclass(frozen=True, kw_only=True)
+class DistillOptions(Options):
+    """How ``pipeline distill`` trains a student head on a teacher's soft predictions."""
+
+    student: str = "mlp"  # the student head on the cached features: "linear" or "mlp"
+    # softmax temperatures of teacher and student tried; validation chooses one
+    temperatures: tuple[float, ...] = (1.0, 2.0, 4.0)
+    # weights of the soft-target loss against the true labels tried (1: soft targets only);
+    # validation chooses one
+    alphas: tuple[float, ...] = (0.5, 0.9)
+    seed: int = 0
+    # pool images read into memory at most (a seeded sample beyond): the student trains in
+    # memory, and the teacher's predictions of the whole pool stay on disk
+    max_pool: int = 100_000
+
+    constraints: ClassVar[dict[str, list]] = {
+        "student": [OneOf(STUDENTS)],
+        "temperatures": [Satisfies(_positive_tuple, "a non-empty tuple of numbers > 0")],
+        "alphas": [Satisfies(_unit_interval_tuple, "a non-empty tuple of numbers in [0, 1]")],
+        "seed": [Between(0, None, integer=True)],
+        "max_pool": [Between(1, None, integer=True)],
+    }

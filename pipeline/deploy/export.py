@@ -34,7 +34,7 @@ __all__ = ["FORMATS", "ExportError", "ExportResult", "choose_model", "export_mod
 FORMATS = {"onnx": ".onnx", "torchscript": ".pt"}
 # Heads whose prediction is a few tensor operations on the features, by class name.
 _LINEAR_HEADS = ("LogRegHead", "LinearProbe", "MultiLayerHead")
-_MODULE_HEADS = ("MLPHead",)
+_MODULE_HEADS = ("MLPHead", "StudentHead")  # an MLP on standardised features: module_
 
 
 class ExportError(PipelineError):

@@ -5,11 +5,13 @@ and ``report.json``; the terminal and ``report.md`` show these columns, and only
 some row fills:
 
 ``method | backbone | head | setting | accuracy [95% CI] | seeds | Δ vs best [95% CI] | p |
-macro-F1 | ECE | fit s``
+Δ vs base [95% CI] | p vs base | macro-F1 | ECE | fit s``
 
 plus ``cache`` when the rows come from several feature caches (only rows of one cache are
 compared), ``positive recall`` on two-class data and ``without leaked`` where test images
-are training images.
+are training images, and ``Δ vs base`` where a row was derived from another on the same test
+images (a self-trained head from its supervised head, a distilled student from the same head
+without its teacher).
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from pipeline.data.layouts import display
 __all__ = ["COMPACT_COLUMNS", "compact_rows", "format_interval", "format_p"]
 
 COMPACT_COLUMNS = ("method", "cache", "backbone", "head", "setting", "accuracy [95% CI]",
-                   "seeds", "Δ vs best [95% CI]", "p", "macro-F1", "ECE", "positive recall",
+                   "seeds", "Δ vs best [95% CI]", "p", "Δ vs base [95% CI]", "p vs base",
+                   "macro-F1", "ECE", "positive recall",
                    "without leaked", "excluded", "fit s")
 
 
@@ -92,6 +95,11 @@ def _cells(row: dict, several_caches: bool) -> dict:
             row.get("diff_vs_best"), row.get("diff_vs_best_ci_low"),
             row.get("diff_vs_best_ci_high"), signed=True),
         "p": "" if reference else format_p(row.get("p_vs_best")),
+        # the row it was derived from (pipeline.heads.self_training, pipeline.distillation)
+        "Δ vs base [95% CI]": format_interval(row.get("diff_vs_base"),
+                                              row.get("diff_vs_base_ci_low"),
+                                              row.get("diff_vs_base_ci_high"), signed=True),
+        "p vs base": format_p(row.get("p_vs_base")),
         "macro-F1": _plain(row.get("macro_f1"), 3),
         "ECE": _plain(row.get("ece"), 3),
         "positive recall": _plain(row.get("positive_recall"), 3),

@@ -44,8 +44,13 @@ _SCORES = tuple(c for name in SCORE_COLUMNS for c in (name, *interval_columns(na
 SEED_COLUMNS = ("repeats", "test_accuracy_seeds_mean", "test_accuracy_seeds_std",
                 "test_accuracy_seeds_ci_low", "test_accuracy_seeds_ci_high")
 # What the report takes from each results.json row.
+# A row derived from another on the same test images (self-training, distillation): the
+# paired comparison with it, the pseudo-labels' accuracy, a student's agreement with its teacher.
+BASE_COLUMNS = ("base_head", "diff_vs_base", "diff_vs_base_ci_low", "diff_vs_base_ci_high",
+                "p_vs_base", "pseudo_accuracy", "agreement", "agreement_ci_low",
+                "agreement_ci_high")
 REPORT_COLUMNS = ("method", "backbone", "head", "chosen", *_SCORES, *SEED_COLUMNS,
-                  *POSITIVE_COLUMNS, "excluded", "fit_s", "cache_key")
+                  *POSITIVE_COLUMNS, *BASE_COLUMNS, "excluded", "fit_s", "cache_key")
 # What it adds: the comparison with the best row of the same test images ...
 COMPARISON_COLUMNS = ("diff_vs_best", *interval_columns("diff_vs_best"), "p_vs_best")
 # ... and, where test images are also training images, the scores without them.
@@ -55,7 +60,8 @@ LEAK_COLUMNS = ("leaked_test_images", "test_accuracy_without_leaked",
 # Bars by method: transfer blue, fine-tune orange, anything else (from scratch) grey.
 _METHOD_COLOURS = {"transfer": "tab:blue", "fine-tune": "tab:orange"}
 _ORDER = ("method", "backbone", "head", "chosen", *_SCORES[:3], *SEED_COLUMNS,
-          *COMPARISON_COLUMNS, *_SCORES[3:], *POSITIVE_COLUMNS, *LEAK_COLUMNS, "excluded",
+          *COMPARISON_COLUMNS, *BASE_COLUMNS, *_SCORES[3:], *POSITIVE_COLUMNS, *LEAK_COLUMNS,
+          "excluded",
           "fit_s",
           "cache_key", "predictions", "run_record")
 
