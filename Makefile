@@ -46,7 +46,7 @@ EXTRACT_ARGS := --backbone $(BACKBONE) --weights $(WEIGHTS) --cache-dir $(CACHE_
 	$(if $(IMAGE_SIZE),--image-size $(IMAGE_SIZE)) $(if $(SPLIT),--split $(SPLIT)) \
 	$(if $(ENGINE),--engine $(ENGINE))
 
-.PHONY: help install demo features heads selftrain distill pool-data finetune sweep advise report export-model test lint docs bench demo-data clean
+.PHONY: help install demo features heads selftrain distill pool-data finetune sweep advise drift report export-model test lint docs bench demo-data clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 14
@@ -126,6 +126,13 @@ $(ADVICE): $(BIN)/.installed $(DATA_FILES)
 	$(BIN)/pipeline advise $(DATA) --backbone $(BACKBONE) --weights $(WEIGHTS) \
 		--cache-dir $(CACHE_DIR) $(if $(IMAGE_SIZE),--image-size $(IMAGE_SIZE)) \
 		$(if $(SPLIT),--split $(SPLIT)) --out $(@D) -q > /dev/null
+
+# make drift NEW=<folder of new images, or their cache>: against the run's best model.
+NEW ?=
+
+drift: $(if $(NEW),$(HEADS_TABLE)) ## is NEW different from DATA, does it hurt the best model, what to retrain
+	@test -n "$(NEW)" || { echo "make drift NEW=<folder of new images, or their cache>"; exit 2; }
+	$(BIN)/pipeline drift "$(NEW)" --against $(RUN) --out $(RUN)/drift --cache-dir $(CACHE_DIR)
 
 report: $(REPORT) ## heads and fine-tunes of DATA and BACKBONE in one table and chart
 	@cat $(REPORT)

@@ -28,7 +28,7 @@ LAYERS = (
     ("auditing", "advice"),
     ("finetuning",),
     ("deploy",),
-    ("distillation",),
+    ("distillation", "monitoring"),
     ("cli", "bench"),
     ("__main__",),
 )

@@ -15,9 +15,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from pipeline.core.extras import require, require_all
+
 __all__ = ["LabelIssue", "fold_count", "label_issues", "out_of_fold_probabilities",
            "standardised"]
 
+PURPOSE = "the label audit"  # what the one line of a missing cleanlab says needs it
 # Iterations of lbfgs per fold: the fit is a screen, not the reported model; 200 converges on
 # bottleneck features to within a few 1e-3 of the probabilities of a full fit.
 _MAX_ITER = 200
@@ -93,6 +96,8 @@ def out_of_fold_probabilities(X: np.ndarray, y: np.ndarray, n_classes: int, fold
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import StratifiedKFold
 
+    # cleanlab ranks these next (label_issues): missing, it is said now, not after the folds.
+    require_all(["cleanlab"], PURPOSE)
     present = np.unique(y)
     remap = np.searchsorted(present, y)
     Xs = standardised(X)
@@ -122,8 +127,7 @@ def label_issues(y: np.ndarray, proba: np.ndarray, classes: list[str], paths: li
     classes, paths, split
         Names for the rows of the result.
     """
-    from cleanlab.filter import find_label_issues
-
+    find_label_issues = require("cleanlab.filter", PURPOSE).find_label_issues
     present = np.unique(y)  # cleanlab wants every column to be a class that occurs
     sub = proba[:, present]
     sub = sub / np.clip(sub.sum(1, keepdims=True), 1e-12, None)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from scipy.stats import median_abs_deviation
 
 from pipeline.auditing.neighbours import Neighbours
 
@@ -25,7 +26,7 @@ class Outlier:
     index: int
     path: str
     score: float  # mean cosine distance to the k nearest rows
-    robust_z: float  # (score - median) / (1.4826 * MAD) over all rows
+    robust_z: float  # (score - median) / MAD over all rows, the MAD scaled to a normal sigma
 
 
 def outlier_scores(neighbours: Neighbours) -> np.ndarray:
@@ -38,7 +39,8 @@ def outlier_scores(neighbours: Neighbours) -> np.ndarray:
 def top_outliers(scores: np.ndarray, paths: list[str], top: int) -> list[Outlier]:
     """The ``top`` highest scores, highest first, each with its robust z-score."""
     median = float(np.median(scores)) if len(scores) else 0.0
-    mad = 1.4826 * float(np.median(np.abs(scores - median))) if len(scores) else 0.0
+    # scale="normal": the MAD times 1.4826, the standard deviation's estimate under normality.
+    mad = float(median_abs_deviation(scores, scale="normal")) if len(scores) else 0.0
     order = np.argsort(-scores, kind="stable")[:top]
     return [Outlier(rank + 1, int(i), paths[i], float(scores[i]),
                     float((scores[i] - median) / mad) if mad > 0 else 0.0)

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from pipeline.core.extras import require
 from pipeline.core.options import AuditOptions
 from pipeline.data.layouts import display
 from pipeline.report.plots import figure
@@ -22,8 +23,9 @@ _COMPONENTS = 50  # PCA before t-SNE, as openTSNE's and scikit-learn's guides ad
 
 def embed(Xn: np.ndarray, seed: int = 0) -> np.ndarray:
     """``(n, 2)`` t-SNE coordinates of the rows (openTSNE, PCA initialisation)."""
-    from openTSNE import TSNE
     from sklearn.decomposition import PCA
+
+    TSNE = require("openTSNE", "the audit's t-SNE map").TSNE
 
     n = len(Xn)
     if n < 4:  # t-SNE needs a few neighbours; fewer points are placed on a line

@@ -6,6 +6,7 @@ import sys
 
 import click
 
+from pipeline.cli.messages import one_line
 from pipeline.core import distributed
 from pipeline.core.errors import PipelineError
 from pipeline.store import run_record
@@ -27,16 +28,7 @@ class Group(click.Group):
         try:
             return super().invoke(ctx)
         except PipelineError as err:
-            raise click.ClickException(_message(err)) from None
+            raise click.ClickException(one_line(err)) from None
         finally:  # under torchrun: leave the process group cleanly
             distributed.shutdown()
 
-
-def _message(err: PipelineError) -> str:
-    """The error's one line; for one raised in a DataLoader worker, which torch re-raises with
-    the worker's traceback as its text, the traceback's last line without the class name."""
-    text = str(err)
-    if text.startswith("Caught ") and "\n" in text.strip():
-        last = text.strip().splitlines()[-1]
-        text = last.split(": ", 1)[1] if ": " in last else last
-    return text

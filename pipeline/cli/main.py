@@ -14,6 +14,7 @@ from pipeline.cli import audit as audit_commands
 from pipeline.cli import backbones as backbones_commands
 from pipeline.cli import cache as cache_commands
 from pipeline.cli import distill as distill_commands
+from pipeline.cli import drift as drift_commands
 from pipeline.cli import export as export_commands
 from pipeline.cli import extract as extract_commands
 from pipeline.cli import finetune as finetune_commands
@@ -41,6 +42,7 @@ main.add_command(finetune_commands.lr_find_command)
 main.add_command(report_commands.report_command)
 main.add_command(audit_commands.audit_command)
 main.add_command(advise_commands.advise_command)
+main.add_command(drift_commands.drift_command)
 main.add_command(cache_commands.cache_group)
 main.add_command(backbones_commands.blocks_command)
 main.add_command(backbones_commands.list_backbones)

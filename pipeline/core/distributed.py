@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING
 
-from pipeline.core.errors import PipelineError
+from pipeline.core.errors import DistributedError
 
 if TYPE_CHECKING:
     import numpy as np
@@ -24,9 +24,6 @@ if TYPE_CHECKING:
 # may have hours of images left; a crashed rank is caught by torchrun, not by this timeout.
 _TIMEOUT = timedelta(minutes=float(os.environ.get("PIPELINE_DIST_TIMEOUT_MIN", 24 * 60)))
 
-
-class DistributedError(PipelineError):
-    """The processes of one job disagree about their inputs or cannot see each other's files."""
 
 
 @dataclass(frozen=True)

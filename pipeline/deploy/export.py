@@ -3,9 +3,9 @@
 The file holds everything between a decoded image and its probabilities: the preprocessing
 of the weights' recipe (resize of the shorter side, centre crop, scaling and normalisation,
 the same torchvision operations ``pipeline predict`` applies), the backbone, and the head
-(logistic regression, linear probe or MLP, as torch layers) or the fine-tuned network. It
-runs with onnxruntime (``--format onnx``) or torch alone (``--format torchscript``), with no
-``pipeline`` import.
+(its linear form as one linear layer, or its own torch module, as the head gives them:
+:mod:`pipeline.heads.protocol`) or the fine-tuned network. It runs with onnxruntime
+(``--format onnx``) or torch alone (``--format torchscript``), with no ``pipeline`` import.
 
 The input is a batch of RGB images as ``uint8`` of shape ``(N, H, W, 3)``, what
 ``numpy.asarray(PIL.Image.open(path).convert("RGB"))`` gives; the batch size is free, the
@@ -25,21 +25,16 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from pipeline.core.errors import PipelineError
+from pipeline.core.errors import ExportError
+from pipeline.core.extras import require, require_all
 from pipeline.store.persistence import HEAD_SUFFIX, NETWORK_SUFFIX, SavedHead, load_model
 
 __all__ = ["FORMATS", "ExportError", "ExportResult", "choose_model", "export_model",
            "resized_size"]
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".pt"}
-# Heads whose prediction is a few tensor operations on the features, by class name.
-_LINEAR_HEADS = ("LogRegHead", "LinearProbe", "MultiLayerHead")
-_MODULE_HEADS = ("MLPHead", "StudentHead")  # an MLP on standardised features: module_
-
-
-class ExportError(PipelineError):
-    """A model that cannot be exported as asked: none found, an unknown format, a head kind
-    without a tensor form."""
+# What each format needs beyond torch: torch's ONNX exporter (dynamo) runs on onnxscript.
+_NEEDS = {"onnx": ("onnx", "onnxscript"), "torchscript": ()}
 
 
 @dataclass
@@ -64,7 +59,7 @@ def choose_model(source: str | os.PathLike) -> Path:
     if source.is_file():
         return source
     if not source.is_dir():
-        raise ExportError(f"{source}: no such file or folder")
+        raise ExportError(f"{source}: no such file or folder", path=source)
     best = None
     for results in sorted(source.rglob("results.json")):
         for row in json.loads(results.read_text()):
@@ -78,10 +73,12 @@ def choose_model(source: str | os.PathLike) -> Path:
         found = sorted([*source.rglob(f"*{HEAD_SUFFIX}"), *source.rglob(f"*{NETWORK_SUFFIX}")])
         if len(found) == 1:
             return found[0]
-        raise ExportError(
-            f"{source}: no saved model (.head or .net) with a results row under it"
-            + (f" ({len(found)} model files: name one)" if found else
-               "; run `pipeline heads` or `pipeline finetune` first"))
+        if found:
+            raise ExportError(f"{source}: no saved model (.head or .net) with a results row "
+                              f"under it ({len(found)} model files: name one)", path=source,
+                              found=found)
+        raise ExportError(f"{source}: no saved model (.head or .net) with a results row under "
+                          "it", path=source, found=found, reason="no-model")
     return best[1]
 
 
@@ -112,12 +109,14 @@ def export_model(source: str | os.PathLike, format: str = "onnx",
     """
     if format not in FORMATS:
         raise ExportError(f"unknown export format {format!r}; choose one of "
-                          f"{', '.join(FORMATS)}")
+                          f"{', '.join(FORMATS)}", format=format, formats=tuple(FORMATS))
+    require_all(_NEEDS[format], f"{format} export")  # before the model is built
     model_path = choose_model(source)
     module, spec, classes = _classifier(model_path, offline)
     size = tuple(input_size) if input_size else (spec.preprocessing.crop,) * 2
     if len(size) != 2 or min(size) < 1:
-        raise ExportError(f"input size {size}: give a height and a width, e.g. 224,224")
+        raise ExportError(f"input size {size}: give a height and a width, e.g. 224,224",
+                          input_size=size)
     out = Path(out) if out else model_path.with_suffix(FORMATS[format])
     out.parent.mkdir(parents=True, exist_ok=True)
     wrapped = _torch_modules().Preprocessed(module, spec.preprocessing, size).eval()
@@ -154,31 +153,24 @@ def _feature_model(spec):
 
 
 def _head_module(estimator, n_classes: int):
-    """A fitted head as torch layers giving probabilities over all ``n_classes`` columns."""
-    import torch
+    """A fitted head as torch layers giving probabilities over all ``n_classes`` columns.
 
-    kind = type(estimator).__name__
-    labels = np.asarray(estimator.classes_, dtype=np.int64)
-    if kind == "LogRegHead":
-        scaler, logreg = estimator.pipeline_[0], estimator.pipeline_[-1]
-        weight = logreg.coef_ / scaler.scale_[None, :]
-        bias = logreg.intercept_ - weight @ scaler.mean_
-        layers = _linear(weight, bias)
-    elif kind in ("LinearProbe", "MultiLayerHead"):  # coef_ on the raw features, all columns
-        layers = _linear(estimator.coef_, estimator.intercept_)
-    elif kind in _MODULE_HEADS:
-        import copy
+    The head says what it is (:mod:`pipeline.heads.protocol`): an affine map of the features
+    (its linear form), or a torch module of its own.
+    """
+    # Here, not at the top: the heads package loads torch, and importing this file needs none.
+    from pipeline.heads.protocol import HasLinearForm, HasLogitModule
 
-        scale = torch.nn.Linear(len(estimator.mean_), len(estimator.mean_))
-        with torch.no_grad():
-            scale.weight.copy_(torch.diag(torch.as_tensor(1 / estimator.scale_)))
-            scale.bias.copy_(torch.as_tensor(-estimator.mean_ / estimator.scale_))
-        layers = torch.nn.Sequential(scale, copy.deepcopy(estimator.module_).float().eval())
+    if isinstance(estimator, HasLinearForm):
+        layers = _linear(*estimator.linear_form())
+    elif isinstance(estimator, HasLogitModule):
+        layers = estimator.logit_module()
     else:
-        raise ExportError(f"a {kind} head has no tensor form to export; export a logreg, "
-                          "linear, multilayer or mlp head, or a fine-tuned network")
-    binary = kind == "LogRegHead" and estimator.pipeline_[-1].coef_.shape[0] == 1
-    return _torch_modules().Probabilities(layers.float(), labels, n_classes, binary)
+        raise ExportError(f"a {type(estimator).__name__} head has no tensor form to export; "
+                          "export a logreg, linear, multilayer or mlp head, or a fine-tuned "
+                          "network", head=type(estimator).__name__)
+    labels = np.asarray(estimator.classes_, dtype=np.int64)
+    return _torch_modules().Probabilities(layers.float(), labels, n_classes)
 
 
 def _linear(weight: np.ndarray, bias: np.ndarray):
@@ -217,19 +209,15 @@ def _torch_modules() -> SimpleNamespace:
     class Probabilities(nn.Module):
         """Scores of the head's own classes, softmaxed, then placed at their labels."""
 
-        def __init__(self, layers: nn.Module, labels: np.ndarray, n_classes: int,
-                     binary: bool):  # binary: one logit, of the second class
+        def __init__(self, layers: nn.Module, labels: np.ndarray, n_classes: int):
             super().__init__()
-            self.layers, self.binary = layers, binary
+            self.layers = layers
             place = torch.zeros(len(labels), n_classes)
             place[torch.arange(len(labels)), torch.as_tensor(labels)] = 1.0
             self.register_buffer("place", place)
 
         def forward(self, x):
-            scores = self.layers(x)
-            if self.binary:  # scikit-learn's two-class logistic regression: one logit
-                scores = torch.cat([torch.zeros_like(scores), scores], dim=1)
-            return torch.softmax(scores, dim=1) @ self.place
+            return torch.softmax(self.layers(x), dim=1) @ self.place
 
     class Preprocessed(nn.Module):
         """uint8 (N, H, W, 3) images of one size through the recipe, then the classifier.
@@ -309,9 +297,9 @@ def _example(size: tuple[int, int]):
 
 
 def _onnx(module, size: tuple[int, int], out: Path, meta: dict) -> None:
-    import onnx
     import torch
 
+    onnx = require("onnx", "onnx export")
     batch = torch.export.Dim("batch", min=1)
     with torch.inference_mode(False), torch.no_grad():
         program = torch.onnx.export(module, (_example(size),), dynamo=True,

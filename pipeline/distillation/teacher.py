@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.core.atomic import atomic_write
-from pipeline.core.errors import PipelineError
+from pipeline.core.errors import TeacherError
 from pipeline.core.progress import Progress
 from pipeline.heads.pool import Pool, feature_space, space_differences
 from pipeline.store.cache import open_cache, read_strings
@@ -34,10 +34,6 @@ __all__ = ["SOFT_FORMAT", "Teacher", "TeacherError", "load_teacher", "soft_targe
 
 SOFT_FORMAT = "pipeline-teacher-predictions"
 _FLOOR = 1e-12  # the smallest probability kept before the log: a teacher's 0 stays finite
-
-
-class TeacherError(PipelineError):
-    """A teacher that cannot teach this cache: unreadable, other classes, other features."""
 
 
 @dataclass

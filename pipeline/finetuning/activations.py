@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import fx, nn
 
-from pipeline.core.errors import PipelineError
+from pipeline.core.errors import ActivationError
 from pipeline.core.progress import note
 from pipeline.data.images import ImageFiles, ImageSet
 from pipeline.models.families import family_of
@@ -42,9 +42,6 @@ _CUT_RTOL = 1e-4
 # chunks against 33, 23 and 6.6 ms in 1 MiB ones.
 _CHUNK_BYTES = 64 << 10
 
-
-class ActivationError(PipelineError):
-    """A network that cannot be cut at a block boundary, or a cache that cannot be written."""
 
 
 @dataclass

@@ -32,7 +32,7 @@ from pipeline.core import distributed
 from pipeline.core.atomic import save_figure, write_json, write_text
 from pipeline.core.contract import Result
 from pipeline.core.devices import autocast_dtype
-from pipeline.core.errors import PipelineError
+from pipeline.core.errors import LRFindError
 from pipeline.core.options import (
     DEFAULT_BACKBONE,
     LR_FIND_END_LR,
@@ -65,9 +65,6 @@ RULE = "steepest descent of the smoothed loss against log10(lr), before its mini
 # by concern.
 _NOT_PROBED = {"optim": ("lr", "schedule", "step_size"), "training": ("epochs", "patience")}
 
-
-class LRFindError(PipelineError):
-    """A range test that cannot run as asked."""
 
 
 @dataclass

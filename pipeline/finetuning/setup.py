@@ -16,7 +16,7 @@ from torch import nn
 
 from pipeline.core import distributed
 from pipeline.core.devices import default_batch_size, default_workers
-from pipeline.core.errors import DataError, PipelineError
+from pipeline.core.errors import DataError, FinetuneError
 from pipeline.core.options import (
     DEFAULT_CACHE_DIR,
     ActivationOptions,
@@ -62,8 +62,6 @@ __all__ = ["FROM_SCRATCH", "FinetuneError", "Setup", "build_model", "from_scratc
 FROM_SCRATCH = "from scratch"
 
 
-class FinetuneError(PipelineError):
-    """A fine-tuning run that cannot start or resume as asked."""
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ from pathlib import Path
 from pipeline.core import distributed
 from pipeline.core.atomic import write_json
 from pipeline.core.contract import Result
-from pipeline.core.errors import PipelineError
+from pipeline.core.errors import SweepError
 from pipeline.core.options import DEFAULT_BACKBONE, SWEEP_MODES, FinetuneOptions
 from pipeline.metrics.scoring import POSITIVE_COLUMNS
 from pipeline.models.backbone_spec import BackboneSpec
@@ -44,9 +44,6 @@ RUN_RECORD = "sweep-run.json"
 # What a run is chosen on: validation accuracy at its best epoch, ties to the lower loss.
 SELECTION = "val_accuracy, then val_loss"
 
-
-class SweepError(PipelineError):
-    """A sweep that cannot run as asked, or whose folder holds another sweep's runs."""
 
 
 @dataclass

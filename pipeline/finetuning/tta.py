@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from pipeline.core import distributed
-from pipeline.core.errors import PipelineError
+from pipeline.core.errors import TTAError
 from pipeline.core.options import TTA_MODES
 from pipeline.metrics.scoring import positive_scores, scores_with_intervals
 from pipeline.models.preprocessing import Preprocessing
@@ -48,9 +48,6 @@ __all__ = ["TTA_MODES", "TTAError", "ViewFeatures", "average", "check_mode",
            "evaluate_network", "input_size", "mean_over_views", "score_split", "transform",
            "view_count", "views"]
 
-
-class TTAError(PipelineError):
-    """Test-time augmentation asked for what it cannot do."""
 
 
 def check_mode(mode: str | None) -> str | None:

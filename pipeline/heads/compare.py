@@ -20,6 +20,7 @@ from pipeline.core.options import DEFAULT_HEADS, HeadsOptions
 from pipeline.core.progress import Progress
 from pipeline.heads import HEADS, HeadError, head_name, make_head
 from pipeline.heads.layers import probe_layers, write_layer_curve
+from pipeline.heads.protocol import chosen_params, wants_layers
 from pipeline.metrics.calibration import reliability_curve
 from pipeline.metrics.scoring import (
     SCORE_COLUMNS,
@@ -41,8 +42,6 @@ from pipeline.store.persistence import HEAD_SUFFIX, save_head
 from pipeline.store.run_record import RECORD, RunRecord, device_name
 
 __all__ = ["DEFAULT_HEADS", "HeadFit", "HeadsOptions", "HeadsResult", "fit_heads"]
-# Learned attributes that say which hyperparameters a head chose on the validation split.
-_CHOSEN = ("fraction_", "C_", "weight_decay_", "lr_", "best_epoch_", "layers_")
 # Added to the default heads when a cache holds several layers (pipeline extract --layer).
 MULTI_LAYER_HEAD = "multilayer"
 
@@ -170,8 +169,8 @@ def feature_caches(paths: Sequence[str | os.PathLike]) -> tuple[list[Path], list
     activations = [p for p, kind in kinds.items() if kind == "activations"]
     if not features:
         raise DataError(f"{activations[0]} is an activation cache written by fine-tuning (block "
-                        "inputs of augmented views), not a feature cache; `pipeline cache list` "
-                        "shows each file's kind")
+                        "inputs of augmented views), not a feature cache", path=activations[0],
+                        reason="activation-cache")
     return features, activations
 
 
@@ -340,7 +339,7 @@ def _fit_and_score(cache: CacheData, spec: str, template, seed: int, intervals: 
     params = estimator.get_params()
     if "random_state" in params:
         estimator.set_params(random_state=seed)
-    if params.get("layers", False) is None and cache.info.get("layers"):  # MultiLayerHead
+    if wants_layers(estimator) and cache.info.get("layers"):
         estimator.set_params(layers=[tuple(span) for span in cache.info["layers"]])
     started = time.perf_counter()
     try:
@@ -383,7 +382,9 @@ def _fit(estimator, train: FeatureSplit, val: FeatureSplit) -> None:
 
 
 def _chosen(estimator, spec: str) -> str:
-    found = {a.rstrip("_"): getattr(estimator, a) for a in _CHOSEN if hasattr(estimator, a)}
+    """What the head chose on validation data; for a head that does not say, its spec's
+    parameters."""
+    found = chosen_params(estimator)
     if not found:
         return spec.partition(":")[2]
     return ",".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"

@@ -25,6 +25,7 @@ from pipeline.heads._base import (
     TORCH_CONSTRAINTS,
     TorchHead,
 )
+from pipeline.heads.protocol import LinearForm, fold_standardisation
 
 DEFAULT_WEIGHT_DECAYS = tuple(float(w) for w in np.logspace(-6, -1, 8))
 
@@ -257,11 +258,21 @@ class LinearProbe(TorchHead):
         best = _best_head(accuracy, loss, self.select_on)
         self.weight_decay_, self.lr_ = (float(v) for v in grid[best])
         weights = W[best].cpu().double().numpy()  # (D, C) in the standardised space
-        self.coef_ = (weights / self.scale_[:, None]).T
-        self.intercept_ = b[best].cpu().double().numpy() - (self.mean_ / self.scale_) @ weights
+        self.coef_, self.intercept_ = fold_standardisation(
+            weights.T, b[best].cpu().double().numpy(), self.mean_, self.scale_)
 
     def predict_proba(self, X) -> np.ndarray:
         """Class probabilities (float64, rows sum to 1), columns in the order of ``classes_``."""
         check_is_fitted(self)
         X = validate_data(self, X, reset=False, dtype=FLOATS)
         return softmax(X @ self.coef_.T + self.intercept_, axis=1)
+
+    def linear_form(self) -> LinearForm:
+        """``coef_`` and ``intercept_``: ``predict_proba`` is the softmax of that map."""
+        check_is_fitted(self)
+        return LinearForm(self.coef_, self.intercept_)
+
+    def chosen_params(self) -> dict[str, object]:
+        """The chosen head's weight decay and learning rate."""
+        check_is_fitted(self)
+        return {"weight_decay": self.weight_decay_, "lr": self.lr_}

@@ -21,6 +21,7 @@ from pipeline.heads._base import (
     seed_from,
     selection_split,
 )
+from pipeline.heads.protocol import LinearForm, fold_standardisation
 
 DEFAULT_CS = tuple(float(c) for c in np.logspace(-4, 2, 13))
 REFIT_ON = ("train", "train+val")
@@ -166,3 +167,18 @@ class LogRegHead(BaseHead):
         check_is_fitted(self)
         X = validate_data(self, X, reset=False)
         return self.pipeline_.predict_proba(X)
+
+    def linear_form(self) -> LinearForm:
+        """The scaler and the logistic regression as one affine map of the raw features (a
+        binary model as two logits, 0 and its own), so that ``predict_proba`` is its softmax."""
+        check_is_fitted(self)
+        scaler, model = self.pipeline_[0], self.pipeline_[-1]
+        weight, bias = model.coef_, model.intercept_
+        if len(weight) == 1:  # scikit-learn's two-class model: one logit, of the second class
+            weight, bias = np.vstack([np.zeros_like(weight), weight]), np.r_[0.0, bias]
+        return fold_standardisation(weight, bias, scaler.mean_, scaler.scale_)
+
+    def chosen_params(self) -> dict[str, object]:
+        """The C chosen on validation data."""
+        check_is_fitted(self)
+        return {"C": self.C_}

@@ -21,6 +21,7 @@ from pipeline.heads._base import (
     seeded_torch,
     standardise,
 )
+from pipeline.heads.protocol import folded_module
 
 _PREDICT_ROWS = 8192  # rows per forward pass at predict time: bounded memory on large test sets
 
@@ -195,3 +196,14 @@ class MLPHead(TorchHead):
         with torch.inference_mode():
             logits = torch.cat([module(rows) for rows in Z.split(_PREDICT_ROWS)])
             return torch.softmax(logits, dim=1).numpy()
+
+    def logit_module(self) -> nn.Sequential:
+        """A float32 copy of ``module_`` that takes raw features: the standardisation folded
+        into its first linear layer, so logits are ``logit_module()(X)``."""
+        check_is_fitted(self)
+        return folded_module(self.module_, self.mean_, self.scale_)
+
+    def chosen_params(self) -> dict[str, object]:
+        """The epoch whose weights were kept (early stopping on validation loss)."""
+        check_is_fitted(self)
+        return {"best_epoch": self.best_epoch_}

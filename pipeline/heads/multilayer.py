@@ -30,6 +30,7 @@ from pipeline.heads._base import (
     selection_split,
 )
 from pipeline.heads.logreg import LogRegHead
+from pipeline.heads.protocol import LinearForm
 
 __all__ = ["DEFAULT_FRACTIONS", "MultiLayerHead", "group_lasso_relevance"]
 
@@ -274,20 +275,30 @@ class MultiLayerHead(BaseHead):
                 candidates[fraction] = columns
         return candidates
 
-    def _logits_of(self, head: LogRegHead, width: int) -> tuple[np.ndarray, np.ndarray]:
-        """The refit as weights on all raw columns: standardisation folded in, a binary
-        model as two logits (0 and its own), so that softmax gives its probabilities."""
-        scaler, logreg = head.pipeline_[0], head.pipeline_[-1]
-        weight = logreg.coef_ / scaler.scale_[None, :]
-        bias = logreg.intercept_ - weight @ scaler.mean_
-        if len(weight) == 1:
-            weight, bias = np.vstack([np.zeros_like(weight), weight]), np.r_[0.0, bias]
+    def _logits_of(self, head: LogRegHead, width: int) -> LinearForm:
+        """The refit's linear form on its ``support_`` columns as one on all ``width`` raw
+        columns (zeros elsewhere)."""
+        weight, bias = head.linear_form()
         coef = np.zeros((len(weight), width))
         coef[:, self.support_] = weight
-        return coef, np.asarray(bias, np.float64)
+        return LinearForm(coef, bias)
 
     def predict_proba(self, X) -> np.ndarray:
         """Class probabilities, columns in the order of ``classes_``."""
         check_is_fitted(self)
         X = validate_data(self, X, reset=False, dtype=(np.float64, np.float32))
         return softmax(X @ self.coef_.T + self.intercept_, axis=1)
+
+    def linear_form(self) -> LinearForm:
+        """``coef_`` and ``intercept_``: ``predict_proba`` is the softmax of that map."""
+        check_is_fitted(self)
+        return LinearForm(self.coef_, self.intercept_)
+
+    def chosen_params(self) -> dict[str, object]:
+        """The share of columns kept, the refit's C and the kept columns per layer."""
+        check_is_fitted(self)
+        return {"fraction": self.fraction_, "C": self.C_, "layers": self.layers_}
+
+    def wants_layers(self) -> bool:
+        """True until ``layers`` is set: a multi-layer cache's spans are then passed in."""
+        return self.layers is None

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.core.errors import DataError
+from pipeline.core.errors import PoolError
 from pipeline.store.cache import cache_layers_of, open_cache, read_strings
 
 __all__ = ["BLOCK_BYTES", "MATCHED_FIELDS", "Pool", "PoolError", "feature_space", "open_pool",
@@ -34,11 +34,6 @@ BLOCK_BYTES = 64 << 20
 # on each. The stored dtype may differ (float16 rows are read as float32).
 MATCHED_FIELDS = ("backbone", "family", "weights", "weights_sha256", "layer", "pool",
                   "preprocessing", "image_size", "engine", "autocast")
-
-
-class PoolError(DataError):
-    """A pool that cannot be used with the labelled cache: empty, another feature space, or the
-    labelled cache itself."""
 
 
 @dataclass
@@ -178,7 +173,7 @@ def _check_space(path: Path, spec: dict, dim: int, layers, cache_path, cache_inf
     """Refuse a pool whose features are not comparable with the labelled cache's."""
     if "activations" in spec:
         raise PoolError(f"{path} is an activation cache written by fine-tuning, not a feature "
-                        "cache; give the cache of `pipeline extract POOL_FOLDER`")
+                        "cache; give the feature cache of the pool's images")
     differ = space_differences(feature_space(spec, dim, layers),
                                feature_space(cache_info["spec"], cache_info["dim"],
                                              cache_info.get("layers", [])))

@@ -14,7 +14,7 @@ import re
 
 from sklearn.base import BaseEstimator, is_classifier
 
-from pipeline.core.errors import PipelineError
+from pipeline.core.errors import HeadError
 from pipeline.heads.linear_probe import LinearProbe
 from pipeline.heads.logreg import LogRegHead
 from pipeline.heads.mlp import MLPHead
@@ -27,9 +27,6 @@ HEADS = {"logreg": LogRegHead, "mlp": MLPHead, "linear": LinearProbe,
 # solver=saga, device=cuda:1.
 _BARE_WORD = re.compile(r"[A-Za-z_][\w.:/+-]*\Z")
 
-
-class HeadError(PipelineError):
-    """Unknown head, a class that is not a classifier, or a bad head parameter."""
 
 
 def _split_top_level(text: str) -> list[str]:

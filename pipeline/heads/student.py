@@ -42,6 +42,7 @@ from pipeline.heads._base import (
     selection_split,
     standardise,
 )
+from pipeline.heads.protocol import folded_module
 
 __all__ = ["UNLABELLED", "StudentHead"]
 
@@ -244,6 +245,17 @@ class StudentHead(TorchHead):
             module.load_state_dict(stopping.best_state)
             self.best_epoch_ = int(stopping.best_epoch)
         self.module_ = module.cpu().eval()
+
+    def logit_module(self) -> nn.Sequential:
+        """A float32 copy of ``module_`` that takes raw features (the standardisation folded
+        into its first linear layer), so that export writes the student as it does an MLP."""
+        check_is_fitted(self)
+        return folded_module(self.module_, self.mean_, self.scale_)
+
+    def chosen_params(self) -> dict[str, object]:
+        """The epoch whose weights were kept (early stopping on validation loss)."""
+        check_is_fitted(self)
+        return {"best_epoch": self.best_epoch_}
 
     def predict_proba(self, X) -> np.ndarray:
         """Class probabilities at temperature 1 (float64), columns in the order of

@@ -118,8 +118,8 @@ def parse_unfreeze(value: str | int, n_blocks: int, *, backbone: str | None = No
     if not 0 <= k <= n_blocks:
         raise BlockError(
             f"cannot unfreeze {k} blocks: {backbone or 'the backbone'} has {n_blocks} blocks "
-            f"(choose 0 to {n_blocks} or all); `pipeline blocks {backbone or 'BACKBONE'}` "
-            "lists them")
+            f"(choose 0 to {n_blocks} or all)", backbone=backbone, requested=k,
+            available=n_blocks, reason="too-many-blocks")
     return k
 
 
@@ -152,8 +152,8 @@ def _top_layers(model: nn.Module, n: int, head: nn.Module | None) -> list[str]:
     layers = parameterised_layers(model, head)
     if n > len(layers):
         raise BlockError(f"cannot unfreeze {n} layers: the backbone has {len(layers)} layers "
-                         "with parameters below its head; `pipeline blocks BACKBONE --layers` "
-                         "lists them")
+                         "with parameters below its head", backbone=None, requested=n,
+                         available=len(layers), reason="too-many-layers")
     return layers[len(layers) - n:]
 
 

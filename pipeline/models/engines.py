@@ -36,7 +36,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import hashlib
-import importlib.util
 import json
 import os
 import shutil
@@ -48,7 +47,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
 from pipeline.core.atomic import write_json, write_text
-from pipeline.core.errors import PipelineError, WriteError
+from pipeline.core.errors import EngineError, MissingExtraError, WriteError
+from pipeline.core.extras import installed, require
 from pipeline.core.options import ENGINES
 
 if TYPE_CHECKING:
@@ -72,9 +72,6 @@ _EXPORTERS = ("torch", "onnxscript", "onnx")  # their versions key the export
 EXPORTED = ".exported"  # an export's folder: <backbone>-<key>.exported
 REFUSED = ".refused.json"  # beside it: the engines auto could not use for it, and why
 
-
-class EngineError(PipelineError):
-    """An engine that is not installed, does not run on the device, or gives other features."""
 
 
 @dataclass
@@ -114,7 +111,7 @@ class Engine:
     streams_on_cpu: ClassVar[bool] = False
 
     def installed(self) -> bool:
-        return all(importlib.util.find_spec(m) is not None for m in self.requires)
+        return all(installed(m) for m in self.requires)
 
     def version(self) -> str | None:
         return _version(self.distribution)
@@ -156,8 +153,7 @@ class OnnxRuntimeEngine(Engine):
     streams_on_cpu = True
 
     def prepare(self, model, example, family, export=None, streams=1):
-        import onnxruntime as ort
-
+        ort = require("onnxruntime", "the onnxruntime engine")
         options = ort.SessionOptions()
         # One session serves every stream (its run is thread-safe), each run on its share.
         options.intra_op_num_threads = max(1, _threads() // streams)
@@ -177,8 +173,7 @@ class OpenVinoEngine(Engine):
     streams_on_cpu = True
 
     def prepare(self, model, example, family, export=None, streams=1):
-        import openvino as ov
-
+        ov = require("openvino", "the openvino engine")
         core = ov.Core()
         # float32 everywhere: on CPUs with bfloat16 units OpenVINO would otherwise use them.
         config = {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": _threads()}
@@ -220,9 +215,9 @@ def resolve_engine(name: str, device_type: str, compile: bool = False,
         return next(e for e in AUTO_ORDER if e not in refused and _ENGINES[e].installed())
     engine = get_engine(name)
     if not engine.installed():
-        missing = [m for m in engine.requires if importlib.util.find_spec(m) is None]
-        raise EngineError(f"--engine {name} needs {', '.join(missing)}: pip install "
-                          f"'cnn-bottleneck-pipeline[{engine.extra}]'")
+        # The one line names the extra; the module named is the first one missing.
+        missing = next((m for m in engine.requires if not installed(m)), engine.requires[0])
+        raise MissingExtraError(missing, engine.extra, f"the {name} engine")
     if device_type not in engine.devices:
         raise EngineError(f"--engine {name} runs on the CPU, not on {device_type}; use "
                           "--engine torch (or auto) there, or --device cpu")

@@ -98,8 +98,8 @@ def make_feature_model(spec: BackboneSpec, model: nn.Module) -> FeatureModel:
         names = adapter.layer_names(model)
         # A module's name stands for its last node, as in torchvision's feature_extraction.
         if spec.layer not in names and not any(n.startswith(spec.layer + ".") for n in names):
-            raise BackboneError(f"{spec.name} has no layer {spec.layer!r}; `pipeline layers "
-                                f"{spec.name}` lists them")
+            raise BackboneError(f"{spec.name} has no layer {spec.layer!r}",
+                                backbone=spec.name, layer=spec.layer, reason="unknown-layer")
         body = adapter.extractor(model, spec.layer)
     features = FeatureModel(body, spec.pool, final[1] if final else None).eval()
     if spec.layer is None:
@@ -124,8 +124,8 @@ def _multi_layer_model(spec: BackboneSpec, model: nn.Module, final) -> FeatureMo
         elif name in graph or any(n.startswith(name + ".") for n in graph):
             nodes[name] = name
         else:
-            raise BackboneError(f"{spec.name} has no layer {name!r}; `pipeline layers "
-                                f"{spec.name}` lists them")
+            raise BackboneError(f"{spec.name} has no layer {name!r}", backbone=spec.name,
+                                layer=name, reason="unknown-layer")
     if len(set(nodes.values())) != len(names):
         raise BackboneError(f"layers {', '.join(names)} name the same node twice")
     body = adapter.extractor_of(model, {node: name for name, node in nodes.items()})
@@ -146,5 +146,5 @@ def _check_bottleneck(spec: BackboneSpec, model: nn.Module, features: FeatureMod
     logits, rebuilt = model(x), features.final_layer(features(x)[:, start:stop])
     scale = logits.abs().max().clamp_min(1e-6)
     if logits.shape != rebuilt.shape or (logits - rebuilt).abs().max() > _BOTTLENECK_RTOL * scale:
-        raise BackboneError(f"cannot find the bottleneck of {spec.name} generically; "
-                            "choose a layer with --layer (see `pipeline layers`)")
+        raise BackboneError(f"cannot find the bottleneck of {spec.name} generically",
+                            backbone=spec.name, reason="no-bottleneck")

@@ -11,7 +11,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from pipeline.core.errors import PipelineError
+from pipeline.core.errors import BlockError
 
 if TYPE_CHECKING:
     from torch import nn
@@ -25,9 +25,6 @@ _SUPPORTED = ("resnet, efficientnet, mobilenet, mnasnet, regnet, vgg, convnext, 
 
 STEM = "stem"  # the name of the layers below the first block
 
-
-class BlockError(PipelineError):
-    """A backbone whose blocks cannot be found, or a number of blocks it does not have."""
 
 
 @dataclass(frozen=True)

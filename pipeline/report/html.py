@@ -24,7 +24,8 @@ from pipeline.report import plots
 from pipeline.report.mistakes import best_row
 from pipeline.store.tracking import STORE
 
-__all__ = ["HTML", "embedded_png", "freeze_depth_series", "results_files", "write_html"]
+__all__ = ["HTML", "drift_sections", "embedded_png", "freeze_depth_series", "results_files",
+           "write_html"]
 
 HTML = "report.html"
 TEMPLATE = "report.html.j2"
@@ -89,6 +90,30 @@ def _run_records(rows: Sequence[dict], folder: Path, out: Path) -> list[dict]:
         entry["record"] = os.path.relpath(path, out)
         records.append(entry)
     return records
+
+
+def drift_sections(folder: Path) -> list[dict]:
+    """Each ``drift.json`` (``pipeline drift``) under ``folder``: its folder, sentence, the
+    three measures' rows and its gallery, for the page's drift section."""
+    sections = []
+    for path in results_files(folder, "drift.json"):
+        try:
+            body = json.loads(path.read_text())
+            measures = [(name, body[key]) for name, key in (
+                ("domain classifier AUC", "domain_classifier"), ("MMD²", "mmd"),
+                ("predicted classes (total variation)", "label_shift"))]
+            rows = [{"measure": name, "statistic": m.get("auc", m.get("mmd2",
+                                                                      m.get("total_variation"))),
+                     "low": m["ci_low"], "high": m["ci_high"], "p": m["p_value"]}
+                    for name, m in measures]
+            sentence, shifted, harmful = body["sentence"], body["shifted"], body["harmful"]
+        except (OSError, ValueError, KeyError, TypeError):  # another tool's drift.json
+            continue
+        gallery = path.parent / "drift_gallery.png"
+        sections.append({"folder": str(path.parent.relative_to(folder)), "sentence": sentence,
+                         "shifted": shifted, "harmful": harmful, "measures": rows,
+                         "gallery": embedded_png(gallery) if gallery.exists() else ""})
+    return sections
 
 
 def _best_details(rows, predictions, out: Path) -> dict:
@@ -159,7 +184,7 @@ def write_html(folder: str | os.PathLike, out: str | os.PathLike, *, summary: Se
         summary=summary, columns=list(compact[0]) if compact else [], rows=compact,
         figures=[(title, embedded_png(path)) for title, path in figures if path],
         best_name=best.get("best_name", ""), per_class=best.get("per_class", []),
-        records=_run_records(rows, folder, out),
+        records=_run_records(rows, folder, out), drift=drift_sections(folder),
         numeric=[_is_numeric(compact, c) for c in (compact[0] if compact else [])])
     path = write_text(out / HTML, page)
     written["report_html"] = str(path)

@@ -220,10 +220,9 @@ def read_splits(path: str | os.PathLike,
     """
     with open_cache(path) as f:
         if "labels" not in f:
-            # The store does not know which command asked: the one the user ran is "this".
             raise DataError(f"{path} holds unlabelled images (no classes, no splits): this "
-                            "needs class folders or a manifest with labels; `pipeline audit`, "
-                            "`pipeline predict` and `pipeline cache export` take it as it is")
+                            "needs class folders or a manifest with labels", path=path,
+                            reason="unlabelled-cache")
         features = f["features"]
         split, valid = read_strings(f["split"]), f["valid"][:]
         paths, labels = read_strings(f["paths"]), f["labels"][:]

@@ -111,7 +111,8 @@ def find_cache(cache_dir: str | os.PathLike, name: str) -> Path:
         matches = [p for p in matches if not p.name.endswith(REFUSED)] or matches
     if len(matches) != 1:
         what = "no cache" if not matches else f"{len(matches)} caches"
-        raise CacheError(f"{what} in {cache_dir} match {name!r}; `pipeline cache list` shows them")
+        raise CacheError(f"{what} in {cache_dir} match {name!r}", path=Path(cache_dir), name=name,
+                         matches=matches, reason="cache-match")
     return matches[0]
 
 

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.core import distribution
 from pipeline.core.atomic import write_json
-from pipeline.core.errors import PipelineError
+from pipeline.core.errors import ExportError
+from pipeline.core.extras import require, require_all
 from pipeline.core.options import EXPORT_FORMATS
 from pipeline.data.layouts import as_bytes, display
 from pipeline.store.cache import open_cache, read_strings
@@ -27,9 +27,6 @@ from pipeline.store.cache import open_cache, read_strings
 FORMATS = EXPORT_FORMATS
 _BLOCK_BYTES = 32 << 20
 
-
-class ExportError(PipelineError):
-    """An export that cannot be written as asked."""
 
 
 @dataclass
@@ -71,6 +68,8 @@ def export_cache(cache: str | os.PathLike, out: str | os.PathLike, format: str =
         raise ExportError(f"format must be one of {', '.join(FORMATS)}, not {format!r}")
     out = Path(out)
     _check_out(out, format)
+    if format == "parquet":  # before anything is read
+        require_all(["pyarrow"], "Parquet export")
     with open_cache(cache) as f:
         n, dim = f["features"].shape
         writer = {"npy": _write_npy, "parquet": _write_parquet, "csv": _write_csv}[format]
@@ -134,12 +133,8 @@ def _write_npy(out: Path, blocks: Iterator[_Block], n: int, dim: int, dtype) -> 
 
 
 def _write_parquet(out: Path, blocks: Iterator[_Block], n: int, dim: int, dtype) -> list[Path]:
-    try:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-    except ImportError:
-        raise ExportError("Parquet export needs pyarrow: pip install "
-                          f"'{distribution.NAME}[{distribution.PARQUET_EXTRA}]'") from None
+    pa = require("pyarrow", "Parquet export")
+    pq = require("pyarrow.parquet", "Parquet export")
     value_type = pa.float16() if np.dtype(dtype) == np.float16 else pa.float32()
     schema = pa.schema([("path", pa.string()), ("path_bytes", pa.binary()),
                         ("label", pa.string()), ("split", pa.string()), ("valid", pa.bool_()),

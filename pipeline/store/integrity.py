@@ -14,7 +14,7 @@ from pathlib import Path
 
 import h5py
 
-from pipeline.core.errors import CacheError
+from pipeline.core.errors import CacheDamaged, CacheError
 from pipeline.store.paths import DAMAGED, is_export
 
 __all__ = ['is_hdf5', 'is_hdf5_failure', 'not_an_export']
@@ -29,15 +29,11 @@ FORMAT_VERSION = 2
 _HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 
 
-class CacheDamaged(CacheError):
-    """A complete cache whose bytes changed on disk: a chunk fails its checksum, or the file
-    is truncated."""
-
 
 def not_an_export(path: Path) -> None:
     if is_export(path):
-        raise CacheError(f"{path} is an engine's export of the network, not a feature cache; "
-                         "`pipeline cache info` describes it")
+        raise CacheError(f"{path} is an engine's export of the network, not a feature cache",
+                         path=path, reason="engine-export")
 
 
 def is_hdf5_failure(error: BaseException | None) -> bool:

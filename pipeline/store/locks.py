@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from pipeline.core.errors import CacheError
+from pipeline.core.errors import LockTimeout
 
 __all__ = ["HEARTBEAT_S", "LOCK_SUFFIX", "STALE_S", "LockTimeout", "holder", "writing"]
 
@@ -37,9 +37,6 @@ HEARTBEAT_S = 10.0
 STALE_S = 120.0
 _POLL_S = 0.5
 
-
-class LockTimeout(CacheError):
-    """Another live run kept the file locked longer than this run would wait."""
 
 
 def lock_path(path: str | os.PathLike) -> Path:

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.core.atomic import atomic_write
-from pipeline.core.errors import PipelineError
+from pipeline.core.errors import ModelFileError
 
 HEAD_FORMAT = "pipeline-head"
 NETWORK_FORMAT = "pipeline-network"
@@ -57,10 +57,6 @@ _ABOUT = {
                     "new classifier for meta.classes); `pipeline predict` runs it end to end",
 }
 
-
-class ModelFileError(PipelineError):
-    """A saved model that cannot be used: missing, corrupt, of another kind, or made for other
-    features."""
 
 
 @dataclass
@@ -156,7 +152,8 @@ def load_head(path: str | os.PathLike) -> SavedHead:
     header, payload = _read(path)
     if model_kind(header) != "head":
         raise ModelFileError(f"{path} is a fine-tuned network, not a head; load it with "
-                             "load_network or load_model")
+                             "load_network or load_model", path=path, kind="network",
+                             expected="head")
     return _head(header, payload)
 
 
@@ -166,7 +163,8 @@ def load_network(path: str | os.PathLike) -> SavedNetwork:
     header, payload = _read(path)
     if model_kind(header) != "network":
         raise ModelFileError(f"{path} is a head for bottleneck features, not a fine-tuned "
-                             "network; load it with load_head or load_model")
+                             "network; load it with load_head or load_model", path=path,
+                             kind="head", expected="network")
     return _network(header, payload)
 
 
@@ -199,7 +197,7 @@ def _network(header: dict, payload: bytes) -> SavedNetwork:
 
 def _open(path: str | os.PathLike):
     if not Path(path).is_file():
-        raise ModelFileError(f"{path}: no such model file")
+        raise ModelFileError(f"{path}: no such model file", path=path, reason="missing")
     return open(path, "rb")
 
 
@@ -211,11 +209,13 @@ def _parse(path: str | os.PathLike, line: bytes) -> dict:
         header = None
     if (not isinstance(header, dict) or header.get("format") not in _ABOUT
             or not isinstance(header.get("meta"), dict)):
-        raise ModelFileError(f"{path} is not a model saved by pipeline (a .head or .net file)")
+        raise ModelFileError(f"{path} is not a model saved by pipeline (a .head or .net file)",
+                             path=path, reason="not-a-model")
     if header.get("format_version") not in _READABLE_VERSIONS:
         raise ModelFileError(f"{path} has format version {header.get('format_version')}; "
                              f"this pipeline reads versions up to {FORMAT_VERSION}: upgrade "
-                             "pipeline to load it")
+                             "pipeline to load it", path=path,
+                             version=header.get("format_version"), readable=_READABLE_VERSIONS)
     return header
 
 
@@ -227,7 +227,7 @@ def _read(path: str | os.PathLike) -> tuple[dict, bytes]:
         payload = fh.read()
     if not _intact(line, payload, header):
         raise ModelFileError(f"{path} is corrupt or was edited: its checksum does not match; "
-                             "save it again")
+                             "save it again", path=path, reason="checksum")
     return header, payload
 
 

@@ -13,7 +13,6 @@ imported only when tracking is on.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import math
 import numbers
@@ -24,7 +23,8 @@ import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
-from pipeline.core.errors import PipelineError
+from pipeline.core.errors import TrackingError
+from pipeline.core.extras import installed, require_all
 
 __all__ = ["DEFAULT_EXPERIMENT", "EXPERIMENT_ENV", "INSTALL", "STORE", "TRACKING_URI_ENV",
            "EpochLogger", "Run", "TrackingError", "check", "ending", "local_store", "start"]
@@ -42,17 +42,15 @@ _LOCAL_MODULES = ("mlflow", "sqlalchemy", "alembic")
 _PARAMS_PER_BATCH, _METRICS_PER_BATCH, _PARAM_LENGTH = 100, 1000, 6000
 
 
-class TrackingError(PipelineError):
-    """Tracking asked for, but MLflow is not installed (or its store cannot be used)."""
-
 
 def check(track: bool | Run | None) -> bool:
     """Whether tracking is on: ``track`` (a :class:`Run` is on), or, when None, whether
     ``MLFLOW_TRACKING_URI`` is set.
 
-    Asked for with ``track=True`` and MLflow missing: :class:`TrackingError`, whose one line
-    says how to install it. Asked for only by the environment variable: a warning on stderr,
-    and no tracking (a URI set for other projects does not stop this one).
+    Asked for with ``track=True`` and MLflow missing:
+    :class:`~pipeline.core.errors.MissingExtraError`, whose one line names the extra. Asked
+    for only by the environment variable: a warning on stderr, and no tracking (a URI set for
+    other projects does not stop this one).
     """
     if isinstance(track, Run):
         return True
@@ -60,16 +58,15 @@ def check(track: bool | Run | None) -> bool:
     on = bool(uri) if track is None else bool(track)
     if not on:
         return False
-    missing = [m for m in (_CLIENT_MODULES if uri else _LOCAL_MODULES)
-               if importlib.util.find_spec(m) is None]
-    if not missing:
-        return True
-    what = f"tracking needs MLflow ({', '.join(missing)} not installed): {INSTALL}"
-    if track is None:
-        print(f"warning: {TRACKING_URI_ENV} is set but {what}; running without tracking",
+    needed = _CLIENT_MODULES if uri else _LOCAL_MODULES
+    missing = [m for m in needed if not installed(m)]
+    if missing and track is None:
+        print(f"warning: {TRACKING_URI_ENV} is set but tracking needs MLflow "
+              f"({', '.join(missing)} not installed): {INSTALL}; running without tracking",
               file=sys.stderr)
         return False
-    raise TrackingError(f"--track: {what}")
+    require_all(needed, "tracking")  # asked for, and missing: the one line naming the extra
+    return True
 
 
 def local_store(results: str | os.PathLike) -> Path:

@@ -65,3 +65,23 @@ def test_normalised_in_place_scales_the_given_array_and_a_copy_leaves_it():
     assert X[0, 0] == 3.0 and np.allclose(copied, [[0.6, 0.8], [0, 0]])
     same = normalised(X, copy=False)
     assert same is X and np.allclose(X, [[0.6, 0.8], [0, 0]])
+
+
+def test_the_library_knn_finds_the_pairs_of_the_dense_similarities():
+    # scikit-learn's chunked cosine search replaced a hand-written one: the same pairs, the
+    # same similarities (to float32 rounding), the progress adding up to every row.
+    rng = np.random.default_rng(1)
+    X = np.abs(rng.normal(size=(400, 32))).astype(np.float32)
+    X[200:210] = X[:10] + 0.01 * rng.normal(size=(10, 32))  # ten near copies
+    X[300] = X[5]  # and one exact copy, which ties with its original
+    Xn = normalised(X)
+    done = []
+    knn = nearest_neighbours(Xn, 4, on_rows=done.append, chunk=50)
+    assert sum(done) == 400 and len(done) > 1
+    dense = Xn.astype(np.float64) @ Xn.T.astype(np.float64)
+    np.fill_diagonal(dense, -np.inf)
+    want = {(min(a, b), max(a, b)) for a, b in zip(*np.nonzero(dense >= 0.99))}
+    got = {(p.a, p.b) for p in near_pairs(knn, 0.99)}
+    assert got == want and len(want) >= 11
+    np.testing.assert_allclose(knn.similarity, np.take_along_axis(dense, knn.index, 1),
+                               atol=1e-6)

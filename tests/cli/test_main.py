@@ -60,10 +60,13 @@ def test_user_errors_are_one_line(tmp_path):
     (tmp_path / "empty").mkdir()
     _assert_one_line_error(_run("extract", tmp_path / "empty", *TINY_ARGS), "no images")
     images = make_folder(tmp_path / "ok", per_class=10)
-    _assert_one_line_error(_run("extract", images, "--backbone", "nonet"), "unknown backbone")
+    # The library says what is wrong; the CLI adds the command that helps (cli/messages.py).
+    _assert_one_line_error(_run("extract", images, "--backbone", "nonet"),
+                           "unknown backbone 'nonet'; `pipeline backbones` lists the known ones")
     (images / "m.csv").write_text("path,label\n../../x.png,a\n")
     _assert_one_line_error(_run("extract", images / "m.csv", *TINY_ARGS), "outside")
-    _assert_one_line_error(_run("cache", "info", "zzz", "--cache-dir", tmp_path), "no cache")
+    _assert_one_line_error(_run("cache", "info", "zzz", "--cache-dir", tmp_path),
+                           "match 'zzz'; `pipeline cache list` shows them")
 
 
 def test_cache_list_info_rm(tmp_path, image_folder):
@@ -287,7 +290,8 @@ def test_unlabelled_folder_extracts_predicts_and_exports_but_is_not_trained_on(t
     assert done.exit_code == 0 and "unlabelled images" in done.output
     assert "`pipeline audit`" in done.output  # what does take an unlabelled cache
     cache = next(cache_dir.glob("*.h5"))
-    _assert_one_line_error(_run("heads", cache, "--out", tmp_path / "h"), "unlabelled")
+    _assert_one_line_error(_run("heads", cache, "--out", tmp_path / "h"),
+                           "`pipeline predict` and `pipeline cache export` take it as it is")
     _assert_one_line_error(_run("finetune", flat, *TINY_ARGS, "--cache-dir", cache_dir,
                                 "--out", tmp_path / "f"), "unlabelled")
     model = json.loads(_run("heads", _cache(tmp_path, labelled), "--heads", "logreg", "--out",

@@ -429,3 +429,44 @@ def test_linear_probe_keeps_each_heads_best_weights():
     assert log_loss(y_val, probe.predict_proba(X_val)) == pytest.approx(
         chosen["val_loss"], rel=1e-5
     )
+
+
+@pytest.mark.parametrize("classes", [2, 3])
+def test_logreg_linear_form_is_its_prediction_also_for_two_classes(classes):
+    from scipy.special import softmax
+
+    X, y = make_classification(n_samples=120, n_features=6, n_informative=4,
+                               n_classes=classes, random_state=0)
+    head = LogRegHead(Cs=(0.1, 1.0)).fit(X * 10 + 3, y)  # far from standardised
+    coef, intercept = head.linear_form()
+    assert coef.shape == (classes, 6) and intercept.shape == (classes,)
+    np.testing.assert_allclose(softmax((X * 10 + 3) @ coef.T + intercept, axis=1),
+                               head.predict_proba(X * 10 + 3), atol=1e-12)
+    assert head.chosen_params() == {"C": head.C_}
+
+
+def test_logreg_c_path_is_logistic_regression_cv_on_a_predefined_split():
+    # The head fits its own warm-started path (BENCHMARKS.md: faster here than
+    # LogisticRegressionCV); scikit-learn's cross-validated path on the same train/validation
+    # split must choose the same C with the same validation losses.
+    import warnings
+
+    from sklearn.linear_model import LogisticRegressionCV
+    from sklearn.model_selection import PredefinedSplit
+
+    X, y = make_classification(n_samples=300, n_features=40, n_informative=12, n_classes=4,
+                               n_clusters_per_class=1, random_state=3)
+    X_fit, X_val, y_fit, y_val = train_test_split(X, y, test_size=0.3, random_state=0,
+                                                  stratify=y)
+    head = LogRegHead().fit(X_fit, y_fit, X_val=X_val, y_val=y_val)
+    scaler = FeatureScaler().fit(X_fit)
+    Z = np.concatenate([scaler.transform(X_fit), scaler.transform(X_val)])
+    split = PredefinedSplit(np.r_[np.full(len(y_fit), -1), np.zeros(len(y_val), int)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # l1_ratios=None: deprecated default
+        cv = LogisticRegressionCV(Cs=sorted(head.Cs), cv=split, scoring="neg_log_loss",
+                                  refit=False, max_iter=head.max_iter, l1_ratios=None,
+                                  use_legacy_attributes=False).fit(Z, np.r_[y_fit, y_val])
+    assert cv.C_ == head.C_
+    np.testing.assert_allclose(-cv.scores_[0, 0], [head.val_losses_[c] for c in sorted(head.Cs)],
+                               rtol=1e-4)

@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from pipeline.cli.messages import one_line
 from pipeline.models.backbones import build_classifier, resolve_backbone
 from pipeline.models.blocks import (
     Block,
@@ -188,13 +189,17 @@ def test_parse_unfreeze_accepts_counts_and_all(value, expected):
 def test_parse_unfreeze_refuses_counts_out_of_range(value):
     with pytest.raises(BlockError, match="has 4 blocks") as err:
         parse_unfreeze(value, 4)
-    assert "pipeline blocks BACKBONE" in str(err.value)
-    assert "\n" not in str(err.value)
+    assert "pipeline" not in str(err.value)  # the library names no command
+    assert (err.value.requested, err.value.available) == (int(value), 4)
+    assert "`pipeline blocks BACKBONE` lists them" in one_line(err.value)  # the CLI does
+    assert "\n" not in one_line(err.value)
 
 
 def test_parse_unfreeze_names_the_backbone():
-    with pytest.raises(BlockError, match=r"resnet18 has 4 blocks.*`pipeline blocks resnet18`"):
+    with pytest.raises(BlockError, match=r"resnet18 has 4 blocks") as err:
         parse_unfreeze(9, 4, backbone="resnet18")
+    assert err.value.backbone == "resnet18"
+    assert one_line(err.value).endswith("; `pipeline blocks resnet18` lists them")
 
 
 def test_parse_unfreeze_refuses_text():

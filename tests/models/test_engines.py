@@ -19,6 +19,7 @@ import torch
 from click.testing import CliRunner
 from torch import nn
 
+from pipeline.core.errors import MissingExtraError
 from pipeline.extract.batches import prefetched
 from pipeline.models import engines, families
 from pipeline.models.backbones import build_feature_model, resolve_backbone
@@ -257,7 +258,7 @@ def test_auto_and_named_engines_resolve_without_importing_them(monkeypatch):
     assert resolve_engine("auto", "cpu") == "openvino"
     installed("torch")
     assert resolve_engine("auto", "cpu") == "torch"
-    with pytest.raises(EngineError, match=r"pip install 'cnn-bottleneck-pipeline\[onnx\]'"):
+    with pytest.raises(MissingExtraError, match=r"pip install 'cnn-bottleneck-pipeline\[onnx\]'"):
         resolve_engine("onnxruntime", "cpu")
     installed("torch", "onnxruntime", "openvino")
     with pytest.raises(EngineError, match="runs on the CPU, not on cuda"):

@@ -184,3 +184,26 @@ def test_the_layer_curve_and_the_advice_are_on_the_page_and_in_the_summary(tmp_p
     captions = re.findall(r"<figcaption>(.*?)</figcaption>", text)
     assert captions[2:4] == ["Linear probe per layer: heads", "Advice: advice"]
     assert len(Page(text).images) == len(captions) == 7
+
+
+def test_a_drift_json_in_the_run_folder_adds_a_drift_section(tmp_path):
+    _run(tmp_path / "heads", "logreg", "transfer", 100)
+    drift = tmp_path / "drift"
+    drift.mkdir()
+    sentence = "A harmful shift: NEW (50 images) (domain classifier AUC 0.900)."
+    measure = {"ci_low": 0.1, "ci_high": 0.3, "p_value": 0.001}
+    (drift / "drift.json").write_text(json.dumps({
+        "sentence": sentence, "shifted": True, "harmful": True,
+        "domain_classifier": {**measure, "auc": 0.9}, "mmd": {**measure, "mmd2": 0.0123},
+        "label_shift": {**measure, "total_variation": 0.2}}))
+    plots.curve_plot({"x": ([0, 1], [0, 1], None, None)}, drift / "drift_gallery.png", "g",
+                     "x", "y")
+    (tmp_path / "other" / "drift").mkdir(parents=True)
+    (tmp_path / "other" / "drift" / "drift.json").write_text("{}")  # not ours: left out
+    result = compare_results(tmp_path)
+    result.write(tmp_path / "report")
+    text = Path(result.files["report_html"]).read_text()
+    assert "<h2>Drift: drift</h2>" in text and sentence in text
+    assert "0.0123" in text and "[0.1000, 0.3000]" in text
+    assert "New images most unlike the reference" in text
+    assert "Drift: other" not in text

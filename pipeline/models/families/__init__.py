@@ -75,7 +75,8 @@ def family_for(backbone: str) -> str:
             return name
     fallback = next((n for n, e in _REGISTRY.items() if e.claims is None), None)
     if fallback is None:
-        raise BackboneError(f"unknown backbone {backbone!r}")
+        raise BackboneError(f"unknown backbone {backbone!r}", backbone=backbone,
+                            reason="unknown-backbone")
     return fallback
 
 

@@ -94,7 +94,7 @@ class Family:
         found = self.classifier(model)
         if found is None:
             raise BackboneError(f"{type(model).__name__} has no final Linear layer to take the "
-                                "input of; choose a layer with --layer (see `pipeline layers`)")
+                                "input of", backbone=None, reason="no-bottleneck")
         names = self.layer_names(model)
         return self.extractor(model, names[names.index(found[0]) - 1])
 

@@ -49,8 +49,8 @@ class TorchvisionFamily(Family):
         try:
             enum = torchvision.models.get_model_weights(name)
         except (ValueError, KeyError):
-            raise BackboneError(
-                f"unknown backbone {name!r}; `pipeline backbones` lists the known ones") from None
+            raise BackboneError(f"unknown backbone {name!r}", backbone=name,
+                                reason="unknown-backbone") from None
         # The default member's recipe also serves random init and a user's file.
         chosen = _member(name, enum, request) if isinstance(request, EnumWeights) else enum.DEFAULT
         if isinstance(request, RandomInit):

@@ -1,0 +1,524 @@
+"""The drift stage: is the new data different, does it hurt, and what to retrain.
+
+Three measures on the features say whether the new set differs from the reference, each with an
+effect size, its 95% interval and a p-value: the domain classifier
+(:mod:`~pipeline.monitoring.classifier`), the MMD test (:mod:`~pipeline.monitoring.kernel`) and
+the shift of the classes the deployed model predicts (:mod:`~pipeline.monitoring.outputs`). The
+set counts as shifted when the smallest of the three Holm-adjusted p-values is below the level,
+so the three together raise a false alarm at most that often. On a cache of several layers the
+first two run on each layer too: where in the network the shift appears.
+
+Whether it hurts is the model's accuracy: measured where the new set has labels, expected by
+ATC (:mod:`~pipeline.monitoring.harm`) where it has none; beside it the shift of the softmax
+outputs. What to do follows in one sentence: nothing, watch, refit the head on old and new
+features (tried and measured when the new set has labels), or fine-tune from a depth.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.core.atomic import save_figure, write_json, write_text
+from pipeline.core.contract import Result, to_plain
+from pipeline.core.errors import DataError
+from pipeline.data.layouts import display
+from pipeline.metrics.significance import mcnemar_test
+from pipeline.monitoring.classifier import ClassifierTest, domain_classifier
+from pipeline.monitoring.harm import accuracy_change, atc_estimate, atc_threshold
+from pipeline.monitoring.kernel import MMDTest, mmd_test
+from pipeline.monitoring.options import SPLITS, DriftOptions
+from pipeline.monitoring.outputs import (
+    LabelShiftTest,
+    SoftmaxShift,
+    holm,
+    label_shift,
+    softmax_shift,
+)
+from pipeline.monitoring.sources import (
+    Model,
+    Rows,
+    find_reference,
+    load_deployed,
+    new_rows,
+    read_rows,
+)
+
+__all__ = ["MIN_IMAGES", "DriftResult", "Shift", "drift", "measure_shift"]
+
+# Fewer new images than this cannot show a distribution: the cross-fit needs a few per fold
+# and a permutation test of a handful of rows has no power.
+MIN_IMAGES = 10
+JSON, MARKDOWN, GALLERY = "drift.json", "drift.md", "drift_gallery.png"
+
+
+@dataclass
+class DriftResult(Result):
+    """What :func:`drift` found; ``write(out)`` writes drift.json, drift.md and the gallery."""
+
+    new: str
+    against: str
+    reference_cache: str
+    new_cache: str
+    model: str
+    reference_splits: list[str]
+    n_reference: int
+    n_new: int
+    level: float
+    shifted: bool
+    harmful: bool | None  # None: neither labels nor a validation split to judge by
+    action: str  # none, watch, refit, fine-tune, judge
+    unfreeze: int | None  # where fine-tuning should start (--unfreeze)
+    sentence: str
+    domain_classifier: dict
+    mmd: dict
+    label_shift: dict
+    softmax: dict
+    atc: dict | None = None
+    accuracy: dict | None = None
+    refit: dict | None = None
+    layers: list[dict] = field(default_factory=list)
+    new_classes: dict[str, int] = field(default_factory=dict)  # never seen by the model
+    notes: list[str] = field(default_factory=list)
+    gallery: list[dict] = field(default_factory=list)  # the most different new images
+    gallery_root: str = ""
+    seconds: float = 0.0
+
+    def to_json(self) -> dict:
+        return to_plain(asdict(self))
+
+    def write(self, out: str | os.PathLike) -> list[Path]:
+        """``drift.json`` (this result), ``drift.md`` and ``drift_gallery.png`` in ``out``."""
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        files = [write_json(out / JSON, self.to_json()),
+                 write_text(out / MARKDOWN, markdown(self))]
+        if self.gallery:
+            files.append(save_figure(gallery_figure(self), out / GALLERY, dpi=110))
+        return files
+
+
+def drift(new: str | os.PathLike, *, against: str | os.PathLike,
+          options: DriftOptions = DriftOptions(),  # noqa: B008 (frozen: safe to share)
+          progress: bool | str | None = None) -> DriftResult:
+    """Compare new images with the reference a model was built on, and judge the model on them.
+
+    Parameters
+    ----------
+    new
+        An image folder or manifest (labelled or not), or a feature cache of one. It is
+        extracted with the reference cache's exact backbone spec, or found in the cache; a
+        cache made with another spec is extracted again from its images.
+    against
+        The reference: a feature cache, or a results folder (``pipeline heads`` /
+        ``pipeline finetune`` output) whose best row's saved model is judged, with the cache
+        that row was fitted on.
+    options
+        :class:`~pipeline.monitoring.options.DriftOptions`.
+    progress
+        Extraction progress on stderr; False: nothing.
+
+    Returns
+    -------
+    DriftResult
+        ``shifted``, ``harmful`` (None when it cannot be judged), the sentence, and every
+        measure with its statistic, interval and p-value.
+
+    Raises
+    ------
+    DataError
+        NEW has fewer than :data:`MIN_IMAGES` readable images, the reference is unlabelled,
+        or its reference splits are empty.
+    """
+    started = time.perf_counter()
+    where = find_reference(against, options.model)
+    reference = read_rows(where.cache)
+    if reference.labels is None:
+        raise DataError(f"{display(str(where.cache))} holds unlabelled images: the reference "
+                        "must be the labelled cache the model was fitted on")
+    notes = list(where.notes)
+    cache_dir = options.cache_dir or reference.path.parent
+    new_set, found = new_rows(new, reference, cache_dir, options.device, progress)
+    notes += found
+    if len(new_set.X) < MIN_IMAGES:
+        raise DataError(f"{display(str(new))} has {len(new_set.X)} readable image(s); drift "
+                        f"compares distributions and needs at least {MIN_IMAGES}")
+    splits = {s: reference.take(reference.split == s) for s in SPLITS}
+    sample, copies = _reference_sample(reference, new_set, options.reference)
+    if copies:
+        notes.append(f"{copies} reference image(s) identical to images of NEW were left out of "
+                     "the reference sample")
+    model = load_deployed(where.model, reference, splits["train"], splits["val"])
+    if model.note:
+        notes.append(model.note)
+
+    shift = measure_shift(sample, new_set, model, options)
+    classifier, mmd, predicted = shift.classifier, shift.mmd, shift.predicted
+    family, shifted, proba_new = shift.family, shift.shifted, shift.proba_new
+    layers = _layer_rows(sample, new_set, options) if len(reference.layers) > 1 else []
+
+    y_new, unseen = _new_labels(new_set, model.classes)
+    if unseen:
+        notes.append(f"NEW has {sum(unseen.values())} image(s) of {len(unseen)} class(es) the "
+                     f"model has never seen: {', '.join(sorted(unseen))}")
+    held_out = splits["test"] if len(splits["test"].X) else splits["val"]
+    proba_held = _proba(model, held_out, options)
+    right_ref = int(np.sum(proba_held.argmax(1) == held_out.labels))
+    atc = None
+    if len(splits["val"].X):
+        atc = _atc(model, splits["val"], proba_held, proba_new, options)
+    else:
+        notes.append("the reference has no validation split: the accuracy expected without "
+                     "labels (ATC) needs one to calibrate its threshold")
+    accuracy = None
+    if y_new is not None:
+        right = int(np.sum(proba_new.argmax(1) == y_new))
+        accuracy = asdict(accuracy_change(right, len(y_new), right_ref, len(held_out.X)))
+    judged = accuracy if accuracy is not None else (atc or {}).get("change")
+    harmful = None if judged is None else _drops(judged, options)
+    refit = None
+    if harmful and y_new is not None:
+        refit = _refit(model, splits, new_set, y_new, proba_new, unseen, options)
+    action, unfreeze = _action(shifted, harmful, refit, layers, reference)
+    result = DriftResult(
+        str(new), str(against), str(reference.path), str(new_set.path), model.name,
+        list(options.reference), len(sample.X), len(new_set.X), options.level, shifted,
+        harmful, action, unfreeze, "", _plain(classifier), _plain(mmd),
+        {**_plain(predicted), "p_holm": float(family[2])}, _plain(shift.outputs), atc,
+        accuracy, refit, layers, unseen, notes,
+        _gallery(new_set, shift.scores, proba_new, model, options),
+        str(new_set.root))
+    result.domain_classifier["p_holm"], result.mmd["p_holm"] = float(family[0]), float(family[1])
+    # Each measure names its statistic the same way, beside its own name for it.
+    for measure, key in ((result.domain_classifier, "auc"), (result.mmd, "mmd2"),
+                         (result.label_shift, "total_variation"),
+                         (result.softmax, "confidence_change")):
+        measure["statistic"] = measure[key]
+    result.sentence = sentence(result)
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+@dataclass
+class Shift:
+    """The three measures of one comparison, and the model's outputs on either side."""
+
+    classifier: ClassifierTest
+    scores: np.ndarray  # each new row's out-of-fold probability of being new
+    mmd: MMDTest
+    predicted: LabelShiftTest
+    outputs: SoftmaxShift
+    family: np.ndarray  # Holm-adjusted p-values: classifier, MMD, predicted classes
+    shifted: bool
+    proba_sample: np.ndarray
+    proba_new: np.ndarray
+
+
+def measure_shift(sample: Rows, new: Rows, model: Model, options: DriftOptions) -> Shift:
+    """Whether ``new`` differs from the reference ``sample``: the domain classifier, the MMD
+    test and the predicted classes of ``model``, one decision at ``options.level`` over the
+    three Holm-adjusted p-values; the softmax shift beside them."""
+    classifier, scores = domain_classifier(sample.X, new.X, folds=options.folds,
+                                           seed=options.seed)
+    mmd = mmd_test(sample.X, new.X, permutations=options.permutations, seed=options.seed)
+    proba_sample, proba_new = _proba(model, sample, options), _proba(model, new, options)
+    predicted = label_shift(proba_sample.argmax(1), proba_new.argmax(1), model.classes,
+                            seed=options.seed)
+    outputs = softmax_shift(proba_sample, proba_new, model.classes)
+    family = holm([classifier.p_value, mmd.p_value, predicted.p_value])
+    return Shift(classifier, scores, mmd, predicted, outputs, family,
+                 bool(family.min() < options.level), proba_sample, proba_new)
+
+
+def _plain(value) -> dict:
+    return to_plain(asdict(value))
+
+
+def _reference_sample(reference: Rows, new: Rows, splits: tuple[str, ...]) -> tuple[Rows, int]:
+    """The reference rows of ``splits``, less exact copies of new images (same content hash):
+    a copy on both sides makes the two sets look more alike than they are."""
+    mask = np.isin(reference.split, splits)
+    known = new.hashes[new.hashes != b""]
+    copies = mask & (reference.hashes != b"") & np.isin(reference.hashes, known)
+    sample = reference.take(mask & ~copies)
+    if len(sample.X) < MIN_IMAGES:
+        raise DataError(f"the reference split(s) {', '.join(splits)} hold {len(sample.X)} "
+                        f"image(s) other than NEW's; drift needs at least {MIN_IMAGES}: choose "
+                        "others with --reference")
+    return sample, int(copies.sum())
+
+
+def _proba(model: Model, rows: Rows, options: DriftOptions) -> np.ndarray:
+    proba = model.proba(rows, options.device)
+    # A network reads the images again: one that cannot be read now gets uniform odds.
+    bad = np.isnan(proba).any(1)
+    proba[bad] = 1.0 / proba.shape[1]
+    return proba
+
+
+def _new_labels(new: Rows, classes: list[str]) -> tuple[np.ndarray | None, dict[str, int]]:
+    """NEW's labels as indices into ``classes`` (a class the model does not know gets an index
+    past them, so it is never predicted right), and the unknown classes' counts."""
+    if new.labels is None:
+        return None, {}
+    names = np.asarray(new.classes, dtype=object)[new.labels]
+    unknown = sorted(set(new.classes) - set(classes))
+    index = {c: j for j, c in enumerate([*classes, *unknown])}
+    counts = {c: int(np.sum(names == c)) for c in unknown}
+    return np.array([index[n] for n in names]), {c: n for c, n in counts.items() if n}
+
+
+def _atc(model: Model, val: Rows, proba_held: np.ndarray, proba_new: np.ndarray,
+         options: DriftOptions) -> dict:
+    """The accuracy ATC expects on NEW and on the reference's held-out split, and the change."""
+    proba_val = _proba(model, val, options)
+    threshold = atc_threshold(proba_val.max(1), proba_val.argmax(1) == val.labels)
+    new, low, high = atc_estimate(proba_new.max(1), threshold)
+    held = atc_estimate(proba_held.max(1), threshold)[0]
+    change = accuracy_change(int(round(new * len(proba_new))), len(proba_new),
+                             int(round(held * len(proba_held))), len(proba_held))
+    return {"threshold": threshold, "expected": new, "ci_low": low, "ci_high": high,
+            "reference_expected": held, "change": asdict(change)}
+
+
+def _drops(change: dict, options: DriftOptions) -> bool:
+    """A significant drop of at least the tolerance."""
+    return bool(change["p_drop"] < options.level and -change["difference"] >= options.tolerance)
+
+
+def _layer_rows(sample: Rows, new: Rows, options: DriftOptions) -> list[dict]:
+    """The domain classifier and MMD on each layer's columns; a layer is shifted where either
+    Holm-adjusted p-value (over every layer's two tests) is below the level."""
+    rows = []
+    for depth, (name, start, stop) in enumerate(sample.layers):
+        X, Y = sample.X[:, start:stop], new.X[:, start:stop]
+        classifier, _ = domain_classifier(X, Y, folds=options.folds, seed=options.seed)
+        mmd = mmd_test(X, Y, permutations=options.permutations, seed=options.seed)
+        rows.append({"layer": name, "depth": depth, "features": stop - start,
+                     "auc": classifier.auc, "auc_ci_low": classifier.ci_low,
+                     "auc_ci_high": classifier.ci_high, "p_classifier": classifier.p_value,
+                     "proxy_a_distance": classifier.proxy_a_distance, "mmd2": mmd.mmd2,
+                     "mmd2_ci_low": mmd.ci_low, "mmd2_ci_high": mmd.ci_high,
+                     "p_mmd": mmd.p_value})
+    adjusted = holm([p for r in rows for p in (r["p_classifier"], r["p_mmd"])])
+    for i, row in enumerate(rows):
+        row["p_holm"] = float(min(adjusted[2 * i], adjusted[2 * i + 1]))
+        row["shifted"] = bool(row["p_holm"] < options.level)
+    return rows
+
+
+def _refit(model: Model, splits: dict[str, Rows], new: Rows, y_new: np.ndarray,
+           proba_new: np.ndarray, unseen: dict[str, int], options: DriftOptions) -> dict:
+    """Refit the head on the reference's training split and half of NEW's labelled images;
+    measure it and the deployed model on the other half."""
+    from sklearn.model_selection import train_test_split
+    from sklearn.utils.validation import has_fit_parameter
+
+    from pipeline.heads import make_head
+
+    counts = np.bincount(y_new)
+    stratify = y_new if counts[counts > 0].min() >= 2 else None
+    fit, held = train_test_split(np.arange(len(y_new)), test_size=0.5, stratify=stratify,
+                                 random_state=options.seed)
+    train, val, test = splits["train"], splits["val"], splits["test"]
+    head = make_head(model.head_spec)
+    X = np.concatenate([train.X, new.X[fit]])
+    y = np.concatenate([train.labels, y_new[fit]])
+    if has_fit_parameter(head, "X_val") and len(val.X):
+        head.fit(X, y, X_val=val.X, y_val=val.labels)
+    else:
+        head.fit(X, y)
+    refit_right = head.predict(new.X[held]) == y_new[held]
+    deployed_right = proba_new[held].argmax(1) == y_new[held]
+    reference = test if len(test.X) else val
+    kept = int(np.sum(head.predict(reference.X) == reference.labels))
+    deployed_kept = int(np.sum(model.proba(reference).argmax(1) == reference.labels)) \
+        if model.estimator is not None else None
+    change = accuracy_change(int(refit_right.sum()), len(held),
+                             deployed_kept if deployed_kept is not None else kept,
+                             len(reference.X))
+    suffices = not _drops(asdict(change), options)
+    return {"head": model.head_spec, "fit_images": len(fit), "held_images": len(held),
+            "new_classes_learned": sorted(unseen),
+            "accuracy": float(refit_right.mean()), "deployed_accuracy":
+            float(deployed_right.mean()), "p_vs_deployed": mcnemar_test(refit_right,
+                                                                         deployed_right),
+            "reference_accuracy": kept / len(reference.X), "change": asdict(change),
+            "suffices": suffices}
+
+
+def _action(shifted: bool, harmful: bool | None, refit: dict | None, layers: list[dict],
+            reference: Rows) -> tuple[str, int | None]:
+    """What to do, and the --unfreeze depth where fine-tuning should start."""
+    if harmful is None:
+        return ("judge" if shifted else "none"), None
+    if not harmful:
+        return ("watch" if shifted else "none"), None
+    if refit is not None and refit["suffices"]:
+        return "refit", None
+    return "fine-tune", _unfreeze(layers, reference)
+
+
+def _unfreeze(layers: list[dict], reference: Rows) -> int:
+    """The blocks above the lowest layer where the shift shows (a cache of every block), at
+    least 1; the top block (1) when the cache cannot tell."""
+    shifted = [r["depth"] for r in layers if r["shifted"]]
+    if not shifted or reference.spec.get("layer") != "blocks":
+        return 1
+    return max(1, len(layers) - 1 - min(shifted))
+
+
+def _gallery(new: Rows, scores: np.ndarray, proba: np.ndarray, model: Model,
+             options: DriftOptions) -> list[dict]:
+    """The new images the domain classifier finds most unlike the reference."""
+    order = np.argsort(-scores, kind="stable")[:options.gallery]
+    return [{"path": str(new.paths[i]), "score": float(scores[i]),
+             "predicted": model.classes[int(proba[i].argmax())]} for i in order]
+
+
+# --- words ------------------------------------------------------------------------------------
+
+def _p(p: float) -> str:
+    return f"p = {p:.2g}" if p >= 1e-4 else "p < 0.0001"
+
+
+def evidence(result: DriftResult) -> str:
+    """The three measures in a clause."""
+    c, m, g = result.domain_classifier, result.mmd, result.label_shift
+    return (f"domain classifier AUC {c['auc']:.3f} [{c['ci_low']:.3f}, {c['ci_high']:.3f}], "
+            f"{_p(c['p_value'])}; MMD² {m['mmd2']:.4f} [{m['ci_low']:.4f}, {m['ci_high']:.4f}], "
+            f"{_p(m['p_value'])}; predicted classes G = {g['g']:.1f}, {_p(g['p_value'])}")
+
+
+def accuracy_clause(result: DriftResult) -> str:
+    if result.accuracy is not None:
+        a = result.accuracy
+        return (f"accuracy {a['new']:.3f} [{a['new_ci_low']:.3f}, {a['new_ci_high']:.3f}] on "
+                f"NEW against {a['reference']:.3f} on the reference")
+    if result.atc is not None:
+        a = result.atc
+        return (f"accuracy expected by ATC {a['expected']:.3f} [{a['ci_low']:.3f}, "
+                f"{a['ci_high']:.3f}] on NEW against {a['reference_expected']:.3f} on the "
+                "reference")
+    return ""
+
+
+def sentence(result: DriftResult) -> str:
+    """What to do, in one sentence with its numbers."""
+    n = f"NEW ({result.n_new} images)"
+    unseen = (f"; it holds {len(result.new_classes)} class(es) the model has never seen "
+              f"({', '.join(result.new_classes)})" if result.new_classes else "")
+    if result.action == "none":
+        tail = f"; {accuracy_clause(result)}" if accuracy_clause(result) else ""
+        return (f"No shift: {n} cannot be told from the reference ({evidence(result)})"
+                f"{unseen}{tail}.")
+    if result.action == "judge":
+        return (f"{n} differs from the reference ({evidence(result)}){unseen}, but whether it "
+                "hurts cannot be judged: it has no labels and the reference no validation "
+                "split to calibrate ATC.")
+    if result.action == "watch":
+        what = "A shift that does not hurt" if result.shifted else "No shift that hurts"
+        return (f"{what}: {n} differs from the reference ({evidence(result)}), but the "
+                f"{accuracy_clause(result)} is no significant drop: keep the model and watch.")
+    harm = f"A harmful shift: {n} ({evidence(result)}){unseen}; {accuracy_clause(result)}"
+    if result.action == "refit":
+        r = result.refit
+        return (f"{harm}; a {r['head']} head refitted on the reference and half of NEW scores "
+                f"{r['accuracy']:.3f} on the other half (the deployed model "
+                f"{r['deployed_accuracy']:.3f}): refitting the head on old + new features "
+                "suffices.")
+    if result.refit is not None:
+        r = result.refit
+        tried = (f"; a {r['head']} head refitted on the reference and half of NEW reaches only "
+                 f"{r['accuracy']:.3f} on the other half")
+    else:
+        tried = "; label some of NEW to try refitting the head on old + new features first"
+    where = next((r["layer"] for r in result.layers if r["shifted"]), None)
+    start = (f"from {where} up" if where and result.unfreeze and result.unfreeze > 1
+             else "with the top block")
+    return (f"{harm}{tried}: it needs fine-tuning, starting {start} "
+            f"(--unfreeze {result.unfreeze}).")
+
+
+def markdown(result: DriftResult) -> str:
+    """drift.md: the sentence, the notes, and a table per measure."""
+    from pipeline.report.tables import markdown_table
+
+    def interval(low, high, digits=3):
+        return f"[{low:.{digits}f}, {high:.{digits}f}]"
+
+    c, m, g, s = result.domain_classifier, result.mmd, result.label_shift, result.softmax
+    measures = [
+        {"measure": "domain classifier AUC", "statistic": f"{c['auc']:.3f}",
+         "95% interval": interval(c["ci_low"], c["ci_high"]), "p": f"{c['p_value']:.3g}",
+         "p (Holm)": f"{c['p_holm']:.3g}"},
+        {"measure": "proxy A-distance", "statistic": f"{c['proxy_a_distance']:.3f}",
+         "95% interval": interval(c["pad_ci_low"], c["pad_ci_high"]), "p": "", "p (Holm)": ""},
+        {"measure": f"MMD² (RBF, σ {m['bandwidth']:.3g}, {m['permutations']} permutations)",
+         "statistic": f"{m['mmd2']:.5f}", "95% interval": interval(m["ci_low"], m["ci_high"], 5),
+         "p": f"{m['p_value']:.3g}", "p (Holm)": f"{m['p_holm']:.3g}"},
+        {"measure": f"predicted classes (G-test, {g['dof']} dof): total variation",
+         "statistic": f"{g['total_variation']:.3f}",
+         "95% interval": interval(g["ci_low"], g["ci_high"]), "p": f"{g['p_value']:.3g}",
+         "p (Holm)": f"{g['p_holm']:.3g}"},
+        {"measure": "softmax: mean confidence change (KS per class, Holm)",
+         "statistic": f"{s['confidence_change']:+.3f}",
+         "95% interval": interval(s["ci_low"], s["ci_high"]), "p": f"{s['p_value']:.3g}",
+         "p (Holm)": ""},
+    ]
+    parts = [f"# Drift\n\n{result.sentence}\n",
+             f"NEW: {display(result.new)} ({result.n_new} images); reference: "
+             f"{display(result.reference_cache)}, split(s) {', '.join(result.reference_splits)} "
+             f"({result.n_reference} images); model: {result.model}; level {result.level}.\n"]
+    parts += [f"- {note}" for note in result.notes]
+    parts += ["", "## Is it different?", "", markdown_table(measures)]
+    if result.layers:
+        parts += ["", "## Where in the network", "", markdown_table([
+            {"layer": r["layer"], "AUC": f"{r['auc']:.3f}",
+             "AUC interval": interval(r["auc_ci_low"], r["auc_ci_high"]),
+             "MMD²": f"{r['mmd2']:.5f}", "p (Holm)": f"{r['p_holm']:.3g}",
+             "shifted": "yes" if r["shifted"] else "no"} for r in result.layers])]
+    parts += ["", "## Predicted classes", "", markdown_table([
+        {"class": r["class"], "reference": f"{r['reference_share']:.3f}",
+         "new": f"{r['new_share']:.3f}", "difference": f"{r['difference']:+.3f}",
+         "95% interval": interval(r["ci_low"], r["ci_high"])} for r in g["per_class"]])]
+    parts += ["", "## Does it hurt?", ""]
+    if result.accuracy is not None:
+        a = result.accuracy
+        parts.append(f"- measured accuracy on NEW {a['new']:.3f} "
+                     f"{interval(a['new_ci_low'], a['new_ci_high'])} against {a['reference']:.3f}"
+                     f" on the reference: {a['difference']:+.3f} "
+                     f"{interval(a['ci_low'], a['ci_high'])}, p (drop) = {a['p_drop']:.3g}")
+    if result.atc is not None:
+        a = result.atc
+        parts.append(f"- expected by ATC (threshold {a['threshold']:.3f} on validation): "
+                     f"{a['expected']:.3f} {interval(a['ci_low'], a['ci_high'])} against "
+                     f"{a['reference_expected']:.3f} on the reference")
+    if result.refit is not None:
+        r = result.refit
+        parts.append(f"- refit ({r['head']}, reference train + {r['fit_images']} of NEW): "
+                     f"{r['accuracy']:.3f} on the other {r['held_images']} against the "
+                     f"deployed {r['deployed_accuracy']:.3f} (McNemar p = "
+                     f"{r['p_vs_deployed']:.3g}); {r['reference_accuracy']:.3f} on the "
+                     "reference")
+    parts.append(f"- harmful: {result.harmful}")
+    if result.gallery:
+        parts += ["", f"The {len(result.gallery)} new images most unlike the reference: "
+                  f"[{GALLERY}]({GALLERY})."]
+    return "\n".join(parts) + "\n"
+
+
+def gallery_figure(result: DriftResult):
+    """The most different new images, each with its domain score and predicted class."""
+    from pipeline.report.tiles import tile_sheet
+
+    return tile_sheet([g["path"] for g in result.gallery],
+                      [f"{g['score']:.2f} {g['predicted'][:18]}" for g in result.gallery],
+                      result.gallery_root,
+                      "New images most unlike the reference (domain classifier score)",
+                      columns=6, size=128, tile_inches=(2.2, 2.5), caption_size=7,
+                      empty="no new image")
