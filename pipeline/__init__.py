@@ -57,6 +57,7 @@ _EXPORTS = {
     "AdviceResult": "pipeline.advice.rule",
     "ImageSet": "pipeline.data.images",
     "load_image_set": "pipeline.data.images",
+    "decode_image": "pipeline.data.decode",
     "export_cache": "pipeline.store.export",
     "ExtractResult": "pipeline.extract.features",
     "extract_features": "pipeline.extract.features",

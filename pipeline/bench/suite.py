@@ -11,6 +11,8 @@ measures a torchvision backbone whose weight file is not on the machine (speed d
 on the weights' values). Startup times the command line in fresh processes against
 ``import torch``. Engines (``--only engines``): forward-only and end-to-end images per second
 of every installed engine against the eager network extraction ran before engines existed.
+Photos (``--only photos``, :mod:`pipeline.bench.photos`): ``pipeline extract`` on
+12-megapixel JPEGs against the PyTorch tutorial's loop on the same files.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from pipeline.bench.finetuning import bench_finetune
 from pipeline.bench.heads import bench_heads, print_heads
 from pipeline.bench.layers import bench_layers, print_layers
 from pipeline.bench.numbers import mb
+from pipeline.bench.photos import bench_photos
 from pipeline.bench.startup import bench_startup
 from pipeline.core.devices import (
     default_batch_size,
@@ -97,8 +100,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--finetune-epochs", type=int, default=10,
                         help="epochs of each freeze depth in the sweeps")
     parser.add_argument("--audit-rows", type=int, default=70000, help="rows for the audit")
+    parser.add_argument("--photos", type=int, default=60,
+                        help="12-megapixel JPEGs made for --only photos")
     parser.add_argument("--only", choices=("startup", "extract", "layers", "engines", "heads",
-                                           "audit", "finetune", "distributed"), default=None)
+                                           "audit", "finetune", "distributed", "photos"),
+                        default=None)
     # One measurement in this fresh process (what in_child runs), its result as JSON.
     parser.add_argument("--child", nargs=2, metavar=("MODE", "KWARGS"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -117,6 +123,8 @@ def main(argv: list[str] | None = None) -> None:
         print_audit(results["audit"])
     if args.only in (None, "extract"):
         results.update(bench_extract(args))
+    if args.only in (None, "photos"):
+        results["photos"] = bench_photos(args.out, args.photos, args.backbone)
     if args.only in (None, "layers"):
         results["layers"] = bench_layers(args)
         print_layers(results["layers"])

@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import hashlib
-import io
 import os
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 from pipeline.core.errors import DataError
+from pipeline.data.decode import decode_image
 from pipeline.data.layouts import Listing, as_bytes, display, read_folder, read_manifest
 from pipeline.data.shards import container, image_bytes, read_shards, shard_files
 from pipeline.data.splits import SPLITS, assign_splits, check_fractions
@@ -189,24 +188,24 @@ def load_rgb(path: str | os.PathLike) -> Image.Image:
     return read_image(path)[0]
 
 
-def read_image(path: str | os.PathLike, hash_file: bool = True) -> tuple[Image.Image, str]:
+def read_image(path: str | os.PathLike, hash_file: bool = True, *, resize: int | None = None,
+               interpolation: str = "bilinear", decode: str = "exact"
+               ) -> tuple[Image.Image, str]:
     """Decode an image as 8-bit RGB with its EXIF orientation applied, and hash its bytes.
 
     ``path`` is a file or an address inside a shard (``train.parquet#12``).
 
     The file is read once: its SHA-256 (which finds the same picture stored twice) comes from
-    the bytes that are decoded. Raises ``OSError`` or ``ValueError`` for missing, truncated,
-    empty or non-image files and ``Image.DecompressionBombError`` for images above Pillow's
-    pixel limit (its warning, for images above half the limit, is raised as an error too, so
-    a bomb never gets decoded).
+    the bytes that are decoded. ``resize``, ``interpolation`` and ``decode`` are
+    :func:`pipeline.data.decode.decode_image`'s (by default every pixel, whatever the
+    format). Raises ``OSError`` or ``ValueError`` for missing, truncated, empty or non-image
+    files and ``Image.DecompressionBombError`` for images above Pillow's pixel limit (its
+    warning, for images above half the limit, is raised as an error too, so a bomb never
+    gets decoded).
     """
     data = image_bytes(path)  # a file, or an image inside a shard (pipeline.data.shards)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        with Image.open(io.BytesIO(data)) as img:
-            img.load()
-            digest = hashlib.sha256(data).hexdigest() if hash_file else ""
-            return _to_rgb(ImageOps.exif_transpose(img)), digest
+    image = decode_image(data, resize=resize, interpolation=interpolation, mode=decode)
+    return image, hashlib.sha256(data).hexdigest() if hash_file else ""
 
 
 def unreadable_reason(path: Path, err: Exception) -> str:
@@ -220,19 +219,6 @@ def unreadable_reason(path: Path, err: Exception) -> str:
     return display(f"{type(err).__name__}: {err}".splitlines()[0])
 
 
-def _to_rgb(img: Image.Image) -> Image.Image:
-    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
-        # Pillow's own convert() clips 16-bit values at 255 instead of rescaling them.
-        wide = np.asarray(img, dtype=np.uint32)
-        return Image.fromarray((wide // 257).clip(0, 255).astype(np.uint8), "L").convert("RGB")
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-        # Transparent pixels carry arbitrary colours; put the image on white as viewers do.
-        rgba = img.convert("RGBA")
-        canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(canvas, rgba).convert("RGB")
-    return img.convert("RGB")
-
-
 class ImageFiles:
     """Images of an :class:`ImageSet` as preprocessed tensors, never raising on a bad file.
 
@@ -244,16 +230,22 @@ class ImageFiles:
     run. ``sha256`` is the file's hash with ``hash_files`` (extraction records it once), else
     ``""``: a fine-tuning epoch that reads every image again has no use for it. ``dtype`` is
     the transform's output dtype ("uint8" for images normalised later, a batch at a time), so
-    that a placeholder collates with the good images.
+    that a placeholder collates with the good images. ``recipe`` (a ``Preprocessing``: its
+    ``resize`` and ``interpolation``) and ``decode`` say how images are decoded
+    (:func:`pipeline.data.decode.decode_image`); without a recipe, every pixel.
     """
 
     def __init__(self, image_set: ImageSet, transform, image_shape: tuple[int, int, int],
-                 hash_files: bool = False, dtype: str = "float32"):
+                 hash_files: bool = False, dtype: str = "float32", recipe=None,
+                 decode: str = "exact"):
         self.image_set = image_set
         self.transform = transform
         self.image_shape = image_shape
         self.hash_files = hash_files
         self.dtype = dtype
+        self.decoding = ({} if recipe is None else
+                         {"resize": recipe.resize, "interpolation": recipe.interpolation,
+                          "decode": decode})
 
     def __len__(self) -> int:
         return len(self.image_set)
@@ -265,7 +257,7 @@ class ImageFiles:
     def __getitem__(self, i: int):
         path = self.image_set.absolute(i)
         try:
-            image, digest = read_image(path, self.hash_files)
+            image, digest = read_image(path, self.hash_files, **self.decoding)
             return self.preprocess(image, i), i, "", digest
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError,
                 Image.DecompressionBombWarning) as err:

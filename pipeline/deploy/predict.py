@@ -25,7 +25,7 @@ import numpy as np
 from pipeline.core.atomic import write_text
 from pipeline.core.contract import Result
 from pipeline.core.errors import DataError
-from pipeline.core.options import PredictOptions
+from pipeline.core.options import ExtractOptions, PredictOptions, default
 from pipeline.core.progress import Progress
 from pipeline.data.images import ImageSet
 from pipeline.data.layouts import display, find_images
@@ -99,6 +99,13 @@ def matching_backbone(saved: SavedHead, offline: bool | None = None) -> Backbone
     # Compare as stored: the key went through JSON, where tuples become lists.
     _check_features(saved, json.loads(json.dumps(spec.key())), "the backbone here gives")
     return spec
+
+
+def decode_mode(saved: SavedHead) -> str:
+    """How the head's features decoded a JPEG (:mod:`pipeline.data.decode`), so that a photo
+    is read here as it was for the comparison. A key without it is of data without JPEGs,
+    which both modes decode alike: new images are then read as extraction reads them now."""
+    return saved.meta["spec"].get("decode", default(ExtractOptions, "decode"))
 
 
 def _check_features(saved: SavedHead, here: dict, where: str) -> None:
@@ -225,11 +232,13 @@ def _head_image_rows(saved: SavedHead, inputs, top_k: int, device: str, batch_si
         recipe = spec.preprocessing
         size = input_size(recipe, tta)
         model = ViewFeatures(model, tta, recipe.crop)
-        files = ImageFiles(images, transform(recipe, tta), (3, size, size))
+        files = ImageFiles(images, transform(recipe, tta), (3, size, size), recipe=recipe,
+                           decode=decode_mode(saved))
         n_views = view_count(recipe, tta)
     rows = []
     for batch in feature_batches(model, spec, images, run_on, None, batch_size, workers,
-                                 progress, desc="predict", files=files):
+                                 progress, desc="predict", files=files,
+                                 decode=decode_mode(saved)):
         errors = dict(batch.failures)
         rows += _head_rows(saved, batch.features, batch.valid,
                            [errors.get(int(i), "") for i in batch.index],

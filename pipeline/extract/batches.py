@@ -8,8 +8,10 @@ Used by extraction, by ``pipeline predict`` and by the benchmarks alike.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -39,6 +41,11 @@ __all__ = ["FeatureBatch", "feature_batches", "feature_dim", "prefetched", "prep
 # Batches decoded ahead by a background thread while the engine runs the current one (when
 # no loader processes do it); 0 decodes in turn with the forward passes.
 _PREFETCH_BATCHES = 2
+# Decoding a batch in turn takes this fraction of its forward pass or more: threads decode
+# ahead, torch on one thread. The demo's 28 px PNGs take 0.08 of Lite0's forward pass, 12 MP
+# JPEGs drafted about 5 on an idle 2-core machine; a busy machine slows torch's threads most
+# (0.26 measured there, 2026-12-07), hence a threshold well below 1.
+_THREADS_FROM = 0.25
 
 
 def prepare_model(spec: BackboneSpec, device: torch.device) -> torch.nn.Module:
@@ -60,24 +67,27 @@ def feature_dim(model: torch.nn.Module, spec: BackboneSpec, device: torch.device
         return int(model(torch.zeros(1, 3, crop, crop, device=device)).shape[1])
 
 
-def _files(images: ImageSet, spec: BackboneSpec, files: ImageFiles | None) -> ImageFiles:
+def _files(images: ImageSet, spec: BackboneSpec, files: ImageFiles | None,
+           decode: str = "draft") -> ImageFiles:
     """``files``, or extraction's own: the recipe's preprocessing up to 8-bit crops, which
-    :func:`feature_batches` normalises a batch at a time, each file hashed once."""
+    :func:`feature_batches` normalises a batch at a time, each file hashed once, a JPEG
+    decoded as ``decode`` says (:func:`pipeline.data.decode.decode_image`)."""
     if files is not None:
         return files
     crop = spec.preprocessing.crop
     return ImageFiles(images, spec.preprocessing.transform(normalize=False), (3, crop, crop),
-                      hash_files=True, dtype="uint8")
+                      hash_files=True, dtype="uint8", recipe=spec.preprocessing, decode=decode)
 
 
 def _loader(images: ImageSet, spec: BackboneSpec, indices: Sequence[int],
             batch_size: int | None, workers: int | None, device: torch.device,
-            files: ImageFiles | None = None) -> torch.utils.data.DataLoader:
+            files: ImageFiles | None = None, decode: str = "draft"
+            ) -> torch.utils.data.DataLoader:
     import torch
 
     workers = default_workers() if workers is None else workers
     return torch.utils.data.DataLoader(
-        torch.utils.data.Subset(_files(images, spec, files), indices),
+        torch.utils.data.Subset(_files(images, spec, files, decode), indices),
         batch_size=batch_size or default_batch_size(device), shuffle=False, num_workers=workers,
         pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None)
 
@@ -103,24 +113,29 @@ def feature_batches(model: torch.nn.Module, spec: BackboneSpec, images: ImageSet
                     batch_size: int | None = None, workers: int | None = None,
                     progress: bool | str | None = None, desc: str = "extract", done: int = 0,
                     files: ImageFiles | None = None,
-                    decode_ahead: bool | None = None, streams: int = 1
+                    decode_ahead: bool | None = None, streams: int = 1, decode: str = "draft"
                     ) -> Iterator[FeatureBatch]:
     """Decode, preprocess and run images ``indices`` (default: all) through ``model``, in order.
 
     ``model`` is any callable from an image batch to a feature batch (a network, or an engine
     of :mod:`pipeline.models.engines`). ``done`` rows already handled elsewhere start the progress
-    bar
-    part-full. ``files`` reads the images instead of the recipe's preprocessing with hashing
-    (augmented views, say). With ``decode_ahead`` and no loader processes, a background thread
-    decodes the next batches while ``model`` runs this one (decoding, resizing and hashing
-    release the GIL). By default it does so on a GPU, whose forward pass leaves the CPU free,
-    and not on a CPU, where torch's own threads already take every core and the extra thread
-    slows them (measured: :meth:`pipeline.models.engines.Engine.decodes_ahead` says per engine).
-    With ``streams`` > 1 and no loader processes, that many threads each decode a whole batch
-    and run it, ``model`` being built for that many calls at once, one core each
+    bar part-full. ``files`` reads the images instead of the recipe's preprocessing with hashing
+    (augmented views, say); ``decode`` is how that preprocessing decodes a JPEG
+    (:func:`pipeline.data.decode.decode_image`).
+
+    Without loader processes, the first batch is decoded and run in turn, and timed. If its
+    decoding took a quarter of its forward pass or more (photos of several megapixels, say),
+    threads, one per core, decode the next images while ``model`` runs (decoding, resizing and
+    hashing release the GIL) and torch runs on one thread: decoding is then the larger share,
+    and a core left idle while one thread decodes costs more than the forward pass loses.
+    Otherwise, with ``decode_ahead``, one background thread decodes the next batches; by default
+    it does so on a GPU, whose forward pass leaves the CPU free, and not on a CPU, where torch's
+    own threads already take every core and the extra thread slows them (measured:
+    :meth:`pipeline.models.engines.Engine.decodes_ahead` says per engine). With ``streams`` > 1
+    and no loader processes, that many threads each decode a whole batch and run it, ``model``
+    being built for that many calls at once, one core each
     (:meth:`pipeline.models.engines.Engine.streams`): a thread decoding never holds up a forward
-    pass
-    spread over every core.
+    pass spread over every core.
     """
     indices = range(len(images)) if indices is None else indices
     workers = default_workers() if workers is None else workers
@@ -128,13 +143,14 @@ def feature_batches(model: torch.nn.Module, spec: BackboneSpec, images: ImageSet
     run = _forward(model, spec, device)
     size = batch_size or default_batch_size(device)
     if streams > 1 and workers == 0:
-        batches = _streamed(run, _files(images, spec, files), indices, size, streams)
+        batches = _streamed(run, _files(images, spec, files, decode), indices, size, streams)
+    elif workers == 0:
+        batches = _in_process(run, _files(images, spec, files, decode), indices, size,
+                              decode_ahead, device.type == "cpu")
     else:
-        loaded = _loader(images, spec, indices, size, workers, device, files)
-        decoded = (prefetched(loaded, _PREFETCH_BATCHES) if workers == 0 and decode_ahead
-                   else loaded)
+        loaded = _loader(images, spec, indices, size, workers, device, files, decode)
         batches = ((*_timed(run, x), index, errors, digests)
-                   for x, index, errors, digests in decoded)
+                   for x, index, errors, digests in loaded)
     with Progress(done + len(indices), f"{desc} {spec.name}", "img", progress=progress,
                   initial=done) as bar:
         for feats, forward_s, index, errors, digests in batches:
@@ -181,10 +197,8 @@ def _streamed(run: Callable, files: ImageFiles, indices: Sequence[int], batch_si
     from collections import deque
     from concurrent.futures import ThreadPoolExecutor
 
-    from torch.utils.data import default_collate
-
     def one(batch: Sequence[int]) -> tuple:
-        x, index, errors, digests = default_collate([files[i] for i in batch])
+        x, index, errors, digests = _collated([files[i] for i in batch])
         return (*_timed(run, x), index, errors, digests)
 
     pending: deque = deque()
@@ -199,6 +213,96 @@ def _streamed(run: Callable, files: ImageFiles, indices: Sequence[int], batch_si
         finally:
             for future in pending:
                 future.cancel()
+
+
+def _in_process(run: Callable, files: ImageFiles, indices: Sequence[int], batch_size: int,
+                decode_ahead: bool, on_cpu: bool = True) -> Iterator[tuple]:
+    """``(features, forward seconds, index, errors, digests)`` of each batch of ``indices``, in
+    order, decoded in this process: the first batch in turn, the rest as
+    :func:`feature_batches` says (by threads, one per core, where decoding outweighs the
+    forward pass; else by one thread ahead with ``decode_ahead``, or in turn).
+
+    While threads decode on the CPU, torch runs on one thread (:func:`_one_torch_thread`)."""
+    batches = [indices[start:start + batch_size]
+               for start in range(0, len(indices), batch_size)]
+    if not batches:
+        return
+    started = time.perf_counter()
+    x, index, errors, digests = _collated([files[i] for i in batches[0]])
+    decode_s = time.perf_counter() - started
+    feats, forward_s = _timed(run, x)
+    yield feats, forward_s, index, errors, digests
+    threaded = decode_s > _THREADS_FROM * forward_s
+    if threaded:
+        decoded = _decoded_by_threads(files, batches[1:], _cores(), _PREFETCH_BATCHES)
+    else:
+        decoded = (_collated([files[i] for i in batch]) for batch in batches[1:])
+        if decode_ahead:
+            decoded = prefetched(decoded, _PREFETCH_BATCHES)
+    with _one_torch_thread(threaded and on_cpu):
+        for x, index, errors, digests in decoded:
+            yield (*_timed(run, x), index, errors, digests)
+
+
+def _decoded_by_threads(files: ImageFiles, batches: Sequence[Sequence[int]], threads: int,
+                        depth: int) -> Iterator[tuple]:
+    """Each of ``batches`` collated, in order, its images decoded one per task by ``threads``
+    threads that keep ``depth`` batches ahead of the one handed out. Closing the generator
+    cancels the images not started and waits for the running ones."""
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    pending: deque = deque()
+    with ThreadPoolExecutor(threads, thread_name_prefix="pipeline-decode") as pool:
+        try:
+            for batch in batches:
+                pending.append([pool.submit(files.__getitem__, i) for i in batch])
+                if len(pending) > depth:
+                    yield _collated([f.result() for f in pending.popleft()])
+            while pending:
+                yield _collated([f.result() for f in pending.popleft()])
+        finally:
+            for futures in pending:
+                for future in futures:
+                    future.cancel()
+
+
+@contextmanager
+def _one_torch_thread(active: bool) -> Iterator[None]:
+    """Torch's operations on one thread (the forward pass, and the decoding threads' few)
+    while ``active``, then as many as before.
+
+    Threads that decode already take every core; torch's own OpenMP threads would then spin at
+    each layer's barrier waiting for a core (measured 2026-12-07 on 24 phone photos, 2 cores
+    busy with other work: 1.3 img/s and 205 CPU-ms per image with two torch threads, 4.0 to
+    4.7 img/s and 62 to 72 CPU-ms with one). Set before the decoding threads start, which
+    take the count when they first run a torch operation.
+    """
+    if not active:
+        yield
+        return
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _collated(items: list) -> tuple:
+    from torch.utils.data import default_collate
+
+    return default_collate(items)
+
+
+def _cores() -> int:
+    """The cores this process may run on (a container's or taskset's share, not the machine's)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
 
 
 def prefetched(items: Iterable, depth: int) -> Iterator:

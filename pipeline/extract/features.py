@@ -29,6 +29,7 @@ from pipeline.core.options import (
     ExtractOptions,
 )
 from pipeline.core.progress import note
+from pipeline.data.decode import may_draft
 from pipeline.data.images import (
     ImageFiles,
     ImageSet,
@@ -195,7 +196,7 @@ def extract_features(
         export)
     stamps = _shared_stamps(images, opts.hash_contents, ctx)
     key_spec = feature_key_spec(spec, images, opts.dtype, opts.hash_contents, amp, stamps,
-                                engine)
+                                engine, opts.decode)
     key = cache_key(key_spec)
     distributed.check_agree(key, "images or settings (their cache keys differ)")
     final = cache_path(opts.cache_dir, spec.name, key)
@@ -209,11 +210,12 @@ def extract_features(
     prepared, dim, layers = _prepare_engine(spec, images, run_on, engine,
                                             opts.engine != "auto", export, ctx,
                                             engines.get_engine(engine).streams(run_on.type,
-                                                                               workers))
+                                                                               workers),
+                                            opts.decode)
     if prepared.engine != engine:  # auto could not use its choice: torch's cache, maybe a hit
         engine = prepared.engine
         key_spec = feature_key_spec(spec, images, opts.dtype, opts.hash_contents, amp, stamps,
-                                    engine)
+                                    engine, opts.decode)
         key = cache_key(key_spec)
         final = cache_path(opts.cache_dir, spec.name, key)
         repaired = _repair(final, opts, ctx)
@@ -235,7 +237,8 @@ def extract_features(
     if not ctx.is_main:  # one bar or log per job, not one per rank
         progress = False
     run = _Run(model, spec, images, run_on, batch_size, workers, opts.strict, progress, on_batch,
-               engines.get_engine(prepared.engine).decodes_ahead(run_on.type), prepared.streams)
+               engines.get_engine(prepared.engine).decodes_ahead(run_on.type), prepared.streams,
+               opts.decode)
     if ctx.distributed:
         result = _extract_sharded(run, ctx, final, key_spec, key, dim, dtype, meta, started,
                                   prepared, opts)
@@ -354,15 +357,15 @@ def _engine_record(prepared: engines.Prepared) -> dict:
 
 
 def _prepare_engine(spec: BackboneSpec, images: ImageSet, device: torch.device, engine: str,
-                    strict: bool, export: Path, ctx: distributed.Context, streams: int = 1
-                    ) -> tuple[engines.Prepared, int, list | None]:
+                    strict: bool, export: Path, ctx: distributed.Context, streams: int = 1,
+                    decode: str = "draft") -> tuple[engines.Prepared, int, list | None]:
     """``engine`` ready on ``device`` for ``streams`` batches at once, checked on the data's
     first images, the feature size and, for several layers, each one's columns. Rank 0
     prepares first (it writes any export); the others then take its engine."""
     from pipeline.models.feature_model import is_multi_layer  # torch: not on a cache hit
 
     eager = build_feature_model(spec)
-    example = example_images(spec, images)
+    example = example_images(spec, images, decode)
     dim = feature_dim(eager, spec, example.device)
     layers = (eager.layer_slices(spec.preprocessing.crop) if is_multi_layer(spec.layer)
               else None)
@@ -377,12 +380,13 @@ def _prepare_engine(spec: BackboneSpec, images: ImageSet, device: torch.device, 
     return prepared, dim, layers
 
 
-def example_images(spec: BackboneSpec, images: ImageSet) -> torch.Tensor:
+def example_images(spec: BackboneSpec, images: ImageSet, decode: str = "draft") -> torch.Tensor:
     """The first few readable images of the set, preprocessed (seeded noise if none is)."""
     import torch
 
     crop = spec.preprocessing.crop
-    files = ImageFiles(images, spec.preprocessing.transform(), (3, crop, crop))
+    files = ImageFiles(images, spec.preprocessing.transform(), (3, crop, crop),
+                       recipe=spec.preprocessing, decode=decode)
     found = []
     for i in range(min(len(images), 4 * _CHECK_IMAGES)):
         x, _, error, _ = files[i]
@@ -473,16 +477,20 @@ def _assemble(final, shards, key_spec, key, dim, dtype, meta, device, started,
 
 def feature_key_spec(spec: BackboneSpec, images: ImageSet, dtype: str, hash_contents: bool,
                      amp: str | None, stamps: list[str] | None = None,
-                     engine: str = "torch") -> dict:
+                     engine: str = "torch", decode: str = "draft") -> dict:
     """Everything that changes the stored numbers; its hash names the cache file.
 
     ``amp`` is the autocast dtype's name ("bfloat16", "float16") on a GPU, None in float32.
     ``engine`` (resolved, not ``auto``) is recorded unless it is torch, so that caches written
     before there were engines keep their keys: another engine's features differ from torch's
-    in their last bits.
+    in their last bits. ``decode`` (:mod:`pipeline.data.decode`) is recorded, in either mode,
+    when the data holds JPEGs (:func:`~pipeline.data.decode.may_draft`), the only images the
+    modes decode differently: a PNG set keeps the key it had before there were modes, and
+    ``pipeline predict`` reads a head's mode from its key (absent: the modes agree on its data).
     """
     return {
         **({"engine": engine} if engine != "torch" else {}),
+        **({"decode": decode} if may_draft(images.paths) else {}),
         **spec.key(),
         "autocast": amp,
         "dataset": {
@@ -525,6 +533,7 @@ class _Run:
     on_batch: Callable[[int, int], None] | None
     decode_ahead: bool | None = None  # see feature_batches
     streams: int = 1  # batches run at once (see feature_batches)
+    decode: str = "draft"  # how JPEGs are decoded (pipeline.data.decode)
 
     def rows(self, writer: FeatureWriter, indices: np.ndarray, desc: str = "extract") -> float:
         """Write the features of ``indices[writer.rows_done:]``; returns seconds in forward.
@@ -539,7 +548,7 @@ class _Run:
                                          indices[writer.rows_done:], self.batch_size,
                                          self.workers, self.progress, desc,
                                          done=writer.rows_done, decode_ahead=self.decode_ahead,
-                                         streams=self.streams):
+                                         streams=self.streams, decode=self.decode):
                 if self.strict and batch.failures:
                     i, reason = batch.failures[0]
                     raise DataError(f"{display(self.images.paths[i])}: unreadable image "

@@ -21,13 +21,16 @@ _BLANK = 235  # the grey of an unreadable image's tile
 
 def thumbnail(path: Path, size: int) -> np.ndarray | None:
     """The image at ``path``, shrunk to a tile (``size`` px on its longer side), as RGB
-    pixels; None if it cannot be read."""
+    pixels; None if it cannot be read. A large JPEG is decoded at the scale the tile needs
+    (:func:`pipeline.data.decode.decode_image`), its EXIF orientation applied as extraction
+    applies it."""
     from PIL import Image
 
     from pipeline.data.images import read_image
 
-    try:
-        image, _ = read_image(path, hash_file=False)
+    try:  # a file, or an image inside a shard
+        image, _ = read_image(path, hash_file=False, resize=size, interpolation="bicubic",
+                              decode="draft")
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError,
             Image.DecompressionBombWarning):
         return None

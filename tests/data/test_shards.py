@@ -23,8 +23,7 @@ from pipeline.cli.main import main
 from pipeline.core.errors import DataError
 from pipeline.data.images import ImageFiles, load_image_set, read_image
 from pipeline.data.shards import expand_braces, image_bytes, split_address
-from pipeline.extract.features import extract_features
-from tests.conftest import TINY
+from tests.conftest import TINY, extract_tiny
 
 NAMES = ["zebra", "ant", "mole"]  # a ClassLabel order that is not alphabetical
 
@@ -63,7 +62,7 @@ def write_parquet(path: Path, n: int = 9, seed: int = 0, struct: bool = True,
 
 
 def _extract(data, tmp_path, **kw):
-    return extract_features(data, cache_dir=tmp_path / "c", progress=False, **{**TINY, **kw})
+    return extract_tiny(data, tmp_path / "c", progress=False, **kw)
 
 
 def _cli(*args) -> tuple[int, str]:
@@ -183,8 +182,7 @@ def test_an_interrupted_extraction_resumes_where_it_stopped(tmp_path, monkeypatc
         _extract(data, tmp_path, batch_size=4, on_batch=interrupt)
     resumed = _extract(data, tmp_path, batch_size=4)
     assert resumed.resumed_from == 8 and not resumed.hit and resumed.failed == 0
-    whole = extract_features(data, cache_dir=tmp_path / "whole", progress=False, batch_size=4,
-                             **TINY)
+    whole = extract_tiny(data, tmp_path / "whole", progress=False, batch_size=4)
     with h5py.File(resumed.cache_path) as a, h5py.File(whole.cache_path) as b:
         np.testing.assert_allclose(a["features"][:], b["features"][:], rtol=1e-5, atol=1e-6)
         assert list(a["paths"].asstr()[:]) == [f"data.parquet#{i}" for i in range(16)]

@@ -1,5 +1,5 @@
 import numpy as np
-from PIL import Image
+from PIL import Image, JpegImagePlugin
 
 from pipeline.report.tiles import thumbnail, tile_sheet
 
@@ -38,3 +38,26 @@ def test_the_sheet_wraps_rows_and_captions_each_tile_in_order(tmp_path):
 def test_an_empty_sheet_says_so(tmp_path):
     fig = tile_sheet([], [], tmp_path, "none", **SHEET)
     assert [t.get_text() for t in fig.axes[0].texts] == ["nothing here"]
+
+
+def test_a_large_rotated_jpeg_is_drafted_and_shown_the_way_up_extraction_sees_it(tmp_path,
+                                                                                monkeypatch):
+    pixels = np.zeros((1200, 1600, 3), np.uint8)
+    pixels[:300, :400] = (255, 0, 0)  # red at the stored image's top left
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored on its side: turned 90 degrees clockwise to display
+    Image.fromarray(pixels).save(tmp_path / "photo.jpg", quality=90, exif=exif.tobytes())
+    scaled = []
+    original = JpegImagePlugin.JpegImageFile.draft
+
+    def spy(self, mode, size):
+        drafted = original(self, mode, size)
+        scaled.append(self.size)
+        return drafted
+
+    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft", spy)
+    tile = thumbnail(tmp_path / "photo.jpg", 40)
+    assert scaled == [(200, 150)]  # decoded at 1/8, not every pixel
+    assert tile.shape == (40, 30, 3)  # portrait once turned
+    red = tile[..., 0].astype(int) - tile[..., 1]
+    assert red[:5, -5:].mean() > 150 and red[-5:, :5].mean() < 50  # now at the top right
