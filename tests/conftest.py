@@ -92,3 +92,27 @@ def image_folder(tmp_path: Path) -> Path:
 @pytest.fixture
 def split_folder(tmp_path: Path) -> Path:
     return make_split_folder(tmp_path / "split")
+
+
+def run_finetune(data, out, *, backbone: str = "resnet18", weights: str = "none",
+                 image_size: int | None = 32, write: bool = True, progress=False, **settings):
+    """``pipeline.finetune`` on ``data`` with its checkpoints in ``out`` and (``write``) its
+    files written there, the options built from flat settings (``lr``, ``unfreeze``,
+    ``cache_dir``, ``workers``, ... as :meth:`FinetuneOptions.from_flat` shares them out);
+    ``split_seed``, ``positive``, ``tta``, ``on_epoch``, ``track`` and ``activation_depths``
+    go to the call. The backbone's random init is seeded as the stage seeds the splits."""
+    from pipeline.core.options import FinetuneOptions
+    from pipeline.finetuning.run import finetune
+    from pipeline.models.backbones import resolve_backbone
+
+    call = {k: settings.pop(k) for k in ("split_seed", "positive", "tta", "on_epoch", "track",
+                                         "activation_depths") if k in settings}
+    options = FinetuneOptions.from_flat(settings)
+    seed = call.get("split_seed")
+    spec = resolve_backbone(backbone, weights, image_size=image_size,
+                            seed=options.training.seed if seed is None else seed)
+    result = finetune(data, backbone=spec, options=options, workdir=out, progress=progress,
+                      **call)
+    if write:
+        result.write(out)
+    return result

@@ -1,9 +1,10 @@
 """The package's import graph: layers point one way, no cycles, no borrowed private names.
 
-Every ``import`` counts, also those inside functions: a lazy import is still an arrow, and a
-cycle hidden in a function is a cycle. Imports under ``TYPE_CHECKING`` (annotations, never run)
-count for the layers, where a type from above is as wrong as a call, but not for cycles: a type
-named both ways is how Python writes a mutual reference.
+Every ``import`` counts, also those inside functions and under ``TYPE_CHECKING``: a lazy import
+is still an arrow, and a cycle hidden in a function is a cycle. A type named both ways is a
+cycle too: two modules that each need the other's type are one idea split in two, or a value
+type that also builds things (timm keeps ``PretrainedCfg`` in a module that imports nothing of
+the package, and builds from it elsewhere).
 """
 
 from __future__ import annotations
@@ -42,26 +43,20 @@ def module_name(path: Path) -> str:
 MODULES = {module_name(p): p for p in PACKAGE.rglob("*.py")}
 
 
-def _type_checking_only(tree: ast.AST) -> set[int]:
-    """The ids of the nodes inside ``if TYPE_CHECKING:`` blocks."""
-    inside = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
-            inside |= {id(n) for stmt in node.body for n in ast.walk(stmt)}
-    return inside
-
-
-def imports_of(name: str, typing: bool = True) -> list[tuple[str, str | None]]:
-    """(module, imported name or None) for each of ``name``'s imports of this package;
-    ``typing=False`` leaves out those under ``TYPE_CHECKING``."""
+def imports_of(name: str) -> list[tuple[str, str | None]]:
+    """(module, imported name or None) for each of ``name``'s imports of this package."""
     path = MODULES[name]
-    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-    tree = ast.parse(path.read_text(), str(path))
-    skipped = set() if typing else _type_checking_only(tree)
+    return imports_in(path.read_text(), name, path.name == "__init__.py", MODULES)
+
+
+def imports_in(source: str, name: str, is_package: bool, modules) -> list[tuple[str, str | None]]:
+    """(module, imported name or None) for each import of this package in ``source``, the
+    text of module ``name`` (``is_package``: an ``__init__.py``); ``modules``: the module
+    names there are, which tell ``from a import b`` of a module from that of a name."""
+    package = name if is_package else name.rpartition(".")[0]
+    tree = ast.parse(source, name)
     found = []
     for node in ast.walk(tree):
-        if id(node) in skipped:
-            continue
         if isinstance(node, ast.Import):
             found += [(a.name, None) for a in node.names]
         elif isinstance(node, ast.ImportFrom):
@@ -71,16 +66,15 @@ def imports_of(name: str, typing: bool = True) -> list[tuple[str, str | None]]:
                 base = ".".join([*anchor, *([base] if base else [])])
             for alias in node.names:
                 submodule = f"{base}.{alias.name}"
-                found.append((submodule, None) if submodule in MODULES else (base, alias.name))
+                found.append((submodule, None) if submodule in modules else (base, alias.name))
     return [(m, n) for m, n in found if m == "pipeline" or m.startswith("pipeline.")]
 
 
-def graph(typing: bool) -> dict[str, list[str]]:
-    return {name: sorted({m for m, _ in imports_of(name, typing) if m != name})
-            for name in MODULES}
+def graph() -> dict[str, list[str]]:
+    return {name: sorted({m for m, _ in imports_of(name) if m != name}) for name in MODULES}
 
 
-GRAPH, RUNTIME_GRAPH = graph(typing=True), graph(typing=False)
+GRAPH = graph()
 
 
 def subpackage(name: str) -> str | None:
@@ -159,7 +153,7 @@ def test_imports_point_down_the_layers():
 
 
 def test_no_import_cycle():
-    assert cycles(RUNTIME_GRAPH) == []
+    assert cycles(GRAPH) == []
 
 
 def test_no_module_borrows_another_ones_private_names():
@@ -180,3 +174,17 @@ def test_the_layer_check_catches_an_upward_arrow(graph, expected):
 def test_the_cycle_check_catches_a_cycle():
     graph = {"a": ["b"], "b": ["c"], "c": ["a"], "d": ["a"]}
     assert cycles(graph) == [["a", "b", "c"]]
+
+
+def test_the_cycle_check_counts_an_import_for_type_checking_only():
+    sources = {
+        "pipeline.x.a": "from pipeline.x.b import B\n",
+        "pipeline.x.b": ("from typing import TYPE_CHECKING\n"
+                         "if TYPE_CHECKING:\n    from pipeline.x.a import A\n"),
+        "pipeline.x.c": "def f():\n    from pipeline.x import a\n",
+    }
+    graph = {name: sorted({m for m, _ in imports_in(text, name, False, sources)})
+             for name, text in sources.items()}
+    assert graph == {"pipeline.x.a": ["pipeline.x.b"], "pipeline.x.b": ["pipeline.x.a"],
+                     "pipeline.x.c": ["pipeline.x.a"]}
+    assert cycles(graph) == [["pipeline.x.a", "pipeline.x.b"]]

@@ -29,7 +29,8 @@ from pipeline.data.images import ImageFiles, load_image_set
 from pipeline.extract.batches import prepare_model
 from pipeline.extract.features import example_images, extract_features
 from pipeline.models import engines
-from pipeline.models.backbones import resolve_backbone
+from pipeline.models.backbones import build_feature_model, resolve_backbone
+from pipeline.models.families import family_of
 from pipeline.store.cache import cache_info
 
 __all__ = ["child", "extract_named", "forward_only", "generate_images", "in_child", "peak_rss_mb",
@@ -106,7 +107,9 @@ def child(mode: str, kw: dict) -> dict:
         from pipeline.finetuning.run import finetune
 
         started = time.perf_counter()
-        result = finetune(**kw)
+        args = finetune_args(kw)
+        result = finetune(**args)
+        result.write(args["workdir"])
         out = {"seconds": time.perf_counter() - started,
                "epoch_s": [h["seconds"] for h in result.history],
                "trainable_parameters": result.row["trainable_parameters"],
@@ -125,6 +128,25 @@ def child(mode: str, kw: dict) -> dict:
     return out
 
 
+def finetune_args(kw: dict) -> dict:
+    """A fine-tune's flat settings, as the bench passes them through JSON (the former
+    ``finetune(data, backbone, weights=..., lr=..., cache_dir=..., out=...)`` keywords), as
+    :func:`pipeline.finetuning.run.finetune`'s arguments: the backbone resolved, the options
+    by concern, ``out`` as the working folder (the files are written there too)."""
+    from pipeline.core.options import DEFAULT_BACKBONE, FinetuneOptions
+    from pipeline.models.backbones import resolve_backbone
+
+    kw = dict(kw)
+    call = {k: kw.pop(k) for k in ("data", "depths", "progress", "positive", "tta",
+                                    "split_seed", "track", "repeats") if k in kw}
+    workdir = kw.pop("out", None)
+    name = kw.pop("backbone", DEFAULT_BACKBONE)
+    backbone = {k: kw.pop(k) for k in ("weights", "image_size", "offline") if k in kw}
+    options = FinetuneOptions.from_flat(kw)
+    spec = resolve_backbone(name, **backbone, seed=options.training.seed)
+    return {**call, "backbone": spec, "options": options, "workdir": workdir}
+
+
 def _sweep(kw: dict) -> dict:
     """A freeze-depth sweep: its seconds, each run's epoch seconds, and the seconds before its
     first epoch (features read, models built, probes fitted, the one-off activation pass)."""
@@ -141,7 +163,8 @@ def _sweep(kw: dict) -> dict:
         runs[-1].append(row["seconds"])
 
     started = time.perf_counter()
-    sweep_depths(on_epoch=on_epoch, **kw)
+    args = finetune_args(kw)
+    sweep_depths(on_epoch=on_epoch, **args).write(args["workdir"])
     return {"seconds": time.perf_counter() - started, "epoch_s": runs,
             "before_first_epoch_s": first_epoch_at[0] - started if first_epoch_at else None}
 
@@ -153,8 +176,8 @@ def _prepared(spec, images, device: torch.device, engine: str,
     crop = spec.preprocessing.crop
     export = engines.export_path(cache_dir, spec.name, spec.key(), (3, crop, crop))
     name = engines.resolve_engine(engine, device.type, export=export)
-    return engines.prepare(name, spec.build(), example_images(spec, images), spec.adapter,
-                           device, export, spec.key(),
+    return engines.prepare(name, build_feature_model(spec), example_images(spec, images),
+                           family_of(spec), device, export, spec.key(),
                            streams=engines.get_engine(name).streams(device.type, 0))
 
 
@@ -163,7 +186,7 @@ def _engine_model(spec, images, device: torch.device, engine: str, cache_dir: st
     """What extraction would run for ``engine`` (``eager``: the unprepared network), and how
     many batches it runs at once."""
     if engine == "eager":
-        return spec.build().to(device, memory_format=torch.channels_last), 1
+        return build_feature_model(spec).to(device, memory_format=torch.channels_last), 1
     if engine == "torch":
         return prepare_model(spec, device), 1
     ready = _prepared(spec, images, device, engine, cache_dir or "cache")

@@ -14,7 +14,7 @@ from PIL import Image
 
 from pipeline.bench.children import timed_child
 from pipeline.bench.numbers import mb
-from pipeline.core.options import FinetuneConfig
+from pipeline.core.options import ActivationOptions, TrainingOptions
 
 __all__ = ["activation_bytes", "bench_finetune", "finetune_ratios", "print_finetune",
            "sized_image_set", "spread"]
@@ -161,7 +161,7 @@ def bench_finetune(args) -> dict:
                              sweeps["cached"]["wall_s"], sweeps["images"]["wall_s"])
     result = {"data": str(data), "images": features["images"], "epochs": epochs,
               "engine": args.engine,
-              "views": FinetuneConfig.views, "augment": FinetuneConfig.augment,
+              "views": ActivationOptions.views, "augment": TrainingOptions.augment,
               "features_s": features["wall_s"], "per_epoch": per_epoch, "sweeps": sweeps,
               "boundaries": boundaries, "memory": memory, "ratios": ratios,
               "section_s": time.perf_counter() - started}

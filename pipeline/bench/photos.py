@@ -26,7 +26,7 @@ from PIL import Image
 
 from pipeline.core.options import DEFAULT_BACKBONE
 from pipeline.data.decode import decode_image
-from pipeline.models.backbones import resolve_backbone
+from pipeline.models.backbones import build_feature_model, resolve_backbone
 from pipeline.store.cache import cache_info
 
 __all__ = ["bench_photos", "make_photos", "print_photos", "tutorial_loop"]
@@ -80,7 +80,7 @@ def tutorial_loop(data: str, backbone: str = DEFAULT_BACKBONE) -> dict:
         transforms.Resize(recipe.resize, transforms.InterpolationMode(recipe.interpolation)),
         transforms.CenterCrop(recipe.crop), transforms.ToTensor(),
         transforms.Normalize(recipe.mean, recipe.std)])
-    model = spec.build().eval()
+    model = build_feature_model(spec).eval()
     loader = torch.utils.data.DataLoader(datasets.ImageFolder(data, transform),
                                          batch_size=_TUTORIAL_BATCH, shuffle=False,
                                          num_workers=_TUTORIAL_WORKERS)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import click
 
 from pipeline.cli.output import markdown
+from pipeline.models.backbones import build_classifier
+from pipeline.models.families import family_of
 
 __all__ = ["blocks_command", "layers", "list_backbones"]
 
@@ -22,9 +24,9 @@ def blocks_command(backbone, weights, layers) -> None:
     from pipeline.models.blocks import describe_blocks, describe_layers
 
     spec = resolve_backbone(backbone, weights)
-    model = spec.build_classifier()
+    model = build_classifier(spec)
     if layers:
-        head = model.get_submodule(spec.adapter.classifier(model)[0])
+        head = model.get_submodule(family_of(spec).classifier(model)[0])
         click.echo(markdown(describe_layers(model, spec.family, head)), nl=False)
         return
     click.echo(markdown(describe_blocks(model, spec.family)), nl=False)

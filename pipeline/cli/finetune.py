@@ -36,6 +36,12 @@ from pipeline.core.options import (
     SCHEDULES,
     SWEEP_MODES,
     TTA_MODES,
+    ActivationOptions,
+    ExtractOptions,
+    FinetuneOptions,
+    NetworkOptions,
+    OptimizerOptions,
+    TrainingOptions,
 )
 
 __all__ = ["finetune_command", "lr_find_command"]
@@ -94,48 +100,88 @@ __all__ = ["finetune_command", "lr_find_command"]
 @quiet_option
 @track_option
 def finetune_command(data, unfreeze, out, as_json, lr, batch_size, sweep_mode, quiet, track,
-                     **options) -> None:
+                     repeats, positive, tta, **flags) -> None:
     """Fine-tune the top blocks of a backbone on DATA (linear probe first, then fine-tune).
 
     Under torchrun (torchrun --standalone --nproc-per-node N -m pipeline finetune ...) the
     processes train one model with DistributedDataParallel; --batch-size is per process.
     """
+    keep_freed_memory(flags["device"])
+    progress = False if quiet else None
+    backbone = _backbone(flags)
+    options = _options(flags, lr=lr[0], batch_size=batch_size[0], unfreeze=unfreeze[0])
+    if sweep_mode or len(lr) > 1 or len(batch_size) > 1:
+        if repeats > 1:
+            raise PipelineError("--repeats trains one setting with several seeds; run it on "
+                                "the sweep's chosen setting, not with --sweep")
+        _sweep(data, {"lr": lr, "batch_size": batch_size, "unfreeze": unfreeze},
+               sweep_mode or "grid", out, as_json, backbone=backbone, options=options,
+               progress=progress, track=track, positive=positive, tta=tta)
+        return
     from pipeline.finetuning.run import sweep_depths
 
-    keep_freed_memory(options["device"])
-    progress = False if quiet else None
-    if sweep_mode or len(lr) > 1 or len(batch_size) > 1:
-        _sweep(data, {"lr": lr, "batch_size": batch_size, "unfreeze": unfreeze},
-               sweep_mode or "grid", out, as_json, progress=progress, track=track, **options)
-        return
     try:
-        rows = sweep_depths(data, unfreeze, out, progress=progress, track=track, lr=lr[0],
-                            batch_size=batch_size[0], **options)
+        result = sweep_depths(data, unfreeze, backbone=backbone, options=options,
+                              repeats=repeats, workdir=out, progress=progress, track=track,
+                              positive=positive, tta=tta)
     except KeyboardInterrupt:
         click.echo("interrupted: the last epoch's checkpoint is kept; run the same command "
                    "again to resume", err=True)
         sys.exit(130)
+    result.write(out)
     if not distributed.context().is_main:
         return
     if as_json:
-        emit_json(rows)
+        emit_json(result.table)
         return
-    click.echo(markdown(rows))
+    click.echo(markdown(result.table))
     click.echo(f"freeze-depth table, curves, checkpoints and models in {out}/")
 
 
-def _sweep(data, factors: dict, mode: str, out, as_json: bool, repeats: int, **options) -> None:
+def _backbone(flags: dict):
+    """The backbone the flags name, resolved (its random init, if any, seeded by --seed)."""
+    from pipeline.models.backbones import resolve_backbone
+
+    return resolve_backbone(flags.pop("backbone"), flags.pop("weights"),
+                            image_size=flags.pop("image_size"), seed=flags["seed"],
+                            offline=flags.pop("offline"))
+
+
+def _options(flags: dict, **chosen) -> FinetuneOptions:
+    """The fine-tune's options, by concern, from the command's flags (``chosen``: the one
+    value of a flag that may list several)."""
+    given = {**flags, **chosen}
+
+    def optional(*names: str) -> dict:
+        # lr-find has no --epochs, --patience, --schedule or --compile: the options' defaults
+        return {name: given[name] for name in names if name in given}
+
+    return FinetuneOptions(
+        optim=OptimizerOptions(lr=given["lr"], backbone_lr_ratio=given["backbone_lr_ratio"],
+                               optimizer=given["optimizer"],
+                               weight_decay=given["weight_decay"], **optional("schedule")),
+        network=NetworkOptions(unfreeze=given["unfreeze"], bn_train=given["bn_train"],
+                               head_init=given["head_init"]),
+        training=TrainingOptions(batch_size=given["batch_size"], augment=given["augment"],
+                                 seed=given["seed"], **optional("epochs", "patience")),
+        activations=ActivationOptions(from_images=given["from_images"], views=given["views"],
+                                      activation_dtype=given["activation_dtype"]),
+        extract=ExtractOptions(cache_dir=given["cache_dir"], device=given["device"],
+                               workers=given["workers"], engine=given["engine"],
+                               split_fractions=given["split_fractions"], seed=given["seed"],
+                               **optional("compile")))
+
+
+def _sweep(data, factors: dict, mode: str, out, as_json: bool, **kwargs) -> None:
     from pipeline.finetuning.sweep import sweep
 
-    if repeats > 1:
-        raise PipelineError("--repeats trains one setting with several seeds; run it on the "
-                            "sweep's chosen setting, not with --sweep")
     try:
-        result = sweep(data, factors, mode, out, **options)
+        result = sweep(data, factors, mode=mode, workdir=out, **kwargs)
     except KeyboardInterrupt:
         click.echo("interrupted: finished runs and the last epoch's checkpoint are kept; run "
                    "the same command again to resume the sweep", err=True)
         sys.exit(130)
+    result.write(out)
     if not distributed.context().is_main:
         return
     if as_json:
@@ -173,7 +219,8 @@ def _sweep(data, factors: dict, mode: str, out, as_json: bool, repeats: int, **o
 @offline_option
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
 @quiet_option
-def lr_find_command(data, unfreeze, as_json, quiet, **options) -> None:
+def lr_find_command(data, unfreeze, out, as_json, quiet, steps, start_lr, end_lr,
+                    **flags) -> None:
     """Learning-rate range test on DATA: the network finetune would train, the rate growing
     each step; suggests the head's --lr (the curve in OUT/lr_find.png)."""
     from pipeline.finetuning.lr_find import find_lr
@@ -181,15 +228,19 @@ def lr_find_command(data, unfreeze, as_json, quiet, **options) -> None:
     if len(unfreeze) != 1:
         raise click.BadParameter("give one depth: the test is for one run",
                                  param_hint="--unfreeze")
-    keep_freed_memory(options["device"])
-    result = find_lr(data, unfreeze=unfreeze[0], progress=False if quiet else None, **options)
+    keep_freed_memory(flags["device"])
+    backbone = _backbone(flags)
+    options = _options(flags, lr=start_lr, unfreeze=unfreeze[0])
+    result = find_lr(data, backbone=backbone, options=options, steps=steps, start_lr=start_lr,
+                     end_lr=end_lr, progress=False if quiet else None)
+    result.write(out)
     if not distributed.context().is_main:
         return
-    summary = {"suggested_lr": result.suggested_lr, "steps_run": len(result.lrs),
-               "diverged": result.diverged, "trained_from": result.trained_from,
-               "seconds": result.seconds, "files": result.files}
     if as_json:
-        emit_json(summary)
+        summary = result.to_json()
+        emit_json({**{k: summary[k] for k in ("suggested_lr", "steps_run", "diverged",
+                                              "trained_from", "seconds")},
+                   "files": result.files})
         return
     stop = ", stopped when the loss diverged" if result.diverged else ""
     click.echo(f"suggested lr {result.suggested_lr:.3g} ({len(result.lrs)} steps{stop}, from "

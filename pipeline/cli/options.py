@@ -6,6 +6,8 @@ Defaults come from the stages' options dataclasses (:mod:`pipeline.core.options`
 
 from __future__ import annotations
 
+from dataclasses import fields
+
 import click
 
 from pipeline.core.options import (
@@ -14,11 +16,11 @@ from pipeline.core.options import (
     DEFAULT_CACHE_DIR,
     DEVICES,
     ENGINES,
+    FINETUNE_CONCERNS,
     HEAD_INITS,
     OPTIMIZERS,
     TTA_MODES,
     ExtractOptions,
-    FinetuneConfig,
     default,
 )
 
@@ -144,7 +146,11 @@ def numbers(kind: type, example: str, word: str | None = None):
 
 
 def finetune_default(name: str):
-    return default(FinetuneConfig, name)
+    """The default of fine-tune option ``name``, whichever concern of
+    :class:`~pipeline.core.options.FinetuneOptions` holds it."""
+    owner = next(cls for cls in FINETUNE_CONCERNS.values()
+                 if name in {f.name for f in fields(cls)})
+    return default(owner, name)
 
 
 # The training settings that finetune and lr-find share: the range test trains the network

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import click
 
@@ -40,18 +39,18 @@ def predict(model, inputs, top_k, out, device, batch_size, workers, offline, tta
     its backbone; images and folders run through the head's own backbone first. A fine-tuned
     network (.net) classifies images end to end, and reads a cache's images again.
     """
-    from pipeline.deploy.predict import predict_images, write_predictions
+    from pipeline.core.options import PredictOptions
+    from pipeline.deploy.predict import predict_images
 
     keep_freed_memory(device)
-    rows = predict_images(model, inputs, top_k, device, batch_size, workers,
-                          progress=False if quiet else None, offline=offline, tta=tta)
+    options = PredictOptions(top_k=top_k, device=device, batch_size=batch_size,
+                             workers=workers, offline=offline, tta=tta)
+    result = predict_images(model, inputs, options=options, progress=False if quiet else None)
     if as_json:
-        emit_json({"model": str(model), "predictions": rows})
+        emit_json(result.to_json())
         return
     if not out:
-        write_predictions(rows, sys.stdout, top_k)
+        result.to_csv(sys.stdout)
         return
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "w", newline="") as fh:
-        write_predictions(rows, fh, top_k)
-    click.echo(f"{len(rows)} predictions -> {out}")
+    result.write(out)
+    click.echo(f"{len(result.rows)} predictions -> {out}")

@@ -5,6 +5,7 @@ Importing this module loads no framework, so ``pipeline --help`` can show every 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field, fields
 from typing import ClassVar
@@ -202,12 +203,28 @@ class ReportOptions(Options):
     constraints = {"mistakes": [Between(0, None, integer=True)]}
 
 
-@dataclass(frozen=True)
-class FinetuneConfig:
-    """How the top blocks are trained; every field is recorded in the checkpoint."""
+def _unfreeze(value) -> bool:
+    """A count of top blocks (>= 0), of top layers with parameters ("15L"), or "all"."""
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, int):
+        return value >= 0
+    if not isinstance(value, str):
+        return False
+    text = value.strip()
+    if text.lower() == "all":
+        return True
+    return text[:-1].isdigit() and text[-1:].upper() == "L" and int(text[:-1]) >= 1
 
-    unfreeze: int | str = 1  # top blocks trained, or "all"; 0 is the linear probe by this loop
-    epochs: int = 10
+
+_POSITIVE = Between(0, None, open="low")
+_COUNT = Between(1, None, integer=True)
+
+
+@dataclass(frozen=True, kw_only=True)
+class OptimizerOptions(Options):
+    """How the optimizer moves the weights: rates, decay, schedule and clipping."""
+
     lr: float | str = 1e-3  # the new head's learning rate; "auto": found by lr-find first
     backbone_lr_ratio: float = 0.1  # pretrained blocks move ~10x slower than the new head
     optimizer: str = "adamw"  # or "sgd" (momentum 0.9, Nesterov)
@@ -215,20 +232,156 @@ class FinetuneConfig:
     schedule: str = "cosine"  # or "step": x0.1 every `step_size` epochs
     step_size: int = 5
     clip_grad: float = 1.0  # max gradient norm: a safety rail for the first steps
-    patience: int = 3  # epochs without a better validation loss before stopping
-    augment: str = "standard"  # random resized crop, flip, rotation, shear, zoom; or "none"
+
+    constraints = {
+        "lr": [_POSITIVE, OneOf((AUTO_LR,))],
+        # A ratio of 0 or below would freeze, or climb the loss in, the trained blocks while
+        # the head descends it.
+        "backbone_lr_ratio": [_POSITIVE],
+        "optimizer": [OneOf(OPTIMIZERS)],
+        "weight_decay": [Between(0, None)],
+        "schedule": [OneOf(SCHEDULES)],
+        "step_size": [_COUNT],
+        "clip_grad": [_POSITIVE],  # a norm of 0 would zero every step
+    }
+
+
+@dataclass(frozen=True, kw_only=True)
+class NetworkOptions(Options):
+    """What is trained: how many top blocks, their BatchNorm statistics, how the head starts."""
+
+    unfreeze: int | str = 1  # top blocks trained, or "all", or "15L"; 0: the linear probe
     bn_train: bool = False  # update BatchNorm running statistics (small data: keep frozen)
     head_init: str = "linear"  # warm start from a linear probe on cached features; or "random"
-    batch_size: int = 32
+
+    constraints = {
+        "unfreeze": [Satisfies(_unfreeze, "a number of blocks >= 0, of layers (15L) or 'all'")],
+        "bn_train": FLAG,
+        "head_init": [OneOf(HEAD_INITS)],
+    }
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainingOptions(Options):
+    """The data each epoch sees and how long training goes on."""
+
+    batch_size: int = 32  # images per step (per process under torchrun)
+    augment: str = "standard"  # random resized crop, flip, rotation, shear, zoom; or "none"
+    epochs: int = 10  # at most; early stopping may end sooner
+    patience: int = 3  # epochs without a better validation loss before stopping
+    # seeds the head's init, minibatch order and augmentation (and the splits, unless the
+    # run is given a split seed of its own)
     seed: int = 0
+
+    constraints = {
+        "batch_size": [_COUNT],
+        "augment": [OneOf(AUGMENTS)],
+        "epochs": [Between(0, None, integer=True)],  # 0: the warm-started head, scored
+        "patience": [_COUNT],
+        "seed": SEED,
+    }
+
+
+@dataclass(frozen=True, kw_only=True)
+class ActivationOptions(Options):
+    """The cache of the frozen trunk's activations that the top blocks train from."""
+
     # Train the top blocks from the trunk's cached activations where that is exact (frozen
     # trunk and BatchNorm, not every block); True runs every image through the trunk each epoch.
     from_images: bool = False
     views: int = 4  # augmented views of each training image cached for the epochs to draw from
     activation_dtype: str = "float16"  # stored activations; float32 doubles the disk
 
+    constraints = {
+        "from_images": FLAG,
+        "views": [_COUNT],
+        "activation_dtype": [OneOf(ACTIVATION_DTYPES)],
+    }
 
-ACTIVATION_FIELDS = ("from_images", "views", "activation_dtype")
+
+# Each concern of a fine-tune, under the name FinetuneOptions gives it (the old flat
+# FinetuneConfig's fields are shared out by these).
+FINETUNE_CONCERNS = {"optim": OptimizerOptions, "network": NetworkOptions,
+                     "training": TrainingOptions, "activations": ActivationOptions}
+
+
+@dataclass(frozen=True, kw_only=True)
+class FinetuneOptions(Options):
+    """How stage 3 trains the top blocks, one field per concern; every field is recorded in
+    the checkpoint (all but ``activations`` and ``extract`` decide whether a run resumes)."""
+
+    optim: OptimizerOptions = field(default_factory=OptimizerOptions)  # rates and schedule
+    network: NetworkOptions = field(default_factory=NetworkOptions)  # what is trained
+    training: TrainingOptions = field(default_factory=TrainingOptions)  # batches and epochs
+    # where the trained blocks' input comes from (exact either way: it never decides a result)
+    activations: ActivationOptions = field(default_factory=ActivationOptions)
+    # how images are read and features cached (its seed is the run's split seed)
+    extract: ExtractOptions = field(default_factory=ExtractOptions)
+
+    constraints = {
+        **{name: [Satisfies(lambda v, cls=cls: isinstance(v, cls), cls.__name__)]
+           for name, cls in FINETUNE_CONCERNS.items()},
+        "extract": [Satisfies(lambda v: isinstance(v, ExtractOptions), "ExtractOptions")],
+    }
+
+    @classmethod
+    def from_flat(cls, settings: dict) -> FinetuneOptions:
+        """Options from the flat fields of the former ``FinetuneConfig`` (a checkpoint's, a
+        script's), and of ``ExtractOptions``: each key goes to the concern that has it."""
+        return cls().with_flat(settings)
+
+    def with_flat(self, settings: dict) -> FinetuneOptions:
+        """A copy with ``settings`` (flat field names, such as a sweep's ``lr`` or
+        ``unfreeze``) put in the concern that has each; a name no concern has is refused."""
+        parts = split_settings(settings, *FINETUNE_CONCERNS.values(), ExtractOptions)
+        if parts[-1]:
+            raise TypeError(f"unexpected fine-tune setting(s) {', '.join(sorted(parts[-1]))}")
+        names = [*FINETUNE_CONCERNS, "extract"]
+        return dataclasses.replace(self, **{
+            name: dataclasses.replace(getattr(self, name), **values)
+            for name, values in zip(names, parts) if values})
+
+    def flat(self) -> dict:
+        """Every concern's fields in one dict, as the former ``FinetuneConfig`` held them."""
+        return {k: v for name in FINETUNE_CONCERNS
+                for k, v in dataclasses.asdict(getattr(self, name)).items()}
+
+
+@dataclass(frozen=True, kw_only=True)
+class PredictOptions(Options):
+    """How ``pipeline predict`` runs a saved model on new images (pipeline.deploy.predict)."""
+
+    top_k: int = 5  # classes listed per image, most probable first
+    device: str = "auto"  # auto picks cuda, then mps, then cpu
+    batch_size: int | None = None  # images per forward pass; None: 8 on a CPU, 64 on a GPU
+    workers: int | None = None  # loader processes; None: 0 on 2 cores or fewer, else half
+    offline: bool | None = None  # never download the backbone's weights (None: PIPELINE_OFFLINE)
+    # Test-time augmentation: average over each image and its mirror (flip), or ten crops and
+    # mirrors (crops); None: the image alone.
+    tta: str | None = None
+
+    constraints = {
+        "top_k": [_COUNT],
+        # torch's own names: "cuda:1" picks a GPU
+        "device": [Satisfies(lambda v: isinstance(v, str) and v.split(":")[0] in DEVICES,
+                             "auto, cuda, cuda:N, mps or cpu")],
+        "batch_size": [_COUNT, None],
+        "workers": [Between(0, None, integer=True), None],
+        "offline": [*FLAG, None],
+        "tta": [OneOf(TTA_MODES), None],
+    }
+
+
+def nested_config(config: dict) -> dict:
+    """A checkpoint's or record's ``config``, by concern: one written by the former flat
+    ``FinetuneConfig`` is shared out by field name; a nested one is returned as it is."""
+    if all(isinstance(v, dict) for v in config.values()):
+        return config
+    owners = {f.name: name for name, cls in FINETUNE_CONCERNS.items() for f in fields(cls)}
+    nested: dict[str, dict] = {}
+    for key, value in config.items():
+        nested.setdefault(owners.get(key, "unknown"), {})[key] = value
+    return nested
 
 
 def default(cls: type, name: str):

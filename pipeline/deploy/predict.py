@@ -4,21 +4,28 @@ A head (``.head``) classifies bottleneck features: images run through the head's
 first, and a feature cache of that backbone gives its stored features without running it. A
 fine-tuned network (``.net``) classifies images end to end, through its own logits and a
 softmax; a cache gives it the paths of its images, which are read again.
+
+:func:`predict_images` computes; ``result.write(path)`` writes the predictions as a CSV file
+through :mod:`pipeline.core.atomic`.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
 import numpy as np
 
+from pipeline.core.atomic import write_text
+from pipeline.core.contract import Result
 from pipeline.core.errors import DataError
-from pipeline.core.options import ExtractOptions, default
+from pipeline.core.options import ExtractOptions, PredictOptions, default
 from pipeline.core.progress import Progress
 from pipeline.data.images import ImageSet
 from pipeline.data.layouts import display, find_images
@@ -27,20 +34,23 @@ from pipeline.finetuning.tta import (
     TTAError,
     ViewFeatures,
     average,
-    check_mode,
     input_size,
     mean_over_views,
     transform,
     view_count,
 )
 from pipeline.metrics.scoring import class_probabilities
-from pipeline.models.backbones import BackboneSpec, resolve_backbone
+from pipeline.models.backbone_spec import BackboneSpec
+from pipeline.models.backbones import resolve_backbone
 from pipeline.store.cache import open_cache, read_strings
 from pipeline.store.paths import SUFFIX as CACHE_SUFFIX
 from pipeline.store.persistence import ModelFileError, SavedHead, SavedNetwork, load_model
 
 if TYPE_CHECKING:
     from pipeline.finetuning.network import FinetunedNetwork
+
+__all__ = ["PredictOptions", "PredictResult", "collect_images", "is_cache", "matching_backbone",
+           "predict_images", "write_predictions"]
 
 # Key fields that decide the features a head was trained on; all must match at prediction.
 _FEATURE_FIELDS = ("backbone", "weights", "weights_sha256", "layer", "pool", "preprocessing")
@@ -107,55 +117,78 @@ def _check_features(saved: SavedHead, here: dict, where: str) -> None:
                 f"{where} {name}={here.get(name)!r}; extract and fit it again")
 
 
+@dataclass
+class PredictResult(Result):
+    """One row per image, in the order read (see :func:`predict_images`)."""
+
+    rows: list[dict]
+    model: str = ""  # the model file ("" for a model given in memory)
+    top_k: int = 5  # the classes the CSV lists per image
+
+    def to_json(self) -> dict:
+        return {"model": self.model, "predictions": self.rows}
+
+    def to_csv(self, stream: TextIO) -> None:
+        """The CSV of :func:`write_predictions` into ``stream`` (a terminal, a pipe)."""
+        write_predictions(self.rows, stream, self.top_k)
+
+    def write(self, out: str | os.PathLike) -> list[Path]:
+        """The predictions as the CSV file ``out`` (its folder made if needed), all at once."""
+        text = io.StringIO(newline="")
+        self.to_csv(text)
+        return [write_text(out, text.getvalue())]
+
+
 def predict_images(
     model: str | os.PathLike | SavedHead | SavedNetwork | FinetunedNetwork,
     inputs: Sequence[str | os.PathLike],
-    top_k: int = 5,
-    device: str = "auto",
-    batch_size: int | None = None,
-    workers: int | None = None,
+    *,
+    options: PredictOptions = PredictOptions(),
     progress: bool | str | None = None,
-    offline: bool | None = None,
-    tta: str | None = None,
-) -> list[dict]:
+) -> PredictResult:
     """Classify images with a saved head and its backbone, or with a fine-tuned network.
+
+    Computes and writes nothing: ``result.write(path)`` writes the CSV.
 
     Parameters
     ----------
     model
         A ``.head`` or ``.net`` file (:func:`pipeline.store.persistence.load_model`), or a model in
-        memory: a loaded head or network, or the ``model`` of a :func:`pipeline.finetuning.run`
+        memory: a loaded head or network, or the ``model`` of a :func:`pipeline.finetune`
         result (left on its device, in its train/eval mode).
     inputs
         Image files, folders (searched recursively) and feature caches (``.h5``, labelled or
         not). A head classifies a cache's stored features without running the backbone; a
         network reads the cache's images. Images come first, in the order given, then the
         caches' rows.
+    options
+        :class:`~pipeline.core.options.PredictOptions`: ``top_k``, ``device``, ``batch_size``,
+        ``workers``, ``offline`` (never download the backbone's weights) and ``tta``
+        (``"flip"`` or ``"crops"``: average the probabilities over each image's views,
+        :mod:`pipeline.finetuning.tta`; a head classifies each view's features. A head's cached
+        features are of the plain image only, so a cache given to a head is refused).
     progress
         A bar where stderr is a terminal, elsewhere a line every 30 s and at the end
         (:mod:`pipeline.core.progress`); False: nothing.
-    offline
-        Never download the backbone's weights (None: ``PIPELINE_OFFLINE``).
-    tta
-        ``"flip"`` or ``"crops"``: average the probabilities over each image's views
-        (:mod:`pipeline.finetuning.tta`); a head classifies each view's features. A head's cached
-        features are of the plain image only, so a cache given to a head is refused.
 
     Returns
     -------
-    list of dict
-        One per image: ``path``, ``prediction``, ``probability`` and ``top_k`` (a list of
-        ``(class, probability)``), or ``path`` and ``error`` for an image that could not be
-        read.
+    PredictResult
+        ``rows``: one per image: ``path``, ``prediction``, ``probability`` and ``top_k`` (a
+        list of ``(class, probability)``), or ``path`` and ``error`` for an image that could
+        not be read.
     """
-    check_mode(tta)
+    top_k, device, batch_size = options.top_k, options.device, options.batch_size
+    workers, offline, tta = options.workers, options.offline, options.tta
     predictor = _predictor(model, offline)
+    name = os.fspath(model) if isinstance(model, (str, os.PathLike)) else ""
     caches = [Path(i) for i in inputs if is_cache(i)]
     files = [i for i in inputs if not is_cache(i)]
     if not isinstance(predictor, SavedHead):  # a network needs pixels: read the images again
         files += [p for c in caches for p in _cache_images(c)]
-        return _network_rows(predictor, files, top_k, device, batch_size, workers, progress,
+        rows = _network_rows(predictor, files, top_k, device, batch_size, workers, progress,
                              tta)
+        return PredictResult(rows, name, top_k)
     if tta and caches:
         raise TTAError(f"--tta needs images: {display(str(caches[0]))} holds the features of "
                        "the plain images only; give the image files or folders instead")
@@ -163,7 +196,7 @@ def predict_images(
                              offline, tta) if files else [])
     for path in caches:
         rows += _head_cached_rows(predictor, path, top_k)
-    return rows
+    return PredictResult(rows, name, top_k)
 
 
 def _predictor(model, offline: bool | None) -> SavedHead | FinetunedNetwork:

@@ -200,6 +200,7 @@ def _network_targets(teacher: Teacher, files: list[Path], keys: list[str], progr
         raise TeacherError(f"a fine-tuned teacher reads the images, and {len(missing)} of "
                            f"{len(files)} are not where the cache says (such as {missing[0]}); "
                            "run from where the data was extracted")
+    from pipeline.core.options import PredictOptions
     from pipeline.deploy.predict import predict_images
     from pipeline.finetuning.network import FinetunedNetwork
 
@@ -208,8 +209,8 @@ def _network_targets(teacher: Teacher, files: list[Path], keys: list[str], progr
     out = {}
     with Progress(len(files), f"teacher {teacher.name}", "img", progress=progress) as bar:
         for lo, hi in _spans(len(files), 512):
-            rows = predict_images(network, files[lo:hi], top_k=len(teacher.classes),
-                                  progress=False)
+            rows = predict_images(network, files[lo:hi], progress=False,
+                                  options=PredictOptions(top_k=len(teacher.classes))).rows
             by_path = {r["path"]: r for r in rows}
             for file, key in zip(files[lo:hi], keys[lo:hi]):
                 row = by_path.get(str(file.absolute()))  # predict_images gives them absolute

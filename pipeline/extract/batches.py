@@ -28,7 +28,8 @@ from pipeline.data.images import (
     ImageSet,
 )
 from pipeline.models import engines
-from pipeline.models.backbones import BackboneSpec
+from pipeline.models.backbones import BackboneSpec, build_feature_model
+from pipeline.models.families import family_of
 
 if TYPE_CHECKING:
     import torch
@@ -55,7 +56,7 @@ def prepare_model(spec: BackboneSpec, device: torch.device) -> torch.nn.Module:
 
     crop = spec.preprocessing.crop
     example = torch.randn(2, 3, crop, crop, generator=torch.Generator().manual_seed(0))
-    return engines.prepare("torch", spec.build(), example, spec.adapter, device).run
+    return engines.prepare("torch", build_feature_model(spec), example, family_of(spec), device).run
 
 
 def feature_dim(model: torch.nn.Module, spec: BackboneSpec, device: torch.device) -> int:

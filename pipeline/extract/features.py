@@ -50,6 +50,8 @@ from pipeline.store.writer import FeatureWriter, assemble_shards, check_disk
 if TYPE_CHECKING:
     import torch
 from pipeline.extract.batches import FeatureBatch, feature_batches, feature_dim
+from pipeline.models.backbones import build_feature_model
+from pipeline.models.families import family_of
 
 __all__ = ["DEFAULT_CACHE_DIR", "DTYPES", "ExtractOptions", "ExtractResult", "example_images",
            "extract_features", "feature_key_spec"]
@@ -362,18 +364,18 @@ def _prepare_engine(spec: BackboneSpec, images: ImageSet, device: torch.device, 
     prepares first (it writes any export); the others then take its engine."""
     from pipeline.models.feature_model import is_multi_layer  # torch: not on a cache hit
 
-    eager = spec.build()
+    eager = build_feature_model(spec)
     example = example_images(spec, images, decode)
     dim = feature_dim(eager, spec, example.device)
     layers = (eager.layer_slices(spec.preprocessing.crop) if is_multi_layer(spec.layer)
               else None)
     prepared = None
     if ctx.is_main:
-        prepared = engines.prepare(engine, eager, example, spec.adapter, device, export,
+        prepared = engines.prepare(engine, eager, example, family_of(spec), device, export,
                                    spec.key(), strict, streams)
     chosen = distributed.broadcast(prepared.engine if prepared is not None else None)
     if prepared is None:
-        prepared = engines.prepare(chosen, eager, example, spec.adapter, device, export,
+        prepared = engines.prepare(chosen, eager, example, family_of(spec), device, export,
                                    spec.key(), streams=streams)
     return prepared, dim, layers
 

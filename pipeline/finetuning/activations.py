@@ -27,6 +27,7 @@ from torch import fx, nn
 from pipeline.core.errors import ActivationError
 from pipeline.core.progress import note
 from pipeline.data.images import ImageFiles, ImageSet
+from pipeline.models.families import family_of
 from pipeline.models.stages import Block, is_under
 from pipeline.store import locks
 from pipeline.store.integrity import damaged, failure_reason
@@ -72,7 +73,7 @@ def lowest_trained(spec, model: nn.Module, blocks: Sequence[Block], unfreeze: in
     if unfreeze:
         return blocks[len(blocks) - unfreeze]
     # At 0 the head alone trains: the boundary is the classifier's input (the bottleneck).
-    classifier = spec.adapter.classifier(model)[0]
+    classifier = family_of(spec).classifier(model)[0]
     return Block(classifier, (classifier,))
 
 
@@ -84,7 +85,7 @@ def cut_network(spec, model: nn.Module, block: Block) -> Cut:
     ActivationError
         For a boundary that other tensors cross, or that does not give the model's logits.
     """
-    adapter = spec.adapter
+    adapter = family_of(spec)
     whole = adapter.extractor(model, adapter.classifier(model)[0]).eval()
     graph = whole.graph
     first = next((n for n in graph.nodes
@@ -243,7 +244,7 @@ def prepare_trunk(spec, trunk: nn.Module, images: ImageSet, device: torch.device
     network = {**spec.key(), **what}
     export = (engines.export_path(cache_dir, spec.name, network, tuple(example.shape[1:]))
               if engines.get_engine(engine).exported else None)
-    return engines.prepare(engine, trunk.eval(), example, spec.adapter, device, export, network,
+    return engines.prepare(engine, trunk.eval(), example, family_of(spec), device, export, network,
                            streams=streams)
 
 

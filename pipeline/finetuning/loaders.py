@@ -15,12 +15,13 @@ from torchvision.transforms import InterpolationMode, v2
 
 from pipeline.core import distributed
 from pipeline.core.devices import default_workers
+from pipeline.core.options import TrainingOptions
 from pipeline.data.images import ImageFiles, ImageSet
 from pipeline.finetuning.activations import (
     ActivationPlan,
     CachedActivations,
 )
-from pipeline.models.backbones import BackboneSpec
+from pipeline.models.backbone_spec import BackboneSpec
 
 __all__ = ["CachedLoaders", "ImageLoaders", "Loaders", "split_rows", "train_transform"]
 
@@ -68,9 +69,10 @@ class Loaders:
     (per rank under torchrun), so a resumed run sees the same batches as an uninterrupted one.
     """
 
-    def __init__(self, rows: dict[str, np.ndarray], labels: np.ndarray, cfg, device, workers,
-                 ctx: distributed.Context):
-        self.rows, self.labels_of, self.cfg, self.device, self.ctx = rows, labels, cfg, device, ctx
+    def __init__(self, rows: dict[str, np.ndarray], labels: np.ndarray,
+                 training: TrainingOptions, device, workers, ctx: distributed.Context):
+        self.rows, self.labels_of, self.training = rows, labels, training
+        self.device, self.ctx = device, ctx
         self.workers = default_workers(ctx.local_world_size) if workers is None else workers
 
     def labels(self, split: str) -> np.ndarray:
@@ -79,12 +81,12 @@ class Loaders:
     def train(self, epoch: int) -> torch.utils.data.DataLoader:
         data = self._train_data(epoch)
         if not self.ctx.distributed:
-            generator = torch.Generator().manual_seed(self.cfg.seed * 100_003 + epoch)
+            generator = torch.Generator().manual_seed(self.training.seed * 100_003 + epoch)
             return self._loader(data, shuffle=True, generator=generator)
         # Each rank its share of one shuffle; padded with repeats to equal shares, so every
         # rank takes the same number of steps (DDP syncs gradients at each step).
         sampler = torch.utils.data.DistributedSampler(
-            data, self.ctx.world_size, self.ctx.rank, shuffle=True, seed=self.cfg.seed)
+            data, self.ctx.world_size, self.ctx.rank, shuffle=True, seed=self.training.seed)
         sampler.set_epoch(epoch)
         return self._loader(data, sampler=sampler)
 
@@ -96,7 +98,7 @@ class Loaders:
 
     def _loader(self, data, shuffle=False, generator=None, sampler=None):
         return torch.utils.data.DataLoader(
-            data, batch_size=self.cfg.batch_size, shuffle=shuffle, generator=generator,
+            data, batch_size=self.training.batch_size, shuffle=shuffle, generator=generator,
             sampler=sampler, num_workers=self.workers, pin_memory=self.device.type == "cuda",
             drop_last=False)
 
@@ -104,11 +106,11 @@ class Loaders:
 class ImageLoaders(Loaders):
     """Every epoch decodes the images and runs them through the whole network."""
 
-    def __init__(self, images, spec, rows, cfg, device, workers, ctx):
-        super().__init__(rows, images.labels, cfg, device, workers, ctx)
+    def __init__(self, images, spec, rows, training, device, workers, ctx):
+        super().__init__(rows, images.labels, training, device, workers, ctx)
         crop = spec.preprocessing.crop
         shape = (3, crop, crop)
-        train_tf = train_transform(spec) if cfg.augment == "standard" else None
+        train_tf = train_transform(spec) if training.augment == "standard" else None
         self.plain = ImageFiles(images, spec.preprocessing.transform(), shape)
         self.augmented = ImageFiles(images, train_tf or spec.preprocessing.transform(), shape)
 
@@ -122,16 +124,16 @@ class ImageLoaders(Loaders):
 class CachedLoaders(Loaders):
     """Cached activations in the image loaders' order: with --augment none, the same batches."""
 
-    def __init__(self, path: Path, plan: ActivationPlan, labels, rows, cfg, device, workers,
+    def __init__(self, path: Path, plan: ActivationPlan, labels, rows, training, device, workers,
                  ctx):
-        super().__init__(rows, labels, cfg, device, workers, ctx)
+        super().__init__(rows, labels, training, device, workers, ctx)
         self.path, self.plan = path, plan
 
     def _train_data(self, epoch: int):
         images = self.rows["train"]
         rows = images
         if self.plan.views:  # one cached view of each image per epoch, drawn with a seed
-            draw = np.random.default_rng([self.cfg.seed, epoch]).integers(
+            draw = np.random.default_rng([self.training.seed, epoch]).integers(
                 self.plan.views, size=len(images))
             rows = self.plan.view_rows(draw)
         return CachedActivations(self.path, rows, images, self.labels_of[images])

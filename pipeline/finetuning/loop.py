@@ -4,6 +4,11 @@ Shaped like torchvision's classification reference: :func:`train_one_epoch`, :fu
 and a trainer that checkpoints each epoch (``model``, ``optimizer``, ``lr_scheduler``,
 ``epoch``, ``args``) and stops early on validation loss. BatchNorm statistics stay frozen
 unless asked (:func:`set_train_mode`).
+
+The checkpoint is the one file written while training (as the reference script's
+``save_on_master``), each epoch through :func:`pipeline.core.atomic.atomic_write`: it is what a
+killed run resumes from. A checkpoint written before the options were split by concern (a flat
+``config``) is read as its nested equivalent (:func:`pipeline.core.options.nested_config`).
 """
 
 from __future__ import annotations
@@ -23,9 +28,7 @@ from pipeline.core import distributed
 from pipeline.core.atomic import atomic_write
 from pipeline.core.devices import autocast, autocast_dtype
 from pipeline.core.early_stopping import EarlyStopping
-from pipeline.core.options import (
-    FinetuneConfig,
-)
+from pipeline.core.options import FinetuneOptions, OptimizerOptions, nested_config
 from pipeline.finetuning.loaders import Loaders
 from pipeline.finetuning.setup import FinetuneError
 from pipeline.models.blocks import STEM, parse_layers
@@ -52,13 +55,14 @@ def set_train_mode(model: nn.Module, trainable: Sequence[nn.Module], bn_train: b
                     m.eval()
 
 
-def train_one_epoch(model, trainable, loader, optimizer, scaler, device, cfg
-                    ) -> tuple[float, float]:
-    set_train_mode(model, trainable, cfg.bn_train)
+def train_one_epoch(model, trainable, loader, optimizer, scaler, device, *, bn_train: bool,
+                    clip_grad: float) -> tuple[float, float]:
+    """One pass over ``loader``: its mean training loss and accuracy (over every rank)."""
+    set_train_mode(model, trainable, bn_train)
     total_loss, correct, seen = 0.0, 0, 0
     for x, _index, _errors, _digest, y in loader:
         x, y = to_device(x, device), y.to(device)
-        loss, logits = train_step(model, x, y, optimizer, scaler, device, cfg.clip_grad)
+        loss, logits = train_step(model, x, y, optimizer, scaler, device, clip_grad)
         total_loss += loss.item() * len(y)
         correct += int((logits.argmax(1) == y).sum())
         seen += len(y)
@@ -116,19 +120,22 @@ def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 class Trainer:
-    """Optimizer, schedule, early stopping and per-epoch checkpoints of one run."""
+    """Optimizer, schedule, early stopping and per-epoch checkpoints of one run
+    (``checkpoint`` None: none, and nothing to resume from)."""
 
-    def __init__(self, model, head, unfrozen, cfg, device, args, checkpoint: Path,
-                 ctx: distributed.Context | None = None, compile: bool = False,
-                 forward: nn.Module | None = None):
-        self.model, self.head, self.cfg, self.device = model, head, cfg, device
+    def __init__(self, model, head, unfrozen, options: FinetuneOptions, device, args,
+                 checkpoint: Path | None, ctx: distributed.Context | None = None,
+                 compile: bool = False, forward: nn.Module | None = None):
+        self.model, self.head, self.device = model, head, device
+        self.optim, self.network, self.training = options.optim, options.network, options.training
         # What the steps run: the model, or its part above cached activations (same modules).
         self.forward = model if forward is None else forward
         self.args, self.checkpoint = args, checkpoint
         self.ctx = ctx or distributed.Context()
         self.trainable = [model.get_submodule(n) for b in unfrozen for n in b.modules] + [head]
         # What the rows call the trained part: a number of blocks, or of layers ("15L").
-        self.unfrozen_blocks = (cfg.unfreeze if parse_layers(cfg.unfreeze)
+        unfreeze = self.network.unfreeze
+        self.unfrozen_blocks = (unfreeze if parse_layers(unfreeze)
                                 else sum(block.name != STEM for block in unfrozen))
         model.to(device, memory_format=torch.channels_last)
         self.net = self._wrap(compile)
@@ -138,7 +145,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
         self.history: list[dict] = []
         # The best weights wait on the CPU: GPU memory is for training.
-        self.stopping = EarlyStopping(cfg.patience, keep_on="cpu")
+        self.stopping = EarlyStopping(self.training.patience, keep_on="cpu")
         self.start_epoch = 0
 
     def _wrap(self, compile: bool) -> nn.Module:
@@ -150,7 +157,7 @@ class Trainer:
             # statistics are equal everywhere; trained ones follow rank 0's.
             net = DistributedDataParallel(
                 net, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                forward_sync_buffers=self.cfg.bn_train)
+                forward_sync_buffers=self.network.bn_train)
         return torch.compile(net) if compile else net
 
     @property
@@ -167,24 +174,25 @@ class Trainer:
         return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
 
     def _optimizer(self) -> torch.optim.Optimizer:
-        return make_optimizer(self.model, self.head, self.cfg)
+        return make_optimizer(self.model, self.head, self.optim)
 
     def _scheduler(self):
-        if self.cfg.schedule == "step":
-            return torch.optim.lr_scheduler.StepLR(self.optimizer, self.cfg.step_size, 0.1)
-        return torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, max(1, self.cfg.epochs))
+        if self.optim.schedule == "step":
+            return torch.optim.lr_scheduler.StepLR(self.optimizer, self.optim.step_size, 0.1)
+        return torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer,
+                                                          max(1, self.training.epochs))
 
     def fit(self, loaders: Loaders, on_epoch) -> list[dict]:
         self._resume()
-        for epoch in range(self.start_epoch, self.cfg.epochs):
+        for epoch in range(self.start_epoch, self.training.epochs):
             if self.stopping.should_stop:
                 break
             started = time.perf_counter()
             # Dropout and augmentation: seeded per epoch, and per rank so ranks differ.
-            torch.manual_seed(self.cfg.seed * 100_003 + epoch + 7919 * self.ctx.rank)
+            torch.manual_seed(self.training.seed * 100_003 + epoch + 7919 * self.ctx.rank)
             train_loss, train_acc = train_one_epoch(
                 self.net, self.trainable, loaders.train(epoch), self.optimizer, self.scaler,
-                self.device, self.cfg)
+                self.device, bn_train=self.network.bn_train, clip_grad=self.optim.clip_grad)
             val_loss, val_acc, _ = evaluate(self.forward, loaders.eval("val"), self.device)
             lr = self.optimizer.param_groups[0]["lr"]
             self.scheduler.step()
@@ -193,7 +201,7 @@ class Trainer:
                    "seconds": time.perf_counter() - started}
             self.history.append(row)
             self.stopping.step(val_loss, self.model.state_dict())
-            if self.ctx.is_main:  # every rank holds the same weights; one file is enough
+            if self.ctx.is_main and self.checkpoint is not None:  # one file for every rank
                 self._save(epoch + 1)
             if on_epoch is not None:
                 on_epoch(epoch + 1, row)
@@ -211,14 +219,14 @@ class Trainer:
             torch.save(state, fh)
 
     def _resume(self) -> None:
-        if not self.checkpoint.exists():
+        if self.checkpoint is None or not self.checkpoint.exists():
             return
         try:
             state = torch.load(self.checkpoint, map_location="cpu", weights_only=True)
         except Exception as err:  # torch raises many types for a damaged file
             raise FinetuneError(f"cannot read checkpoint {self.checkpoint}: "
                                 f"{str(err).splitlines()[0]}; remove it to start over") from None
-        if json.loads(state["args"]) != self.args:
+        if _nested_args(json.loads(state["args"])) != json.loads(json.dumps(self.args)):
             raise FinetuneError(f"{self.checkpoint} is from another run (other backbone, data "
                                 "or settings); use another --out or remove it to start over")
         self.model.load_state_dict(state["model"])
@@ -230,7 +238,7 @@ class Trainer:
         self.start_epoch = state["epoch"]
 
 
-def make_optimizer(model: nn.Module, head: nn.Module, cfg: FinetuneConfig
+def make_optimizer(model: nn.Module, head: nn.Module, cfg: OptimizerOptions
                    ) -> torch.optim.Optimizer:
     """AdamW or SGD over two groups: the head at ``cfg.lr``, the trained backbone layers at
     ``cfg.lr * cfg.backbone_lr_ratio``."""
@@ -243,6 +251,11 @@ def make_optimizer(model: nn.Module, head: nn.Module, cfg: FinetuneConfig
         return torch.optim.SGD(groups, momentum=0.9, nesterov=True,
                                weight_decay=cfg.weight_decay)
     return torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+
+
+def _nested_args(args: dict) -> dict:
+    """A checkpoint's arguments with its ``config`` by concern, whichever way it was saved."""
+    return {**args, "config": nested_config(args["config"])} if "config" in args else args
 
 
 def _early_stopping_state(best: dict, epochs: int) -> dict:

@@ -7,11 +7,16 @@ few hundred steps with the learning rate growing exponentially from ``start_lr``
 ``end_lr``; the training loss, smoothed, falls while the rate is useful and blows up past it.
 The test stops once the smoothed loss exceeds 4x its best. It is a probe: the network's
 weights are put back afterwards and only the curve is kept.
+
+:func:`find_lr` computes and writes nothing; ``result.write(out)`` writes the curve's files.
+A fine-tune asked for ``lr="auto"`` (:func:`with_found_lr`) writes them as it goes into its
+working folder, where a resumed run reads the rate back.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import os
@@ -24,7 +29,8 @@ import numpy as np
 import torch
 
 from pipeline.core import distributed
-from pipeline.core.atomic import atomic_write
+from pipeline.core.atomic import save_figure, write_json, write_text
+from pipeline.core.contract import Result
 from pipeline.core.devices import autocast_dtype
 from pipeline.core.errors import LRFindError
 from pipeline.core.options import (
@@ -32,15 +38,16 @@ from pipeline.core.options import (
     LR_FIND_END_LR,
     LR_FIND_START_LR,
     LR_FIND_STEPS,
-    ExtractOptions,
-    FinetuneConfig,
+    FinetuneOptions,
+    nested_config,
 )
 from pipeline.core.progress import Progress
 from pipeline.finetuning.loop import make_optimizer, set_train_mode, to_device, train_step
 from pipeline.finetuning.setup import Setup, prepare
-from pipeline.models.backbones import BackboneSpec
+from pipeline.models.backbone_spec import BackboneSpec
 
-__all__ = ["LRFindError", "LRFindResult", "find_lr", "lr_schedule", "smooth", "suggest_lr"]
+__all__ = ["LRFindError", "LRFindResult", "figure", "find_lr", "lr_schedule", "smooth",
+           "suggest_lr", "with_found_lr"]
 
 STEPS, START_LR, END_LR = LR_FIND_STEPS, LR_FIND_START_LR, LR_FIND_END_LR
 # Weight of the past in the smoothed loss: about the last 10 steps count. fastai's 0.98
@@ -54,13 +61,14 @@ MIN_FALL = 0.05
 # The finder's files in a fine-tune's folder (--lr auto), where a resumed run finds them.
 FOLDER = "lr-find"
 RULE = "steepest descent of the smoothed loss against log10(lr), before its minimum"
-# Settings that do not change the test (how long the real run trains, and its own rate).
-_NOT_PROBED = ("lr", "epochs", "patience", "schedule", "step_size")
+# Settings that do not change the test (how long the real run trains, and its own rate),
+# by concern.
+_NOT_PROBED = {"optim": ("lr", "schedule", "step_size"), "training": ("epochs", "patience")}
 
 
 
 @dataclass
-class LRFindResult:
+class LRFindResult(Result):
     """The curve of one range test, the suggested learning rate and the files written."""
 
     lrs: list[float]  # the head's rate at each step (the backbone's: x backbone_lr_ratio)
@@ -70,7 +78,39 @@ class LRFindResult:
     diverged: bool  # stopped early: the smoothed loss went above DIVERGED x its best
     trained_from: str  # "cached activations", or "images (why)", as a fine-tune's row says
     seconds: float
-    files: dict[str, str] = field(default_factory=dict)
+    backbone: str = ""  # the backbone's name, for the plot's title
+    # What decided the curve (the run's arguments but how long it trains, and the test's
+    # own): a fine-tune with lr="auto" reuses a test whose key is its own.
+    key: dict = field(default_factory=dict)
+    files: dict[str, str] = field(default_factory=dict)  # set by write()
+
+    def to_json(self) -> dict:
+        """``lr_find.json``: the suggestion, the rule, how the test went, its files and key."""
+        return {"suggested_lr": self.suggested_lr, "rule": RULE, "steps_run": len(self.lrs),
+                "diverged": self.diverged, "trained_from": self.trained_from,
+                "seconds": self.seconds,
+                "files": {k.removeprefix("lr_find_"): v for k, v in self.files.items()},
+                "key": self.key}
+
+    def write(self, out: str | os.PathLike) -> list[Path]:
+        """``lr_find.csv`` (step, lr, loss, smoothed loss), ``lr_find.png`` (the smoothed loss
+        against the rate, the suggestion marked) and ``lr_find.json`` (:meth:`to_json`, last:
+        a test is found only once complete) in ``out``, on rank 0; ``files`` names them."""
+        out = Path(out)
+        paths = {"csv": out / "lr_find.csv", "png": out / "lr_find.png",
+                 "json": out / "lr_find.json"}
+        if distributed.context().is_main:
+            self.files = {f"lr_find_{k}": str(v) for k, v in paths.items()}
+            text = io.StringIO(newline="")
+            writer = csv.DictWriter(text, ["step", "lr", "loss", "smoothed_loss"])
+            writer.writeheader()
+            writer.writerows(self.rows)
+            write_text(paths["csv"], text.getvalue())
+            save_figure(figure(self, f"{self.backbone}: learning-rate range test"),
+                        paths["png"], dpi=110)
+            write_json(paths["json"], self.to_json())
+        distributed.barrier()
+        return list(paths.values())
 
     @property
     def rows(self) -> list[dict]:
@@ -144,31 +184,27 @@ def suggest_lr(lrs: Sequence[float], losses: Sequence[float]) -> float:
 
 def find_lr(
     data: str | os.PathLike,
-    backbone: str | BackboneSpec = DEFAULT_BACKBONE,
-    config: FinetuneConfig | None = None,
     *,
-    out: str | os.PathLike = "results/lr-find",
-    options: ExtractOptions | None = None,
+    backbone: str | BackboneSpec = DEFAULT_BACKBONE,
+    options: FinetuneOptions = FinetuneOptions(),
     steps: int = STEPS,
     start_lr: float = START_LR,
     end_lr: float = END_LR,
     progress: bool | None = None,
     split_seed: int | None = None,
-    **settings,
 ) -> LRFindResult:
     """Run the learning-rate range test on the network :func:`~pipeline.finetuning.run.finetune`
     would train, and suggest the head's learning rate.
 
+    Computes and writes nothing: ``result.write(out)`` writes ``lr_find.csv|png|json``.
+
     Parameters
     ----------
-    data, backbone, config, options, split_seed, settings
-        As for :func:`~pipeline.finetuning.run.finetune` (``unfreeze``, ``batch_size``,
-        ``backbone_lr_ratio``, ``optimizer``, ...; ``lr`` and ``epochs`` are not used). The
-        same features warm-start the head, and the test trains from the trunk's cached
-        activations where a fine-tune would (the same caches).
-    out
-        Folder of ``lr_find.csv`` (step, lr, loss, smoothed loss), ``lr_find.png`` (the
-        smoothed loss against the rate, the suggestion marked) and ``lr_find.json``.
+    data, backbone, options, split_seed
+        As for :func:`~pipeline.finetuning.run.finetune` (``options.optim.lr`` and
+        ``options.training.epochs`` are not used). The same features warm-start the head, and
+        the test trains from the trunk's cached activations where a fine-tune would (the same
+        caches).
     steps, start_lr, end_lr
         One optimizer step per rate of :func:`lr_schedule` (cycling through the training
         images as often as needed), fewer if the loss diverges.
@@ -186,36 +222,33 @@ def find_lr(
     every rank sees the same curve and stops at the same step; rank 0 writes the files.
     """
     _check(steps, start_lr, end_lr)
-    setup = prepare(data, backbone, config, options, {**settings, "lr": start_lr},
-                     split_seed=split_seed, progress=progress)
-    out = Path(out)
-    result = _range_test(setup, steps, start_lr, end_lr, progress, f"lr-find {out.name}")
-    if setup.ctx.is_main:
-        result.files = _write(out, result, _probe_key(setup.args, steps, start_lr, end_lr),
-                              setup.spec.name)
-    distributed.barrier()
-    return result
+    options = options.replace(optim=options.optim.replace(lr=start_lr))
+    setup = prepare(data, backbone, options, split_seed=split_seed, progress=progress)
+    return _range_test(setup, steps, start_lr, end_lr, progress, "lr-find")
 
 
-def with_found_lr(setup: Setup, out: Path, progress: bool | None = None) -> Setup:
+def with_found_lr(setup: Setup, workdir: Path | None, progress: bool | None = None) -> Setup:
     """``setup`` (a fine-tune's, asked for ``lr="auto"``) with the suggested learning rate.
 
     The test runs on the setup's own network, whose weights are put back, and writes its
-    files in ``out/lr-find/``. A test of the same settings found there is read back instead
-    of run again, so a resumed run trains with the rate it started with; the rate is in the
-    checkpoint's arguments too, so a run whose test gave another rate is not resumed.
+    files in ``workdir/lr-find/`` (the fine-tune's working folder; None: nowhere). A test of
+    the same settings found there is read back instead of run again, so a resumed run trains
+    with the rate it started with; the rate is in the checkpoint's arguments too, so a run
+    whose test gave another rate is not resumed.
     """
-    folder = out / FOLDER
+    folder = None if workdir is None else Path(workdir) / FOLDER
     key = _probe_key(setup.args, STEPS, START_LR, END_LR)
-    lr = _found(folder, key)
+    lr = None if folder is None else _found(folder, key)
     if lr is None:
-        result = _range_test(setup, STEPS, START_LR, END_LR, progress, f"lr-find {out.name}")
-        if setup.ctx.is_main:
-            _write(folder, result, key, setup.spec.name)
-        distributed.barrier()
+        name = "lr-find" if workdir is None else f"lr-find {Path(workdir).name}"
+        result = _range_test(setup, STEPS, START_LR, END_LR, progress, name)
+        if folder is not None:  # read back by a resumed run: written as it goes
+            result.write(folder)
         lr = result.suggested_lr
-    args = {**setup.args, "config": {**setup.args["config"], "lr": lr}}
-    return setup._replace(cfg=replace(setup.cfg, lr=lr), args=args, lr_found_by="lr-find")
+    config = setup.args["config"]
+    args = {**setup.args, "config": {**config, "optim": {**config["optim"], "lr": lr}}}
+    options = setup.options.replace(optim=setup.options.optim.replace(lr=lr))
+    return replace(setup, options=options, args=args, lr_found_by="lr-find")
 
 
 def _check(steps: int, start_lr: float, end_lr: float) -> None:
@@ -227,7 +260,9 @@ def _check(steps: int, start_lr: float, end_lr: float) -> None:
 
 def _probe_key(args: dict, steps: int, start_lr: float, end_lr: float) -> dict:
     """What decides a test's curve: the run's arguments but for how long it would train."""
-    config = {k: v for k, v in args["config"].items() if k not in _NOT_PROBED}
+    config = {concern: {k: v for k, v in values.items()
+                        if k not in _NOT_PROBED.get(concern, ())}
+              for concern, values in args["config"].items()}
     return json.loads(json.dumps({**args, "config": config, "steps": steps,
                                   "start_lr": start_lr, "end_lr": end_lr}))
 
@@ -238,7 +273,11 @@ def _found(folder: Path, key: dict) -> float | None:
         saved = json.loads((folder / "lr_find.json").read_text())
     except (OSError, ValueError):
         return None
-    return saved["suggested_lr"] if saved.get("key") == key else None
+    found = saved.get("key")
+    if isinstance(found, dict) and isinstance(found.get("config"), dict):
+        # A test written before the options were split by concern keyed a flat config.
+        found = {**found, "config": nested_config(found["config"])}
+    return saved["suggested_lr"] if found == key else None
 
 
 def _range_test(setup: Setup, steps: int, start_lr: float, end_lr: float,
@@ -246,7 +285,7 @@ def _range_test(setup: Setup, steps: int, start_lr: float, end_lr: float,
     """``steps`` optimizer steps at growing rates on the setup's network, then its weights
     (and its modules' train/eval modes) put back."""
     started = time.perf_counter()
-    cfg, model, device, ctx = setup.cfg, setup.model, setup.device, setup.ctx
+    options, model, device, ctx = setup.options, setup.model, setup.device, setup.ctx
     schedule = lr_schedule(start_lr, end_lr, steps)
     saved = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     modes = {m: m.training for m in (*model.modules(), *setup.forward.modules())}
@@ -254,13 +293,14 @@ def _range_test(setup: Setup, steps: int, start_lr: float, end_lr: float,
     trainable = ([model.get_submodule(n) for b in setup.unfrozen for n in b.modules]
                  + [setup.head])
     # Built as the fine-tune builds its own; at lr 1 each group's lr is its factor of the head's.
-    optimizer = make_optimizer(model, setup.head, replace(cfg, lr=1.0))
+    optimizer = make_optimizer(model, setup.head, options.optim.replace(lr=1.0))
     factors = [group["lr"] for group in optimizer.param_groups]
     scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype(device) == torch.float16)
-    torch.manual_seed(cfg.seed * 100_003 + 7919 * ctx.rank)  # dropout, as a fine-tune's epoch
+    # dropout, as a fine-tune's epoch
+    torch.manual_seed(options.training.seed * 100_003 + 7919 * ctx.rank)
     lrs, losses, smoothed, mean, best, diverged = [], [], [], 0.0, math.inf, False
     try:
-        set_train_mode(setup.forward, trainable, cfg.bn_train)
+        set_train_mode(setup.forward, trainable, options.network.bn_train)
         with Progress(steps, desc, "step", progress=progress if ctx.is_main else False) as bar:
             epoch = 0
             while len(lrs) < steps and not diverged:
@@ -271,7 +311,7 @@ def _range_test(setup: Setup, steps: int, start_lr: float, end_lr: float,
                         group["lr"] = schedule[len(lrs)] * factor
                     lrs.append(optimizer.param_groups[0]["lr"])
                     loss, _ = train_step(setup.forward, to_device(x, device), y.to(device),
-                                         optimizer, scaler, device, cfg.clip_grad)
+                                         optimizer, scaler, device, options.optim.clip_grad)
                     loss, n = distributed.sum_across([loss.item(), 1.0], device)
                     losses.append(loss / n)
                     mean = SMOOTHING * mean + (1 - SMOOTHING) * losses[-1]
@@ -291,29 +331,14 @@ def _range_test(setup: Setup, steps: int, start_lr: float, end_lr: float,
         for module, training in modes.items():
             module.train(training)
     return LRFindResult(lrs, losses, smoothed, suggest_lr(lrs, smoothed), diverged,
-                        setup.trained_from, time.perf_counter() - started)
+                        setup.trained_from, time.perf_counter() - started,
+                        backbone=setup.spec.name,
+                        key=_probe_key(setup.args, steps, start_lr, end_lr))
 
 
-def _write(out: Path, result: LRFindResult, key: dict, backbone: str) -> dict[str, str]:
-    out.mkdir(parents=True, exist_ok=True)
-    files = {"csv": out / "lr_find.csv", "png": out / "lr_find.png",
-             "json": out / "lr_find.json"}
-    with open(files["csv"], "w", newline="") as fh:
-        writer = csv.DictWriter(fh, ["step", "lr", "loss", "smoothed_loss"])
-        writer.writeheader()
-        writer.writerows(result.rows)
-    plot(result, files["png"], f"{backbone}: learning-rate range test")
-    summary = {"suggested_lr": result.suggested_lr, "rule": RULE,
-               "steps_run": len(result.lrs), "diverged": result.diverged,
-               "trained_from": result.trained_from, "seconds": result.seconds,
-               "files": {k: str(v) for k, v in files.items()}, "key": key}
-    with atomic_write(files["json"], "w") as fh:  # last: a test is found only once complete
-        fh.write(json.dumps(summary, indent=2) + "\n")
-    return {f"lr_find_{k}": str(v) for k, v in files.items()}
-
-
-def plot(result: LRFindResult, path: str | os.PathLike, title: str) -> Path:
-    """The smoothed loss against the learning rate (log axis), the suggestion marked."""
+def figure(result: LRFindResult, title: str):
+    """The smoothed loss against the learning rate (log axis), the suggestion marked: a
+    matplotlib ``Figure`` (no pyplot state)."""
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(6.5, 4))
@@ -337,7 +362,5 @@ def plot(result: LRFindResult, path: str | os.PathLike, title: str) -> Path:
     ax.grid(alpha=0.3, which="both")
     ax.legend()
     ax.set_title(title + (" (stopped: diverged)" if result.diverged else ""))
-    path = Path(path)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    return path
+    return fig

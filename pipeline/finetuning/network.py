@@ -20,7 +20,12 @@ import torch
 from torch import nn
 
 from pipeline.core.devices import autocast
-from pipeline.models.backbones import BackboneSpec, replace_classifier, resolve_backbone
+from pipeline.models.backbones import (
+    BackboneSpec,
+    build_classifier,
+    replace_classifier,
+    resolve_backbone,
+)
 from pipeline.store.persistence import ModelFileError, SavedNetwork, load_network, save_network
 
 # Key fields that decide what a network sees: all must match when it is rebuilt. The weights
@@ -90,7 +95,7 @@ class FinetunedNetwork:
                 raise ModelFileError(
                     f"this network was trained with {name}={saved.meta['spec'].get(name)!r}, "
                     f"but its backbone here gives {name}={here.get(name)!r}; fine-tune it again")
-        module = spec.build_classifier()
+        module = build_classifier(spec)
         replace_classifier(spec, module, len(saved.meta["classes"]))
         try:
             module.load_state_dict(saved.state_dict)

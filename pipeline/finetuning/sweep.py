@@ -8,6 +8,11 @@ the order given. A grid runs every combination. Either way each run is an ordina
 finished run is read back, never trained again, and an interrupted one resumes from its
 checkpoint. The trunk's activations are cached once for every depth of the sweep; learning
 rate and batch size do not change them, so every run after the first trains from the cache.
+
+:func:`sweep` computes; ``result.write(out)`` writes the sweep's table, plot and record. What
+a stopped sweep resumes from is written as it goes, into ``workdir/runs/<name>/``: each run's
+checkpoint while it trains, then its files (:meth:`~pipeline.finetuning.run.FinetuneResult.write`)
+and ``sweep-run.json``, by which it is read back (the checkpoint is then removed).
 """
 
 from __future__ import annotations
@@ -17,14 +22,16 @@ import json
 import math
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.core import distributed
-from pipeline.core.atomic import atomic_write
+from pipeline.core.atomic import write_json
+from pipeline.core.contract import Result
 from pipeline.core.errors import SweepError
-from pipeline.core.options import SWEEP_MODES, FinetuneConfig, split_settings
+from pipeline.core.options import DEFAULT_BACKBONE, SWEEP_MODES, FinetuneOptions
 from pipeline.metrics.scoring import POSITIVE_COLUMNS
+from pipeline.models.backbone_spec import BackboneSpec
 from pipeline.report import plots, tables
 from pipeline.store import tracking
 from pipeline.store.run_record import RECORD, RunRecord, shared_fields
@@ -40,12 +47,52 @@ SELECTION = "val_accuracy, then val_loss"
 
 
 @dataclass
-class SweepResult:
+class SweepResult(Result):
     """One row per run in the order run, the chosen row, and the files written."""
 
     rows: list[dict]
     best: dict
-    files: dict[str, str]
+    factors: dict[str, list] = field(default_factory=dict)
+    mode: str = "grid"
+    record: RunRecord | None = field(default=None, repr=False)  # run.json, written with it
+    tracking_run: tracking.Run | None = field(default=None, repr=False)
+    files: dict[str, str] = field(default_factory=dict)  # set by write()
+
+    def to_json(self) -> dict:
+        """``sweep.json``: the design, the selection rule, the chosen run and every run."""
+        return {"mode": self.mode, "factors": self.factors, "selection": SELECTION,
+                "best": self.best, "runs": self._table()}
+
+    def _table(self) -> list[dict]:
+        return [{**row, "chosen": row is self.best} for row in self.rows]
+
+    def write(self, out: str | os.PathLike) -> list[Path]:
+        """``sweep.csv|md|json``, ``sweep.png`` and ``run.json`` into ``out`` (rank 0 only);
+        the runs' own files are already in their folders."""
+        out = Path(out)
+        if distributed.context().is_main:
+            self.files = _write(out, self)
+            if self.record is not None:
+                # Every run reads the same cache on the same device: the first run's record.
+                self.record.update(**shared_fields(Path(self.rows[0]["run"]) / RECORD),
+                                   best=self.best["run"], tracking=(
+                                       self.tracking_run.describe() if self.tracking_run
+                                       else None))
+                runs = [Path(row["run"]) / RECORD for row in self.rows]
+                self.files["run_record"] = str(self.record.write(
+                    out / RECORD, [*self.files.values(), *runs]))
+            parent = self.tracking_run
+            tracking.log_runs(parent, {"mode": self.mode, "factors": self.factors,
+                                       "selection": SELECTION},
+                              {f"best_{k}": self.best[k] for k in ("val_accuracy", "val_loss",
+                                                                   "test_accuracy")},
+                              self.files.values())
+            if parent is not None:
+                parent.set_tags({"pipeline.best_run": self.best["run"]})
+                parent.end()
+                self.tracking_run = None
+        distributed.barrier()
+        return [Path(f) for f in self.files.values()]
 
 
 def plan_grid(factors: Mapping[str, Sequence]) -> list[dict]:
@@ -59,72 +106,62 @@ def run_name(settings: Mapping) -> str:
     return "_".join(f"{name}-{_value(settings[name])}" for name in settings)
 
 
-def sweep(data: str | os.PathLike, factors: Mapping[str, Sequence], mode: str = "grid",
-          out: str | os.PathLike = "results/sweep", config: FinetuneConfig | None = None,
-          *, progress: bool | str | None = None, track: bool | tracking.Run | None = None,
-          **kwargs) -> SweepResult:
+def sweep(data: str | os.PathLike, factors: Mapping[str, Sequence], *, mode: str = "grid",
+          backbone: str | BackboneSpec = DEFAULT_BACKBONE,
+          options: FinetuneOptions = FinetuneOptions(),
+          workdir: str | os.PathLike = "results/sweep", progress: bool | str | None = None,
+          track: bool | tracking.Run | None = None, **kwargs) -> SweepResult:
     """Fine-tune once per combination of ``factors`` and choose the best run on validation.
 
     Parameters
     ----------
-    data
-        As for :func:`pipeline.finetuning.run.finetune`.
+    data, backbone, options
+        As for :func:`pipeline.finetuning.run.finetune`: the settings every run shares.
     factors
         ``{"lr": [...], "batch_size": [...], "unfreeze": [...]}`` (any of :data:`FACTORS`, in
-        the order one-at-a-time sweeps them); a factor left out keeps ``config``'s value.
+        the order one-at-a-time sweeps them); a factor left out keeps ``options``' value.
     mode
         ``"grid"``: every combination; ``"one-at-a-time"``: each factor in turn, the factors
         not yet swept at their first value and the swept ones at their best.
-    out
-        ``runs/<name>/`` per run (the files of :func:`~pipeline.finetuning.run.finetune`), and
-        ``sweep.csv|md|json`` and ``sweep.png`` for the whole sweep.
-    config, kwargs
-        The settings every run shares, as for :func:`~pipeline.finetuning.run.finetune`.
+    workdir
+        ``runs/<name>/`` per run: its checkpoint while it trains, then its files (those of
+        :meth:`~pipeline.finetuning.run.FinetuneResult.write`) and the record a stopped sweep
+        reads it back by.
     progress, track
-        As for :func:`~pipeline.finetuning.run.finetune`; tracked, each run is an MLflow run nested
-        under one run of the sweep. Neither decides a run's outcome, so neither is in the
-        fingerprint that a finished run is read back by.
-
-    ``out/run.json`` records the sweep, each run's folder its own run.
+        As for :func:`~pipeline.finetuning.run.finetune`; tracked, each run is an MLflow run
+        nested under one run of the sweep. Neither decides a run's outcome, so neither is in
+        the fingerprint that a finished run is read back by.
+    kwargs
+        ``split_seed``, ``positive``, ``tta``: as for :func:`~pipeline.finetuning.run.finetune`.
 
     Returns
     -------
     SweepResult
         ``rows``: settings, best epoch, validation and test scores and seconds of each run;
         ``best``: the row chosen on validation (accuracy, then loss), never on test.
+        ``result.write(out)`` writes ``sweep.csv|md|json``, ``sweep.png`` and ``run.json``.
     """
     factors = _checked(factors, mode)
-    out = Path(out)
-    cfg_settings, rest = split_settings(kwargs, FinetuneConfig)
-    shared = replace(config or FinetuneConfig(), **cfg_settings)
-    depths = [k for k in factors.get("unfreeze", [shared.unfreeze]) if k != "all"]
+    workdir = Path(workdir)
+    depths = [k for k in factors.get("unfreeze", [options.network.unfreeze]) if k != "all"]
+    request = backbone.request if isinstance(backbone, BackboneSpec) else {"backbone": backbone}
     record = RunRecord("sweep", {"data": os.fspath(data), "factors": factors, "mode": mode,
-                                 "config": shared, **rest}, seed=shared.seed)
-    is_main = distributed.context().is_main
-    parent = (tracking.start(track, out.absolute().parent, out.name, "sweep")
-              if is_main else None)
-    runner = _Runner(data, out, shared, depths, rest, progress, parent or track)
-    with tracking.ending(parent):
+                                 "backbone": request, "options": options.to_json(), **kwargs},
+                       seed=options.training.seed)
+    parent = (tracking.start(track, workdir.absolute().parent, workdir.name, "sweep")
+              if distributed.context().is_main else None)
+    runner = _Runner(data, workdir, backbone, options, depths, kwargs, progress,
+                     parent or track)
+    try:
         if mode == "grid":
             rows = [runner.run(settings) for settings in plan_grid(factors)]
         else:
             rows = _one_at_a_time(runner, factors)
-        best = choose(rows)
-        files = {}
-        if is_main:
-            files = _write(out, rows, best, factors, mode)
-            # Every run reads the same cache on the same device: the first run's record says.
-            record.update(**shared_fields(Path(rows[0]["run"]) / RECORD), best=best["run"],
-                          tracking=parent.describe() if parent else None)
-            runs = [Path(row["run"]) / RECORD for row in rows]
-            files["run_record"] = str(record.write(out / RECORD, [*files.values(), *runs]))
-            tracking.log_runs(parent, {"mode": mode, "factors": factors, "selection": SELECTION},
-                              {f"best_{k}": best[k] for k in ("val_accuracy", "val_loss",
-                                                              "test_accuracy")},
-                              files.values())
-            if parent is not None:
-                parent.set_tags({"pipeline.best_run": best["run"]})
-    return SweepResult(rows, best, files)
+    except BaseException as error:
+        if parent is not None:
+            parent.end("KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
+        raise
+    return SweepResult(rows, choose(rows), factors, mode, record, parent)
 
 
 def choose(rows: Sequence[dict]) -> dict:
@@ -169,40 +206,44 @@ def _one_at_a_time(runner: _Runner, factors: dict[str, list]) -> list[dict]:
 class _Runner:
     """Runs one combination in its own folder, or reads back the row it finished with."""
 
-    def __init__(self, data, out: Path, shared: FinetuneConfig, depths: list, rest: dict,
+    def __init__(self, data, workdir: Path, backbone: str | BackboneSpec,
+                 shared: FinetuneOptions, depths: list, rest: dict,
                  progress: bool | str | None = None, track: bool | tracking.Run | None = None):
-        from pipeline.finetuning.run import finetune
-
-        self.finetune = finetune
-        self.data, self.out, self.shared, self.depths, self.rest = data, out, shared, depths, rest
+        self.data, self.workdir, self.backbone = data, workdir, backbone
+        self.shared, self.depths, self.rest = shared, depths, rest
         self.progress, self.track = progress, track
 
     def run(self, settings: dict) -> dict:
-        folder = self.out / "runs" / run_name(settings)
-        config = replace(self.shared, **settings)
-        fingerprint = self._fingerprint(config)
+        from pipeline.finetuning.loop import CHECKPOINT
+        from pipeline.finetuning.run import finetune
+
+        folder = self.workdir / "runs" / run_name(settings)
+        options = self.shared.with_flat(settings)
+        fingerprint = self._fingerprint(options)
         record = folder / RUN_RECORD
         if record.exists():
             return self._finished(record, fingerprint, settings)
-        result = self.finetune(self.data, config=config, out=folder,
-                               activation_depths=self.depths, progress=self.progress,
-                               track=self.track, **self.rest)
+        result = finetune(self.data, backbone=self.backbone, options=options, workdir=folder,
+                          activation_depths=self.depths, progress=self.progress,
+                          track=self.track, **self.rest)
+        # Written as it goes: a finished run is read back from its folder, never trained again.
+        result.write(folder)
         row = _row(settings, result, folder)
         if distributed.context().is_main:
-            from pipeline.finetuning.loop import CHECKPOINT
-
-            folder.mkdir(parents=True, exist_ok=True)
-            with atomic_write(record, "w") as fh:  # a record is there only for a run that finished
-                fh.write(json.dumps({"fingerprint": fingerprint, "row": row}, indent=2) + "\n")
+            # A record is there only for a run that finished.
+            write_json(record, {"fingerprint": fingerprint, "row": row})
             # The record answers from now on; the checkpoint served only to resume the run
             # (35 MB a Lite0 run: 513 of a 15-run sweep's 714 MB). Its model stays in models/.
             (folder / CHECKPOINT).unlink(missing_ok=True)
         return row
 
-    def _fingerprint(self, config: FinetuneConfig) -> dict:
+    def _fingerprint(self, options: FinetuneOptions) -> dict:
         """What, besides the run's own folder, decides its outcome."""
-        return json.loads(json.dumps({"data": os.fspath(self.data), "config": asdict(config),
-                                      "settings": self.rest}, default=str))
+        backbone = (self.backbone.request if isinstance(self.backbone, BackboneSpec)
+                    else {"backbone": self.backbone})
+        return json.loads(json.dumps({"data": os.fspath(self.data), "backbone": backbone,
+                                      "options": options.to_json(), "settings": self.rest},
+                                     default=str))
 
     @staticmethod
     def _finished(record: Path, fingerprint: dict, settings: dict) -> dict:
@@ -231,18 +272,16 @@ def _row(settings: dict, result, folder: Path) -> dict:
             "run": folder.as_posix(), "resumed": False}
 
 
-def _write(out: Path, rows: list[dict], best: dict, factors: dict, mode: str) -> dict:
-    table = [{**row, "chosen": row is best} for row in rows]
+def _write(out: Path, result: SweepResult) -> dict[str, str]:
+    rows, best, factors, mode = result.rows, result.best, result.factors, result.mode
     named = ", ".join(f"{name}={_value(best[name])}" for name in factors)
     preamble = (f"{mode} sweep of {', '.join(factors)}: {len(rows)} runs, chosen on "
                 f"{SELECTION}: **{named}** (test accuracy {best['test_accuracy']:.4f}).")
-    csv, md = tables.write_table(table, out / "sweep", preamble)
-    (out / "sweep.json").write_text(json.dumps(
-        {"mode": mode, "factors": factors, "selection": SELECTION, "best": best,
-         "runs": table}, indent=2, default=str) + "\n")
+    csv, md = tables.write_table(result._table(), out / "sweep", preamble)
+    sweep_json = write_json(out / "sweep.json", result.to_json())
     png = plots.factor_plot(rows, list(factors), "val_accuracy", out / "sweep.png",
-                             f"{mode} sweep: validation accuracy per setting", chosen=best)
-    return {"sweep_csv": str(csv), "sweep_md": str(md), "sweep_json": str(out / "sweep.json"),
+                            f"{mode} sweep: validation accuracy per setting", chosen=best)
+    return {"sweep_csv": str(csv), "sweep_md": str(md), "sweep_json": str(sweep_json),
             "sweep_png": str(png)}
 
 

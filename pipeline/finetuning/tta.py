@@ -43,10 +43,9 @@ if TYPE_CHECKING:
 
     from pipeline.data.images import ImageSet
     from pipeline.finetuning.network import FinetunedNetwork
-    from pipeline.finetuning.run import FinetuneResult
 
 __all__ = ["TTA_MODES", "TTAError", "ViewFeatures", "average", "check_mode",
-           "evaluate_network", "input_size", "mean_over_views", "score_finetune", "transform",
+           "evaluate_network", "input_size", "mean_over_views", "score_split", "transform",
            "view_count", "views"]
 
 
@@ -170,23 +169,27 @@ def evaluate_network(network: FinetunedNetwork, images: ImageSet, rows: np.ndarr
     return out
 
 
-def score_finetune(result: FinetuneResult, images: ImageSet, rows: np.ndarray, mode: str,
-                   device: torch.device, batch_size: int, workers: int | None = None,
-                   positive: str | None = None) -> dict:
-    """Score ``result``'s test images ``rows`` again with test-time augmentation.
+def score_split(network: FinetunedNetwork, images: ImageSet, rows: np.ndarray,
+                labels: np.ndarray, mode: str, device: torch.device, batch_size: int,
+                workers: int | None = None, positive: str | None = None
+                ) -> tuple[np.ndarray, dict]:
+    """Score images ``rows`` of ``images`` (their ``labels``) with test-time augmentation.
 
-    Sets ``result.tta_proba`` and ``result.tta_row``: ``result.row`` with the scores of the
-    averaged probabilities, head ``<head>+tta``, ``,tta=<mode>`` added to ``chosen`` and the
-    augmented pass's seconds as ``predict_s``; :func:`pipeline.finetuning.run.finetune` writes it
-    beside the plain row, so that ``pipeline report`` compares the two image by image.
+    Returns
+    -------
+    proba : numpy.ndarray
+        ``(len(rows), classes)``: :func:`evaluate_network`'s averaged probabilities.
+    scores : dict
+        The columns of a results row that they decide: each score with its 95% interval, the
+        positive class's recall and false-negative rate (two classes), and the augmented
+        pass's seconds as ``predict_s``. :func:`pipeline.finetuning.run.finetune` puts them in
+        a row of their own beside the plain one, so that ``pipeline report`` compares the two
+        image by image.
     """
     started = time.perf_counter()
-    proba = evaluate_network(result.model, images, rows, mode, device, batch_size, workers)
-    y, pred = result.test_labels, proba.argmax(1)
-    row = dict(result.row)
-    row.update(scores_with_intervals(y, pred, proba, proba.shape[1]))
-    row.update(positive_scores(y, pred, images.classes, positive))
-    row.update(head=f"{row['head']}+tta", chosen=f"{row['chosen']},tta={mode}",
-               predict_s=time.perf_counter() - started)
-    result.tta_row, result.tta_proba = row, proba
-    return row
+    proba = evaluate_network(network, images, rows, mode, device, batch_size, workers)
+    pred = proba.argmax(1)
+    scores = scores_with_intervals(labels, pred, proba, proba.shape[1])
+    scores.update(positive_scores(labels, pred, images.classes, positive))
+    scores["predict_s"] = time.perf_counter() - started
+    return proba, scores

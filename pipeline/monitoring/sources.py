@@ -223,11 +223,12 @@ class Model:
         """``(len(rows), classes)`` probabilities of each row's image."""
         if self.estimator is not None:
             return class_probabilities(self.estimator, rows.X, len(self.classes))
+        from pipeline.core.options import PredictOptions
         from pipeline.deploy.predict import predict_images
 
         files = [rows.root / p for p in rows.paths]
-        found = predict_images(self.network, files, top_k=len(self.classes), device=device,
-                               progress=False)
+        found = predict_images(self.network, files, progress=False, options=PredictOptions(
+            top_k=len(self.classes), device=device)).rows
         index = {c: j for j, c in enumerate(self.classes)}
         proba = np.full((len(files), len(self.classes)), np.nan)
         for i, row in enumerate(found):

@@ -298,14 +298,12 @@ def log_heads(parent: Run | None, options, rows: list[dict], files: Iterable) ->
     parent.log_files([f for f in files if Path(f).suffix in _TABLES_AND_PLOTS])
 
 
-def log_finetune_start(run: Run | None, config, fields: Mapping) -> None:
-    """A fine-tune's parameters, before its first epoch: every config field and ``fields``
-    (backbone, weights, cache key, how it is trained, ...)."""
+def log_finetune_start(run: Run | None, config: Mapping, fields: Mapping) -> None:
+    """A fine-tune's parameters, before its first epoch: every option (``config``, by field
+    name) and ``fields`` (backbone, weights, cache key, how it is trained, ...)."""
     if run is None:
         return
-    from dataclasses import asdict
-
-    run.log_params({**asdict(config), **fields})
+    run.log_params({**config, **fields})
 
 
 def log_finetune_end(run: Run | None, row: Mapping, files: Mapping, record: Path) -> None:

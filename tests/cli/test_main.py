@@ -209,7 +209,7 @@ def test_repeats_and_the_report_that_compares_rows(tmp_path, image_folder):
     import torch  # the repeat trained with its own seed: its checkpoint says so
 
     args = torch.load(run / "repeats" / "seed-1" / "checkpoint.pt", weights_only=True)["args"]
-    assert json.loads(args)["config"]["seed"] == 1
+    assert json.loads(args)["config"]["training"]["seed"] == 1
     tune(tmp_path / "again")  # the same seed, the same scores for every seed
 
     def scores(folder):

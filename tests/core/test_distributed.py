@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from pipeline.core import distributed
-from pipeline.models.backbones import resolve_backbone
+from pipeline.models.backbones import build_classifier, resolve_backbone
 from pipeline.store.cache import cache_info
 from pipeline.store.paths import shard_paths
 from pipeline.store.persistence import load_network
@@ -229,7 +229,15 @@ ft.Trainer.fit = fit_and_save
 def crash(epoch, row):
     if mode == "crash" and rank == 0 and epoch == 1:
         os.kill(os.getpid(), signal.SIGKILL)
-run.finetune(on_epoch=crash, **kw)
+from pipeline.core.options import FinetuneOptions
+from pipeline.models.backbones import resolve_backbone
+flat = dict(kw)
+data, out = flat.pop("data"), flat.pop("out")
+spec = resolve_backbone(flat.pop("backbone"), flat.pop("weights"),
+                        image_size=flat.pop("image_size"))
+result = run.finetune(data, backbone=spec, options=FinetuneOptions.from_flat(flat),
+                      workdir=out, on_epoch=crash)
+result.write(out)
 """
 
 FT_KW = {**TINY, "batch_size": 4, "epochs": 2, "patience": 5, "lr": 0.01, "unfreeze": 1}
@@ -257,7 +265,7 @@ def _model(out: Path) -> dict:
 def test_ddp_ranks_agree_and_train_only_the_unfrozen_block(ddp_run):
     rank0, rank1 = (torch.load(ddp_run / f"rank{r}.pt") for r in (0, 1))
     assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)  # one model, two processes
-    before = resolve_backbone("resnet18", "none", image_size=32).build_classifier().state_dict()
+    before = build_classifier(resolve_backbone("resnet18", "none", image_size=32)).state_dict()
     saved = _model(ddp_run)
     for key, value in before.items():
         if key.startswith("fc."):

@@ -12,11 +12,13 @@ from click.testing import CliRunner
 from pipeline.cli.main import main
 from pipeline.core.errors import OptionError
 from pipeline.core.options import (
+    FINETUNE_CONCERNS,
     AuditOptions,
     ExtractOptions,
-    FinetuneConfig,
     HeadsOptions,
+    OptimizerOptions,
     ReportOptions,
+    TrainingOptions,
     split_settings,
 )
 from pipeline.extract.features import extract_features
@@ -29,7 +31,7 @@ def _cli_default(command: str, name: str):
 
 
 @pytest.mark.parametrize("command, cls", [("extract", ExtractOptions),
-                                          ("finetune", FinetuneConfig),
+                                          *(("finetune", c) for c in FINETUNE_CONCERNS.values()),
                                           ("heads", HeadsOptions),
                                           ("audit", AuditOptions),
                                           ("report", ReportOptions)])
@@ -48,20 +50,22 @@ def test_every_cli_default_is_the_dataclass_default(command, cls):
             assert cli == ",".join(map(str, field.default))
         elif field.name == "split_fractions":
             assert tuple(float(v) for v in cli.split(",")) == field.default
-        elif cls is FinetuneConfig and field.name in ("unfreeze", "lr", "batch_size"):
+        elif command == "finetune" and field.name in ("unfreeze", "lr", "batch_size"):
             # lists (a sweep's): one value, as text
             assert cli == str(field.default)
         else:
             assert cli == field.default, field.name
         checked += 1
-    assert checked >= {"extract": 9, "finetune": 13, "heads": 3, "audit": 7,
-                       "report": 1}[command]
+    assert checked >= {"ExtractOptions": 9, "OptimizerOptions": 5, "NetworkOptions": 3,
+                       "TrainingOptions": 5, "ActivationOptions": 3, "HeadsOptions": 3,
+                       "AuditOptions": 7, "ReportOptions": 1}[cls.__name__]
 
 
 def test_settings_go_to_the_dataclass_that_has_them():
-    cfg, opts, rest = split_settings({"lr": 0.1, "seed": 3, "cache_dir": "c", "weights": "none"},
-                                     FinetuneConfig, ExtractOptions)
-    assert cfg == {"lr": 0.1, "seed": 3} and opts == {"cache_dir": "c"}
+    optim, training, opts, rest = split_settings(
+        {"lr": 0.1, "seed": 3, "cache_dir": "c", "weights": "none"}, OptimizerOptions,
+        TrainingOptions, ExtractOptions)
+    assert optim == {"lr": 0.1} and training == {"seed": 3} and opts == {"cache_dir": "c"}
     assert rest == {"weights": "none"}
 
 
@@ -88,3 +92,27 @@ def test_settings_go_by_keyword_to_the_one_place_that_takes_them(tmp_path, image
     with pytest.raises(OptionError, match="split-fractions must be three fractions"):
         ExtractOptions(split_fractions=(0.5, 0.5, 0.5))
     assert not (tmp_path / "c").exists()
+
+
+def test_fine_tune_options_refuse_a_value_out_of_range_by_concern():
+    from pipeline.core.errors import OptionError
+    from pipeline.core.options import FinetuneOptions, NetworkOptions, PredictOptions
+
+    for build, message in (
+            (lambda: OptimizerOptions(lr=0), "lr must be a number > 0 or one of 'auto'"),
+            (lambda: OptimizerOptions(schedule="linear"), "schedule must be one of"),
+            (lambda: NetworkOptions(unfreeze="top"), "unfreeze must be a number of blocks"),
+            (lambda: NetworkOptions(unfreeze=-1), "unfreeze must be"),
+            (lambda: TrainingOptions(batch_size=0), "batch-size must be an integer >= 1"),
+            (lambda: FinetuneOptions(training=OptimizerOptions()), "training must be"),
+            (lambda: PredictOptions(top_k=0), "top-k must be an integer >= 1"),
+            (lambda: PredictOptions(device="tpu"), "device must be auto, cuda")):
+        with pytest.raises(OptionError, match=message):
+            build()
+    for unfreeze in (0, 3, "all", "ALL", "15L", "15l"):
+        assert NetworkOptions(unfreeze=unfreeze).unfreeze == unfreeze
+    assert PredictOptions(device="cuda:1").device == "cuda:1"
+    options = FinetuneOptions().with_flat({"lr": 0.01, "unfreeze": 2, "workers": 0})
+    assert (options.optim.lr, options.network.unfreeze, options.extract.workers) == (0.01, 2, 0)
+    with pytest.raises(TypeError, match="unexpected fine-tune setting"):
+        FinetuneOptions.from_flat({"momentum": 0.9})

@@ -5,12 +5,11 @@ from __future__ import annotations
 import pytest
 
 from pipeline.auditing.run import audit
-from pipeline.core.options import AuditOptions
+from pipeline.core.options import AuditOptions, PredictOptions
 from pipeline.deploy.predict import predict_images
-from pipeline.finetuning.run import finetune
 from pipeline.report import tiles
 from pipeline.report.summary import compare_results
-from tests.conftest import TINY, extract_tiny, fit_and_write
+from tests.conftest import extract_tiny, fit_and_write, run_finetune
 from tests.data.test_shards import write_parquet, write_tar
 
 
@@ -61,10 +60,11 @@ def test_the_audit_gallery_reads_each_image_from_its_shard(cache, tmp_path, thum
 
 
 def test_finetune_on_shards_and_predict_on_its_cache(shards, cache, tmp_path):
-    result = finetune(shards, cache_dir=cache.parent, out=tmp_path / "ft", epochs=1,
-                      batch_size=8, progress=False, **TINY)
+    result = run_finetune(shards, tmp_path / "ft", cache_dir=cache.parent, epochs=1,
+                          batch_size=8, workers=0)
     assert list(cache.parent.glob("*.activations.h5"))  # trained from cached activations
-    rows = predict_images(result.files["model"], [cache], workers=0)
+    rows = predict_images(result.files["model"], [cache],
+                          options=PredictOptions(workers=0)).rows
     assert len(rows) == 39 and not [r for r in rows if "error" in r]
     assert rows[0]["path"].endswith("data/test-00000-of-00001.parquet#0")
 
@@ -74,6 +74,6 @@ def test_predict_reads_shard_files_given_directly(cache, tmp_path):
     model = next((tmp_path / "heads").rglob("*.head"), None)
     assert heads.rows and model is not None
     tar = write_tar(tmp_path / "new.tar", n=4, label=None)
-    rows = predict_images(model, [tar], workers=0)
+    rows = predict_images(model, [tar], options=PredictOptions(workers=0)).rows
     assert [r["path"].rsplit("#", 1)[1] for r in rows] == [f"new/{i:06d}.png" for i in range(4)]
     assert all("prediction" in r for r in rows)

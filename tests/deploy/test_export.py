@@ -16,10 +16,11 @@ from click.testing import CliRunner
 from PIL import Image
 
 from pipeline.cli.main import main
+from pipeline.core.options import PredictOptions
 from pipeline.deploy.export import ExportError, choose_model, export_model, resized_size
 from pipeline.deploy.predict import predict_images
 from pipeline.finetuning.network import FinetunedNetwork
-from pipeline.models.backbones import replace_classifier, resolve_backbone
+from pipeline.models.backbones import build_classifier, replace_classifier, resolve_backbone
 from pipeline.store.cache import cache_info
 from tests.conftest import extract_tiny, fit_and_write, write_image
 
@@ -40,7 +41,7 @@ def trained(tmp_path_factory):
     heads = fit_and_write([cache], root.parent / "heads", heads=("logreg", "mlp", "linear"))
     info = cache_info(cache)
     spec = resolve_backbone("resnet18", "none", image_size=32)
-    module = spec.build_classifier()
+    module = build_classifier(spec)
     replace_classifier(spec, module, len(CLASSES))
     with torch.no_grad():  # far from uniform, short of certain: a wrong pixel would show
         module.fc.weight.mul_(4)
@@ -57,7 +58,8 @@ def _batch(images) -> np.ndarray:
 
 
 def _predicted(model, images) -> np.ndarray:
-    rows = predict_images(model, images, top_k=len(CLASSES), workers=0, progress=False)
+    rows = predict_images(model, images, options=PredictOptions(top_k=len(CLASSES), workers=0),
+                          progress=False).rows
     return np.array([[dict(r["top_k"])[c] for c in CLASSES] for r in rows])
 
 

@@ -11,10 +11,16 @@ import pytest
 import torch
 from PIL import Image
 
+from pipeline.core.options import PredictOptions
 from pipeline.deploy.predict import predict_images, write_predictions
 from pipeline.extract import batches
 from pipeline.finetuning.network import FinetunedNetwork
-from pipeline.models.backbones import BackboneSpec, replace_classifier, resolve_backbone
+from pipeline.models import feature_model
+from pipeline.models.backbones import (
+    build_classifier,
+    replace_classifier,
+    resolve_backbone,
+)
 from pipeline.store.cache import cache_info, read_split
 from pipeline.store.persistence import ModelFileError, load_head, save_head
 from tests.conftest import extract_tiny, fit_and_write, make_folder, write_image
@@ -37,7 +43,7 @@ def test_predict_on_demo_test_images_equals_predictions_on_cached_features(demo_
     classes = saved.meta["classes"]
     expected = {str(DEMO / p): classes[c] for p, c in
                 zip(test.paths, saved.estimator.predict(test.X))}
-    rows = predict_images(model, [DEMO / "test"], top_k=3, workers=0)
+    rows = predict_images(model, [DEMO / "test"], options=PredictOptions(top_k=3, workers=0)).rows
     assert len(rows) == len(expected) == 500
     assert {r["path"]: r["prediction"] for r in rows} == expected
     probs = saved.estimator.predict_proba(test.X)
@@ -50,7 +56,8 @@ def test_unreadable_images_get_an_error_row_and_csv(tmp_path, demo_model):
     _, model = demo_model
     write_image(tmp_path / "ok.png", 1)
     (tmp_path / "bad.png").write_bytes(b"")
-    rows = predict_images(model, [tmp_path / "bad.png", tmp_path / "ok.png"], workers=0)
+    rows = predict_images(model, [tmp_path / "bad.png", tmp_path / "ok.png"],
+                          options=PredictOptions(workers=0)).rows
     assert rows[0]["path"].endswith("bad.png") and rows[0]["error"]
     assert rows[1]["prediction"] in load_head(model).meta["classes"]
     stream = io.StringIO()
@@ -69,17 +76,17 @@ def test_a_head_for_other_features_is_refused(tmp_path, demo_model):
     other = save_head(tmp_path / "other.head", saved.estimator, meta)
     write_image(tmp_path / "img.png", 3)
     with pytest.raises(ModelFileError, match="preprocessing"):
-        predict_images(other, [tmp_path / "img.png"], workers=0)
+        predict_images(other, [tmp_path / "img.png"], options=PredictOptions(workers=0))
     wrong_dim = save_head(tmp_path / "dim.head", saved.estimator, {**saved.meta, "dim": 7})
     with pytest.raises(ModelFileError, match="expects 7 features"):
-        predict_images(wrong_dim, [tmp_path / "img.png"], workers=0)
+        predict_images(wrong_dim, [tmp_path / "img.png"], options=PredictOptions(workers=0))
 
 
 def test_a_head_on_a_cache_gives_its_predictions_on_the_stored_features(demo_model):
     cache, model = demo_model
     saved = load_head(model)
     test = read_split(cache, "test")
-    rows = {r["path"]: r for r in predict_images(model, [cache])}
+    rows = {r["path"]: r for r in predict_images(model, [cache]).rows}
     assert len(rows) == cache_info(cache)["images"]
     classes = saved.meta["classes"]
     proba = saved.estimator.predict_proba(test.X)
@@ -101,7 +108,7 @@ def tiny_network(tmp_path_factory):
     cache = extract_tiny(root, cache_dir=tmp_path_factory.mktemp("c")).cache_path
     info = cache_info(cache)
     spec = resolve_backbone("resnet18", "none", image_size=32)
-    module = spec.build_classifier()
+    module = build_classifier(spec)
     replace_classifier(spec, module, len(info["classes"]))
     with torch.no_grad():  # far from uniform probabilities, so a wrong order would show
         module.fc.weight.mul_(50)
@@ -119,7 +126,7 @@ def no_feature_path(monkeypatch):
 
     monkeypatch.setattr(batches, "feature_batches", refuse)
     monkeypatch.setattr(batches, "prepare_model", refuse)
-    monkeypatch.setattr(BackboneSpec, "build", refuse)
+    monkeypatch.setattr(feature_model, "make_feature_model", refuse)
 
 
 def _softmax_of_module(network: FinetunedNetwork, paths) -> np.ndarray:
@@ -129,10 +136,28 @@ def _softmax_of_module(network: FinetunedNetwork, paths) -> np.ndarray:
         return torch.softmax(network.module(x), dim=1).numpy()
 
 
+def test_the_result_writes_the_csv_it_prints_and_nothing_before(tiny_network, tmp_path):
+    network, root, _ = tiny_network
+    path = network.save(tmp_path / "model" / "tiny.net")
+    result = predict_images(path, [root], options=PredictOptions(top_k=2, workers=0))
+    assert [p.name for p in path.parent.iterdir()] == ["tiny.net"]  # computed, not written
+    assert not (tmp_path / "out").exists()
+    printed = io.StringIO(newline="")
+    result.to_csv(printed)
+    assert result.write(tmp_path / "out" / "predictions.csv") == [
+        tmp_path / "out" / "predictions.csv"]
+    # the bytes as printed: csv's own line ends, not translated
+    assert (tmp_path / "out" / "predictions.csv").read_bytes().decode() == printed.getvalue()
+    header = printed.getvalue().splitlines()[0]
+    assert header == "path,prediction,probability,class1,p1,class2,p2,error"
+    assert result.to_json() == {"model": str(path), "predictions": result.rows}
+    assert len(result.rows) == len(list(root.rglob("*.png")))
+
+
 def test_a_network_classifies_images_by_the_softmax_of_its_logits(tiny_network,
                                                                    no_feature_path):
     network, root, _ = tiny_network
-    rows = predict_images(network, [root], top_k=3, workers=0)
+    rows = predict_images(network, [root], options=PredictOptions(top_k=3, workers=0)).rows
     expected = _softmax_of_module(network, [r["path"] for r in rows])
     got = np.array([[dict(r["top_k"])[c] for c in network.classes] for r in rows])
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
@@ -143,8 +168,8 @@ def test_a_network_classifies_images_by_the_softmax_of_its_logits(tiny_network,
 def test_a_saved_network_reads_the_images_of_a_cache(tiny_network, no_feature_path, tmp_path):
     network, root, cache = tiny_network
     path = network.save(tmp_path / "tiny.net")
-    from_cache = predict_images(path, [cache], workers=0)
-    from_images = predict_images(network, [root], workers=0)
+    from_cache = predict_images(path, [cache], options=PredictOptions(workers=0)).rows
+    from_images = predict_images(network, [root], options=PredictOptions(workers=0)).rows
     assert len(from_cache) == len(from_images) == 9
     by_path = {r["path"]: r for r in from_images}
     for row in from_cache:
@@ -158,4 +183,5 @@ def test_a_network_for_other_preprocessing_is_refused(tiny_network, tmp_path):
             "preprocessing": {**network.meta["spec"]["preprocessing"], "crop": 64}}
     other = FinetunedNetwork(network.module, network.spec, {**network.meta, "spec": spec})
     with pytest.raises(ModelFileError, match="preprocessing"):
-        predict_images(other.save(tmp_path / "other.net"), [root], workers=0)
+        predict_images(other.save(tmp_path / "other.net"), [root],
+                       options=PredictOptions(workers=0))

@@ -16,7 +16,7 @@ from pipeline.distillation.run import distill
 from pipeline.distillation.teacher import TeacherError
 from pipeline.finetuning.network import FinetunedNetwork
 from pipeline.heads.logreg import LogRegHead
-from pipeline.models.backbones import replace_classifier, resolve_backbone
+from pipeline.models.backbones import build_classifier, replace_classifier, resolve_backbone
 from pipeline.store.cache import cache_info, read_split
 from pipeline.store.persistence import load_head, save_head
 from tests.conftest import extract_tiny, fit_and_write, make_split_folder, write_image
@@ -39,7 +39,7 @@ def real(tmp_path_factory):
     heads = fit_and_write([cache], root / "heads", heads=("logreg",))
     info = cache_info(cache)
     spec = resolve_backbone("resnet18", "none", image_size=32)
-    module = spec.build_classifier()
+    module = build_classifier(spec)
     replace_classifier(spec, module, len(info["classes"]))
     with torch.no_grad():
         module.fc.weight.mul_(4)

@@ -19,7 +19,7 @@ from pipeline.core.errors import CacheError, DataError
 from pipeline.data.images import file_stamps, fingerprint_files, load_image_set
 from pipeline.extract import features as extract
 from pipeline.extract.features import feature_key_spec
-from pipeline.models.backbones import BackboneSpec, resolve_backbone
+from pipeline.models.backbones import BackboneSpec, build_classifier, resolve_backbone
 from pipeline.store.integrity import CacheDamaged
 from pipeline.store.paths import cache_key
 from pipeline.store.writer import FeatureWriter
@@ -87,7 +87,7 @@ def test_any_change_of_the_inputs_gives_a_new_key(tmp_path, image_folder, change
 def _random_resnet_state():
     from pipeline.models.backbones import resolve_backbone
 
-    return resolve_backbone("resnet18", "none").build_classifier().state_dict()
+    return build_classifier(resolve_backbone("resnet18", "none")).state_dict()
 
 
 def test_unreadable_images_are_skipped_listed_and_nan(tmp_path, image_folder):

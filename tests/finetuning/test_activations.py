@@ -11,17 +11,18 @@ import pytest
 import torch
 
 from pipeline.core.errors import CacheError
+from pipeline.core.options import FinetuneOptions
 from pipeline.finetuning import activations
 from pipeline.finetuning.activations import ActivationError, cut_network, lowest_trained
-from pipeline.finetuning.run import finetune, sweep_depths
-from pipeline.models.backbones import replace_classifier, resolve_backbone
+from pipeline.finetuning.run import sweep_depths
+from pipeline.models.backbones import build_classifier, replace_classifier, resolve_backbone
 from pipeline.models.blocks import Block
+from pipeline.models.families import family_of
 from pipeline.store import integrity, writer
 from pipeline.store.catalog import list_caches
-from tests.conftest import make_folder
+from tests.conftest import make_folder, run_finetune
 
-FT = {"backbone": "resnet18", "weights": "none", "image_size": 32, "workers": 0,
-      "batch_size": 4, "epochs": 1, "lr": 1e-2, "split_fractions": (0.5, 0.25, 0.25)}
+FT = {"workers": 0, "batch_size": 4, "epochs": 1, "lr": 1e-2, "split_fractions": (0.5, 0.25, 0.25)}
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +32,7 @@ def data(tmp_path_factory):
 
 
 def _run(data, tmp_path, name, **kw):
-    return finetune(data, cache_dir=tmp_path / "c", out=tmp_path / name, **{**FT, **kw})
+    return run_finetune(data, tmp_path / name, cache_dir=tmp_path / "c", **{**FT, **kw})
 
 
 def _states_equal(a, b, atol=1e-6):
@@ -145,8 +146,9 @@ def test_a_sweep_runs_the_trunk_once_for_every_depth(data, tmp_path, monkeypatch
     # sys.modules: the package's attribute `finetune` is the function, not the module.
     monkeypatch.setattr(sys.modules["pipeline.finetuning.setup"], "write_activations",
                         lambda cuts, *a, **k: calls.append(len(cuts)) or write(cuts, *a, **k))
-    table = sweep_depths(data, [0, 1, 2, "all"], tmp_path / "sweep", cache_dir=tmp_path / "c",
-                         augment="none", **FT)
+    options = FinetuneOptions.from_flat({"cache_dir": tmp_path / "c", "augment": "none", **FT})
+    table = sweep_depths(data, [0, 1, 2, "all"], options=options, progress=False,
+                         backbone=resolve_backbone("resnet18", "none", image_size=32)).table
     assert [r["blocks_unfrozen"] for r in table] == [0, 1, 2, 4]
     assert calls == [3]  # one pass, three boundaries; "all" reads images
     kinds = [r["kind"] for r in list_caches(tmp_path / "c")]
@@ -155,9 +157,9 @@ def test_a_sweep_runs_the_trunk_once_for_every_depth(data, tmp_path, monkeypatch
 
 def test_a_cut_across_a_skip_connection_is_refused():
     spec = resolve_backbone("resnet18", "none", image_size=32)
-    model = spec.build_classifier()
+    model = build_classifier(spec)
     replace_classifier(spec, model, 3)
-    blocks = spec.adapter.blocks(model)
+    blocks = family_of(spec).blocks(model)
     assert cut_network(spec, model, lowest_trained(spec, model, blocks, 1)).block == "layer4"
     assert lowest_trained(spec, model, blocks, 0).name == "fc"
     # Cutting inside a residual block would drop its shortcut: refused, not silently wrong.
@@ -209,7 +211,7 @@ def test_an_interrupted_activation_pass_resumes_to_the_same_file(data, tmp_path,
 def test_layer_counts_train_those_layers_from_the_blocks_that_hold_them(data, tmp_path):
     """15 layers of resnet18 reach into layer3: the cache holds layer3's input, layer3's
     lower layers run frozen on it, and only the 15 layers and the head change."""
-    before = resolve_backbone("resnet18", "none", image_size=32).build_classifier().state_dict()
+    before = build_classifier(resolve_backbone("resnet18", "none", image_size=32)).state_dict()
     result = _run(data, tmp_path, "layers", unfreeze="15L", augment="none")
     after = result.model.module.state_dict()
     assert result.row["trained_from"] == "cached activations"

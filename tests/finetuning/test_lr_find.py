@@ -11,13 +11,23 @@ import torch
 from click.testing import CliRunner
 
 from pipeline.cli.main import main
+from pipeline.core.options import FinetuneOptions
 from pipeline.finetuning import lr_find
 from pipeline.finetuning.lr_find import find_lr, lr_schedule, smooth, suggest_lr
-from pipeline.finetuning.run import finetune
+from pipeline.models.backbones import resolve_backbone
 from pipeline.store.persistence import load_network
-from tests.conftest import TINY, make_folder
+from tests.conftest import make_folder, run_finetune
 
-SETTINGS = {**TINY, "batch_size": 8}
+SETTINGS = {"workers": 0, "batch_size": 8}
+
+
+def _find(data, out, **settings):
+    """The range test of the tiny backbone with flat settings; its files written in ``out``."""
+    test = {k: settings.pop(k) for k in ("steps", "start_lr", "end_lr") if k in settings}
+    result = find_lr(data, backbone=resolve_backbone("resnet18", "none", image_size=32),
+                     options=FinetuneOptions.from_flat(settings), progress=False, **test)
+    result.write(out)
+    return result
 
 
 @pytest.fixture(scope="module")
@@ -97,8 +107,8 @@ def test_the_smoothed_loss_is_bias_corrected():
 
 def test_a_range_test_from_cached_activations_writes_its_curve(data, cache, tmp_path):
     out = tmp_path / "found"
-    result = find_lr(data, out=out, cache_dir=cache, steps=10, start_lr=1e-6, end_lr=1e-3,
-                     unfreeze=1, **SETTINGS)
+    result = _find(data, out, cache_dir=cache, steps=10, start_lr=1e-6, end_lr=1e-3,
+                   unfreeze=1, **SETTINGS)
     # Ten steps over 24 training images in batches of 8: three passes and a bit.
     assert not result.diverged and len(result.lrs) == 10
     lrs = np.array(result.lrs)  # read back from the optimizer at each step
@@ -121,14 +131,14 @@ def test_a_range_test_from_cached_activations_writes_its_curve(data, cache, tmp_
 
 
 def test_from_images_the_test_reads_the_images(data, cache, tmp_path):
-    result = find_lr(data, out=tmp_path / "o", cache_dir=cache, steps=3, start_lr=1e-6,
-                     end_lr=1e-5, from_images=True, **SETTINGS)
+    result = _find(data, tmp_path / "o", cache_dir=cache, steps=3, start_lr=1e-6,
+                   end_lr=1e-5, from_images=True, **SETTINGS)
     assert result.trained_from == "images (--from-images)"
 
 
 def test_a_diverging_loss_stops_the_test_early(data, cache, tmp_path):
-    result = find_lr(data, out=tmp_path / "o", cache_dir=cache, steps=60, start_lr=1e-1,
-                     end_lr=1e8, unfreeze=1, **SETTINGS)
+    result = _find(data, tmp_path / "o", cache_dir=cache, steps=60, start_lr=1e-1,
+                   end_lr=1e8, unfreeze=1, **SETTINGS)
     assert result.diverged and len(result.lrs) < 60
     last, before = result.smoothed[-1], np.array(result.smoothed[:-1])
     assert not np.isfinite(last) or last > 4 * before.min()
@@ -145,7 +155,7 @@ def test_lr_auto_trains_at_the_found_rate_and_a_resumed_run_keeps_it(
 
     auto = {"cache_dir": cache, "epochs": 2, "unfreeze": 1, **SETTINGS}
     with pytest.raises(KeyboardInterrupt):
-        finetune(data, out=tmp_path / "auto", lr="auto", on_epoch=stop_after_first, **auto)
+        run_finetune(data, tmp_path / "auto", lr="auto", on_epoch=stop_after_first, **auto)
     found = json.loads((tmp_path / "auto" / "lr-find" / "lr_find.json").read_text())
 
     def no_second_test(*_args, **_kwargs):
@@ -153,13 +163,13 @@ def test_lr_auto_trains_at_the_found_rate_and_a_resumed_run_keeps_it(
 
     with monkeypatch.context() as patch:
         patch.setattr(lr_find, "_range_test", no_second_test)
-        resumed = finetune(data, out=tmp_path / "auto", lr="auto", **auto)
+        resumed = run_finetune(data, tmp_path / "auto", lr="auto", **auto)
     assert [h["epoch"] for h in resumed.history] == [1, 2]
     assert resumed.row["lr"] == found["suggested_lr"]
     assert resumed.row["lr_found_by"] == "lr-find"
     assert resumed.history[0]["lr"] == found["suggested_lr"]
     # The test's steps were undone: the same as a run given that rate from the start.
-    given = finetune(data, out=tmp_path / "given", lr=found["suggested_lr"], **auto)
+    given = run_finetune(data, tmp_path / "given", lr=found["suggested_lr"], **auto)
     assert given.row["lr_found_by"] == "given"
     a = load_network(resumed.files["model"]).state_dict
     b = load_network(given.files["model"]).state_dict

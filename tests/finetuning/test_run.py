@@ -2,23 +2,31 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
 
-from pipeline.core.errors import DataError, PipelineError
+from pipeline.core.errors import DataError, OptionError, PipelineError
+from pipeline.core.options import (
+    ExtractOptions,
+    FinetuneOptions,
+    OptimizerOptions,
+    PredictOptions,
+    TrainingOptions,
+)
 from pipeline.deploy.predict import predict_images
 from pipeline.finetuning.run import finetune, sweep_depths
 from pipeline.finetuning.setup import FinetuneError
 from pipeline.heads import LinearProbe
-from pipeline.models.backbones import replace_classifier, resolve_backbone
+from pipeline.models.backbones import build_classifier, replace_classifier, resolve_backbone
 from pipeline.report.summary import compare_results
 from pipeline.store.cache import read_splits
 from pipeline.store.persistence import load_model, load_network
-from tests.conftest import fit_and_write, make_folder, make_split_folder
+from tests.conftest import fit_and_write, make_folder, make_split_folder, run_finetune
 
-FT = {"backbone": "resnet18", "weights": "none", "image_size": 32, "workers": 0,
-      "batch_size": 8, "epochs": 2, "patience": 5, "lr": 1e-2}
+FT = {"workers": 0, "batch_size": 8, "epochs": 2, "patience": 5, "lr": 1e-2}
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +35,7 @@ def data(tmp_path_factory):
 
 
 def _run(data, tmp_path, name="o", **kw):
-    return finetune(data, cache_dir=tmp_path / "c", out=tmp_path / name, **{**FT, **kw})
+    return run_finetune(data, tmp_path / name, cache_dir=tmp_path / "c", **{**FT, **kw})
 
 
 def _feature_cache(cache_dir):
@@ -36,7 +44,7 @@ def _feature_cache(cache_dir):
 
 
 def _initial_state():
-    return resolve_backbone("resnet18", "none", image_size=32).build_classifier().state_dict()
+    return build_classifier(resolve_backbone("resnet18", "none", image_size=32)).state_dict()
 
 
 def _final_state(result):
@@ -49,7 +57,7 @@ def _is_bn_buffer(key: str) -> bool:
 
 def test_frozen_weights_and_bn_buffers_are_unchanged_and_unfrozen_blocks_change(data, tmp_path):
     before, after = _initial_state(), _final_state(_run(data, tmp_path, unfreeze=1))
-    trainable = set(dict(resolve_backbone("resnet18", "none").build_classifier()
+    trainable = set(dict(build_classifier(resolve_backbone("resnet18", "none"))
                          .layer4.named_parameters(prefix="layer4")))
     for key, value in before.items():
         if key.startswith("fc."):
@@ -75,6 +83,61 @@ def test_warm_start_predicts_what_the_linear_probe_predicts(data, tmp_path):
                                             X_val=splits["val"].X, y_val=splits["val"].y)
     np.testing.assert_array_equal(result.test_pred, probe.predict(splits["test"].X))
     assert result.row["best_epoch"] == -1 and result.row["epochs_run"] == 0
+
+
+# The former flat FinetuneConfig's fields and defaults, as checkpoints and scripts wrote them.
+FORMER_DEFAULTS = {
+    "unfreeze": 1, "epochs": 10, "lr": 1e-3, "backbone_lr_ratio": 0.1, "optimizer": "adamw",
+    "weight_decay": 1e-4, "schedule": "cosine", "step_size": 5, "clip_grad": 1.0,
+    "patience": 3, "augment": "standard", "bn_train": False, "head_init": "linear",
+    "batch_size": 32, "seed": 0, "from_images": False, "views": 4,
+    "activation_dtype": "float16"}
+
+
+def _epochs(history: list[dict]) -> list[dict]:
+    return [{k: v for k, v in h.items() if k != "seconds"} for h in history]
+
+
+def test_the_options_by_concern_train_as_the_former_flat_config(data, tmp_path):
+    assert FinetuneOptions().flat() == FORMER_DEFAULTS  # no default moved
+    spec = resolve_backbone("resnet18", "none", image_size=32)
+    extract = ExtractOptions(cache_dir=tmp_path / "c", workers=0)
+    by_concern = FinetuneOptions(optim=OptimizerOptions(lr=1e-2),
+                                 training=TrainingOptions(batch_size=8, epochs=2, patience=5),
+                                 extract=extract)
+    flat = FinetuneOptions.from_flat({**FORMER_DEFAULTS, "lr": 1e-2, "batch_size": 8,
+                                      "epochs": 2, "patience": 5})
+    flat = flat.replace(extract=extract)
+    assert flat == by_concern
+    first = finetune(data, backbone=spec, options=by_concern, progress=False)
+    again = finetune(data, backbone=spec, options=flat, progress=False)
+    assert len(first.history) == 2 and _epochs(first.history) == _epochs(again.history)
+    assert first.row["test_accuracy"] == again.row["test_accuracy"]
+    assert not list(tmp_path.glob("*/checkpoint.pt"))  # no workdir: nothing written
+
+
+def test_a_checkpoint_of_the_former_flat_config_resumes(data, tmp_path):
+    def stop_after_first(epoch, _row):
+        if epoch == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        _run(data, tmp_path, name="old", epochs=2, on_epoch=stop_after_first)
+    # Rewrite the checkpoint as the flat FinetuneConfig wrote it: one flat config.
+    path = tmp_path / "old" / "checkpoint.pt"
+    state = torch.load(path, weights_only=True)
+    args = json.loads(state["args"])
+    assert set(args["config"]) == {"optim", "network", "training"}
+    args["config"] = {k: v for concern in args["config"].values() for k, v in concern.items()}
+    assert set(args["config"]) == set(FORMER_DEFAULTS) - {"from_images", "views",
+                                                          "activation_dtype"}
+    state["args"] = json.dumps(args, sort_keys=True)
+    torch.save(state, path)
+    resumed = _run(data, tmp_path, name="old", epochs=2)
+    assert resumed.record.fields["resumed_from_epoch"] == 1
+    assert [h["epoch"] for h in resumed.history] == [1, 2]
+    saved = json.loads((tmp_path / "old" / "run.json").read_text())["settings"]["options"]
+    assert saved["optim"]["lr"] == FT["lr"] and saved["activations"]["views"] == 4
 
 
 def test_random_head_init_differs_from_the_probe(data, tmp_path):
@@ -136,10 +199,11 @@ def test_a_resumed_run_stops_at_the_epoch_an_uninterrupted_one_does(data, tmp_pa
 def test_bad_requests_are_clear_errors(data, tmp_path):
     with pytest.raises(PipelineError, match="blocks"):
         _run(data, tmp_path, unfreeze=9)
-    for name, value, message in (("backbone_lr_ratio", -2.0, "backbone_lr_ratio must be > 0"),
-                                 ("weight_decay", -1.0, "weight_decay must be >= 0"),
-                                 ("clip_grad", 0.0, "clip_grad must be > 0")):
-        with pytest.raises(FinetuneError, match=message):
+    for name, value, message in (
+            ("backbone_lr_ratio", -2.0, "backbone-lr-ratio must be a number > 0, not -2.0"),
+            ("weight_decay", -1.0, "weight-decay must be a number >= 0"),
+            ("clip_grad", 0.0, "clip-grad must be a number > 0")):
+        with pytest.raises(OptionError, match=message):
             _run(data, tmp_path, name="bad", **{name: value})
     no_val = make_split_folder(tmp_path / "s", counts={"train": 4, "test": 2})
     with pytest.raises(DataError, match="no validation split"):  # val given a fraction of 0
@@ -153,8 +217,13 @@ def test_bad_requests_are_clear_errors(data, tmp_path):
 
 
 def test_depth_sweep_table(data, tmp_path):
-    table = sweep_depths(data, [0, 1, "all"], tmp_path / "sweep", cache_dir=tmp_path / "c",
-                         **{**FT, "epochs": 1})
+    options = FinetuneOptions.from_flat({**FT, "epochs": 1, "cache_dir": tmp_path / "c"})
+    result = sweep_depths(data, [0, 1, "all"], options=options, workdir=tmp_path / "sweep",
+                          backbone=resolve_backbone("resnet18", "none", image_size=32),
+                          progress=False)
+    assert not (tmp_path / "sweep" / "freeze_depth.md").exists()  # computed, not written
+    result.write(tmp_path / "sweep")
+    table = result.table
     assert [r["blocks_unfrozen"] for r in table] == [0, 1, 4]
     params = [r["trainable_parameters"] for r in table]
     assert params[0] == 512 * 3 + 3 and params[0] < params[1] < params[2]
@@ -167,7 +236,7 @@ def test_predict_takes_a_fine_tuned_model(data, tmp_path):
     assert result.files["model"].endswith("-finetune-1.net")
     saved = load_model(result.files["model"])
     assert saved.meta["unfrozen"] == 1 and saved.meta["classes"] == result.model.classes
-    rows = predict_images(result.files["model"], [data], workers=0)
+    rows = predict_images(result.files["model"], [data], options=PredictOptions(workers=0)).rows
     by_path = {r["path"]: r["prediction"] for r in rows}
     splits = read_splits(_feature_cache(tmp_path / "c"))
     expected = [saved.meta["classes"][c] for c in result.test_pred]
@@ -181,8 +250,9 @@ def test_the_result_holds_the_best_network_ready_to_predict(data, tmp_path):
     assert {p.device.type for p in network.module.parameters()} == {"cpu"}
     saved = _final_state(result)  # the best epoch's weights, as saved
     assert all(torch.equal(v, saved[k]) for k, v in network.module.state_dict().items())
-    in_memory = predict_images(network, [data], workers=0)
-    from_file = predict_images(result.files["model"], [data], workers=0)
+    in_memory = predict_images(network, [data], options=PredictOptions(workers=0)).rows
+    from_file = predict_images(result.files["model"], [data],
+                               options=PredictOptions(workers=0)).rows
     assert [r["prediction"] for r in in_memory] == [r["prediction"] for r in from_file]
 
 
@@ -200,7 +270,7 @@ def test_report_puts_heads_and_fine_tunes_in_one_table(data, tmp_path):
 def test_replace_classifier_for_timm_and_torchvision():
     for name in ("resnet18", "mobilenet_v3_small"):
         spec = resolve_backbone(name, "none")
-        model = spec.build_classifier()
+        model = build_classifier(spec)
         head = replace_classifier(spec, model, 4)
         assert model(torch.zeros(1, 3, 64, 64)).shape == (1, 4) and head.out_features == 4
 
@@ -231,8 +301,8 @@ def test_a_fine_tune_writes_per_class_scores_and_the_positive_class_recall(tmp_p
     from pipeline.metrics.scoring import RowPredictions
 
     two = make_folder(tmp_path / "two", classes=("ok", "defect"), per_class=10)
-    result = finetune(two, cache_dir=tmp_path / "c", out=tmp_path / "o", unfreeze=1,
-                      positive="ok", **{**FT, "epochs": 1})
+    result = run_finetune(two, tmp_path / "o", cache_dir=tmp_path / "c", unfreeze=1,
+                          positive="ok", **{**FT, "epochs": 1})
     row = result.row
     stored = RowPredictions.load(tmp_path / "o" / row["predictions"])
     label = stored.classes.index("ok")
@@ -245,7 +315,7 @@ def test_a_fine_tune_writes_per_class_scores_and_the_positive_class_recall(tmp_p
     assert sum(int(r["support"]) for r in per_class) == len(stored.y_true)
     assert (tmp_path / "o" / "confusion_matrix.png").stat().st_size > 0
     with pytest.raises(PipelineError, match="not a class"):
-        finetune(two, cache_dir=tmp_path / "c", out=tmp_path / "x", positive="cat", **FT)
+        run_finetune(two, tmp_path / "x", cache_dir=tmp_path / "c", positive="cat", **FT)
     assert not (tmp_path / "x").exists()  # refused before any training
 
 
@@ -258,7 +328,7 @@ def test_random_weights_and_every_block_is_the_from_scratch_baseline(data, tmp_p
     # the stem trains, and BatchNorm statistics are learnt: there are none pretrained to keep
     assert not torch.equal(after["conv1.weight"], before["conv1.weight"])
     assert not torch.equal(after["bn1.running_mean"], before["bn1.running_mean"])
-    model = resolve_backbone("resnet18", "none").build_classifier()
+    model = build_classifier(resolve_backbone("resnet18", "none"))
     assert scratch.row["trainable_parameters"] == sum(
         p.numel() for n, p in model.named_parameters() if not n.startswith("fc.")) + 512 * 3 + 3
     # random weights at a smaller depth are an ordinary fine-tune: the stem stays as it was

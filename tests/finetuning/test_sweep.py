@@ -9,11 +9,16 @@ from types import SimpleNamespace
 import pytest
 
 import pipeline.finetuning.run
+from pipeline.core.options import FinetuneOptions
 from pipeline.finetuning.sweep import SweepError, choose, plan_grid, run_name, sweep
+from pipeline.models.backbones import resolve_backbone
 from tests.conftest import make_folder
 
-FT = {"backbone": "resnet18", "weights": "none", "image_size": 32, "workers": 0,
-      "epochs": 1, "patience": 5}
+FT = {"workers": 0, "epochs": 1, "patience": 5}
+
+
+def _options(**flat) -> FinetuneOptions:
+    return FinetuneOptions.from_flat(flat)
 
 
 def _fake_scores(settings: dict) -> tuple[float, float]:
@@ -28,14 +33,15 @@ def fake_finetune(monkeypatch):
     """finetune replaced by scores known in advance; records the settings of every call."""
     calls = []
 
-    def fake(data, config, out, activation_depths, **rest):
-        settings = {"lr": config.lr, "batch_size": config.batch_size, "unfreeze": config.unfreeze}
+    def fake(data, *, backbone, options, workdir, activation_depths, **rest):
+        settings = {"lr": options.optim.lr, "batch_size": options.training.batch_size,
+                    "unfreeze": options.network.unfreeze}
         calls.append({**settings, "depths": list(activation_depths), "rest": rest})
         val, test = _fake_scores(settings)
         row = {"best_epoch": 1, "epochs_run": 1, "test_accuracy": test, "macro_f1": test,
                "fit_s": 0.1, "trained_from": "cached activations"}
         history = [{"epoch": 1, "val_loss": 1 - val, "val_accuracy": val}]
-        return SimpleNamespace(row=row, history=history)
+        return SimpleNamespace(row=row, history=history, write=lambda out: [])
 
     monkeypatch.setattr(pipeline.finetuning.run, "finetune", fake)
     return calls
@@ -58,7 +64,7 @@ def test_choose_uses_validation_only_and_breaks_ties_on_loss():
 
 def test_grid_runs_every_combination_once(fake_finetune, tmp_path):
     factors = {"lr": [1e-1, 1e-3], "batch_size": [16, 32], "unfreeze": [0, 2, "all"]}
-    result = sweep("data", factors, "grid", out=tmp_path)
+    result = sweep("data", factors, mode="grid", workdir=tmp_path)
     assert len(fake_finetune) == len(result.rows) == 12
     assert {(c["lr"], c["batch_size"], c["unfreeze"]) for c in fake_finetune} == {
         (lr, b, k) for lr in (1e-1, 1e-3) for b in (16, 32) for k in (0, 2, "all")}
@@ -69,7 +75,10 @@ def test_grid_runs_every_combination_once(fake_finetune, tmp_path):
 
 def test_one_at_a_time_sweeps_each_factor_at_the_best_so_far(fake_finetune, tmp_path):
     factors = {"lr": [1e-1, 1e-2, 1e-3, 1e-4], "batch_size": [32, 16, 64], "unfreeze": [1, 2]}
-    result = sweep("data", factors, "one-at-a-time", out=tmp_path)
+    result = sweep("data", factors, mode="one-at-a-time", workdir=tmp_path)
+    assert not (tmp_path / "sweep.json").exists()  # computed; written by the result
+    assert {p.name for p in result.write(tmp_path)} == {"sweep.csv", "sweep.md", "sweep.json",
+                                                        "sweep.png", "run.json"}
     tried = [(c["lr"], c["batch_size"], c["unfreeze"]) for c in fake_finetune]
     assert tried == [(1e-1, 32, 1), (1e-2, 32, 1), (1e-3, 32, 1), (1e-4, 32, 1),  # lr at batch 32
                      (1e-3, 16, 1), (1e-3, 64, 1),  # batch at the best lr; (1e-3, 32) not again
@@ -84,19 +93,19 @@ def test_one_at_a_time_sweeps_each_factor_at_the_best_so_far(fake_finetune, tmp_
 
 def test_a_finished_run_is_never_trained_again(fake_finetune, tmp_path):
     factors = {"lr": [1e-2, 1e-3], "unfreeze": [1]}
-    first = sweep("data", factors, "grid", out=tmp_path, epochs=3)
+    first = sweep("data", factors, mode="grid", workdir=tmp_path, options=_options(epochs=3))
     # A run that did not finish (no record) is trained again; the finished one is read back.
     (tmp_path / "runs" / run_name({"lr": 1e-3, "unfreeze": 1}) / "sweep-run.json").unlink()
-    second = sweep("data", factors, "grid", out=tmp_path, epochs=3)
+    second = sweep("data", factors, mode="grid", workdir=tmp_path, options=_options(epochs=3))
     assert len(fake_finetune) == 3 and fake_finetune[-1]["lr"] == 1e-3
     assert [r["resumed"] for r in second.rows] == [True, False]
     assert second.best["lr"] == first.best["lr"]
 
 
 def test_a_folder_of_another_sweep_is_refused(fake_finetune, tmp_path):
-    sweep("data", {"lr": [1e-3]}, "grid", out=tmp_path, epochs=3)
+    sweep("data", {"lr": [1e-3]}, workdir=tmp_path, options=_options(epochs=3))
     with pytest.raises(SweepError, match="another sweep"):
-        sweep("data", {"lr": [1e-3]}, "grid", out=tmp_path, epochs=4)
+        sweep("data", {"lr": [1e-3]}, workdir=tmp_path, options=_options(epochs=4))
 
 
 @pytest.mark.parametrize(("factors", "mode", "message"), [
@@ -106,13 +115,15 @@ def test_a_folder_of_another_sweep_is_refused(fake_finetune, tmp_path):
 ])
 def test_bad_sweeps_are_refused(factors, mode, message, tmp_path):
     with pytest.raises(SweepError, match=message):
-        sweep("data", factors, mode, out=tmp_path)
+        sweep("data", factors, mode=mode, workdir=tmp_path)
 
 
 def test_a_real_sweep_trains_from_one_activation_pass(tmp_path):
     data = make_folder(tmp_path / "images", per_class=8)
-    result = sweep(data, {"lr": [1e-2, 1e-3], "unfreeze": [0, 1]}, "grid", out=tmp_path / "o",
-                   cache_dir=tmp_path / "c", batch_size=8, **FT)
+    result = sweep(data, {"lr": [1e-2, 1e-3], "unfreeze": [0, 1]}, workdir=tmp_path / "o",
+                   backbone=resolve_backbone("resnet18", "none", image_size=32),
+                   options=_options(cache_dir=tmp_path / "c", batch_size=8, **FT),
+                   progress=False)
     assert len(result.rows) == 4
     assert all(r["trained_from"] == "cached activations" for r in result.rows)
     assert all(0 <= r["val_accuracy"] <= 1 for r in result.rows)

@@ -16,11 +16,13 @@ from torch import nn
 from torchvision.transforms import v2
 
 from pipeline.cli.main import main
+from pipeline.core.errors import OptionError
+from pipeline.core.options import PredictOptions
 from pipeline.deploy.predict import predict_images
 from pipeline.finetuning.network import FinetunedNetwork
 from pipeline.finetuning.tta import TTAError, average, input_size, transform, view_count, views
 from pipeline.metrics.scoring import RowPredictions
-from pipeline.models.backbones import replace_classifier, resolve_backbone
+from pipeline.models.backbones import build_classifier, replace_classifier, resolve_backbone
 from tests.conftest import extract_tiny, fit_and_write, make_folder
 
 CLASSES = ["cat", "dog", "fox"]
@@ -48,7 +50,7 @@ def images(tmp_path_factory) -> Path:
 def network() -> FinetunedNetwork:
     """A random-init 3-class resnet18 at 32 px, neither uniform nor saturated."""
     spec = resolve_backbone("resnet18", "none", image_size=32)
-    module = spec.build_classifier()
+    module = build_classifier(spec)
     replace_classifier(spec, module, len(CLASSES))
     with torch.no_grad():
         module.fc.weight.mul_(3)
@@ -70,8 +72,9 @@ def _batch(paths, preprocess) -> torch.Tensor:
 
 def test_a_mirror_blind_network_gets_exactly_its_plain_prediction(network, images):
     blind = FinetunedNetwork(_MirrorBlind(network.module).eval(), network.spec, network.meta)
-    plain = predict_images(blind, [images], top_k=3, workers=0)
-    flipped = predict_images(blind, [images], top_k=3, workers=0, tta="flip")
+    plain = predict_images(blind, [images], options=PredictOptions(top_k=3, workers=0)).rows
+    flipped = predict_images(blind, [images],
+                             options=PredictOptions(top_k=3, workers=0, tta="flip")).rows
     assert [r["top_k"] for r in flipped] == [r["top_k"] for r in plain]  # to the last bit
     x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     np.testing.assert_array_equal(average(blind.predict_proba, x, "flip", 32),
@@ -79,8 +82,9 @@ def test_a_mirror_blind_network_gets_exactly_its_plain_prediction(network, image
 
 
 def test_another_network_gets_the_mean_over_the_image_and_its_mirror(network, images):
-    plain = predict_images(network, [images], top_k=3, workers=0)
-    rows = predict_images(network, [images], top_k=3, workers=0, tta="flip")
+    plain = predict_images(network, [images], options=PredictOptions(top_k=3, workers=0)).rows
+    rows = predict_images(network, [images],
+                          options=PredictOptions(top_k=3, workers=0, tta="flip")).rows
     x = _batch([r["path"] for r in rows], network.spec.preprocessing.transform())
     expected = (_softmax(network.module, x) + _softmax(network.module, x.flip(-1))) / 2
     np.testing.assert_allclose(_probabilities(rows), expected, rtol=1e-5, atol=1e-7)
@@ -98,7 +102,8 @@ def test_crops_are_torchvisions_ten_crops_at_the_resize_size(network, images):
     assert torch.equal(cut[0], x[..., :32, :32])  # a corner
     for first in cut[:5]:  # each crop's mirror is among the other five
         assert any(torch.equal(first.flip(-1), other) for other in cut[5:])
-    rows = predict_images(network, [images], top_k=3, workers=0, tta="crops")
+    rows = predict_images(network, [images],
+                          options=PredictOptions(top_k=3, workers=0, tta="crops")).rows
     tensor = v2.Compose([v2.PILToTensor(), v2.Resize(36, antialias=True), v2.CenterCrop(36),
                          v2.ToDtype(torch.float32, scale=True),
                          v2.Normalize(list(recipe.mean), list(recipe.std))])
@@ -131,9 +136,11 @@ def test_a_head_averages_over_the_features_of_each_view(head, tmp_path):
     for i, path in enumerate(paths):
         mirrors.append(tmp_path / f"{i}.png")
         ImageOps.mirror(Image.open(path)).save(mirrors[-1])
-    plain = _probabilities(predict_images(model, paths, top_k=3, workers=0))
-    mirrored = _probabilities(predict_images(model, mirrors, top_k=3, workers=0))
-    rows = predict_images(model, paths, top_k=3, workers=0, tta="flip")
+    plain = _probabilities(predict_images(model, paths,
+                                          options=PredictOptions(top_k=3, workers=0)).rows)
+    mirrored = _probabilities(predict_images(model, mirrors,
+                                             options=PredictOptions(top_k=3, workers=0)).rows)
+    rows = predict_images(model, paths, options=PredictOptions(top_k=3, workers=0, tta="flip")).rows
     np.testing.assert_allclose(_probabilities(rows), (plain + mirrored) / 2, rtol=1e-4,
                                atol=1e-6)
     assert not np.allclose(_probabilities(rows), plain, atol=1e-4)
@@ -142,12 +149,12 @@ def test_a_head_averages_over_the_features_of_each_view(head, tmp_path):
 def test_a_head_refuses_tta_on_cached_features(head):
     model, _, cache = head
     with pytest.raises(TTAError, match="needs images"):
-        predict_images(model, [cache], tta="flip", workers=0)
+        predict_images(model, [cache], options=PredictOptions(tta="flip", workers=0))
     result = CliRunner().invoke(main, ["predict", str(model), str(cache), "--tta", "flip"])
     assert result.exit_code == 1
     assert result.output.count("\n") == 1 and "--tta needs images" in result.output
-    with pytest.raises(TTAError, match="tta must be one of"):
-        predict_images(model, [cache], tta="mirror")
+    with pytest.raises(OptionError, match="tta must be one of 'flip', 'crops' or unset"):
+        PredictOptions(tta="mirror")
 
 
 def test_finetune_tta_writes_its_own_row_that_the_report_lists(tmp_path):
@@ -167,8 +174,8 @@ def test_finetune_tta_writes_its_own_row_that_the_report_lists(tmp_path):
     np.testing.assert_array_equal(stored.paths, RowPredictions.load(
         run / plain["predictions"]).paths)
     # The stored probabilities are the saved network's, averaged over image and mirror.
-    rows = predict_images(tta["model"], [images / p for p in stored.paths], top_k=3,
-                          workers=0, tta="flip")
+    rows = predict_images(tta["model"], [images / p for p in stored.paths],
+                          options=PredictOptions(top_k=3, workers=0, tta="flip")).rows
     np.testing.assert_allclose(_probabilities(rows), stored.proba, rtol=1e-4, atol=1e-6)
     report = CliRunner().invoke(main, ["report", str(tmp_path / "runs"), "--json"])
     assert report.exit_code == 0, report.output

@@ -13,7 +13,13 @@ from pipeline.core.options import HeadsOptions
 from pipeline.heads.compare import fit_heads, load_cache_data, sample_shots
 from pipeline.metrics.scoring import RowPredictions
 from pipeline.metrics.significance import accuracy_interval
-from tests.conftest import TINY, extract_tiny, fit_and_write, make_folder, make_split_folder
+from tests.conftest import (
+    extract_tiny,
+    fit_and_write,
+    make_folder,
+    make_split_folder,
+    run_finetune,
+)
 
 
 @pytest.fixture(scope="module")
@@ -125,10 +131,9 @@ def test_several_caches_land_in_one_table(tmp_path, cache_file):
 
 
 def test_activation_caches_among_the_paths_are_left_out_and_alone_refused(tmp_path):
-    from pipeline.finetuning.run import finetune
-
     root = make_folder(tmp_path / "images", per_class=6)
-    finetune(root, cache_dir=tmp_path / "c", out=tmp_path / "ft", epochs=1, batch_size=8, **TINY)
+    run_finetune(root, tmp_path / "ft", cache_dir=tmp_path / "c", epochs=1, batch_size=8,
+                 workers=0)
     every = sorted((tmp_path / "c").glob("resnet18-*.h5"))  # the glob a user types
     activations = [p for p in every if p.name.endswith(".activations.h5")]
     assert activations and len(every) == len(activations) + 1

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from pipeline.core.errors import BackboneError
-from pipeline.models.backbones import resolve_backbone
+from pipeline.models.backbones import build_feature_model, resolve_backbone
 from pipeline.store.integrity import verify_cache
 from tests.conftest import extract_tiny, fit_and_write, make_split_folder
 
@@ -54,10 +54,11 @@ def test_the_heads_draw_the_probe_of_every_layer(layered, tmp_path):
 
 
 def test_an_unknown_or_repeated_layer_is_refused():
-    with pytest.raises(BackboneError, match="no layer 'layer9'"):
-        resolve_backbone("resnet18", "none", layer="layer1,layer9", image_size=32).build()
-    with pytest.raises(BackboneError, match="same node twice"):
-        resolve_backbone("resnet18", "none", layer="layer1,layer1", image_size=32).build()
+    for layers, error in (("layer1,layer9", "no layer 'layer9'"),
+                          ("layer1,layer1", "same node twice")):
+        with pytest.raises(BackboneError, match=error):
+            build_feature_model(resolve_backbone("resnet18", "none", layer=layers,
+                                                 image_size=32))
 
 
 def test_the_default_heads_on_a_multi_layer_cache_add_the_multi_layer_head(layered, tmp_path):

@@ -16,7 +16,12 @@ from pipeline.core.errors import BackboneError, WeightsError
 from pipeline.core.options import ExtractOptions
 from pipeline.data.images import ImageFiles, load_image_set
 from pipeline.extract.features import extract_features
-from pipeline.models.backbones import list_backbones, resolve_backbone
+from pipeline.models.backbones import (
+    build_classifier,
+    build_feature_model,
+    list_backbones,
+    resolve_backbone,
+)
 from pipeline.models.weights import (
     BundledWeights,
     DefaultWeights,
@@ -38,7 +43,7 @@ def test_cached_bottleneck_through_final_layer_gives_the_logits(tmp_path, name):
     spec = resolve_backbone(name, "none", image_size=32)  # random init seeded as extract's
     result = extract_features(root, backbone=spec, options=ExtractOptions(
         workers=0, cache_dir=tmp_path / "c", split_fractions=(1.0, 0.0, 0.0)))
-    model = spec.build_classifier()
+    model = build_classifier(spec)
     images = load_image_set(root, (1.0, 0.0, 0.0))
     files = ImageFiles(images, spec.preprocessing.transform(), (3, 32, 32))
     x = torch.stack([files[i][0] for i in range(len(files))])
@@ -54,7 +59,7 @@ def test_offline_lite0_weights_are_real_imagenet_weights():
     spec = resolve_backbone("efficientnet_lite0")
     assert spec.weights.pretrained and len(spec.weights.sha256) == 64
     assert spec.preprocessing.mean == (0.5, 0.5, 0.5)  # inputs scaled to [-1, 1]
-    model, transform = spec.build_classifier(), spec.preprocessing.transform()
+    model, transform = build_classifier(spec), spec.preprocessing.transform()
     categories = ResNet18_Weights.IMAGENET1K_V1.meta["categories"]
     samples = load_sample_images()
     expected = {"china.jpg": {"palace", "monastery", "bell cote", "pagoda", "church"},
@@ -79,22 +84,22 @@ def test_missing_torchvision_weights_name_the_file_and_folder(tmp_path, monkeypa
 def test_hub_cache_weights_are_found_and_identified(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
     torch.manual_seed(1)
-    state = resolve_backbone("resnet18", "none").build_classifier().state_dict()
+    state = build_classifier(resolve_backbone("resnet18", "none")).state_dict()
     (tmp_path / "hub" / "checkpoints").mkdir(parents=True)
     torch.save(state, tmp_path / "hub" / "checkpoints" / "resnet18-f37072fd.pth")
     spec = resolve_backbone("resnet18")
     assert spec.weights.identity == "ResNet18_Weights.IMAGENET1K_V1"
-    loaded = spec.build_classifier().state_dict()
+    loaded = build_classifier(spec).state_dict()
     assert all(torch.equal(loaded[k], v) for k, v in state.items())
 
 
 def test_weights_path_loads_that_file(tmp_path):
     torch.manual_seed(2)
-    state = resolve_backbone("resnet18", "none").build_classifier().state_dict()
+    state = build_classifier(resolve_backbone("resnet18", "none")).state_dict()
     torch.save({"model": state}, tmp_path / "mine.pth")  # a training checkpoint wraps it
     spec = resolve_backbone("resnet18", str(tmp_path / "mine.pth"))
     assert spec.weights.identity == "file:mine.pth" and spec.weights.sha256
-    loaded = spec.build_classifier().state_dict()
+    loaded = build_classifier(spec).state_dict()
     assert torch.equal(loaded["fc.weight"], state["fc.weight"])
 
 
@@ -135,12 +140,12 @@ def test_an_existing_file_is_a_file_whatever_its_name(tmp_path, monkeypatch):
 def test_an_enum_with_its_class_builds_those_weights(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
     torch.manual_seed(3)
-    state = resolve_backbone("resnet18", "none").build_classifier().state_dict()
+    state = build_classifier(resolve_backbone("resnet18", "none")).state_dict()
     (tmp_path / "hub" / "checkpoints").mkdir(parents=True)
     torch.save(state, tmp_path / "hub" / "checkpoints" / "resnet18-f37072fd.pth")
     spec = resolve_backbone("resnet18", "ResNet18_Weights.IMAGENET1K_V1", offline=True)
     assert spec.weights.identity == "ResNet18_Weights.IMAGENET1K_V1"
-    assert torch.equal(spec.build_classifier().state_dict()["fc.weight"], state["fc.weight"])
+    assert torch.equal(build_classifier(spec).state_dict()["fc.weight"], state["fc.weight"])
     with pytest.raises(WeightsError, match="are not weights of resnet18"):
         resolve_backbone("resnet18", "ResNet50_Weights.IMAGENET1K_V1", offline=True)
 
@@ -157,10 +162,10 @@ def test_kinds_a_family_does_not_have_are_refused_in_one_line():
 def test_weights_that_do_not_fit_are_refused(tmp_path):
     torch.save({"fc.weight": torch.zeros(2, 2)}, tmp_path / "wrong.pth")
     with pytest.raises(WeightsError, match="does not fit"):
-        resolve_backbone("resnet18", str(tmp_path / "wrong.pth")).build_classifier()
+        build_classifier(resolve_backbone("resnet18", str(tmp_path / "wrong.pth")))
     (tmp_path / "junk.pth").write_bytes(b"junk")
     with pytest.raises(WeightsError, match="cannot read"):
-        resolve_backbone("resnet18", str(tmp_path / "junk.pth")).build_classifier()
+        build_classifier(resolve_backbone("resnet18", str(tmp_path / "junk.pth")))
     with pytest.raises(WeightsError, match="does not exist"):
         resolve_backbone("resnet18", str(tmp_path / "absent.pth"))
 
@@ -171,13 +176,13 @@ def test_unknown_backbone_weights_and_layer(tmp_path):
     with pytest.raises(WeightsError, match="no weights"):
         resolve_backbone("resnet18", "IMAGENET9K")
     with pytest.raises(BackboneError, match="no layer"):
-        resolve_backbone("resnet18", "none", layer="layer9").build()
+        build_feature_model(resolve_backbone("resnet18", "none", layer="layer9"))
 
 
 def test_layer_option_pools_that_node():
     spec = resolve_backbone("resnet18", "none", layer="layer3", pool="max")
-    features = spec.build()
-    model = spec.build_classifier()  # the same seeded random weights
+    features = build_feature_model(spec)
+    model = build_classifier(spec)  # the same seeded random weights
     seen = {}
     model.layer3.register_forward_hook(lambda _m, _i, out: seen.update(layer3=out))
     x = torch.randn(2, 3, 64, 64)
@@ -192,9 +197,9 @@ def test_random_init_is_seeded_and_the_seed_is_part_of_the_key():
     a = resolve_backbone("resnet18", "none", seed=0)
     b = resolve_backbone("resnet18", "none", seed=1)
     assert a.key()["weights"] != b.key()["weights"]
-    w0, w0_again = (a.build_classifier().fc.weight for _ in range(2))
+    w0, w0_again = (build_classifier(a).fc.weight for _ in range(2))
     assert torch.equal(w0, w0_again)
-    assert not torch.equal(w0, b.build_classifier().fc.weight)
+    assert not torch.equal(w0, build_classifier(b).fc.weight)
 
 
 def test_image_size_keeps_the_recipes_resize_ratio():
@@ -214,7 +219,7 @@ def test_every_registered_backbone_resolves_with_its_recipe():
 
 def test_a_resolution_is_remembered_while_the_weights_file_is_unchanged(tmp_path, monkeypatch):
     torch.manual_seed(4)
-    state = resolve_backbone("resnet18", "none").build_classifier().state_dict()
+    state = build_classifier(resolve_backbone("resnet18", "none")).state_dict()
     torch.save(state, tmp_path / "mine.pth")
     first = resolve_backbone("resnet18", str(tmp_path / "mine.pth"))
     hashed = []

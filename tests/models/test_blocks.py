@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from pipeline.cli.messages import one_line
-from pipeline.models.backbones import resolve_backbone
+from pipeline.models.backbones import build_classifier, resolve_backbone
 from pipeline.models.blocks import (
     Block,
     BlockError,
@@ -47,7 +47,7 @@ def network():
     def build(name: str) -> tuple[str, nn.Module]:
         if name not in built:
             spec = resolve_backbone(name, "none")
-            built[name] = (spec.family, spec.build_classifier())
+            built[name] = (spec.family, build_classifier(spec))
         return built[name]
 
     return build
@@ -208,7 +208,7 @@ def test_parse_unfreeze_refuses_text():
 
 
 def test_unknown_layout_is_a_user_error():
-    model = resolve_backbone("squeezenet1_0", "none").build_classifier()
+    model = build_classifier(resolve_backbone("squeezenet1_0", "none"))
     with pytest.raises(BlockError, match="cannot find the blocks of SqueezeNet; fine-tuning"):
         find_blocks(model, "torchvision")
 
@@ -221,7 +221,7 @@ def test_unknown_family_is_a_bug(network):
 
 def _resnet18():
     spec = resolve_backbone("resnet18", "none")
-    return spec, spec.build_classifier()
+    return spec, build_classifier(spec)
 
 
 def test_layers_are_counted_by_hand_on_resnet18():

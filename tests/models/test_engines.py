@@ -22,7 +22,7 @@ from torch import nn
 from pipeline.core.errors import MissingExtraError
 from pipeline.extract.batches import prefetched
 from pipeline.models import engines, families
-from pipeline.models.backbones import resolve_backbone
+from pipeline.models.backbones import build_feature_model, resolve_backbone
 from pipeline.models.engines import (
     AUTO_ORDER,
     CHECK_RTOL,
@@ -32,8 +32,8 @@ from pipeline.models.engines import (
     prepare_for_inference,
     resolve_engine,
 )
-from pipeline.models.families import Family
-from tests.conftest import TINY, extract_tiny
+from pipeline.models.families import Family, family_of
+from tests.conftest import extract_tiny, run_finetune
 
 CPU = torch.device("cpu")
 # One network or more per registered family, at a small input size (Lite0 with its real
@@ -75,12 +75,12 @@ def test_the_prepared_network_gives_the_eager_features(family, backbone, weights
 
     spec = resolve_backbone(backbone, weights, image_size=size)
     assert spec.family == family
-    model = spec.build()
+    model = build_feature_model(spec)
     if weights == "none":
         _randomize_norms(model)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     x = _images(3, size)
-    prepared = prepare_for_inference(model, x[:2], spec.adapter)
+    prepared = prepare_for_inference(model, x[:2], family_of(spec))
     with torch.inference_mode():
         want, got = model(x), prepared(x)
     assert (got - want).abs().max() <= 1e-5 * want.abs().max()
@@ -149,10 +149,10 @@ def exported(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("PIPELINE_MEMO_DIR", str(root / "memo"))
         spec = resolve_backbone("resnet18", "none", image_size=32)
-    model = spec.build()
+    model = build_feature_model(spec)
     folder = export_path(root / "cache", spec.name, spec.key(), (3, 32, 32))
     x = _images(4, 32)
-    first = prepare("onnxruntime", model, x, spec.adapter, CPU, folder, spec.key())
+    first = prepare("onnxruntime", model, x, family_of(spec), CPU, folder, spec.key())
     return SimpleNamespace(spec=spec, model=model, folder=folder, x=x, first=first)
 
 
@@ -169,7 +169,7 @@ def test_onnxruntime_exports_once_and_gives_torchs_features(exported):
     record = json.loads((exported.folder / "exported.json").read_text())
     assert record["network"] == json.loads(json.dumps(exported.spec.key()))
     assert record["input_shape"] == [3, 32, 32]
-    again = prepare("onnxruntime", exported.model, exported.x, exported.spec.adapter, CPU,
+    again = prepare("onnxruntime", exported.model, exported.x, family_of(exported.spec), CPU,
                     exported.folder)
     assert not again.exported
     for n in (1, 3, 9):  # any batch size: the last batch of a set is smaller
@@ -182,7 +182,7 @@ def test_onnxruntime_exports_once_and_gives_torchs_features(exported):
 
 def test_openvino_runs_the_same_export(exported):
     pytest.importorskip("openvino")
-    ready = prepare("openvino", exported.model, exported.x, exported.spec.adapter, CPU,
+    ready = prepare("openvino", exported.model, exported.x, family_of(exported.spec), CPU,
                     exported.folder)
     assert ready.engine == "openvino" and not ready.exported  # onnxruntime's file, reused
     assert ready.difference <= CHECK_RTOL
@@ -208,7 +208,7 @@ def test_wrong_features_are_refused_by_name_and_passed_over_by_auto(exported, tm
     monkeypatch.setattr(engines.OnnxRuntimeEngine, "prepare",
                         lambda self, *a: (lambda x: torch.ones(len(x), 512)))
     monkeypatch.setattr(engines.OnnxRuntimeEngine, "installed", lambda self: True)
-    args = (exported.model, exported.x, exported.spec.adapter, CPU, folder)
+    args = (exported.model, exported.x, family_of(exported.spec), CPU, folder)
     with pytest.raises(EngineError, match="onnxruntime's features differ from eager torch's"):
         prepare("onnxruntime", *args)
     assert resolve_engine("auto", "cpu", export=folder) == "onnxruntime"
@@ -240,7 +240,7 @@ def test_the_cache_commands_list_describe_and_remove_an_export(exported, tmp_pat
     removed = run(main, ["cache", "rm", key, "--cache-dir", str(tmp_path)])
     assert removed.exit_code == 0 and removed.output == f"removed {folder}\n"
     assert list(tmp_path.iterdir()) == []  # the refusal note went with its export
-    again = prepare("onnxruntime", exported.model, exported.x, exported.spec.adapter, CPU,
+    again = prepare("onnxruntime", exported.model, exported.x, family_of(exported.spec), CPU,
                     folder, exported.spec.key())
     assert again.exported  # exported anew
 
@@ -326,7 +326,6 @@ def test_the_cli_names_the_extra_of_a_missing_engine(tmp_path, image_folder, mon
 
 
 def test_from_images_runs_the_prepared_trunk_below_the_trained_blocks(tmp_path, monkeypatch):
-    from pipeline.finetuning.run import finetune
     from tests.conftest import make_folder
 
     prepared = []
@@ -338,9 +337,9 @@ def test_from_images_runs_the_prepared_trunk_below_the_trained_blocks(tmp_path, 
 
     monkeypatch.setattr(engines, "prepare_for_inference", spy)
     data = make_folder(tmp_path / "d", classes=("a", "b"), per_class=6)
-    result = finetune(data, cache_dir=tmp_path / "c", out=tmp_path / "o", unfreeze=1,
-                      epochs=1, from_images=True, batch_size=4,
-                      split_fractions=(0.5, 0.25, 0.25), **TINY)
+    result = run_finetune(data, tmp_path / "o", cache_dir=tmp_path / "c", unfreeze=1,
+                          epochs=1, from_images=True, batch_size=4, workers=0,
+                          split_fractions=(0.5, 0.25, 0.25))
     assert result.row["trained_from"] == "images (--from-images)"
     assert "_Activation" in prepared  # the trunk below layer4, for every epoch's images
 
@@ -424,7 +423,7 @@ def test_exported_engines_run_a_stream_per_core_on_a_cpu_and_torch_one(monkeypat
 @pytest.mark.parametrize("name", ["onnxruntime", "openvino"])
 def test_an_engine_in_streams_gives_each_thread_its_own_batchs_features(exported, name):
     pytest.importorskip(name)
-    ready = prepare(name, exported.model, exported.x, exported.spec.adapter, CPU,
+    ready = prepare(name, exported.model, exported.x, family_of(exported.spec), CPU,
                     exported.folder, streams=3)
     assert ready.engine == name and ready.streams == 3
     inputs = [_images(n, 32, seed=10 + n) for n in (1, 4, 7, 2, 5, 3)]
@@ -449,7 +448,7 @@ def test_an_engine_in_streams_gives_each_thread_its_own_batchs_features(exported
 
 
 def test_torch_and_its_fallback_serve_one_stream(exported, tmp_path, monkeypatch):
-    model, x, family = exported.model, exported.x, exported.spec.adapter
+    model, x, family = exported.model, exported.x, family_of(exported.spec)
     assert prepare("torch", model, x, family, CPU, streams=4).streams == 1
     folder = _copy_export(exported, tmp_path)
     monkeypatch.setattr(engines.OnnxRuntimeEngine, "prepare",

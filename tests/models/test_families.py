@@ -13,8 +13,14 @@ from pipeline.core.errors import BackboneError
 from pipeline.core.options import ExtractOptions
 from pipeline.extract.features import extract_features
 from pipeline.models import families
-from pipeline.models.backbones import list_backbones, resolve_backbone
+from pipeline.models.backbones import (
+    build_classifier,
+    build_feature_model,
+    list_backbones,
+    resolve_backbone,
+)
 from pipeline.models.blocks import Block, find_blocks, freeze_below
+from pipeline.models.families import family_of
 from pipeline.models.families.base import Family, Resolution
 from pipeline.models.preprocessing import Preprocessing
 from pipeline.models.weights import RandomInit, random_init
@@ -32,18 +38,18 @@ def test_every_registered_family_has_a_representative_here():
 @pytest.mark.parametrize("family", sorted(REPRESENTATIVE))
 def test_every_family_answers_the_same_questions(family):
     spec = resolve_backbone(REPRESENTATIVE[family], "none", image_size=64)
-    assert spec.family == family and spec.adapter.name == family
-    model = spec.build_classifier()
-    name, final = spec.adapter.classifier(model)
+    assert spec.family == family and family_of(spec).name == family
+    model = build_classifier(spec)
+    name, final = family_of(spec).classifier(model)
     assert model.get_submodule(name) is final
     x = torch.randn(2, 3, 64, 64)
-    features = spec.build()  # checks that the bottleneck gives the model's own logits
+    features = build_feature_model(spec)  # checks that the bottleneck gives the model's own logits
     with torch.inference_mode():
         assert features(x).shape == (2, final.in_features)
-    blocks = spec.adapter.blocks(model)
+    blocks = family_of(spec).blocks(model)
     assert blocks and all(isinstance(b, Block) for b in blocks)
-    assert spec.adapter.layer_names(model)
-    head = spec.adapter.replace_classifier(model, 3)
+    assert family_of(spec).layer_names(model)
+    head = family_of(spec).replace_classifier(model, 3)
     with torch.inference_mode():
         assert model(x).shape == (2, 3) and head.out_features == 3
 
@@ -114,8 +120,8 @@ def test_a_new_family_is_one_class_and_one_registration(toy_family, tmp_path):
         seed=3, workers=0, cache_dir=tmp_path / "c", split_fractions=(1.0, 0.0, 0.0)))
     with h5py.File(result.cache_path) as f:
         assert f["features"].shape == (6, 16)  # the input of TwoStageNet.fc
-    model = spec.build_classifier()
-    head = spec.adapter.replace_classifier(model, 2)
+    model = build_classifier(spec)
+    head = family_of(spec).replace_classifier(model, 2)
     top = freeze_below(model, spec.family, 1, head)
     assert [b.name for b in top] == ["stage2"]
     assert [b.name for b in find_blocks(model, "toy")] == ["stage1", "stage2"]

@@ -22,7 +22,7 @@ from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
 from pipeline.core.errors import BackboneError, WeightsError
 from pipeline.data.images import file_sha256
-from pipeline.models.backbones import resolve_backbone
+from pipeline.models.backbones import build_classifier, build_feature_model, resolve_backbone
 
 RESNET18_URL = torchvision.models.ResNet18_Weights.IMAGENET1K_V1.url
 RESNET18_FILE = "resnet18-f37072fd.pth"
@@ -79,7 +79,7 @@ def test_missing_weights_are_downloaded_once_into_the_hub_cache(hub, download, r
     assert download.calls == [(RESNET18_URL, RESNET18_FILE, "f37072fd")]
     assert spec.weights.path == hub / "checkpoints" / RESNET18_FILE
     assert spec.weights.sha256 == file_sha256(resnet18_state[0])
-    assert_same_weights(spec.build_classifier(), resnet18_state[1])
+    assert_same_weights(build_classifier(spec), resnet18_state[1])
     resolve_backbone("resnet18", offline=False)
     assert len(download.calls) == 1  # the second time, and the build, read the cache
 
@@ -142,7 +142,7 @@ def test_weights_of_another_model_name_the_right_enum(hub, download):
 def test_a_state_dict_path_is_still_a_path(hub, download, resnet18_state):
     spec = resolve_backbone("resnet18", str(resnet18_state[0]), offline=False)
     assert spec.weights.identity == "file:resnet18-random.pth" and download.calls == []
-    assert_same_weights(spec.build_classifier(), resnet18_state[1])
+    assert_same_weights(build_classifier(spec), resnet18_state[1])
 
 
 # --- timm tags --------------------------------------------------------------------------------
@@ -188,8 +188,8 @@ def test_a_timm_tag_loads_its_weights_through_timm(tmp_path, fake_hf, timm_state
     prep = spec.preprocessing  # the tag's data config: 160 px, crop_pct 0.95, bilinear, 0.5
     assert (prep.crop, prep.resize, prep.interpolation) == (160, 168, "bilinear")
     assert prep.mean == prep.std == (0.5, 0.5, 0.5)
-    assert_same_weights(spec.build_classifier(), timm_state)
-    features = spec.build()  # the bottleneck check passes on timm-loaded weights
+    assert_same_weights(build_classifier(spec), timm_state)
+    features = build_feature_model(spec)  # the bottleneck check passes on timm-loaded weights
     assert features(torch.randn(1, 3, 64, 64)).shape == (1, features.final_layer.in_features)
     assert len(fake_hf.calls) == 1  # building reads the file it was given
 
@@ -198,7 +198,7 @@ def test_a_timm_tag_falls_back_to_the_pytorch_file_as_timm_does(tmp_path, fake_h
     fake_hf.files = {"pytorch_model.bin": tmp_path / "pytorch_model.bin"}
     spec = resolve_backbone(f"timm/{TAG}", offline=False)
     assert [c[1] for c in fake_hf.calls] == ["model.safetensors", "pytorch_model.bin"]
-    assert_same_weights(spec.build_classifier(), timm_state)
+    assert_same_weights(build_classifier(spec), timm_state)
 
 
 def test_a_timm_tag_offline_uses_the_cache_only(tmp_path, fake_hf, monkeypatch):
@@ -238,7 +238,7 @@ def test_a_timm_tag_with_a_url_downloads_into_the_hub_cache(tmp_path, hub, fake_
     spec = resolve_backbone(f"timm/{TAG}", offline=False)
     assert spec.weights.path == hub / "checkpoints" / "test_resnet-0123abcd.pth"
     assert download.calls == [(url, "test_resnet-0123abcd.pth", None)] and fake_hf.calls == []
-    assert_same_weights(spec.build_classifier(), timm_state)
+    assert_same_weights(build_classifier(spec), timm_state)
 
 
 def test_timm_tags_without_weights_or_unknown_are_refused(fake_hf, monkeypatch):
@@ -259,7 +259,7 @@ def test_a_timm_tag_with_none_or_a_path_keeps_the_tags_recipe(tmp_path, fake_hf,
     assert resolve_backbone(f"timm/{TAG}", "none").preprocessing.crop == 160
     spec = resolve_backbone(f"timm/{TAG}", str(tmp_path / "pytorch_model.bin"))
     assert spec.weights.identity == "file:pytorch_model.bin" and fake_hf.calls == []
-    assert_same_weights(spec.build_classifier(), timm_state)
+    assert_same_weights(build_classifier(spec), timm_state)
 
 
 def test_the_bundled_lite0_never_downloads(fake_hf, monkeypatch):

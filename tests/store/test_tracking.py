@@ -13,10 +13,11 @@ import pytest
 from click.testing import CliRunner
 
 from pipeline.cli.main import main
-from pipeline.finetuning.run import finetune
+from pipeline.core.options import FinetuneOptions
 from pipeline.finetuning.sweep import sweep
+from pipeline.models.backbones import resolve_backbone
 from pipeline.store import run_record, tracking
-from tests.conftest import TINY, extract_tiny
+from tests.conftest import extract_tiny, run_finetune
 
 mlflow = pytest.importorskip("mlflow", reason="tracking needs the [track] extra")
 TINY_ARGS = ["--backbone", "resnet18", "--weights", "none", "--image-size", "32",
@@ -88,8 +89,12 @@ def test_heads_log_each_fit_under_one_run_to_a_local_store(tmp_path, cache):
 
 def test_a_sweep_logs_each_run_with_its_epochs_nested_under_the_sweep(tmp_path, split_folder):
     out = tmp_path / "results" / "sweep"
-    result = sweep(split_folder, {"lr": [0.01, 0.001]}, "grid", out, epochs=2, unfreeze=1,
-                   views=1, cache_dir=tmp_path / "c", progress=False, track=True, **TINY)
+    spec = resolve_backbone("resnet18", "none", image_size=32)
+    options = FinetuneOptions.from_flat({"epochs": 2, "unfreeze": 1, "views": 1, "workers": 0,
+                                         "cache_dir": tmp_path / "c"})
+    result = sweep(split_folder, {"lr": [0.01, 0.001]}, backbone=spec, options=options,
+                   workdir=out, progress=False, track=True)
+    result.write(out)
     client = _client(tmp_path / "results" / "mlruns")
     runs = _runs(client)
     names = {"resnet18 lr-0.01", "resnet18 lr-0.001"}
@@ -113,8 +118,8 @@ def test_a_sweep_logs_each_run_with_its_epochs_nested_under_the_sweep(tmp_path, 
         assert next(iter(_artifacts(client, run, "model"))).endswith("-finetune-1.net")
 
     # progress and tracking decide nothing: the same sweep, shown and untracked, reads back
-    again = sweep(split_folder, {"lr": [0.01, 0.001]}, "grid", out, epochs=2, unfreeze=1,
-                  views=1, cache_dir=tmp_path / "c", progress=None, track=False, **TINY)
+    again = sweep(split_folder, {"lr": [0.01, 0.001]}, backbone=spec, options=options,
+                  workdir=out, progress=None, track=False)
     assert all(row["resumed"] for row in again.rows)
     assert len(_runs(client)) == 3
 
@@ -130,8 +135,8 @@ def test_a_failed_run_is_marked_failed_and_writes_no_record(tmp_path, split_fold
 
     out = tmp_path / "results" / "ft"
     with pytest.raises(RuntimeError, match="stopped by the test"):
-        finetune(split_folder, out=out, epochs=2, unfreeze=0, cache_dir=tmp_path / "c",
-                 on_epoch=stop, progress=False, track=True, **TINY)
+        run_finetune(split_folder, out, epochs=2, unfreeze=0, cache_dir=tmp_path / "c",
+                     workers=0, on_epoch=stop, track=True)
     runs = _runs(_client(tmp_path / "results" / "mlruns"))
     assert [r.info.status for r in runs.values()] == ["FAILED"]
     assert not (out / "run.json").exists()

@@ -14,12 +14,16 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from pipeline.core.errors import BackboneError
 from pipeline.models.families.base import Family, Resolution
 
-__all__ = ["Family", "Resolution", "family_for", "get_family", "key_name", "list_families",
-           "register_family"]
+if TYPE_CHECKING:
+    from pipeline.models.backbone_spec import BackboneSpec
+
+__all__ = ["Family", "Resolution", "family_for", "family_of", "get_family", "key_name",
+           "list_families", "register_family"]
 
 
 @dataclass(frozen=True)
@@ -57,6 +61,11 @@ def get_family(name: str) -> Family:
         adapter = getattr(importlib.import_module(module), cls)()
         _LOADED[name] = adapter
     return _LOADED[name]
+
+
+def family_of(spec: BackboneSpec) -> Family:
+    """The adapter that answers for ``spec``'s family: how its network is built and cut."""
+    return get_family(spec.family)
 
 
 def family_for(backbone: str) -> str:

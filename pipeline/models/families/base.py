@@ -16,7 +16,7 @@ from pipeline.core.errors import BackboneError
 if TYPE_CHECKING:  # annotations only: the registry imports this module without torch
     from torch import nn
 
-    from pipeline.models.backbones import BackboneSpec
+    from pipeline.models.backbone_spec import BackboneSpec
     from pipeline.models.preprocessing import Preprocessing
     from pipeline.models.stages import Block
     from pipeline.models.weights import Weights, WeightsRequest
