@@ -19,13 +19,11 @@ from PIL import Image
 
 from pipeline.cli.main import main
 from pipeline.deploy.export import ExportError, export_model
-from pipeline.extract.features import extract_features
 from pipeline.heads import HEADS
-from pipeline.heads.compare import fit_heads
 from pipeline.heads.protocol import ChoosesParams, HasLinearForm, HasLogitModule
 from pipeline.store.cache import read_splits
 from pipeline.store.persistence import load_head
-from tests.conftest import TINY, write_image
+from tests.conftest import extract_tiny, fit_and_write, write_image
 
 SIZE = (44, 52)  # height, width: larger than the tiny recipe's resize, so both passes shrink
 CLASSES = ("cat", "dog", "fox")
@@ -42,10 +40,9 @@ def fitted(tmp_path_factory):
     for c, name in enumerate(CLASSES):
         for i in range(7):
             write_image(root / name / f"{i:02d}.png", 20 * c + i, size=SIZE[::-1])
-    cache = extract_features(root, cache_dir=root.parent / "cache", layer="blocks",
-                             **TINY).cache_path
-    specs = [QUICK.get(name, name) for name in HEADS] + [FOREIGN]
-    rows = fit_heads([cache], specs, root.parent / "heads").rows
+    cache = extract_tiny(root, root.parent / "cache", layer="blocks", progress=False).cache_path
+    specs = tuple(QUICK.get(name, name) for name in HEADS) + (FOREIGN,)
+    rows = fit_and_write([cache], root.parent / "heads", heads=specs).rows
     models = {row["head"]: Path(row["model"]) for row in rows}
     splits = read_splits(cache)
     X = np.concatenate([s.X for s in splits.values()])
