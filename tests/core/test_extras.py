@@ -29,6 +29,7 @@ def test_a_missing_module_names_its_extra(monkeypatch):
 
 def test_a_submodule_request_names_the_top_module(monkeypatch):
     monkeypatch.setitem(sys.modules, "pyarrow", None)
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)  # as if never imported either
     with pytest.raises(MissingExtraError, match=r"\[parquet\]"):
         require("pyarrow.parquet", "reading Parquet")
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from pipeline.core.options import PredictOptions
 from pipeline.deploy.predict import decode_mode, predict_images
 from pipeline.store.cache import read_split
 from pipeline.store.persistence import load_head
@@ -22,8 +23,9 @@ def test_a_head_gives_on_a_photo_what_it_gave_on_its_cached_features(tmp_path, d
     saved = load_head(model)
     assert decode_mode(saved) == decode
     test = read_split(cache, "test")
-    rows = {r["path"]: r for r in predict_images(model, [root / p for p in test.paths],
-                                                 workers=0)}
+    result = predict_images(model, [root / p for p in test.paths],
+                            options=PredictOptions(workers=0))
+    rows = {r["path"]: r for r in result.rows}
     proba = saved.estimator.predict_proba(test.X)
     for path, p in zip(test.paths, proba):
         row = rows[str(root / path)]

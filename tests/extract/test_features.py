@@ -19,7 +19,8 @@ from pipeline.core.errors import CacheError, DataError
 from pipeline.data.images import file_stamps, fingerprint_files, load_image_set
 from pipeline.extract import features as extract
 from pipeline.extract.features import feature_key_spec
-from pipeline.models.backbones import BackboneSpec, build_classifier, resolve_backbone
+from pipeline.models import backbones
+from pipeline.models.backbones import build_classifier, resolve_backbone
 from pipeline.store.integrity import CacheDamaged
 from pipeline.store.paths import cache_key
 from pipeline.store.writer import FeatureWriter
@@ -42,7 +43,9 @@ def _arrays(path):
 def test_second_run_is_a_hit_and_runs_no_model(tmp_path, image_folder, monkeypatch):
     first = _extract(image_folder, tmp_path / "c")
     assert not first.hit and first.images == 30 and first.dim == 512 and first.failed == 0
-    monkeypatch.setattr(BackboneSpec, "build", lambda self: pytest.fail("model built on a hit"))
+    # every network of a spec is built by build_classifier (build_feature_model cuts it)
+    monkeypatch.setattr(backbones, "build_classifier",
+                        lambda spec: pytest.fail("model built on a hit"))
     second = _extract(image_folder, tmp_path / "c")
     assert second.hit and second.cache_path == first.cache_path and second.dim == 512
 

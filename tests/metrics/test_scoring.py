@@ -20,7 +20,7 @@ from pipeline.metrics.scoring import (
     with_repeats,
 )
 from pipeline.metrics.significance import accuracy_interval
-from pipeline.report.summary import REPORT_COLUMNS, SEED_COLUMNS
+from pipeline.report.summary import BASE_COLUMNS, REPORT_COLUMNS, SEED_COLUMNS
 
 
 def _two_of_four_classes():
@@ -74,7 +74,8 @@ def test_the_row_has_the_columns_of_both_stages_in_order():
                          "blocks_unfrozen", "best_epoch", "cache_key", "method"]
     # seeds: rows with --repeats; the positive class: stages add it for two-class data
     # Seed, two-class and --exclude columns are in a row only when their option was used.
-    optional = {*SEED_COLUMNS, *POSITIVE_COLUMNS, "excluded"}
+    # a derived row's comparison with its base row (self-trained, distilled) is optional too
+    optional = {*SEED_COLUMNS, *POSITIVE_COLUMNS, *BASE_COLUMNS, "excluded"}
     assert set(REPORT_COLUMNS) - optional <= set(row)
     assert row["test_accuracy"] == pytest.approx(2 / 3) and row["blocks_unfrozen"] == 1
     assert (row["test_accuracy_ci_low"], row["test_accuracy_ci_high"]) == accuracy_interval(2, 3)

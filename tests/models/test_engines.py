@@ -398,6 +398,9 @@ def test_with_one_core_onnxruntime_decodes_ahead_in_a_thread(exported, tmp_path,
 
     monkeypatch.setattr(extract, "prefetched", spy)
     monkeypatch.setattr(engines, "_threads", lambda: 1)  # one core: a single stream
+    # Tiny images on a tiny network: decoding may outweigh the forward pass, which hands the
+    # decoding to threads instead (tests/extract/test_photos.py); this is the engine's choice.
+    monkeypatch.setattr(extract, "_THREADS_FROM", float("inf"))
     cache = tmp_path / "c"
     _copy_export(exported, cache)
     extract_tiny(image_folder, cache_dir=cache)  # workers 0, torch on the CPU

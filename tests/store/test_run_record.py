@@ -97,7 +97,7 @@ def test_heads_and_finetune_record_their_runs_and_report_links_rows(tmp_path, sp
         assert run["cache_key"] == cache["key"] and run["device"] == "cpu"
         assert run["seed"] == 0 and run["resumed_from_epoch"] == 0
         assert run["trained_from"] == "cached activations"
-        assert run["settings"]["config"]["unfreeze"] == k
+        assert run["settings"]["options"]["network"]["unfreeze"] == k
         assert {"results.json", "history.csv", "history.png", "per_class.csv",
                 f"models/resnet18-{cache['key'][:8]}-finetune-{k}.net"} <= set(run["files"])
     whole = run_record.read_record(out / "finetune" / "run.json")
