@@ -83,11 +83,12 @@ DISTILL_TABLE := $(RUN)/distill/results.md
 # The teacher of make distill: the network that make finetune trained with one block unfrozen.
 TEACHER = $$(ls $(RUN)/finetune/unfreeze-1/models/*.net | head -n 1)
 
-pool-data: ## write POOL_DATA: Fashion-MNIST images the demo does not hold, unlabelled (Debian's dataset-fashion-mnist)
-	$(PYTHON) scripts/make_pool_data.py --out $(POOL_DATA)
+# The venv's Python: the script writes PNGs with Pillow, which the system Python may lack.
+pool-data: $(BIN)/.installed ## write POOL_DATA: Fashion-MNIST images the demo does not hold, unlabelled (Debian's dataset-fashion-mnist)
+	$(BIN)/python scripts/make_pool_data.py --out $(POOL_DATA)
 
-$(POOL_DATA):
-	$(PYTHON) scripts/make_pool_data.py --out $@
+$(POOL_DATA): | $(BIN)/.installed
+	$(BIN)/python scripts/make_pool_data.py --out $@
 
 $(POOL_FEATURES): $(BIN)/.installed | $(POOL_DATA)
 	@mkdir -p $(@D)

@@ -18,7 +18,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-from make_demo_data import CLASS_NAMES, load_set
+from make_demo_data import CLASS_NAMES, check_source, load_set
 from PIL import Image
 
 
@@ -31,6 +31,7 @@ def demo_indices(demo: Path) -> set[int]:
 def make_pool(source: Path, demo: Path, out: Path, images: int, seed: int,
               labelled: bool) -> int:
     """Write the pool; the number of images written."""
+    check_source(source)  # one line naming the Debian package where it is not installed
     pixels, labels = load_set(source, "train")
     taken = demo_indices(demo)
     free = np.array(sorted(set(range(len(labels))) - taken))
