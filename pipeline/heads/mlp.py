@@ -26,7 +26,8 @@ from pipeline.heads.protocol import folded_module
 _PREDICT_ROWS = 8192  # rows per forward pass at predict time: bounded memory on large test sets
 
 
-def _mlp(n_features: int, hidden_sizes, dropout: float, n_classes: int) -> nn.Sequential:
+def mlp_module(n_features: int, hidden_sizes, dropout: float, n_classes: int) -> nn.Sequential:
+    """Linear, ReLU and dropout per hidden size, then a linear layer to the class logits."""
     if isinstance(hidden_sizes, int):  # "mlp:hidden_sizes=(256)" parses to an int, not a tuple
         hidden_sizes = (hidden_sizes,)
     layers, width = [], n_features
@@ -158,7 +159,7 @@ class MLPHead(TorchHead):
         train, val, seed, device = self._standardised_splits(
             X, y, X_val, y_val, self.validation_fraction)
         with seeded_torch(seed, device):
-            module = _mlp(self.n_features_in_, self.hidden_sizes, self.dropout,
+            module = mlp_module(self.n_features_in_, self.hidden_sizes, self.dropout,
                           len(self.classes_))
             self._train(module.to(device), train, val, seed)
         return self

@@ -42,6 +42,7 @@ from pipeline.heads._base import (
     selection_split,
     standardise,
 )
+from pipeline.heads.mlp import mlp_module
 from pipeline.heads.protocol import folded_module
 
 __all__ = ["UNLABELLED", "StudentHead"]
@@ -49,17 +50,6 @@ __all__ = ["UNLABELLED", "StudentHead"]
 UNLABELLED = -1  # the label of a row that only the teacher teaches
 _PREDICT_ROWS = 8192  # rows per forward pass at predict time: bounded memory
 _MIN_HOLDOUT_SAMPLES = 10  # fewer labelled rows select on themselves (as pipeline.heads does)
-
-
-def _network(n_features: int, hidden_sizes, dropout: float, n_classes: int) -> nn.Sequential:
-    if isinstance(hidden_sizes, int):  # "hidden_sizes=(256)" parses to an int, not a tuple
-        hidden_sizes = (hidden_sizes,)
-    layers, width = [], n_features
-    for size in hidden_sizes:
-        layers += [nn.Linear(width, size), nn.ReLU(), nn.Dropout(dropout)]
-        width = size
-    layers.append(nn.Linear(width, n_classes))
-    return nn.Sequential(*layers)
 
 
 def distillation_loss(logits, y, teacher, weight, temperature: float, alpha: float):
@@ -208,7 +198,7 @@ class StudentHead(TorchHead):
         val = (torch.from_numpy(standardise(X_sel, self.mean_, self.scale_)).to(device),
                torch.from_numpy(np.asarray(y_sel, np.int64)).to(device))
         with seeded_torch(seed, device):
-            module = _network(self.n_features_in_, self.hidden_sizes, self.dropout,
+            module = mlp_module(self.n_features_in_, self.hidden_sizes, self.dropout,
                               len(self.classes_)).to(device)
             self._train(module, tensors, val, seed)
         return self
