@@ -41,7 +41,7 @@ if TYPE_CHECKING:
 
     from pipeline.models.feature_model import FeatureModel
 
-__all__ = ["DEFAULT_BACKBONE", "POOLS", "BackboneSpec", "as_spec", "build_classifier",
+__all__ = ["DEFAULT_BACKBONE", "POOLS", "BackboneSpec", "build_classifier",
            "build_feature_model", "layer_names", "list_backbones", "replace_classifier",
            "resolve_backbone"]
 
@@ -146,25 +146,6 @@ def resolve_backbone(
     if image_size is not None:
         spec = replace(spec, preprocessing=spec.preprocessing.with_image_size(image_size))
     return spec
-
-
-def as_spec(backbone: str | BackboneSpec, seed: int, allowed: tuple[str, ...],
-            settings: dict) -> BackboneSpec:
-    """A stage's ``backbone`` argument as a spec: a spec as given, or a name resolved with the
-    ``settings`` that are ``resolve_backbone`` arguments named in ``allowed`` (and ``seed``).
-
-    ``settings`` are the stage's keyword settings left over after its options took theirs;
-    anything else in them, or backbone arguments beside a ready spec, is the caller's mistake.
-    """
-    unknown = sorted(set(settings) - set(allowed))
-    if unknown:
-        raise TypeError(f"unexpected setting(s) {', '.join(unknown)}")
-    if isinstance(backbone, BackboneSpec):
-        if settings:
-            raise TypeError(f"{', '.join(settings)} belong to resolve_backbone when a "
-                            "BackboneSpec is given")
-        return backbone
-    return resolve_backbone(backbone, **settings, seed=seed)
 
 
 def list_backbones() -> list[str]:
