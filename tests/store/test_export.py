@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -97,3 +98,100 @@ def test_an_out_of_the_wrong_kind_is_a_user_error_before_anything_is_written(tmp
     with pytest.raises(PipelineError, match="is a file; npy writes a folder"):
         export_cache(labelled_cache, afile, "npy")
     assert list(folder.iterdir()) == [] and afile.read_text() == "mine"
+
+
+def _reference(cache, out, fmt: str, block_rows: int) -> list:
+    """What the export of ``cache`` as ``fmt`` must hold, byte for byte, written by plain
+    numpy, csv and pyarrow calls on the whole cache (Parquet: one row group per block)."""
+    import csv
+    import io
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.data.layouts import as_bytes, display
+    from pipeline.store.cache import read_strings
+
+    with h5py.File(cache) as f:
+        features, valid = f["features"][:], f["valid"][:]
+        names = read_strings(f["paths"]).tolist()
+        labelled = "labels" in f
+        labels = (read_strings(f["classes"])[f["labels"][:]].tolist() if labelled
+                  else [None] * len(valid))
+        split = read_strings(f["split"]).tolist() if labelled else [None] * len(valid)
+    path, raw = [display(p) for p in names], [as_bytes(p) for p in names]
+    n, dim = features.shape
+    if fmt == "npy":
+        out.mkdir()
+        columns = {"features": features, "valid": np.array(valid, bool),
+                   "path": np.array(path, str), "path_bytes": np.array(raw, "S")}
+        if labelled:
+            columns.update(label=np.array(labels, str), split=np.array(split, str))
+        for name, array in columns.items():
+            np.save(out / f"{name}.npy", array)
+        files = [f"{name}.npy" for name in columns]
+        (out / "columns.json").write_text(json.dumps(
+            {"rows": n, "dim": dim, "labelled": labelled, "files": files}, indent=2) + "\n")
+        return sorted(p.name for p in out.iterdir())
+    if fmt == "csv":
+        text = io.StringIO(newline="")
+        writer = csv.writer(text)
+        writer.writerow(["path", "label", "split", "valid", *(f"f{j}" for j in range(dim))])
+        for i in range(n):
+            writer.writerow([path[i], labels[i] or "", split[i] or "", bool(valid[i]),
+                             *(f"{v:.9g}" for v in features[i].astype(np.float64))])
+        out.write_bytes(text.getvalue().encode("utf-8"))
+        return [out.name]
+    value = pa.float32()
+    schema = pa.schema([("path", pa.string()), ("path_bytes", pa.binary()),
+                        ("label", pa.string()), ("split", pa.string()), ("valid", pa.bool_()),
+                        ("features", pa.list_(value, dim))])
+    with pq.ParquetWriter(out, schema) as writer:
+        for lo in range(0, n, block_rows):
+            rows = slice(lo, lo + block_rows)
+            flat = pa.array(features[rows].reshape(-1), value)
+            writer.write_table(pa.table({
+                "path": path[rows], "path_bytes": pa.array(raw[rows], pa.binary()),
+                "label": pa.array(labels[rows], pa.string()),
+                "split": pa.array(split[rows], pa.string()), "valid": valid[rows],
+                "features": pa.FixedSizeListArray.from_arrays(flat, dim)}, schema=schema))
+    return [out.name]
+
+
+@pytest.mark.parametrize("fmt", ["npy", "parquet", "csv"])
+@pytest.mark.parametrize("block_rows", [None, 4])
+@pytest.mark.parametrize("labelled", [True, False])
+def test_the_files_are_byte_for_byte_those_of_plain_writers(tmp_path, labelled_cache,
+                                                            monkeypatch, fmt, block_rows,
+                                                            labelled):
+    """Each format's bytes, also when the cache is read in several blocks (4 rows each)."""
+    if labelled:
+        cache = labelled_cache
+    else:
+        for i in range(5):
+            write_image(tmp_path / "flat" / f"{i}.png", i)
+        cache = extract_tiny(tmp_path / "flat", cache_dir=tmp_path / "c").cache_path
+    with h5py.File(cache) as f:
+        n, dim = f["features"].shape
+        itemsize = f["features"].dtype.itemsize
+    if block_rows:
+        monkeypatch.setattr("pipeline.store.export._BLOCK_BYTES", block_rows * dim * itemsize)
+    name = "npy" if fmt == "npy" else f"f.{fmt}"
+    (tmp_path / "got").mkdir()
+    (tmp_path / "want").mkdir()
+    got, want = tmp_path / "got" / name, tmp_path / "want" / name
+    expected = _reference(cache, want, fmt, block_rows or n)
+    result = _export(cache, got, fmt)
+    files = sorted(p.name for p in got.iterdir()) if fmt == "npy" else [got.name]
+    assert files == expected
+    assert sorted(Path(p).name for p in result["files"]) == expected
+    for file in expected:
+        wanted = (want / file if fmt == "npy" else want).read_bytes()
+        assert (got / file if fmt == "npy" else got).read_bytes() == wanted, file
+    # no temporary is left beside the files
+    assert sorted(p.name for p in got.parent.iterdir()) == [name]
+
+
+def _export(cache, out, fmt):
+    return export_cache(cache, out, fmt)
