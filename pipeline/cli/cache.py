@@ -11,9 +11,7 @@ import click
 from pipeline.cli.group import Group
 from pipeline.cli.options import cache_dir_option
 from pipeline.cli.output import display, emit_json
-from pipeline.core.options import (
-    EXPORT_FORMATS,
-)
+from pipeline.core.options import EXPORT_FORMATS, CacheExportOptions, default
 
 __all__ = ["cache_export", "cache_group", "cache_info", "cache_list", "cache_rm", "cache_verify"]
 
@@ -135,7 +133,8 @@ def _list(title: str, rows: list[tuple[str, str]], most: int = 50) -> None:
 
 @cache_group.command(name="export")
 @click.argument("name")
-@click.option("--format", "fmt", type=click.Choice(EXPORT_FORMATS), default="parquet",
+@click.option("--format", "fmt", type=click.Choice(EXPORT_FORMATS),
+              default=default(CacheExportOptions, "format"),
               show_default=True)
 @click.option("--out", type=click.Path(), required=True,
               help="File to write (parquet, csv), or folder (npy).")
@@ -151,11 +150,13 @@ def cache_export(name, fmt, out, cache_dir, as_json) -> None:
     from pipeline.store.catalog import find_cache
     from pipeline.store.export import export_cache
 
-    result = export_cache(find_cache(cache_dir, name), out, fmt)
+    result = export_cache(find_cache(cache_dir, name),
+                          options=CacheExportOptions(format=fmt))
+    result.write(out)
     if as_json:
-        emit_json(result)
+        emit_json(result.to_json())
         return
-    click.echo(f"{result['rows']} rows x {result['dim']} features -> {out} ({fmt})")
+    click.echo(f"{result.rows} rows x {result.dim} features -> {out} ({fmt})")
 
 
 @cache_group.command(name="rm")

@@ -6,6 +6,7 @@ import click
 
 from pipeline.cli.options import offline_option
 from pipeline.cli.output import emit_json
+from pipeline.core.options import ExportOptions, default
 
 __all__ = ["export_command"]
 
@@ -22,7 +23,7 @@ def _size(ctx, param, value):
 
 @click.command(name="export")
 @click.argument("source", type=click.Path())
-@click.option("--format", "format_", default="onnx", show_default=True,
+@click.option("--format", "format_", default=default(ExportOptions, "format"), show_default=True,
               help="onnx (runs with onnxruntime alone) or torchscript (torch alone).")
 @click.option("--out", type=click.Path(dir_okay=False), default=None,
               help="File to write [default: beside the model, .onnx or .pt].")
@@ -36,7 +37,9 @@ def export_command(source, format_, out, input_size, offline, as_json) -> None:
     included."""
     from pipeline.deploy.export import export_model
 
-    result = export_model(source, format_, out, input_size, offline)
+    options = ExportOptions(format=format_, input_size=input_size, offline=offline)
+    result = export_model(source, options=options)
+    result.write(out)  # None: beside the model
     if as_json:
         emit_json(result.to_json())
         return

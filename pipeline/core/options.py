@@ -36,7 +36,9 @@ AUTO_LR = "auto"
 # The learning-rate range test (pipeline.finetuning.lr_find): steps at most, first and last head lr.
 LR_FIND_STEPS, LR_FIND_START_LR, LR_FIND_END_LR = 100, 1e-7, 1.0
 DEFAULT_HEADS = ("logreg", "mlp", "linear")
-EXPORT_FORMATS = ("npy", "parquet", "csv")
+EXPORT_FORMATS = ("npy", "parquet", "csv")  # pipeline cache export
+# pipeline export: each format and the suffix of the file it writes beside the model
+MODEL_FORMATS = {"onnx": ".onnx", "torchscript": ".pt"}
 # How a JPEG is decoded (pipeline.data.decode): at the scale the network needs, or every pixel.
 DECODE_MODES = ("draft", "exact")
 DEFAULT_CACHE_DIR = os.environ.get("PIPELINE_CACHE_DIR", "cache")
@@ -370,6 +372,42 @@ class PredictOptions(Options):
         "offline": [*FLAG, None],
         "tta": [OneOf(TTA_MODES), None],
     }
+
+
+def _image_size(value) -> bool:
+    return (isinstance(value, tuple | list) and len(value) == 2
+            and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in value))
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExportOptions(Options):
+    """How ``pipeline export`` writes a saved model as one file (pipeline.deploy.export)."""
+
+    # onnx runs with onnxruntime alone, torchscript with torch alone
+    format: str = "onnx"
+    # (height, width) of the images the file takes: the resize before the crop is worked out
+    # for it; None: the recipe's crop, square
+    input_size: tuple[int, int] | None = None
+    offline: bool | None = None  # never download the backbone's weights (None: PIPELINE_OFFLINE)
+
+    constraints = {
+        "format": [OneOf(tuple(MODEL_FORMATS))],
+        "input_size": [Satisfies(_image_size, "a height and a width, each an integer >= 1 "
+                                              "(e.g. 224,224)"), None],
+        "offline": [*FLAG, None],
+    }
+
+
+@dataclass(frozen=True, kw_only=True)
+class CacheExportOptions(Options):
+    """How ``pipeline cache export`` writes a cache's features as plain files
+    (pipeline.store.export)."""
+
+    # npy: a folder of .npy files (features.npy memory-maps); parquet: one file with a
+    # fixed-size list column (needs pyarrow); csv: one file, a column per feature
+    format: str = "parquet"
+
+    constraints = {"format": [OneOf(EXPORT_FORMATS)]}
 
 
 def nested_config(config: dict) -> dict:

@@ -17,39 +17,59 @@ TorchScript's ``meta.json`` extra file).
 from __future__ import annotations
 
 import functools
+import io
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 
+from pipeline.core.atomic import write_bytes
+from pipeline.core.contract import Result
 from pipeline.core.errors import ExportError
 from pipeline.core.extras import require, require_all
+from pipeline.core.options import MODEL_FORMATS, ExportOptions
 from pipeline.store.persistence import HEAD_SUFFIX, NETWORK_SUFFIX, SavedHead, load_model
 
-__all__ = ["FORMATS", "ExportError", "ExportResult", "choose_model", "export_model",
-           "resized_size"]
+__all__ = ["FORMATS", "ExportError", "ExportOptions", "ExportResult", "choose_model",
+           "export_model", "resized_size"]
 
-FORMATS = {"onnx": ".onnx", "torchscript": ".pt"}
+FORMATS = MODEL_FORMATS  # format -> the suffix of the file written beside the model
 # What each format needs beyond torch: torch's ONNX exporter (dynamo) runs on onnxscript.
 _NEEDS = {"onnx": ("onnx", "onnxscript"), "torchscript": ()}
+# One ONNX file is one protobuf message, which protobuf caps at 2 GiB: a larger model would
+# need its weights in files beside it, and the export promises one file.
+_ONNX_LIMIT = 2**31
 
 
 @dataclass
-class ExportResult:
-    """What was written: the file, the model it came from and what the file expects."""
+class ExportResult(Result):
+    """The exported file's bytes, the model they came from and what the file expects;
+    :meth:`write` puts the file on disk."""
 
-    path: Path
-    source: Path
+    source: Path  # the saved model that was exported
     format: str
-    classes: list[str]
-    input_size: tuple[int, int]
+    classes: list[str]  # the probabilities' columns, in order
+    input_size: tuple[int, int]  # (height, width) of the images the file takes
+    data: bytes = field(repr=False)  # the whole file
+    path: Path | None = None  # where the last write(out) put it; None until written
+
+    @property
+    def default_path(self) -> Path:
+        """Beside the model, its name with the format's suffix (``.onnx``, ``.pt``)."""
+        return self.source.with_suffix(FORMATS[self.format])
 
     def to_json(self) -> dict:
-        return {"path": str(self.path), "source": str(self.source), "format": self.format,
-                "classes": self.classes, "input_size": list(self.input_size)}
+        return {"path": None if self.path is None else str(self.path),
+                "source": str(self.source), "format": self.format, "classes": self.classes,
+                "input_size": list(self.input_size)}
+
+    def write(self, out: str | os.PathLike | None = None) -> list[Path]:
+        """The file at ``out`` (None: :attr:`default_path`), all at once; its path."""
+        self.path = write_bytes(Path(out) if out else self.default_path, self.data)
+        return [self.path]
 
 
 def choose_model(source: str | os.PathLike) -> Path:
@@ -82,49 +102,48 @@ def choose_model(source: str | os.PathLike) -> Path:
     return best[1]
 
 
-def export_model(source: str | os.PathLike, format: str = "onnx",
-                 out: str | os.PathLike | None = None,
-                 input_size: tuple[int, int] | None = None, offline: bool | None = None
-                 ) -> ExportResult:
-    """Write the model at ``source`` (a ``.head`` or ``.net`` file, or a results folder: its
-    most accurate model) as one ONNX or TorchScript file.
+def export_model(source: str | os.PathLike, *,
+                 options: ExportOptions = ExportOptions()) -> ExportResult:
+    """The model at ``source`` (a ``.head`` or ``.net`` file, or a results folder: its most
+    accurate model) as one ONNX or TorchScript file, in memory.
+
+    Computes and writes nothing: ``result.write(out)`` writes the file (by default beside the
+    model, its name with ``.onnx`` or ``.pt``).
 
     Parameters
     ----------
     source
         A saved model, or a folder of results (``pipeline heads`` / ``finetune`` output).
-    format
-        ``"onnx"`` or ``"torchscript"``.
-    out
-        The file to write; default: beside the model, its name with ``.onnx`` or ``.pt``.
-    input_size
-        ``(height, width)`` of the images the file takes; default: the recipe's crop, square.
-    offline
-        As for :func:`pipeline.resolve_backbone`: the backbone is rebuilt from the model's
-        request.
+    options
+        :class:`~pipeline.core.options.ExportOptions`: ``format`` (``"onnx"`` or
+        ``"torchscript"``), ``input_size`` (``(height, width)`` of the images the file takes;
+        default: the recipe's crop, square) and ``offline`` (as for
+        :func:`pipeline.resolve_backbone`: the backbone is rebuilt from the model's request).
 
     Returns
     -------
     ExportResult
+        The file's bytes, the model exported, its classes and the input size.
+
+    Raises
+    ------
+    ExportError
+        No saved model under ``source``, a head without a tensor form, or an ONNX model over
+        protobuf's 2 GiB.
+    MissingExtraError
+        ``onnx`` without the onnx extra, before the model is built.
     """
-    if format not in FORMATS:
-        raise ExportError(f"unknown export format {format!r}; choose one of "
-                          f"{', '.join(FORMATS)}", format=format, formats=tuple(FORMATS))
-    require_all(_NEEDS[format], f"{format} export")  # before the model is built
+    require_all(_NEEDS[options.format], f"{options.format} export")  # before the model is built
     model_path = choose_model(source)
-    module, spec, classes = _classifier(model_path, offline)
-    size = tuple(input_size) if input_size else (spec.preprocessing.crop,) * 2
-    if len(size) != 2 or min(size) < 1:
-        raise ExportError(f"input size {size}: give a height and a width, e.g. 224,224",
-                          input_size=size)
-    out = Path(out) if out else model_path.with_suffix(FORMATS[format])
-    out.parent.mkdir(parents=True, exist_ok=True)
+    module, spec, classes = _classifier(model_path, options.offline)
+    size = (tuple(options.input_size) if options.input_size
+            else (spec.preprocessing.crop,) * 2)
     wrapped = _torch_modules().Preprocessed(module, spec.preprocessing, size).eval()
     meta = {"classes": classes, "input_size": list(size), "input": "uint8 (N, H, W, 3) RGB",
             "output": "float32 (N, classes) probabilities", "source": model_path.name,
             "backbone": spec.name}
-    (_onnx if format == "onnx" else _torchscript)(wrapped, size, out, meta)
-    return ExportResult(out, model_path, format, classes, size)
+    data = (_onnx if options.format == "onnx" else _torchscript)(wrapped, size, meta)
+    return ExportResult(model_path, options.format, classes, size, data)
 
 
 def _classifier(path: Path, offline):
@@ -296,7 +315,7 @@ def _example(size: tuple[int, int]):
     return torch.randint(0, 256, (2, *size, 3), dtype=torch.uint8, generator=generator)
 
 
-def _onnx(module, size: tuple[int, int], out: Path, meta: dict) -> None:
+def _onnx(module, size: tuple[int, int], meta: dict) -> bytes:
     import torch
 
     onnx = require("onnx", "onnx export")
@@ -309,17 +328,21 @@ def _onnx(module, size: tuple[int, int], out: Path, meta: dict) -> None:
     for key, value in meta.items():
         entry = model.metadata_props.add()
         entry.key, entry.value = key, json.dumps(value)
-    tmp = out.with_name(out.name + ".partial")
-    onnx.save_model(model, str(tmp))
-    os.replace(tmp, out)
+    if model.ByteSize() >= _ONNX_LIMIT:
+        raise ExportError(f"the ONNX model is {model.ByteSize():,} bytes, over the 2 GiB that "
+                          "one ONNX file holds; export it as torchscript",
+                          bytes=model.ByteSize(), format="onnx", reason="onnx-too-large")
+    buffer = io.BytesIO()
+    onnx.save_model(model, buffer)
+    return buffer.getvalue()
 
 
-def _torchscript(module, size: tuple[int, int], out: Path, meta: dict) -> None:
+def _torchscript(module, size: tuple[int, int], meta: dict) -> bytes:
     import torch
 
     module.requires_grad_(False)  # the file predicts; nothing in it trains
     with torch.no_grad():
         traced = torch.jit.trace(module, (_example(size),), check_trace=False)
-    tmp = out.with_name(out.name + ".partial")
-    torch.jit.save(traced, str(tmp), _extra_files={"meta.json": json.dumps(meta)})
-    os.replace(tmp, out)
+    buffer = io.BytesIO()
+    torch.jit.save(traced, buffer, _extra_files={"meta.json": json.dumps(meta)})
+    return buffer.getvalue()

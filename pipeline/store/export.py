@@ -5,29 +5,35 @@ bytes that are not UTF-8 written as ``\\xNN``), ``label`` (the class name) and `
 for an unlabelled set), ``valid`` (False for an image that could not be read, whose features
 are NaN) and the features. ``npy`` and ``parquet`` also keep ``path_bytes``, each name's bytes as
 on disk. Rows are read and written block by block, so memory does not grow with the cache.
+
+:func:`export_cache` checks the cache and plans the export, reading no features;
+``result.write(out)`` streams the blocks into the files, each written all at once
+(:mod:`pipeline.core.atomic`): a file never carries its name half-written.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from pipeline.core.atomic import write_json
+from pipeline.core.atomic import atomic_write, write_bytes, write_json
+from pipeline.core.contract import Result
 from pipeline.core.errors import ExportError
 from pipeline.core.extras import require, require_all
-from pipeline.core.options import EXPORT_FORMATS
+from pipeline.core.options import EXPORT_FORMATS, CacheExportOptions
 from pipeline.data.layouts import as_bytes, display
 from pipeline.store.cache import open_cache, read_strings
 
+__all__ = ["FORMATS", "CacheExportOptions", "CacheExportResult", "export_cache"]
+
 FORMATS = EXPORT_FORMATS
-_BLOCK_BYTES = 32 << 20
-
-
+_BLOCK_BYTES = 32 << 20  # features read per block: what the export holds in memory at once
 
 @dataclass
 class _Block:
@@ -42,39 +48,75 @@ class _Block:
     split: list[str | None]
 
 
-def export_cache(cache: str | os.PathLike, out: str | os.PathLike, format: str = "parquet"
-                 ) -> dict:
-    """Write the features of ``cache`` with path, label, split and valid to ``out``.
+@dataclass
+class CacheExportResult(Result):
+    """A planned export of a cache's rows; :meth:`write` streams them into the files."""
+
+    cache: Path  # the complete feature cache the rows are read from
+    format: str  # npy, parquet or csv
+    rows: int
+    dim: int
+    # The files of the last write(out); empty until the result is written.
+    files: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return {"rows": self.rows, "dim": self.dim, "format": self.format,
+                "files": list(self.files)}
+
+    def write(self, out: str | os.PathLike) -> list[Path]:
+        """Stream the cache's rows, block by block, to ``out``: a folder of ``.npy`` files
+        (``columns.json`` last, so that a complete folder has it) for npy, one file for
+        parquet and csv; the paths written.
+
+        Raises
+        ------
+        ExportError
+            ``out`` of the wrong kind (a file for npy, a folder for parquet or csv), before
+            anything is read; or a cache whose shape changed since :func:`export_cache`.
+        """
+        out = Path(out)
+        _check_out(out, self.format)
+        with open_cache(self.cache) as f:
+            n, dim = f["features"].shape
+            if (n, dim) != (self.rows, self.dim):
+                raise ExportError(f"{self.cache} changed since the export was planned: "
+                                  f"{n} x {dim} features, not {self.rows} x {self.dim}",
+                                  path=self.cache, rows=int(n), dim=int(dim))
+            writer = {"npy": _write_npy, "parquet": _write_parquet, "csv": _write_csv}
+            files = writer[self.format](out, _blocks(f), n, dim, f["features"].dtype)
+        self.files = [str(p) for p in files]
+        return files
+
+
+def export_cache(cache: str | os.PathLike, *,
+                 options: CacheExportOptions = CacheExportOptions()) -> CacheExportResult:
+    """The features of ``cache`` with path, label, split and valid, as plain files.
+
+    Checks the cache and plans the export; reads no features and writes nothing:
+    ``result.write(out)`` streams the rows into the files.
 
     Parameters
     ----------
     cache
         A complete feature cache (``.h5``).
-    out
-        ``npy``: a folder that receives ``features.npy`` (N x D, memory-mappable with
-        ``np.load(..., mmap_mode="r")``), ``valid.npy``, ``path.npy``, ``path_bytes.npy``,
-        ``label.npy``, ``split.npy``; ``parquet``: one file with a fixed-size list column
-        ``features`` (needs pyarrow: the ``parquet`` extra); ``csv``: one file with feature
-        columns ``f0`` ... ``f<D-1>``.
-    format
-        ``npy``, ``parquet`` or ``csv``.
+    options
+        :class:`~pipeline.core.options.CacheExportOptions`: ``format``, one of ``npy`` (a
+        folder that receives ``features.npy``, N x D, memory-mappable with
+        ``np.load(..., mmap_mode="r")``, ``valid.npy``, ``path.npy``, ``path_bytes.npy``,
+        ``label.npy``, ``split.npy``), ``parquet`` (one file with a fixed-size list column
+        ``features``; needs pyarrow: the ``parquet`` extra) or ``csv`` (one file with feature
+        columns ``f0`` ... ``f<D-1>``).
 
     Returns
     -------
-    dict
-        ``rows``, ``dim``, ``format`` and ``files`` written.
+    CacheExportResult
+        ``rows``, ``dim`` and ``format``; ``files`` once written.
     """
-    if format not in FORMATS:
-        raise ExportError(f"format must be one of {', '.join(FORMATS)}, not {format!r}")
-    out = Path(out)
-    _check_out(out, format)
-    if format == "parquet":  # before anything is read
+    if options.format == "parquet":  # before anything is read
         require_all(["pyarrow"], "Parquet export")
     with open_cache(cache) as f:
         n, dim = f["features"].shape
-        writer = {"npy": _write_npy, "parquet": _write_parquet, "csv": _write_csv}[format]
-        files = writer(out, _blocks(f), n, dim, f["features"].dtype)
-    return {"rows": int(n), "dim": int(dim), "format": format, "files": [str(p) for p in files]}
+    return CacheExportResult(Path(cache), options.format, int(n), int(dim))
 
 
 def _check_out(out: Path, format: str) -> None:
@@ -108,15 +150,21 @@ def _blocks(f) -> Iterator[_Block]:
 
 def _write_npy(out: Path, blocks: Iterator[_Block], n: int, dim: int, dtype) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
-    features = np.lib.format.open_memmap(out / "features.npy", "w+", dtype, (n, dim))
+    dtype = np.dtype(dtype)
+    # The header np.save writes for an (n, dim) C-order array, then its rows as they come.
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {
+        "descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False,
+        "shape": (n, dim)})
     columns: dict[str, list] = {"valid": [], "path": [], "path_bytes": [], "label": [],
                                 "split": []}
-    for block in blocks:
-        features[block.start:block.start + len(block.valid)] = block.features
-        for name in columns:
-            columns[name] += list(getattr(block, name))
-    features.flush()
-    del features
+    size = header.tell() + n * dim * dtype.itemsize
+    with atomic_write(out / "features.npy", size=size) as fh:
+        fh.write(header.getvalue())
+        for block in blocks:
+            fh.write(np.ascontiguousarray(block.features, dtype).tobytes())
+            for name in columns:
+                columns[name] += list(getattr(block, name))
     files = [out / "features.npy"]
     labelled = n == 0 or columns["label"][0] is not None
     for name, values in columns.items():
@@ -125,11 +173,17 @@ def _write_npy(out: Path, blocks: Iterator[_Block], n: int, dim: int, dtype) -> 
         # Fixed-width str and bytes arrays: np.load reads them without allow_pickle.
         array = (np.array(values, bool) if name == "valid" else
                  np.array(values, "S") if name == "path_bytes" else np.array(values, str))
-        np.save(out / f"{name}.npy", array)
-        files.append(out / f"{name}.npy")
+        files.append(write_bytes(out / f"{name}.npy", _npy(array)))
     write_json(out / "columns.json",
                {"rows": n, "dim": dim, "labelled": labelled, "files": [p.name for p in files]})
     return files + [out / "columns.json"]
+
+
+def _npy(array: np.ndarray) -> bytes:
+    """``array`` as the bytes of its ``.npy`` file."""
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
 
 
 def _write_parquet(out: Path, blocks: Iterator[_Block], n: int, dim: int, dtype) -> list[Path]:
@@ -140,7 +194,7 @@ def _write_parquet(out: Path, blocks: Iterator[_Block], n: int, dim: int, dtype)
                         ("label", pa.string()), ("split", pa.string()), ("valid", pa.bool_()),
                         ("features", pa.list_(value_type, dim))])
     out.parent.mkdir(parents=True, exist_ok=True)
-    with pq.ParquetWriter(out, schema) as writer:
+    with atomic_write(out) as fh, pq.ParquetWriter(fh, schema) as writer:
         for b in blocks:
             flat = pa.array(np.ascontiguousarray(b.features).reshape(-1), value_type)
             writer.write_table(pa.table({
@@ -155,7 +209,9 @@ def _write_csv(out: Path, blocks: Iterator[_Block], n: int, dim: int, dtype) -> 
     out.parent.mkdir(parents=True, exist_ok=True)
     # 9 significant digits give a float32 back exactly; float16 needs 5.
     fmt = "%.5g" if np.dtype(dtype) == np.float16 else "%.9g"
-    with open(out, "w", newline="", encoding="utf-8") as fh:
+    with atomic_write(out) as raw:
+        # newline="": the csv module ends its rows itself (RFC 4180's \r\n)
+        fh = io.TextIOWrapper(raw, encoding="utf-8", newline="")
         writer = csv.writer(fh)
         writer.writerow(["path", "label", "split", "valid", *(f"f{j}" for j in range(dim))])
         for b in blocks:
@@ -163,4 +219,5 @@ def _write_csv(out: Path, blocks: Iterator[_Block], n: int, dim: int, dtype) -> 
             for i in range(len(b.valid)):
                 writer.writerow([b.path[i], b.label[i] or "", b.split[i] or "",
                                  bool(b.valid[i]), *values[i]])
+        fh.detach()  # flushed; atomic_write closes the file and renames it into place
     return [out]

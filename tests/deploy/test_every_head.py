@@ -18,7 +18,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from pipeline.cli.main import main
-from pipeline.deploy.export import ExportError, export_model
+from pipeline.deploy.export import ExportError, ExportOptions, export_model
 from pipeline.heads import HEADS
 from pipeline.heads.protocol import ChoosesParams, HasLinearForm, HasLogitModule
 from pipeline.store.cache import read_splits
@@ -71,7 +71,8 @@ def test_every_registered_head_exports_its_own_probabilities(fitted, tmp_path, n
     want = head.predict_proba(X)
     assert want.max(axis=1).min() < 0.999  # not saturated: a wrong feature would show
     assert np.array_equal(head.predict(X), head.classes_[want.argmax(1)])
-    result = export_model(models[name], fmt, tmp_path / f"m.{fmt}", input_size=SIZE)
+    result = export_model(models[name], options=ExportOptions(format=fmt, input_size=SIZE))
+    result.write(tmp_path / f"m.{fmt}")
     assert result.classes == list(CLASSES)
     got = _run(result.path, images)
     difference = float(np.abs(got - want).max())
@@ -110,7 +111,7 @@ def test_every_registered_head_says_what_it_chose(fitted):
 def test_a_foreign_classifier_is_refused_in_one_line(fitted, tmp_path):
     models, _, _, _ = fitted
     with pytest.raises(ExportError, match="LogisticRegression head has no tensor form"):
-        export_model(models["LogisticRegression"], "onnx", tmp_path / "x.onnx")
+        export_model(models["LogisticRegression"])
     result = CliRunner().invoke(main, ["export", str(models["LogisticRegression"])])
     assert result.exit_code == 1
     assert len(result.output.strip().splitlines()) == 1

@@ -16,8 +16,9 @@ from click.testing import CliRunner
 from PIL import Image
 
 from pipeline.cli.main import main
-from pipeline.core.options import PredictOptions
-from pipeline.deploy.export import ExportError, choose_model, export_model, resized_size
+from pipeline.core.errors import OptionError
+from pipeline.core.options import ExportOptions, PredictOptions
+from pipeline.deploy.export import choose_model, export_model, resized_size
 from pipeline.deploy.predict import predict_images
 from pipeline.finetuning.network import FinetunedNetwork
 from pipeline.models.backbones import build_classifier, replace_classifier, resolve_backbone
@@ -53,6 +54,13 @@ def trained(tmp_path_factory):
     return models, images, heads
 
 
+def _export(model, out: Path, **options):
+    """``export_model`` with ``ExportOptions(**options)``, its file written to ``out``."""
+    result = export_model(model, options=ExportOptions(**options))
+    assert result.write(out) == [out]
+    return result
+
+
 def _batch(images) -> np.ndarray:
     return np.stack([np.asarray(Image.open(p).convert("RGB")) for p in images])
 
@@ -74,7 +82,7 @@ def _run(path: Path, batch: np.ndarray) -> np.ndarray:
 @pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
 def test_the_file_gives_predicts_probabilities(trained, tmp_path, kind, fmt):
     models, images, _ = trained
-    result = export_model(models[kind], fmt, tmp_path / f"m.{fmt}", input_size=SIZE)
+    result = _export(models[kind], tmp_path / f"m.{fmt}", format=fmt, input_size=SIZE)
     assert result.classes == list(CLASSES) and result.input_size == SIZE
     got = _run(result.path, _batch(images))
     want = _predicted(models[kind], images)
@@ -87,7 +95,7 @@ def test_the_file_gives_predicts_probabilities(trained, tmp_path, kind, fmt):
 
 def test_any_batch_size_runs_and_the_file_carries_classes_and_size(trained, tmp_path):
     models, images, _ = trained
-    path = export_model(models["logreg"], "onnx", tmp_path / "m.onnx", input_size=SIZE).path
+    path = _export(models["logreg"], tmp_path / "m.onnx", input_size=SIZE).path
     session = ort.InferenceSession(str(path))
     meta = session.get_modelmeta().custom_metadata_map
     assert json.loads(meta["classes"]) == list(CLASSES)
@@ -97,7 +105,7 @@ def test_any_batch_size_runs_and_the_file_carries_classes_and_size(trained, tmp_
     assert one.shape == (1, 3) and np.allclose(one, session.run(None, {"images": batch})[0][:1],
                                                atol=1e-6)
     extra = {"meta.json": ""}
-    export_model(models["logreg"], "torchscript", tmp_path / "m.pt", input_size=SIZE)
+    _export(models["logreg"], tmp_path / "m.pt", format="torchscript", input_size=SIZE)
     torch.jit.load(str(tmp_path / "m.pt"), _extra_files=extra)
     assert json.loads(extra["meta.json"])["classes"] == list(CLASSES)
 
@@ -111,7 +119,7 @@ def test_a_results_folder_exports_its_most_accurate_model(trained):
 
 def test_the_documented_script_runs_on_the_file_without_pipeline(trained, tmp_path):
     models, images, _ = trained
-    path = export_model(models["mlp"], "onnx", tmp_path / "m.onnx", input_size=SIZE).path
+    path = _export(models["mlp"], tmp_path / "m.onnx", input_size=SIZE).path
     code = re.search(r"```python\n(.*?)```", DOCS.read_text(), re.S).group(1)
     script = tmp_path / "classify.py"
     # The script, then proof that it ran without the package.
@@ -141,9 +149,14 @@ def test_bad_input_ends_in_one_line(trained, tmp_path):
         "`pipeline heads` or `pipeline finetune` first"]
     unknown = runner.invoke(main, ["export", str(models["logreg"]), "--format", "tflite"])
     assert unknown.exit_code == 1 and unknown.output.strip().splitlines() == [
-        "Error: unknown export format 'tflite'; choose one of onnx, torchscript"]
-    with pytest.raises(ExportError, match="give a height and a width"):
-        export_model(models["logreg"], "onnx", tmp_path / "x.onnx", input_size=(0, 20))
+        "Error: format must be one of 'onnx', 'torchscript', not 'tflite'"]
+    with pytest.raises(OptionError, match="input-size must be a height and a width"):
+        ExportOptions(input_size=(0, 20))
+    zero = runner.invoke(main, ["export", str(models["logreg"]), "--input-size", "0,20"])
+    assert zero.exit_code == 1 and zero.output.strip().splitlines() == [
+        "Error: input-size must be a height and a width, each an integer >= 1 (e.g. 224,224) "
+        "or unset, not (0, 20)"]
+    assert list(models["logreg"].parent.glob("*.onnx")) == []
     bad_size = runner.invoke(main, ["export", str(models["logreg"]), "--input-size", "big"])
     assert bad_size.exit_code == 2 and "give HEIGHT,WIDTH" in bad_size.output
 
@@ -157,3 +170,30 @@ def test_the_command_writes_the_file_and_says_what_it_takes(trained, tmp_path):
     assert result.exit_code == 0, result.output
     shown = json.loads(result.output.strip().splitlines()[-1])
     assert shown["path"] == str(out) and shown["input_size"] == [70, 90] and out.exists()
+
+
+def test_the_stage_writes_nothing_and_the_file_lands_beside_the_model_by_default(trained):
+    models, images, _ = trained
+    model = models["logreg"]
+    before = sorted(model.parent.iterdir())
+    result = export_model(model, options=ExportOptions(format="torchscript", input_size=SIZE))
+    assert sorted(model.parent.iterdir()) == before  # computed in memory, nothing written
+    assert result.path is None and result.to_json() == {
+        "path": None, "source": str(model), "format": "torchscript",
+        "classes": list(CLASSES), "input_size": list(SIZE)}
+    with pytest.raises(TypeError):
+        export_model(model, "onnx")  # options by keyword only
+    beside = model.with_suffix(".pt")
+    assert result.default_path == beside and result.write() == [beside]
+    assert result.to_json()["path"] == str(beside)
+    np.testing.assert_allclose(_run(beside, _batch(images)),
+                               _predicted(model, images), atol=1e-4)
+    beside.unlink()
+    shown = CliRunner().invoke(main, ["export", str(model), "--input-size", "70,90"])
+    assert shown.exit_code == 0, shown.output
+    assert shown.output.strip().splitlines() == [
+        f"exported {model} as onnx -> {model.with_suffix('.onnx')} (uint8 images "
+        "(N, 70, 90, 3) in, probabilities of 3 classes out)"]
+    assert sorted(p.name for p in model.parent.iterdir()) == sorted(
+        [p.name for p in before] + [model.with_suffix(".onnx").name])
+    model.with_suffix(".onnx").unlink()

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from pipeline.core.options import DistillOptions
-from pipeline.deploy.export import export_model
+from pipeline.deploy.export import ExportOptions, export_model
 from pipeline.distillation import teacher as teacher_module
 from pipeline.distillation.run import distill
 from pipeline.distillation.teacher import TeacherError
@@ -81,7 +81,8 @@ def test_the_student_is_saved_and_exported_like_any_head(real, tmp_path):
     student = Path(result.rows[0]["model"])
     saved = load_head(student)
     assert saved.meta["head"] == "linear+distill"
-    exported = export_model(student, "torchscript", tmp_path / "student.pt")
+    exported = export_model(student, options=ExportOptions(format="torchscript"))
+    assert exported.write(tmp_path / "student.pt") == [tmp_path / "student.pt"]
     assert exported.path.exists() and exported.classes == cache_info(real["cache"])["classes"]
     test = read_split(real["cache"], "test")
     np.testing.assert_allclose(saved.estimator.predict_proba(test.X),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -12,7 +13,8 @@ import pandas as pd
 import polars as pl
 import pytest
 
-from pipeline.core.errors import PipelineError
+from pipeline.core.errors import OptionError, PipelineError
+from pipeline.core.options import CacheExportOptions
 from pipeline.store.export import export_cache
 from tests.conftest import extract_tiny, make_folder, write_image
 
@@ -35,7 +37,7 @@ def _stored(cache):
 def test_parquet_read_back_with_pandas_and_polars(tmp_path, labelled_cache):
     features, valid, raw, labels, split = _stored(labelled_cache)
     out = tmp_path / "f.parquet"
-    result = export_cache(labelled_cache, out, "parquet")
+    result = _export(labelled_cache, out, "parquet")
     assert result["rows"] == len(valid) == 14
     df = pd.read_parquet(out)
     assert list(df.columns) == ["path", "path_bytes", "label", "split", "valid", "features"]
@@ -53,7 +55,7 @@ def test_parquet_read_back_with_pandas_and_polars(tmp_path, labelled_cache):
 def test_csv_read_back_with_pandas(tmp_path, labelled_cache):
     features, valid, _, labels, split = _stored(labelled_cache)
     out = tmp_path / "f.csv"
-    export_cache(labelled_cache, out, "csv")
+    _export(labelled_cache, out, "csv")
     df = pd.read_csv(out)
     assert list(df.columns[:4]) == ["path", "label", "split", "valid"]
     assert df.shape == (len(valid), 4 + features.shape[1])
@@ -63,7 +65,7 @@ def test_csv_read_back_with_pandas(tmp_path, labelled_cache):
 
 def test_npy_folder_read_back_with_numpy(tmp_path, labelled_cache):
     features, valid, raw, labels, _ = _stored(labelled_cache)
-    export_cache(labelled_cache, tmp_path / "npy", "npy")
+    _export(labelled_cache, tmp_path / "npy", "npy")
     got = np.load(tmp_path / "npy" / "features.npy", mmap_mode="r")
     np.testing.assert_array_equal(got[valid], features[valid])
     assert np.load(tmp_path / "npy" / "valid.npy").tolist() == valid.tolist()
@@ -75,15 +77,16 @@ def test_unlabelled_set_exports_without_labels_or_splits(tmp_path):
     for i in range(5):
         write_image(tmp_path / "flat" / f"{i}.png", i)
     cache = extract_tiny(tmp_path / "flat", cache_dir=tmp_path / "c").cache_path
-    df = pd.read_parquet(export_cache(cache, tmp_path / "u.parquet", "parquet")["files"][0])
+    df = pd.read_parquet(_export(cache, tmp_path / "u.parquet", "parquet")["files"][0])
     assert df["label"].isna().all() and df["split"].isna().all() and df["valid"].all()
-    export_cache(cache, tmp_path / "npy", "npy")
+    _export(cache, tmp_path / "npy", "npy")
     assert not (tmp_path / "npy" / "label.npy").exists()
 
 
-def test_unknown_format_is_a_user_error(tmp_path, labelled_cache):
-    with pytest.raises(PipelineError, match="format must be one of"):
-        export_cache(labelled_cache, tmp_path / "x", "xlsx")
+def test_unknown_format_is_a_user_error():
+    with pytest.raises(OptionError, match="format must be one of 'npy', 'parquet', 'csv', "
+                                          "not 'xlsx'"):
+        CacheExportOptions(format="xlsx")
 
 
 def test_an_out_of_the_wrong_kind_is_a_user_error_before_anything_is_written(tmp_path,
@@ -92,11 +95,11 @@ def test_an_out_of_the_wrong_kind_is_a_user_error_before_anything_is_written(tmp
     folder.mkdir()
     for fmt in ("csv", "parquet"):
         with pytest.raises(PipelineError, match=f"is a folder; {fmt} writes one file"):
-            export_cache(labelled_cache, folder, fmt)
+            _export(labelled_cache, folder, fmt)
     afile = tmp_path / "features.csv"
     afile.write_text("mine")
     with pytest.raises(PipelineError, match="is a file; npy writes a folder"):
-        export_cache(labelled_cache, afile, "npy")
+        _export(labelled_cache, afile, "npy")
     assert list(folder.iterdir()) == [] and afile.read_text() == "mine"
 
 
@@ -193,5 +196,70 @@ def test_the_files_are_byte_for_byte_those_of_plain_writers(tmp_path, labelled_c
     assert sorted(p.name for p in got.parent.iterdir()) == [name]
 
 
-def _export(cache, out, fmt):
-    return export_cache(cache, out, fmt)
+def _export(cache, out, fmt: str) -> dict:
+    """``export_cache`` as ``pipeline cache export`` runs it: plan, write, the JSON."""
+    result = export_cache(cache, options=CacheExportOptions(format=fmt))
+    result.write(out)
+    return result.to_json()
+
+
+def test_the_stage_plans_and_writes_nothing_until_write(tmp_path, labelled_cache):
+    before = sorted(labelled_cache.parent.iterdir())
+    result = export_cache(labelled_cache, options=CacheExportOptions(format="csv"))
+    assert result.to_json() == {"rows": 14, "dim": result.dim, "format": "csv", "files": []}
+    assert sorted(labelled_cache.parent.iterdir()) == before and result.dim > 0
+    with pytest.raises(TypeError):
+        export_cache(labelled_cache, tmp_path / "f.csv")  # options by keyword only
+    assert result.write(tmp_path / "f.csv") == [tmp_path / "f.csv"]
+    assert result.to_json()["files"] == [str(tmp_path / "f.csv")]
+
+
+@pytest.mark.parametrize("fmt", ["npy", "parquet", "csv"])
+def test_an_interrupted_write_leaves_the_previous_file_and_no_temporary(
+        tmp_path, labelled_cache, monkeypatch, fmt):
+    import pipeline.store.export as module
+
+    blocks = module._blocks
+
+    def first_block_then_fail(f):
+        yield next(blocks(f))
+        raise RuntimeError("killed")
+
+    with h5py.File(labelled_cache) as f:
+        dim = f["features"].shape[1]
+    monkeypatch.setattr(module, "_BLOCK_BYTES", 4 * dim * 4)  # 4 rows a block
+    monkeypatch.setattr(module, "_blocks", first_block_then_fail)
+    out = tmp_path / "out"
+    out.mkdir()
+    target = out / "features.npy" if fmt == "npy" else out / f"f.{fmt}"
+    target.write_bytes(b"previous")
+    with pytest.raises(RuntimeError, match="killed"):
+        _export(labelled_cache, out if fmt == "npy" else target, fmt)
+    assert sorted(p.name for p in out.iterdir()) == [target.name]
+    assert target.read_bytes() == b"previous"
+
+
+def test_the_command_writes_the_files_and_says_what_it_wrote(tmp_path, labelled_cache):
+    from click.testing import CliRunner
+
+    from pipeline.cli.main import main
+
+    runner = CliRunner()
+    dim = h5py.File(labelled_cache)["features"].shape[1]
+    out = tmp_path / "f.csv"
+    shown = runner.invoke(main, ["cache", "export", str(labelled_cache), "--format", "csv",
+                                 "--out", str(out)])
+    assert shown.exit_code == 0, shown.output
+    assert shown.output.strip().splitlines() == [f"14 rows x {dim} features -> {out} (csv)"]
+    as_json = runner.invoke(main, ["cache", "export", str(labelled_cache), "--format", "npy",
+                                   "--out", str(tmp_path / "npy"), "--json"])
+    assert json.loads(as_json.output) == {
+        "rows": 14, "dim": dim, "format": "npy",
+        "files": [str(tmp_path / "npy" / f) for f in (
+            "features.npy", "valid.npy", "path.npy", "path_bytes.npy", "label.npy",
+            "split.npy", "columns.json")]}
+    wrong = runner.invoke(main, ["cache", "export", str(labelled_cache), "--out",
+                                 str(tmp_path / "npy")])
+    assert wrong.exit_code == 1 and wrong.output.strip().splitlines() == [
+        f"Error: --out {tmp_path / 'npy'} is a folder; parquet writes one file: give a file "
+        f"name such as {tmp_path / 'npy' / 'features.parquet'}"]
