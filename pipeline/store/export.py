@@ -122,11 +122,12 @@ def export_cache(cache: str | os.PathLike, *,
 def _check_out(out: Path, format: str) -> None:
     """npy writes a folder, parquet and csv one file: say so before anything is read."""
     if format == "npy" and out.exists() and not out.is_dir():
-        raise ExportError(f"--out {out} is a file; npy writes a folder of .npy files: give a "
-                          "folder")
+        raise ExportError(f"{out} is a file; npy writes a folder of .npy files: give a folder",
+                          path=out, format=format)
     if format != "npy" and out.is_dir():
-        raise ExportError(f"--out {out} is a folder; {format} writes one file: give a file "
-                          f"name such as {out / ('features.' + format)}")
+        example = out / f"features.{format}"
+        raise ExportError(f"{out} is a folder; {format} writes one file: give a file name "
+                          f"such as {example}", path=out, format=format, example=example)
 
 
 def _blocks(f) -> Iterator[_Block]:

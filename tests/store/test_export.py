@@ -13,7 +13,7 @@ import pandas as pd
 import polars as pl
 import pytest
 
-from pipeline.core.errors import OptionError, PipelineError
+from pipeline.core.errors import ExportError, OptionError
 from pipeline.core.options import CacheExportOptions
 from pipeline.store.export import export_cache
 from tests.conftest import extract_tiny, make_folder, write_image
@@ -94,12 +94,15 @@ def test_an_out_of_the_wrong_kind_is_a_user_error_before_anything_is_written(tmp
     folder = tmp_path / "folder"
     folder.mkdir()
     for fmt in ("csv", "parquet"):
-        with pytest.raises(PipelineError, match=f"is a folder; {fmt} writes one file"):
+        with pytest.raises(ExportError, match=f"is a folder; {fmt} writes one file") as err:
             _export(labelled_cache, folder, fmt)
+        assert err.value.path == folder and err.value.format == fmt  # the facts
+        assert "--out" not in str(err.value)  # a script meets it too: no flag named
     afile = tmp_path / "features.csv"
     afile.write_text("mine")
-    with pytest.raises(PipelineError, match="is a file; npy writes a folder"):
+    with pytest.raises(ExportError, match="is a file; npy writes a folder") as err:
         _export(labelled_cache, afile, "npy")
+    assert err.value.path == afile
     assert list(folder.iterdir()) == [] and afile.read_text() == "mine"
 
 
@@ -261,5 +264,5 @@ def test_the_command_writes_the_files_and_says_what_it_wrote(tmp_path, labelled_
     wrong = runner.invoke(main, ["cache", "export", str(labelled_cache), "--out",
                                  str(tmp_path / "npy")])
     assert wrong.exit_code == 1 and wrong.output.strip().splitlines() == [
-        f"Error: --out {tmp_path / 'npy'} is a folder; parquet writes one file: give a file "
+        f"Error: {tmp_path / 'npy'} is a folder; parquet writes one file: give a file "
         f"name such as {tmp_path / 'npy' / 'features.parquet'}"]
