@@ -25,6 +25,7 @@ ADVICE = {
     "too-many-blocks": "`pipeline blocks {backbone}` lists them",
     "too-many-layers": "`pipeline blocks {backbone} --layers` lists them",
     "no-model": "run `pipeline heads` or `pipeline finetune` first",
+    "tta-on-cache": "or predict without --tta",
 }
 
 

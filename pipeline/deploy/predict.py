@@ -190,8 +190,9 @@ def predict_images(
                              tta)
         return PredictResult(rows, name, top_k)
     if tta and caches:
-        raise TTAError(f"--tta needs images: {display(str(caches[0]))} holds the features of "
-                       "the plain images only; give the image files or folders instead")
+        raise TTAError(f"test-time augmentation needs images: {display(str(caches[0]))} holds "
+                       "the features of the plain images only; give the image files or folders "
+                       "instead", path=caches[0], tta=tta, reason="tta-on-cache")
     rows = (_head_image_rows(predictor, files, top_k, device, batch_size, workers, progress,
                              offline, tta) if files else [])
     for path in caches:

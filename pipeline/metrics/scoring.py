@@ -22,7 +22,7 @@ from sklearn.metrics import (
 )
 
 from pipeline.core.atomic import atomic_write
-from pipeline.core.errors import PipelineError
+from pipeline.core.errors import OptionError
 from pipeline.metrics.calibration import expected_calibration_error
 from pipeline.metrics.significance import score_intervals, seed_interval
 
@@ -171,12 +171,14 @@ def positive_class(classes: list[str], positive: str | None) -> int | None:
     class (as scikit-learn's ``pos_label=1``); None for more classes and no ``positive``."""
     if positive is None:
         return 1 if len(classes) == 2 else None
+    # The option as the stages take it (HeadsOptions, FinetuneOptions): its range is the
+    # data's classes, known only here.
     if len(classes) != 2:
-        raise PipelineError(f"--positive {positive!r}: the positive class is for two-class "
-                            f"data; this has {len(classes)} classes")
+        raise OptionError("positive", positive, f"unset for data of {len(classes)} classes (a "
+                                                "positive class is for two-class data)")
     if positive not in classes:
-        raise PipelineError(f"--positive {positive!r} is not a class; the classes are "
-                            f"{', '.join(classes)}")
+        raise OptionError("positive", positive,
+                          f"one of the classes, {', '.join(map(repr, classes))}")
     return classes.index(positive)
 
 

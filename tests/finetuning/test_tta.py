@@ -148,11 +148,14 @@ def test_a_head_averages_over_the_features_of_each_view(head, tmp_path):
 
 def test_a_head_refuses_tta_on_cached_features(head):
     model, _, cache = head
-    with pytest.raises(TTAError, match="needs images"):
+    with pytest.raises(TTAError, match="needs images") as err:
         predict_images(model, [cache], options=PredictOptions(tta="flip", workers=0))
+    assert err.value.path == cache and "--" not in str(err.value)  # a script meets it too
     result = CliRunner().invoke(main, ["predict", str(model), str(cache), "--tta", "flip"])
     assert result.exit_code == 1
-    assert result.output.count("\n") == 1 and "--tta needs images" in result.output
+    assert result.output.splitlines() == [
+        f"Error: test-time augmentation needs images: {cache} holds the features of the plain "
+        "images only; give the image files or folders instead; or predict without --tta"]
     with pytest.raises(OptionError, match="tta must be one of 'flip', 'crops' or unset"):
         PredictOptions(tta="mirror")
 

@@ -146,15 +146,17 @@ def test_positive_class_scores_match_scikit_learn():
 
 
 @pytest.mark.parametrize(("classes", "positive", "message"), [
-    (["a", "b"], "c", "not a class; the classes are a, b"),
-    (["a", "b", "c"], "a", "for two-class data; this has 3 classes"),
+    (["a", "b"], "c", "^positive must be one of the classes, 'a', 'b', not 'c'$"),
+    (["a", "b", "c"], "a", "^positive must be unset for data of 3 classes \\(a positive class is "
+                           "for two-class data\\), not 'a'$"),
 ])
 def test_a_wrong_positive_class_is_one_clear_error(classes, positive, message):
-    from pipeline.core.errors import PipelineError
+    from pipeline.core.errors import OptionError
     from pipeline.metrics.scoring import positive_class
 
-    with pytest.raises(PipelineError, match=message):
+    with pytest.raises(OptionError, match=message) as err:
         positive_class(classes, positive)
+    assert err.value.option == "positive" and err.value.value == positive
 
 
 def test_per_class_rows_match_precision_recall_f1():
