@@ -26,6 +26,23 @@ ADVICE = {
     "too-many-layers": "`pipeline blocks {backbone} --layers` lists them",
     "no-model": "run `pipeline heads` or `pipeline finetune` first",
     "tta-on-cache": "or predict without --tta",
+    # Advice that names the flags of the command line; the library's message holds the facts.
+    "no-room-features": "or use another --cache-dir (or --dtype float16, half the size)",
+    "no-room-activations": "or use another --cache-dir, fewer --views, or --from-images",
+    "cache-write-failed": "or use another --cache-dir",
+    "damaged-no-repair": "run without --no-repair to move it aside and build it anew",
+    "damaged-stuck": "or use another --cache-dir",
+    "strict-unreadable": "drop --strict to skip and list such files",
+    "empty-split": "`pipeline extract --split` sets them",
+    "engine-device": "use --engine torch (or auto) there, or --device cpu",
+    "compile-engine": "drop --compile, or use --engine torch",
+    "engine-failed": "use --engine torch",
+    "weights-offline": "or pass --weights PATH (--weights none for random init); without "
+                       "--offline (or PIPELINE_OFFLINE) they would be downloaded",
+    "weights-download": "or pass --weights PATH (with --offline to never download), or "
+                        "--weights none for random init",
+    "pool-space": "`pipeline extract` takes --backbone, --weights, --layer and --image-size",
+    "no-weights-source": "pass --weights PATH (a state dict) or --weights none for random init",
 }
 
 

@@ -75,7 +75,8 @@ def _check_class_sizes(pool_labels: np.ndarray, classes: list[str], to_carve: li
         raise DataError(
             f"class {classes[c]!r} has {counts[c]} training image(s): too few to carve {what} "
             f"out of (needs {1 + len(to_carve)}: one each, and one kept for training); add "
-            f"images, give the {what} split(s) yourself, or set its --split fraction to 0")
+            f"images, give the {what} split(s) yourself, or set its split fraction to 0",
+            cls=classes[c], images=int(counts[c]), splits=to_carve)
 
 
 def _carve(labels: np.ndarray, pool: np.ndarray, counts: np.ndarray, fraction: float,

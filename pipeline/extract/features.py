@@ -260,8 +260,7 @@ def _extract_locked(run: _Run, final: Path, key_spec: dict, key: str, dim: int, 
                     meta: dict, started: float, prepared: engines.Prepared) -> ExtractResult:
     """Write (or resume) the cache ``final``, its writer lock held."""
     check_disk(final.parent, _cache_bytes(final, len(run.images), dim, dtype),
-               "the feature cache", "free some space or use another --cache-dir (or --dtype "
-               "float16, half the size)")
+               "the feature cache", "no-room-features")
     writer = FeatureWriter(final, key_spec, key, dim, dtype, meta)
     resumed_from = writer.rows_done
     try:
@@ -307,14 +306,14 @@ def _repair(final: Path, opts: ExtractOptions, ctx: distributed.Context) -> str:
     problems = report["problems"]
     what = problems[0] + (f", and {len(problems) - 1} more" if len(problems) > 1 else "")
     if not opts.repair:
-        raise CacheDamaged(f"{final} is damaged ({what}); run without --no-repair to move it "
-                           "aside and build it anew")
+        raise CacheDamaged(f"{final} is damaged ({what}) and repair is off", path=final,
+                           problems=problems, reason="damaged-no-repair")
     try:
         aside = quarantine(final)
     except OSError as err:  # a read-only cache folder, say
         raise CacheDamaged(f"{final} is damaged ({what}) and cannot be moved aside "
-                           f"({failure_reason(err)}); remove it, or use another --cache-dir"
-                           ) from None
+                           f"({failure_reason(err)}); remove it", path=final, problems=problems,
+                           reason="damaged-stuck") from None
     return f"the cache was damaged ({what}); moved it to {aside.name} and built it anew"
 
 
@@ -419,8 +418,9 @@ def _extract_sharded(run: _Run, ctx: distributed.Context, final: Path, key_spec:
     distributed.barrier()
     if not final.exists():
         raise distributed.DistributedError(
-            f"{final} was assembled by rank 0 but this rank cannot see it; --cache-dir must be "
-            "a folder every rank sees at the same path (a shared file system)")
+            f"{final} was assembled by rank 0 but this rank cannot see it; the cache folder "
+            f"{final.parent} must be one every rank sees at the same path (a shared file "
+            "system)", path=final)
     images_n, dim, failures = stored_summary(final)
     return ExtractResult(final, False, images_n, len(failures), dim,
                          time.perf_counter() - started, key,
@@ -456,8 +456,9 @@ def _assemble(final, shards, key_spec, key, dim, dtype, meta, device, started,
     for s in shards:
         if not Path(s["path"]).exists():
             raise distributed.DistributedError(
-                f"rank {s['rank']}'s shard {s['path']} is not visible to rank 0; --cache-dir "
-                "must be a folder every rank sees at the same path (a shared file system)")
+                f"rank {s['rank']}'s shard {s['path']} is not visible to rank 0; the cache "
+                f"folder {final.parent} must be one every rank sees at the same path (a shared "
+                "file system)", path=Path(s["path"]), rank=s["rank"])
     writer = FeatureWriter(final, key_spec, key, dim, dtype, meta)
     try:
         assembling = time.perf_counter()
@@ -552,7 +553,9 @@ class _Run:
                 if self.strict and batch.failures:
                     i, reason = batch.failures[0]
                     raise DataError(f"{display(self.images.paths[i])}: unreadable image "
-                                    f"({reason}); drop --strict to skip and list such files")
+                                    f"({reason}), and strict mode stops at the first",
+                                    path=self.images.paths[i], why=reason,
+                                    reason="strict-unreadable")
                 waiting.append(batch)
                 forward_s, rows = forward_s + batch.forward_s, rows + len(batch.index)
                 if rows >= writer.chunk_rows or time.perf_counter() - written_at >= _WRITE_EVERY_S:

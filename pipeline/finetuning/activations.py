@@ -284,8 +284,7 @@ def _write_activations(cuts, keys, paths, images, plan, spec, view_transform, dt
     written = sum(p.stat().st_size for p in partials if p.exists())  # a pass to resume
     check_disk(paths[0].parent,
                sum(plan.rows * d * np.dtype(dtype).itemsize for d in dims) - written,
-               "the activation cache", "free some space, use another --cache-dir, fewer "
-               "--views, or --from-images")
+               "the activation cache", "no-room-activations")
     meta = _meta(images, plan, spec)
     writers = [FeatureWriter(path, key_spec, key, dim, dtype, meta, _CHUNK_BYTES)
                for path, (key_spec, key), dim in zip(paths, keys, dims)]

@@ -181,8 +181,8 @@ def load_cache_data(path: str | os.PathLike) -> CacheData:
     for name, split in splits.items():
         if len(split.y) == 0:
             raise DataError(f"{path}: the {name} split has no (readable) examples; extract "
-                            "again with --split fractions that give it some (such as "
-                            "0.8,0.1,0.1)")
+                            "again with split fractions that give it some (such as "
+                            "0.8,0.1,0.1)", path=path, split=name, reason="empty-split")
     missing = sorted(set(range(len(info["classes"]))) - set(splits["train"].y.tolist()))
     if missing:
         names = ", ".join(info["classes"][i] for i in missing)
@@ -202,15 +202,17 @@ def exclude_images(cache: CacheData, listing: str | os.PathLike) -> CacheData:
             reader = csv.DictReader(fh)
             names = [r["path"] for r in reader] if "path" in (reader.fieldnames or []) else None
     except (OSError, UnicodeDecodeError) as err:
-        raise DataError(f"--exclude {listing}: cannot be read ({err})") from None
+        raise DataError(f"exclude list {listing}: cannot be read ({err})",
+                        path=listing) from None
     if names is None:
-        raise DataError(f"--exclude {listing}: no 'path' column (give a CSV of pipeline audit, "
-                        "such as label_issues.csv)")
+        raise DataError(f"exclude list {listing}: no 'path' column (give a CSV of pipeline "
+                        "audit, such as label_issues.csv)", path=listing)
     names = set(names)
     unknown = names - {p for s in (cache.train, cache.val, cache.test) for p in s.paths}
     if unknown:
-        raise DataError(f"--exclude {listing}: {len(unknown)} image(s) not in {cache.path.name}, "
-                        f"such as {sorted(unknown)[0]!r}; audit this cache to list its images")
+        raise DataError(f"exclude list {listing}: {len(unknown)} image(s) not in "
+                        f"{cache.path.name}, such as {sorted(unknown)[0]!r}; audit this cache "
+                        "to list its images", path=listing, unknown=len(unknown))
 
     def kept(split: FeatureSplit) -> FeatureSplit:
         keep = [i for i, p in enumerate(split.paths) if p not in names]
@@ -218,7 +220,8 @@ def exclude_images(cache: CacheData, listing: str | os.PathLike) -> CacheData:
 
     train, val = kept(cache.train), kept(cache.val)
     if len(val.y) == 0:
-        raise DataError(f"--exclude {listing} leaves no validation image of {cache.path.name}")
+        raise DataError(f"exclude list {listing} leaves no validation image of "
+                        f"{cache.path.name}", path=listing)
     excluded = len(cache.train.y) - len(train.y) + len(cache.val.y) - len(val.y)
     return replace(cache, train=train, val=val, excluded=excluded)
 

@@ -179,8 +179,9 @@ def _check_space(path: Path, spec: dict, dim: int, layers, cache_path, cache_inf
                                              cache_info.get("layers", [])))
     if differ:
         raise PoolError(f"{path} was extracted differently from {Path(cache_path).name} "
-                        f"({differ}); extract the pool with the same --backbone, --weights, "
-                        "--layer and image size")
+                        f"({differ}); extract the pool with the same backbone, weights, layer "
+                        "and image size", path=path, cache=Path(cache_path), differ=differ,
+                        reason="pool-space")
 
 
 def feature_space(spec: dict, dim: int, layers) -> dict:

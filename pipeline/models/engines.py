@@ -219,11 +219,11 @@ def resolve_engine(name: str, device_type: str, compile: bool = False,
         missing = next((m for m in engine.requires if not installed(m)), engine.requires[0])
         raise MissingExtraError(missing, engine.extra, f"the {name} engine")
     if device_type not in engine.devices:
-        raise EngineError(f"--engine {name} runs on the CPU, not on {device_type}; use "
-                          "--engine torch (or auto) there, or --device cpu")
+        raise EngineError(f"the {name} engine runs on the CPU, not on {device_type}",
+                          engine=name, device=device_type, reason="engine-device")
     if compile and name != "torch":
-        raise EngineError(f"--compile compiles torch's network; it does not apply to --engine "
-                          f"{name}")
+        raise EngineError(f"compiling applies to torch's network, not to the {name} engine",
+                          engine=name, reason="compile-engine")
     return name
 
 
@@ -301,8 +301,8 @@ def prepare(name: str, model: nn.Module, example: torch.Tensor, family: Family,
             note = f"torch: the network runs unprepared ({reason})"
         elif strict:
             what = reason if isinstance(err, EngineError) else (
-                f"--engine {name} cannot run this network ({reason})")
-            raise EngineError(f"{what}; use --engine torch") from err
+                f"the {name} engine cannot run this network ({reason})")
+            raise EngineError(what, engine=name, reason="engine-failed") from err
         else:
             _refuse(export, name, reason)
             fallback = prepare("torch", model, example, family, device)

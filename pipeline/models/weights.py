@@ -194,15 +194,14 @@ def hub_checkpoint(what: str, url: str, offline: bool, download: Callable[[], ob
     if offline:
         raise WeightsError(
             f"{what} weights not found offline: put {cached.name} (from {url}) in "
-            f"{cached.parent}/, or pass --weights PATH (--weights none for random init); "
-            "without --offline (or PIPELINE_OFFLINE) they would be downloaded")
+            f"{cached.parent}/", path=cached, url=url, reason="weights-offline")
     try:
         download()
     except (OSError, RuntimeError) as err:  # URLError is an OSError; a bad hash a RuntimeError
         raise WeightsError(
             f"downloading {cached.name} for {what} failed ({one_line(err)}): put it (from "
-            f"{url}) in {cached.parent}/ by hand (--offline then never downloads), or pass "
-            "--weights PATH, or --weights none for random init") from None
+            f"{url}) in {cached.parent}/ by hand", path=cached, url=url,
+            reason="weights-download") from None
     if not cached.is_file():  # a bug, not the user's doing: the loader put the file elsewhere
         raise RuntimeError(f"downloaded {url} but {cached} is not there")
     return cached
@@ -236,12 +235,12 @@ def hf_hub_file(what: str, hub_id: str, names: list[str], offline: bool) -> Path
     if offline:
         raise WeightsError(
             f"{what} weights not found offline in the Hugging Face cache: download "
-            f"{' or '.join(names)} from {page} and pass --weights PATH, or --weights none for "
-            "random init; without --offline (or PIPELINE_OFFLINE) they would be downloaded")
+            f"{' or '.join(names)} from {page} and give its path as the weights", url=page,
+            reason="weights-offline")
     raise WeightsError(
         f"downloading {what} weights from {page} failed ({one_line(failure)}): download "
-        f"{' or '.join(names)} by hand and pass --weights PATH (with --offline to never "
-        "download), or --weights none for random init")
+        f"{' or '.join(names)} by hand and give its path as the weights", url=page,
+        reason="weights-download")
 
 
 def one_line(err: BaseException) -> str:

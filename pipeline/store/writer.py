@@ -150,8 +150,8 @@ class FeatureWriter:
         return CacheError(
             f"writing {self.partial} failed ({failure_reason(err)}) after {self.rows_done} of "
             f"{features.shape[0]} rows; the cache needs about {_size(needed)}, "
-            f"{_size(free)} are free there; free some space (or use another --cache-dir) and "
-            "run the same command to resume")
+            f"{_size(free)} are free there; free some space and run the same command to "
+            "resume", path=self.partial, needed=needed, free=free, reason="cache-write-failed")
 
     def failures(self) -> list[tuple[str, str]]:
         return failures(self.file)
@@ -236,14 +236,15 @@ def _gather_block(files, index, lo: int, hi: int, dim: int, dtype):
     return features, valid, digests
 
 
-def check_disk(folder: str | os.PathLike, needed: int, what: str, advice: str) -> None:
-    """Stop before writing when the disk under ``folder`` cannot hold ``needed`` more bytes."""
+def check_disk(folder: str | os.PathLike, needed: int, what: str, reason: str) -> None:
+    """Stop before writing when the disk under ``folder`` cannot hold ``needed`` more bytes;
+    ``reason`` names the case for the command line's advice (:mod:`pipeline.cli.messages`)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(folder).free
     if needed > free:
         raise CacheError(f"{what} needs {_size(needed)} but {folder} has {_size(free)} free; "
-                         f"{advice}")
+                         "free some space", path=folder, needed=needed, free=free, reason=reason)
 
 
 def _size(n: int) -> str:

@@ -47,6 +47,9 @@ def test_a_pool_of_another_feature_space_stops_before_any_fit(tmp_path):
     run = _run("heads", cache, "--heads", HEAD, "--out", out, "--unlabelled", other)
     assert run.exit_code != 0
     assert "extracted differently" in run.output and "layer 'blocks.5'" in run.output
+    assert run.output.rstrip().endswith("extract the pool with the same backbone, weights, layer "
+                                        "and image size; `pipeline extract` takes --backbone, "
+                                        "--weights, --layer and --image-size")
     assert "Traceback" not in run.output and not out.exists()
 
 

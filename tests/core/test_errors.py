@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import pickle
+import re
 from pathlib import Path
 
 import pytest
@@ -54,6 +55,21 @@ def test_errors_below_the_cli_name_no_command(layer):
     wording = {str(p.relative_to(PACKAGE)): text for p in (PACKAGE / layer).rglob("*.py")
                for text in _raised_strings(p) if "`pipeline " in text}
     assert wording == {}
+
+
+@pytest.mark.parametrize("layer", NEUTRAL)
+def test_errors_below_the_cli_name_no_flag(layer):
+    # A flag is the command line's spelling of an option; pipeline.cli.messages adds it.
+    wording = {str(p.relative_to(PACKAGE)): text for p in (PACKAGE / layer).rglob("*.py")
+               for text in _raised_strings(p) if re.search(r"--[a-z]", text)}
+    assert wording == {}
+
+
+def test_every_advice_is_for_a_reason_the_library_raises():
+    strings = {c.value for p in _modules() if "cli" not in p.parts
+               for c in ast.walk(ast.parse(p.read_text()))
+               if isinstance(c, ast.Constant) and isinstance(c.value, str)}
+    assert sorted(set(ADVICE) - strings) == []
 
 
 def test_facts_are_attributes_and_survive_pickling():

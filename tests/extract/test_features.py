@@ -277,6 +277,8 @@ def test_no_repair_stops_at_a_damaged_cache_in_one_line(tmp_path, image_folder):
     result = CliRunner().invoke(main, [*args, "--no-repair"])
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert result.output.count("\n") == 1 and "is damaged (/features rows" in result.output
+    assert result.output.rstrip().endswith(  # the library's facts, then the command line's advice
+        "and repair is off; run without --no-repair to move it aside and build it anew")
     assert first.cache_path.exists()  # left where it was
     repaired = CliRunner().invoke(main, args)
     assert repaired.exit_code == 0 and "the cache was damaged" in repaired.output

@@ -153,7 +153,7 @@ def test_an_enum_with_its_class_builds_those_weights(tmp_path, monkeypatch):
 def test_kinds_a_family_does_not_have_are_refused_in_one_line():
     with pytest.raises(WeightsError, match="torchvision weights are enum members"):
         resolve_backbone("resnet18", "bundled")
-    with pytest.raises(WeightsError, match="efficientnet_lite0 takes --weights default"):
+    with pytest.raises(WeightsError, match="efficientnet_lite0 takes the weights default"):
         resolve_backbone("efficientnet_lite0", "IMAGENET1K_V1")
     with pytest.raises(WeightsError, match="timm weights are chosen by tag"):
         resolve_backbone("timm/resnet18", "IMAGENET1K_V1")

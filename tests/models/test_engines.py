@@ -263,7 +263,7 @@ def test_auto_and_named_engines_resolve_without_importing_them(monkeypatch):
     installed("torch", "onnxruntime", "openvino")
     with pytest.raises(EngineError, match="runs on the CPU, not on cuda"):
         resolve_engine("openvino", "cuda")
-    with pytest.raises(EngineError, match="--compile"):
+    with pytest.raises(EngineError, match="compiling applies to torch's network"):
         resolve_engine("onnxruntime", "cpu", compile=True)
     with pytest.raises(EngineError, match="engine must be one of"):
         resolve_engine("tensorrt", "cpu")

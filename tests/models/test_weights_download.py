@@ -20,6 +20,7 @@ import torch
 import torchvision
 from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
+from pipeline.cli.messages import one_line
 from pipeline.core.errors import BackboneError, WeightsError
 from pipeline.data.images import file_sha256
 from pipeline.models.backbones import build_classifier, build_feature_model, resolve_backbone
@@ -102,7 +103,10 @@ def test_offline_missing_weights_name_file_and_folder_and_never_download(
         resolve_backbone("resnet18", offline=offline)
     message = str(err.value)
     assert RESNET18_FILE in message and str(hub / "checkpoints") in message
-    assert "without --offline" in message and "\n" not in message
+    assert "--" not in message and "\n" not in message  # a script meets it too
+    assert one_line(err.value) == (
+        f"{message}; or pass --weights PATH (--weights none for random init); without "
+        "--offline (or PIPELINE_OFFLINE) they would be downloaded")
     assert download.calls == []
 
 
@@ -125,7 +129,9 @@ def test_a_failed_download_is_one_line_that_says_what_to_do(hub, monkeypatch, re
     message = str(err.value)
     assert message.startswith(f"downloading {RESNET18_FILE} for resnet18 failed")
     assert type(error).__name__ in message and str(hub / "checkpoints") in message
-    assert "--offline" in message and "--weights none" in message and "\n" not in message
+    assert "--" not in message and "\n" not in message  # a script meets it too
+    shown = one_line(err.value)  # the command line adds the flags
+    assert shown.startswith(message) and "--offline" in shown and "--weights none" in shown
     assert not (hub / "checkpoints" / RESNET18_FILE).exists()  # never random init instead
 
 

@@ -51,9 +51,9 @@ class Lite0Family(TimmFamily):
         elif isinstance(request, FileWeights):
             source = weights_file(request)
         elif isinstance(request, (EnumWeights, HubTag)):
-            raise WeightsError(f"{name} takes --weights default (the bundled ImageNet weights), "
-                               f"PATH or none, not {request.text!r}; for timm's tags use "
-                               f"timm/{ARCH}.<tag>")
+            raise WeightsError(f"{name} takes the weights default (the bundled ImageNet "
+                               f"weights), a PATH or none, not {request.text!r}; for timm's "
+                               f"tags use timm/{ARCH}.<tag>", backbone=name, weights=request.text)
         else:
             raise WeightsError(f"{name} has no {request.text} weights")
         return Resolution(ARCH, source, preprocessing(pretrained_cfg(ARCH)))

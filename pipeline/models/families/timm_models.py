@@ -68,9 +68,9 @@ class TimmFamily(Family):
             raise BackboneError(f"unknown timm architecture {model_name!r}")
         cfg = pretrained_cfg(model_name)
         if isinstance(request, EnumWeights):
-            raise WeightsError(f"{name} takes --weights default, tag:<tag>, PATH or none, not "
-                               f"{request.text!r}; timm weights are chosen by tag: "
-                               "timm/<architecture>.<tag>")
+            raise WeightsError(f"{name} takes the weights default, tag:<tag>, a PATH or none, "
+                               f"not {request.text!r}; timm weights are chosen by tag: "
+                               "timm/<architecture>.<tag>", backbone=name, weights=request.text)
         if isinstance(request, RandomInit):
             source = random_init(0)
         elif isinstance(request, FileWeights):
@@ -203,17 +203,17 @@ def tag_weights(name: str, model_name: str, cfg, offline: bool) -> Weights:
     tagged = f"{arch}.{cfg.tag}" if cfg and cfg.tag else model_name
     if cfg is None or not (cfg.hf_hub_id or cfg.url or cfg.file):
         if "." not in model_name:
-            raise WeightsError(f"no offline weights are bundled for {name}: pass --weights PATH "
-                               "(a timm state dict) or --weights none for random init")
+            raise WeightsError(f"no offline weights are bundled for {name}", backbone=name,
+                               reason="no-weights-source")
         raise WeightsError(f"timm tag {tagged} has no weights source (no hf_hub_id, url or "
-                           "file): pass --weights PATH or --weights none for random init")
+                           "file)", backbone=name, reason="no-weights-source")
     # timm's own order of preference (_builder._resolve_pretrained_source): a local file named
     # in the cfg, then the Hugging Face hub, then the url.
     if cfg.file:
         path = Path(cfg.file)
         if not path.is_file():
             raise WeightsError(f"timm tag {tagged} names weights file {path}, which does not "
-                               "exist: pass --weights PATH or --weights none for random init")
+                               "exist", backbone=name, path=path, reason="no-weights-source")
     elif cfg.hf_hub_id:
         path = hf_hub_file(tagged, cfg.hf_hub_id,
                            _hf_file_names(cfg.hf_hub_filename or "pytorch_model.bin"), offline)
