@@ -152,9 +152,9 @@ def advise_cache(cache: str | os.PathLike, *, options: AdviseOptions = AdviseOpt
     data = load_cache_data(cache)
     spec, layers = data.info["spec"], data.info.get("layers") or []
     if spec.get("layer") != "blocks" or len(layers) < 2:
-        raise DataError(f"{cache}: advice needs every block's features; extract with "
-                        "--layer blocks (this cache holds "
-                        f"{spec.get('layer') or 'the bottleneck'})")
+        raise DataError(f"{cache}: advice needs every block's features (this cache holds "
+                        f"{spec.get('layer') or 'the bottleneck'})", path=cache,
+                        layer=spec.get("layer"), reason="needs-blocks")
     counts = np.bincount(data.train.y, minlength=len(data.classes))
     probes = probe_layers([data], seed)
     for row, (_, start, stop) in zip(probes, layers):

@@ -41,6 +41,9 @@ ADVICE = {
                        "--offline (or PIPELINE_OFFLINE) they would be downloaded",
     "weights-download": "or pass --weights PATH (with --offline to never download), or "
                         "--weights none for random init",
+    "another-run": "or use another --out",
+    "cut-needs-images": "fine-tune from images (--from-images)",
+    "needs-blocks": "extract with --layer blocks",
     "pool-space": "`pipeline extract` takes --backbone, --weights, --layer and --image-size",
     "no-weights-source": "pass --weights PATH (a state dict) or --weights none for random init",
 }

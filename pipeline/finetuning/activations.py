@@ -133,8 +133,8 @@ def _upper(whole: fx.GraphModule, boundary: fx.Node, name: str, block: str) -> f
                 continue
             if dep.op != "get_attr":  # a tensor from below the boundary crosses it
                 raise ActivationError(f"{name}: tensors other than the input of block {block} "
-                                      "cross its boundary; fine-tune from images "
-                                      "(--from-images)")
+                                      "cross its boundary", backbone=name, block=block,
+                                      reason="cut-needs-images")
             env[dep] = graph.node_copy(dep, lambda n: env[n])
         env[node] = graph.node_copy(node, lambda n: env[n])
     return fx.GraphModule(whole, graph)
@@ -155,7 +155,8 @@ def _check_cut(spec, model: nn.Module, cut: Cut) -> None:
     scale = logits.abs().max().clamp_min(1e-6)
     if logits.shape != rebuilt.shape or (logits - rebuilt).abs().max() > _CUT_RTOL * scale:
         raise ActivationError(f"{spec.name} cut below block {cut.block} does not give its own "
-                              "logits; fine-tune from images (--from-images)")
+                              "logits", backbone=spec.name, block=cut.block,
+                              reason="cut-needs-images")
 
 
 # --- the cache -------------------------------------------------------------------------------

@@ -228,7 +228,8 @@ class Trainer:
                                 f"{str(err).splitlines()[0]}; remove it to start over") from None
         if _nested_args(json.loads(state["args"])) != json.loads(json.dumps(self.args)):
             raise FinetuneError(f"{self.checkpoint} is from another run (other backbone, data "
-                                "or settings); use another --out or remove it to start over")
+                                "or settings); remove it to start over", path=self.checkpoint,
+                                reason="another-run")
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["lr_scheduler"])

@@ -256,7 +256,8 @@ class _Runner:
         saved.get("fingerprint", {}).get("settings", {}).pop("progress", None)
         if saved.get("fingerprint") != fingerprint:
             raise SweepError(f"{record.parent} is a run of another sweep (other data or "
-                             "settings); use another --out or remove it")
+                             "settings); remove it to start over", path=record.parent,
+                             reason="another-run")
         return {**saved["row"], **settings, "resumed": True}
 
 

@@ -37,7 +37,9 @@ def test_a_cache_of_the_bottleneck_alone_is_refused_in_one_line(tmp_path):
     cache = extract_tiny(root, cache_dir=tmp_path / "cache").cache_path
     result = CliRunner().invoke(main, ["advise", str(cache)])
     assert result.exit_code != 0
-    assert "extract with --layer blocks" in result.output
+    assert result.output.splitlines() == [
+        f"Error: {cache}: advice needs every block's features (this cache holds "
+        "bottleneck); extract with --layer blocks"]
     assert "Traceback" not in result.output
 
 

@@ -57,7 +57,8 @@ def test_errors_below_the_cli_name_no_command(layer):
     assert wording == {}
 
 
-@pytest.mark.parametrize("layer", NEUTRAL)
+@pytest.mark.parametrize("layer", [*NEUTRAL, "finetuning", "advice", "auditing",
+                                   "distillation", "report"])
 def test_errors_below_the_cli_name_no_flag(layer):
     # A flag is the command line's spelling of an option; pipeline.cli.messages adds it.
     wording = {str(p.relative_to(PACKAGE)): text for p in (PACKAGE / layer).rglob("*.py")
