@@ -331,7 +331,7 @@ def _onnx(module, size: tuple[int, int], meta: dict) -> bytes:
     if model.ByteSize() >= _ONNX_LIMIT:
         raise ExportError(f"the ONNX model is {model.ByteSize():,} bytes, over the 2 GiB that "
                           "one ONNX file holds; export it as torchscript",
-                          bytes=model.ByteSize(), format="onnx", reason="onnx-too-large")
+                          bytes=model.ByteSize(), format="onnx")
     buffer = io.BytesIO()
     onnx.save_model(model, buffer)
     return buffer.getvalue()

@@ -16,7 +16,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from pipeline.cli.main import main
-from pipeline.core.errors import OptionError
+from pipeline.core.errors import ExportError, OptionError
 from pipeline.core.options import ExportOptions, PredictOptions
 from pipeline.deploy.export import choose_model, export_model, resized_size
 from pipeline.deploy.predict import predict_images
@@ -197,3 +197,11 @@ def test_the_stage_writes_nothing_and_the_file_lands_beside_the_model_by_default
     assert sorted(p.name for p in model.parent.iterdir()) == sorted(
         [p.name for p in before] + [model.with_suffix(".onnx").name])
     model.with_suffix(".onnx").unlink()
+
+
+def test_an_onnx_model_over_what_one_file_holds_is_refused(trained, monkeypatch):
+    models, _, _ = trained
+    monkeypatch.setattr("pipeline.deploy.export._ONNX_LIMIT", 1000)  # as if 2 GiB were 1 kB
+    with pytest.raises(ExportError, match="one ONNX file holds; export it as torchscript") as err:
+        export_model(models["logreg"], options=ExportOptions(input_size=SIZE))
+    assert err.value.bytes > 1000 and err.value.format == "onnx"
