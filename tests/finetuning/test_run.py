@@ -314,7 +314,8 @@ def test_a_fine_tune_writes_per_class_scores_and_the_positive_class_recall(tmp_p
     assert [r["class"] for r in per_class] == stored.classes
     assert sum(int(r["support"]) for r in per_class) == len(stored.y_true)
     assert (tmp_path / "o" / "confusion_matrix.png").stat().st_size > 0
-    with pytest.raises(PipelineError, match="not a class"):
+    with pytest.raises(PipelineError, match="positive must be one of the classes, 'defect', "
+                                            "'ok', not 'cat'"):
         run_finetune(two, tmp_path / "x", cache_dir=tmp_path / "c", positive="cat", **FT)
     assert not (tmp_path / "x").exists()  # refused before any training
 

@@ -207,5 +207,6 @@ def test_two_class_rows_carry_the_positive_class_recall(tmp_path):
     dogs = stored.y_true == 1
     assert default["positive_recall"] == pytest.approx(np.mean(stored.y_pred[dogs] == 1))
     assert default["false_negative_rate"] == pytest.approx(1 - default["positive_recall"])
-    with pytest.raises(PipelineError, match="not a class"):
+    with pytest.raises(PipelineError, match="positive must be one of the classes, 'cat', "
+                                            "'dog', not 'fox'"):
         fit_and_write([cache], tmp_path / "c2", heads=("logreg",), positive="fox")
