@@ -10,40 +10,26 @@ it would take most of an hour of this machine.
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 
-__all__ = ["bench_drift", "mmd_child", "print_drift"]
+__all__ = ["bench_drift", "print_drift"]
 
 SIZES = (500, 1000, 2000)  # rows per side
 TARGET = 50_000
-DIM = 1280  # Lite0's bottleneck
-PERMUTATIONS = 200  # DriftOptions' default
-
-
-def mmd_child(rows: int, dim: int = DIM, permutations: int = PERMUTATIONS) -> dict:
-    """One MMD test of ``rows`` against ``rows`` Gaussian rows (run in a fresh process)."""
-    from pipeline.monitoring.kernel import mmd_test
-
-    rng = np.random.default_rng(0)
-    X = rng.normal(size=(rows, dim)).astype(np.float32)
-    Y = (rng.normal(size=(rows, dim)) + 0.02).astype(np.float32)
-    started = time.perf_counter()
-    test = mmd_test(X, Y, permutations=permutations)
-    return {"rows": rows, "seconds": time.perf_counter() - started, "p_value": test.p_value}
 
 
 def bench_drift(sizes=SIZES) -> dict:
     from pipeline.bench.children import in_child
 
+    # each run is pipeline.bench.children.mmd_once in a fresh process
     runs = [in_child("mmd", rows=n) for n in sizes]
     # time ~ c N^k: the exponent from the two largest sizes, where the products dominate
     a, b = runs[-2], runs[-1]
     exponent = float(np.log(b["seconds"] / a["seconds"]) / np.log(b["rows"] / a["rows"]))
     extrapolated = b["seconds"] * (TARGET / b["rows"]) ** exponent
-    result = {"dim": DIM, "permutations": PERMUTATIONS, "runs": runs, "exponent": exponent,
-              "target_rows": TARGET, "target_seconds_extrapolated": extrapolated}
+    result = {"dim": runs[0]["dim"], "permutations": runs[0]["permutations"], "runs": runs,
+              "exponent": exponent, "target_rows": TARGET,
+              "target_seconds_extrapolated": extrapolated}
     print_drift(result)
     return result
 
