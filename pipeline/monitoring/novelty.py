@@ -12,13 +12,14 @@ outliers, and the effect size its excess over the share expected without a shift
 The p-value is a permutation test (Phipson & Smyth 2010, ``(k + 1) / (P + 1)``): the pooled
 images' reference/new labels are shuffled and the whole statistic, threshold included,
 recomputed. Under no shift the pooled images are exchangeable, so the test holds its level
-exactly whatever the finite reference does to the threshold (a binomial test of the outlier
-count would not: every new image is compared with the same threshold, so their outcomes are
-dependent, and its false alarms exceed the level). Each relabelling needs only every image's
-nearest pooled neighbours: those are found once (scikit-learn, brute force in chunks), and an
-image's ``k`` nearest reference images are read from its :data:`WINDOW` nearest pooled ones
-(an image with fewer than ``k`` reference images among them counts the window's last
-distance for the missing ones: a lower bound, the same rule for every relabelling).
+whatever the finite reference does to the threshold (a binomial test of the outlier count
+holds it only approximately: every new image meets the same threshold, so their outcomes are
+dependent). The count is discrete, so the test is conservative. Each relabelling needs only
+every image's nearest pooled neighbours: those are found once (scikit-learn, brute force in
+chunks), and an image's ``k`` nearest reference images are read from its :data:`WINDOW`
+nearest pooled ones (an image with fewer than ``k`` reference images among them counts the
+window's last distance for the missing ones: a lower bound, the same rule for every
+relabelling).
 """
 
 from __future__ import annotations
