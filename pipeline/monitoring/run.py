@@ -262,9 +262,10 @@ def _plain(value) -> dict:
 
 def _reference_sample(reference: Rows, new: Rows, splits: tuple[str, ...]
                       ) -> tuple[Rows, Rows, int]:
-    """The reference rows of ``splits``, the other splits' rows (the novelty test's larger
-    reference), both less exact copies of new images (same content hash: a copy on both sides
-    makes the two sets look more alike than they are), and the copies in ``splits``."""
+    """The reference rows of ``splits``, the training split's other rows (the novelty test's
+    larger reference; a split left out of ``splits``, such as a test split NEW was made
+    from, stays out), both less exact copies of new images (same content hash: a copy on both
+    sides makes the two sets look more alike than they are), and the copies in ``splits``."""
     mask = np.isin(reference.split, splits)
     known = new.hashes[new.hashes != b""]
     copied = (reference.hashes != b"") & np.isin(reference.hashes, known)
@@ -274,7 +275,8 @@ def _reference_sample(reference: Rows, new: Rows, splits: tuple[str, ...]
         raise DataError(f"the reference split(s) {', '.join(splits)} hold {len(sample.X)} "
                         f"image(s) other than NEW's; drift needs at least {MIN_IMAGES}: choose "
                         "others with --reference")
-    return sample, reference.take(~mask & ~copied), int(copies.sum())
+    bank = reference.take((reference.split == "train") & ~mask & ~copied)
+    return sample, bank, int(copies.sum())
 
 
 def _proba(model: Model, rows: Rows, options: DriftOptions) -> np.ndarray:
