@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--finetune-epochs", type=int, default=10,
                         help="epochs of each freeze depth in the sweeps")
     parser.add_argument("--audit-rows", type=int, default=70000, help="rows for the audit")
-    parser.add_argument("--photos", type=int, default=60,
+    parser.add_argument("--photos", type=int, default=120,
                         help="12-megapixel JPEGs made for --only photos")
     parser.add_argument("--only", choices=("startup", "extract", "layers", "engines", "heads",
                                            "audit", "finetune", "distributed", "photos"),

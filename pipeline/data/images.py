@@ -232,12 +232,14 @@ class ImageFiles:
     the transform's output dtype ("uint8" for images normalised later, a batch at a time), so
     that a placeholder collates with the good images. ``recipe`` (a ``Preprocessing``: its
     ``resize`` and ``interpolation``) and ``decode`` say how images are decoded
-    (:func:`pipeline.data.decode.decode_image`); without a recipe, every pixel.
+    (:func:`pipeline.data.decode.decode_image`); without a recipe, every pixel. ``early``
+    (:class:`pipeline.data.early.EarlyDecodes`, made with :meth:`read_settings`) holds the
+    first images decoded by a helper process while this one started.
     """
 
     def __init__(self, image_set: ImageSet, transform, image_shape: tuple[int, int, int],
                  hash_files: bool = False, dtype: str = "float32", recipe=None,
-                 decode: str = "exact"):
+                 decode: str = "exact", early=None):
         self.image_set = image_set
         self.transform = transform
         self.image_shape = image_shape
@@ -246,6 +248,14 @@ class ImageFiles:
         self.decoding = ({} if recipe is None else
                          {"resize": recipe.resize, "interpolation": recipe.interpolation,
                           "decode": decode})
+        if early is not None and early.decoding != self.read_settings():
+            raise ValueError("early decodes were made with other settings: "
+                             f"{early.decoding} against {self.read_settings()}")
+        self.early = early
+
+    def read_settings(self) -> dict:
+        """:func:`read_image`'s keywords for these images."""
+        return {"hash_file": self.hash_files, **self.decoding}
 
     def __len__(self) -> int:
         return len(self.image_set)
@@ -257,7 +267,8 @@ class ImageFiles:
     def __getitem__(self, i: int):
         path = self.image_set.absolute(i)
         try:
-            image, digest = read_image(path, self.hash_files, **self.decoding)
+            early = self.early.take(i) if self.early is not None else None
+            image, digest = early or read_image(path, **self.read_settings())
             return self.preprocess(image, i), i, "", digest
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError,
                 Image.DecompressionBombWarning) as err:

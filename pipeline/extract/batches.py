@@ -23,6 +23,7 @@ from pipeline.core.devices import (
     default_workers,
 )
 from pipeline.core.progress import Progress
+from pipeline.data.early import EarlyDecodes
 from pipeline.data.images import (
     ImageFiles,
     ImageSet,
@@ -35,7 +36,8 @@ if TYPE_CHECKING:
     import torch
 
 
-__all__ = ["FeatureBatch", "feature_batches", "feature_dim", "prefetched", "prepare_model"]
+__all__ = ["FeatureBatch", "extraction_reads", "feature_batches", "feature_dim", "prefetched",
+           "prepare_model"]
 
 
 # Batches decoded ahead by a background thread while the engine runs the current one (when
@@ -68,15 +70,26 @@ def feature_dim(model: torch.nn.Module, spec: BackboneSpec, device: torch.device
 
 
 def _files(images: ImageSet, spec: BackboneSpec, files: ImageFiles | None,
-           decode: str = "draft") -> ImageFiles:
+           decode: str = "draft", early: EarlyDecodes | None = None) -> ImageFiles:
     """``files``, or extraction's own: the recipe's preprocessing up to 8-bit crops, which
     :func:`feature_batches` normalises a batch at a time, each file hashed once, a JPEG
-    decoded as ``decode`` says (:func:`pipeline.data.decode.decode_image`)."""
+    decoded as ``decode`` says (:func:`pipeline.data.decode.decode_image`), the first ones
+    taken from ``early`` where a helper process decoded them (:func:`extraction_reads`)."""
     if files is not None:
         return files
     crop = spec.preprocessing.crop
     return ImageFiles(images, spec.preprocessing.transform(normalize=False), (3, crop, crop),
-                      hash_files=True, dtype="uint8", recipe=spec.preprocessing, decode=decode)
+                      hash_files=True, dtype="uint8", recipe=spec.preprocessing, decode=decode,
+                      early=early)
+
+
+def extraction_reads(spec: BackboneSpec, decode: str = "draft") -> dict:
+    """How extraction reads each image (:func:`pipeline.data.images.read_image`'s keywords),
+    known before torch is imported: what :class:`pipeline.data.early.EarlyDecodes` needs to
+    decode the first images the way the loop would."""
+    recipe = spec.preprocessing
+    return {"hash_file": True, "resize": recipe.resize, "interpolation": recipe.interpolation,
+            "decode": decode}
 
 
 def _loader(images: ImageSet, spec: BackboneSpec, indices: Sequence[int],
@@ -113,15 +126,16 @@ def feature_batches(model: torch.nn.Module, spec: BackboneSpec, images: ImageSet
                     batch_size: int | None = None, workers: int | None = None,
                     progress: bool | str | None = None, desc: str = "extract", done: int = 0,
                     files: ImageFiles | None = None,
-                    decode_ahead: bool | None = None, streams: int = 1, decode: str = "draft"
-                    ) -> Iterator[FeatureBatch]:
+                    decode_ahead: bool | None = None, streams: int = 1, decode: str = "draft",
+                    early: EarlyDecodes | None = None) -> Iterator[FeatureBatch]:
     """Decode, preprocess and run images ``indices`` (default: all) through ``model``, in order.
 
     ``model`` is any callable from an image batch to a feature batch (a network, or an engine
     of :mod:`pipeline.models.engines`). ``done`` rows already handled elsewhere start the progress
     bar part-full. ``files`` reads the images instead of the recipe's preprocessing with hashing
     (augmented views, say); ``decode`` is how that preprocessing decodes a JPEG
-    (:func:`pipeline.data.decode.decode_image`).
+    (:func:`pipeline.data.decode.decode_image`), and ``early`` the first images a helper
+    process decoded while this one started (:mod:`pipeline.data.early`).
 
     Without loader processes, the first batch is decoded and run in turn, and timed. If its
     decoding took a quarter of its forward pass or more (photos of several megapixels, say),
@@ -142,10 +156,13 @@ def feature_batches(model: torch.nn.Module, spec: BackboneSpec, images: ImageSet
     decode_ahead = device.type != "cpu" if decode_ahead is None else decode_ahead
     run = _forward(model, spec, device)
     size = batch_size or default_batch_size(device)
+    if early is not None and workers:
+        raise ValueError("early decodes are for decoding in this process (workers=0)")
     if streams > 1 and workers == 0:
-        batches = _streamed(run, _files(images, spec, files, decode), indices, size, streams)
+        batches = _streamed(run, _files(images, spec, files, decode, early), indices, size,
+                            streams)
     elif workers == 0:
-        batches = _in_process(run, _files(images, spec, files, decode), indices, size,
+        batches = _in_process(run, _files(images, spec, files, decode, early), indices, size,
                               decode_ahead, device.type == "cpu")
     else:
         loaded = _loader(images, spec, indices, size, workers, device, files, decode)
@@ -218,18 +235,24 @@ def _streamed(run: Callable, files: ImageFiles, indices: Sequence[int], batch_si
 def _in_process(run: Callable, files: ImageFiles, indices: Sequence[int], batch_size: int,
                 decode_ahead: bool, on_cpu: bool = True) -> Iterator[tuple]:
     """``(features, forward seconds, index, errors, digests)`` of each batch of ``indices``, in
-    order, decoded in this process: the first batch in turn, the rest as
-    :func:`feature_batches` says (by threads, one per core, where decoding outweighs the
+    order, decoded in this process: the batches a helper process decoded early first (torch on
+    all its threads: there is nothing left to decode), then the next batch in turn, the rest
+    as :func:`feature_batches` says (by threads, one per core, where decoding outweighs the
     forward pass; else by one thread ahead with ``decode_ahead``, or in turn).
 
     While threads decode on the CPU, torch runs on one thread (:func:`_one_torch_thread`)."""
     batches = [indices[start:start + batch_size]
                for start in range(0, len(indices), batch_size)]
+    early = getattr(files, "early", None)
+    while batches and early is not None and all(early.holds(i) for i in batches[0]):
+        x, index, errors, digests = _collated([files[i] for i in batches.pop(0)])
+        yield (*_timed(run, x), index, errors, digests)
     if not batches:
         return
-    started = time.perf_counter()
+    started, early_s = time.perf_counter(), _early_seconds(files)
     x, index, errors, digests = _collated([files[i] for i in batches[0]])
-    decode_s = time.perf_counter() - started
+    # Images a helper process decoded early count with the seconds they took there.
+    decode_s = time.perf_counter() - started + _early_seconds(files) - early_s
     feats, forward_s = _timed(run, x)
     yield feats, forward_s, index, errors, digests
     threaded = decode_s > _THREADS_FROM * forward_s
@@ -242,6 +265,11 @@ def _in_process(run: Callable, files: ImageFiles, indices: Sequence[int], batch_
     with _one_torch_thread(threaded and on_cpu):
         for x, index, errors, digests in decoded:
             yield (*_timed(run, x), index, errors, digests)
+
+
+def _early_seconds(files: ImageFiles) -> float:
+    early = getattr(files, "early", None)
+    return 0.0 if early is None else early.seconds
 
 
 def _decoded_by_threads(files: ImageFiles, batches: Sequence[Sequence[int]], threads: int,

@@ -30,6 +30,8 @@ from pipeline.core.options import (
 )
 from pipeline.core.progress import note
 from pipeline.data.decode import may_draft
+from pipeline.data.early import EARLY_IMAGES, EarlyDecodes
+from pipeline.data.early import can_start as early_decoding_possible
 from pipeline.data.images import (
     ImageFiles,
     ImageSet,
@@ -39,6 +41,7 @@ from pipeline.data.images import (
     load_image_set,
 )
 from pipeline.data.layouts import display
+from pipeline.data.shards import split_address
 from pipeline.models import engines
 from pipeline.models.backbones import BackboneSpec, resolve_backbone
 from pipeline.store import locks, run_record
@@ -49,7 +52,12 @@ from pipeline.store.writer import FeatureWriter, assemble_shards, check_disk
 
 if TYPE_CHECKING:
     import torch
-from pipeline.extract.batches import FeatureBatch, feature_batches, feature_dim
+from pipeline.extract.batches import (
+    FeatureBatch,
+    extraction_reads,
+    feature_batches,
+    feature_dim,
+)
 from pipeline.models.backbones import build_feature_model
 from pipeline.models.families import family_of
 
@@ -203,57 +211,79 @@ def extract_features(
     repaired = _repair(final, opts, ctx)
     if distributed.broadcast(final.exists()):
         return _hit(final, key, started, engine).described(images)
-    if run_on is None:
-        ctx, run_on = distributed.setup(opts.device)
-    dtype, batch_size = opts.dtype, opts.batch_size
     workers = default_workers(ctx.local_world_size) if opts.workers is None else opts.workers
-    prepared, dim, layers = _prepare_engine(spec, images, run_on, engine,
-                                            opts.engine != "auto", export, ctx,
-                                            engines.get_engine(engine).streams(run_on.type,
-                                                                               workers),
-                                            opts.decode)
-    if prepared.engine != engine:  # auto could not use its choice: torch's cache, maybe a hit
-        engine = prepared.engine
-        key_spec = feature_key_spec(spec, images, opts.dtype, opts.hash_contents, amp, stamps,
-                                    engine, opts.decode)
-        key = cache_key(key_spec)
-        final = cache_path(opts.cache_dir, spec.name, key)
-        repaired = _repair(final, opts, ctx)
-        if distributed.broadcast(final.exists()):
-            hit = _hit(final, key, started, engine)
-            hit.engine_note = prepared.note
-            return hit.described(images)
-    model = prepared.run
-    if opts.compile:
-        import torch
+    # Not before the cache is known to miss; closed whichever way extraction ends.
+    early = _early_decodes(images, spec, opts, ctx, workers)
+    try:
+        if run_on is None:
+            ctx, run_on = distributed.setup(opts.device)
+        dtype, batch_size = opts.dtype, opts.batch_size
+        prepared, dim, layers = _prepare_engine(spec, images, run_on, engine,
+                                                opts.engine != "auto", export, ctx,
+                                                engines.get_engine(engine).streams(run_on.type,
+                                                                                   workers),
+                                                opts.decode)
+        if prepared.engine != engine:  # auto could not use its choice: torch's cache, maybe a hit
+            engine = prepared.engine
+            key_spec = feature_key_spec(spec, images, opts.dtype, opts.hash_contents, amp, stamps,
+                                        engine, opts.decode)
+            key = cache_key(key_spec)
+            final = cache_path(opts.cache_dir, spec.name, key)
+            repaired = _repair(final, opts, ctx)
+            if distributed.broadcast(final.exists()):
+                hit = _hit(final, key, started, engine)
+                hit.engine_note = prepared.note
+                return hit.described(images)
+        model = prepared.run
+        if opts.compile:
+            import torch
 
-        model = torch.compile(model)
-    meta = {"paths": images.paths, "labels": images.labels, "split": images.splits,
-            "classes": images.classes, "data_root": str(images.root), "ignored": images.ignored,
-            # The arguments that rebuild this backbone, for `pipeline predict` on new images.
-            "request": spec.request,
-            # Several layers side by side: which columns hold which (None for one layer).
-            "layers": layers}
-    if not ctx.is_main:  # one bar or log per job, not one per rank
-        progress = False
-    run = _Run(model, spec, images, run_on, batch_size, workers, opts.strict, progress, on_batch,
-               engines.get_engine(prepared.engine).decodes_ahead(run_on.type), prepared.streams,
-               opts.decode)
-    if ctx.distributed:
-        result = _extract_sharded(run, ctx, final, key_spec, key, dim, dtype, meta, started,
-                                  prepared, opts)
-    else:
-        with locks.writing(final, opts.lock_timeout, lambda text: note(text, progress)):
-            if final.exists():  # another run finished it while this one waited
-                result = _hit(final, key, started, engine)
-            else:
-                result = _extract_locked(run, final, key_spec, key, dim, dtype, meta, started,
-                                         prepared)
-    result.repair_note = repaired
-    if result.hit:
-        return _with_engine(result, prepared).described(images)
-    return _recorded(_with_engine(result, prepared).described(images),
-                     record, opts, spec, images, key_spec, run_on, ctx)
+            model = torch.compile(model)
+        meta = {"paths": images.paths, "labels": images.labels, "split": images.splits,
+                "classes": images.classes, "data_root": str(images.root), "ignored": images.ignored,
+                # The arguments that rebuild this backbone, for `pipeline predict` on new images.
+                "request": spec.request,
+                # Several layers side by side: which columns hold which (None for one layer).
+                "layers": layers}
+        if not ctx.is_main:  # one bar or log per job, not one per rank
+            progress = False
+        run = _Run(model, spec, images, run_on, batch_size, workers, opts.strict, progress,
+                   on_batch, engines.get_engine(prepared.engine).decodes_ahead(run_on.type),
+                   prepared.streams, opts.decode, early)
+        if ctx.distributed:
+            result = _extract_sharded(run, ctx, final, key_spec, key, dim, dtype, meta, started,
+                                      prepared, opts)
+        else:
+            with locks.writing(final, opts.lock_timeout, lambda text: note(text, progress)):
+                if final.exists():  # another run finished it while this one waited
+                    result = _hit(final, key, started, engine)
+                else:
+                    result = _extract_locked(run, final, key_spec, key, dim, dtype, meta, started,
+                                             prepared)
+        result.repair_note = repaired
+        if result.hit:
+            return _with_engine(result, prepared).described(images)
+        return _recorded(_with_engine(result, prepared).described(images),
+                         record, opts, spec, images, key_spec, run_on, ctx)
+    finally:
+        if early is not None:
+            early.close()
+
+
+def _early_decodes(images: ImageSet, spec: BackboneSpec, opts: ExtractOptions,
+                   ctx: distributed.Context, workers: int) -> EarlyDecodes | None:
+    """A helper process decoding the first images while this one imports torch and builds
+    the network (:mod:`pipeline.data.early`), where that pays: torch not yet imported, one
+    process decoding in this one (no loader processes, no torchrun), and drafted JPEGs, the
+    images whose decoding outweighs the forward pass. Other images are cheap to decode or
+    decoded in full, too big to hold many of; an image in a shard is read by the shard's own
+    pass."""
+    if (not early_decoding_possible() or ctx.distributed or workers or opts.decode != "draft"
+            or not may_draft(images.paths)
+            or any(split_address(p) for p in images.paths[:EARLY_IMAGES])):
+        return None
+    first = range(min(len(images), EARLY_IMAGES))
+    return EarlyDecodes([images.absolute(i) for i in first], **extraction_reads(spec, opts.decode))
 
 
 def _extract_locked(run: _Run, final: Path, key_spec: dict, key: str, dim: int, dtype: str,
@@ -274,6 +304,8 @@ def _extract_locked(run: _Run, final: Path, key_spec: dict, key: str, dim: int, 
         # building and preparing the network), which a large data set makes negligible.
         writer.finish({"timings": {"seconds": seconds, "loop_seconds": loop_s,
                                    "forward_seconds": forward_s,
+                                   # images a helper process decoded while this one started
+                                   "decoded_early": run.early.taken if run.early else 0,
                                    "resumed_from": resumed_from, "device": str(run.device),
                                    "engine": _engine_record(prepared)},
                        "versions": _versions(prepared.engine)})
@@ -534,6 +566,7 @@ class _Run:
     decode_ahead: bool | None = None  # see feature_batches
     streams: int = 1  # batches run at once (see feature_batches)
     decode: str = "draft"  # how JPEGs are decoded (pipeline.data.decode)
+    early: EarlyDecodes | None = None  # the first images, decoded while the network loaded
 
     def rows(self, writer: FeatureWriter, indices: np.ndarray, desc: str = "extract") -> float:
         """Write the features of ``indices[writer.rows_done:]``; returns seconds in forward.
@@ -548,7 +581,8 @@ class _Run:
                                          indices[writer.rows_done:], self.batch_size,
                                          self.workers, self.progress, desc,
                                          done=writer.rows_done, decode_ahead=self.decode_ahead,
-                                         streams=self.streams, decode=self.decode):
+                                         streams=self.streams, decode=self.decode,
+                                         early=self.early):
                 if self.strict and batch.failures:
                     i, reason = batch.failures[0]
                     raise DataError(f"{display(self.images.paths[i])}: unreadable image "

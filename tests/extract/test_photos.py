@@ -4,6 +4,9 @@ while the network runs when decoding is the larger share."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import threading
 import time
 
@@ -17,7 +20,7 @@ from pipeline.extract.batches import feature_batches
 from pipeline.extract.features import feature_key_spec
 from pipeline.models.backbones import resolve_backbone
 from pipeline.store import run_record
-from pipeline.store.cache import read_split
+from pipeline.store.cache import cache_info, read_split
 from tests.conftest import extract_tiny, make_folder
 from tests.data.test_decode import photo
 
@@ -101,3 +104,27 @@ def test_threads_decode_ahead_only_when_decoding_outweighs_the_forward_pass(
     # torch on one thread while the decoders take the cores, as before once done
     assert torch_threads == [before] + [1 if threaded else before] * (len(got) - 1)
     assert torch.get_num_threads() == before
+
+
+def test_a_fresh_process_decodes_the_first_photos_while_it_starts(tmp_path):
+    """``pipeline extract`` in a new process forks a helper that decodes the first photos
+    while torch loads (pipeline.data.early): the cache records how many, and holds what this
+    process extracts with no helper (torch is loaded here, so it starts none)."""
+    root = photo_folder(tmp_path / "photos", per_class=12)
+    # First: it resolves the backbone, which a fresh process then finds remembered instead of
+    # importing torch to resolve it (the memo is the test's own: tests/conftest.py).
+    here = extract_tiny(root, tmp_path / "here", split_fractions=(1.0, 0.0, 0.0))
+    command = [sys.executable, "-m", "pipeline", "extract", str(root), "--backbone", "resnet18",
+               "--weights", "none", "--image-size", "32", "--workers", "0", "--split", "1,0,0",
+               "--cache-dir", str(tmp_path / "fresh"), "--json", "--quiet"]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": os.getcwd()})
+    assert run.returncode == 0, run.stderr
+    fresh = json.loads(run.stdout.strip().splitlines()[-1])
+    assert fresh["key"] == here.key
+    assert cache_info(fresh["cache_path"])["timings"]["decoded_early"] > 0
+    assert cache_info(here.cache_path)["timings"]["decoded_early"] == 0
+    a, b = read_split(fresh["cache_path"], "train"), read_split(here.cache_path, "train")
+    assert list(a.paths) == list(b.paths)
+    # torch's thread count differs between the runs: the same sums in another order
+    np.testing.assert_allclose(a.X, b.X, rtol=1e-4, atol=1e-5)
