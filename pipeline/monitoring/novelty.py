@@ -39,9 +39,9 @@ TAIL = 0.05  # an outlier is beyond the reference's 95th percentile of novelty
 # Pooled neighbours kept per image: with a reference of at least a fifth of the pool, 32 hold
 # 3 reference images except with probability below 1%; with half, below 1e-6.
 WINDOW = 32
-# Booleans of one chunk of relabellings (relabellings x images x window): 16 Mi, ~150 MB with
-# the float products.
-CHUNK = 1 << 24
+# Entries of one chunk of relabellings (relabellings x images x window): 4 Mi, about 60 MB with
+# the running counts (int32) and the products (float64).
+CHUNK = 1 << 22
 
 
 @dataclass(frozen=True)
@@ -92,7 +92,7 @@ def novelty_scores(is_new: np.ndarray, distance: np.ndarray, index: np.ndarray,
         window's last distance for each missing one.
     """
     reference = ~is_new[:, index]  # (B, N, W)
-    first = reference & (np.cumsum(reference, axis=2) <= neighbours)
+    first = reference & (np.cumsum(reference, axis=2, dtype=np.int32) <= neighbours)
     missing = neighbours - first.sum(2)
     return (np.einsum("bnw,nw->bn", first, distance)
             + missing * distance[:, -1]) / neighbours
