@@ -40,7 +40,7 @@ __all__ = ["child", "extract_named", "forward_only", "generate_images", "in_chil
 FORWARD_SECONDS = 8.0
 
 
-CHILD_MODES = ("extract", "finetune", "forward", "sweep", "engine")
+CHILD_MODES = ("extract", "finetune", "forward", "sweep", "engine", "mmd")
 
 
 # What the benchmarks name of the backbone beside its name: resolve_backbone's keywords.
@@ -92,7 +92,8 @@ def child(mode: str, kw: dict) -> dict:
         ``"extract"`` (``kw`` for :func:`pipeline.extract_features`), ``"finetune"`` (for
         :func:`pipeline.finetuning.run`), ``"sweep"`` (for
         :func:`pipeline.finetuning.run.sweep_depths`,
-        into a fresh ``out``) or ``"forward"`` (for :func:`forward_only`).
+        into a fresh ``out``), ``"forward"`` (for :func:`forward_only`) or ``"mmd"`` (for
+        :func:`pipeline.bench.drift.mmd_child`).
     """
     if device_type("auto") == "cpu":  # as the `pipeline` command does on a CPU
         keep_freed_memory()
@@ -120,6 +121,10 @@ def child(mode: str, kw: dict) -> dict:
         out = {"img_s": forward_only(**kw)}
     elif mode == "engine":
         out = prepare_engine(**kw)
+    elif mode == "mmd":
+        from pipeline.bench.drift import mmd_child
+
+        out = mmd_child(**kw)
     else:
         raise ValueError(f"mode must be one of {', '.join(CHILD_MODES)}, not {mode!r}")
     out["peak_rss_mb"] = peak_rss_mb()
