@@ -33,14 +33,14 @@ from pipeline.models.backbones import build_feature_model, resolve_backbone
 from pipeline.models.families import family_of
 from pipeline.store.cache import cache_info
 
-__all__ = ["child", "extract_named", "forward_only", "generate_images", "in_child", "peak_rss_mb",
-           "prepare_engine", "timed_child"]
+__all__ = ["child", "extract_named", "forward_only", "generate_images", "in_child", "mmd_once",
+           "peak_rss_mb", "prepare_engine", "timed_child"]
 
 
 FORWARD_SECONDS = 8.0
 
 
-CHILD_MODES = ("extract", "finetune", "forward", "sweep", "engine")
+CHILD_MODES = ("extract", "finetune", "forward", "sweep", "engine", "mmd")
 
 
 # What the benchmarks name of the backbone beside its name: resolve_backbone's keywords.
@@ -92,7 +92,8 @@ def child(mode: str, kw: dict) -> dict:
         ``"extract"`` (``kw`` for :func:`pipeline.extract_features`), ``"finetune"`` (for
         :func:`pipeline.finetuning.run`), ``"sweep"`` (for
         :func:`pipeline.finetuning.run.sweep_depths`,
-        into a fresh ``out``) or ``"forward"`` (for :func:`forward_only`).
+        into a fresh ``out``), ``"forward"`` (for :func:`forward_only`) or ``"mmd"`` (for
+        :func:`mmd_once`).
     """
     if device_type("auto") == "cpu":  # as the `pipeline` command does on a CPU
         keep_freed_memory()
@@ -120,12 +121,29 @@ def child(mode: str, kw: dict) -> dict:
         out = {"img_s": forward_only(**kw)}
     elif mode == "engine":
         out = prepare_engine(**kw)
+    elif mode == "mmd":
+        out = mmd_once(**kw)
     else:
         raise ValueError(f"mode must be one of {', '.join(CHILD_MODES)}, not {mode!r}")
     out["peak_rss_mb"] = peak_rss_mb()
     if torch.cuda.is_available():
         out["gpu_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
     return out
+
+
+def mmd_once(rows: int, dim: int = 1280, permutations: int = 200) -> dict:
+    """One MMD test of ``rows`` against ``rows`` Gaussian rows with a small mean shift, of
+    Lite0's bottleneck width and ``pipeline drift``'s permutations by default (for
+    :mod:`pipeline.bench.drift`, in a fresh process)."""
+    from pipeline.monitoring.kernel import mmd_test
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(rows, dim)).astype(np.float32)
+    Y = (rng.normal(size=(rows, dim)) + 0.02).astype(np.float32)
+    started = time.perf_counter()
+    test = mmd_test(X, Y, permutations=permutations)
+    return {"rows": rows, "dim": dim, "permutations": permutations,
+            "seconds": time.perf_counter() - started, "p_value": test.p_value}
 
 
 def finetune_args(kw: dict) -> dict:

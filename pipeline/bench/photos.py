@@ -7,8 +7,8 @@ and resizes 12 megapixels; ``pipeline extract`` decodes a JPEG at the scale the 
 (:mod:`pipeline.data.decode`) and, on a CPU, decodes in threads while the network runs. Each
 runs in a fresh process, timed from its start to its end (imports, building the network and
 the loader's start-up included), so the ratio is what a user waits; ``pipeline extract``'s
-helper process decodes the first photos while it starts (:mod:`pipeline.data.early`). The decode and resize of
-one image in each mode is timed in this process, one image at a time.
+helper process decodes the first photos while it starts (:mod:`pipeline.data.early`). The
+decode and resize of one image in each mode is timed in this process, one image at a time.
 """
 
 from __future__ import annotations

@@ -12,7 +12,8 @@ on the weights' values). Startup times the command line in fresh processes again
 ``import torch``. Engines (``--only engines``): forward-only and end-to-end images per second
 of every installed engine against the eager network extraction ran before engines existed.
 Photos (``--only photos``, :mod:`pipeline.bench.photos`): ``pipeline extract`` on
-12-megapixel JPEGs against the PyTorch tutorial's loop on the same files.
+12-megapixel JPEGs against the PyTorch tutorial's loop on the same files. Drift
+(``--only drift``, :mod:`pipeline.bench.drift`): the MMD test's time and memory as N grows.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import torch
 
 from pipeline.bench.audit import bench_audit, print_audit
 from pipeline.bench.children import child, extract_named, generate_images, in_child
+from pipeline.bench.drift import bench_drift
 from pipeline.bench.engines import bench_engines
 from pipeline.bench.finetuning import bench_finetune
 from pipeline.bench.heads import bench_heads, print_heads
@@ -103,7 +105,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--photos", type=int, default=120,
                         help="12-megapixel JPEGs made for --only photos")
     parser.add_argument("--only", choices=("startup", "extract", "layers", "engines", "heads",
-                                           "audit", "finetune", "distributed", "photos"),
+                                           "audit", "finetune", "distributed", "photos",
+                                           "drift"),
                         default=None)
     # One measurement in this fresh process (what in_child runs), its result as JSON.
     parser.add_argument("--child", nargs=2, metavar=("MODE", "KWARGS"), help=argparse.SUPPRESS)
@@ -125,6 +128,8 @@ def main(argv: list[str] | None = None) -> None:
         results.update(bench_extract(args))
     if args.only in (None, "photos"):
         results["photos"] = bench_photos(args.out, args.photos, args.backbone)
+    if args.only in (None, "drift"):
+        results["drift"] = bench_drift()
     if args.only in (None, "layers"):
         results["layers"] = bench_layers(args)
         print_layers(results["layers"])

@@ -37,7 +37,13 @@ def _splits(ctx, param, value: str) -> tuple[str, ...]:
 @click.option("--level", type=float, default=_DEFAULTS.level, show_default=True,
               help="Significance level of shifted, harmful and each layer.")
 @click.option("--permutations", type=int, default=_DEFAULTS.permutations, show_default=True,
-              help="Permutations of the MMD test.")
+              help="Permutations of the MMD and the novelty tests.")
+@click.option("--neighbours", type=int, default=_DEFAULTS.neighbours, show_default=True,
+              help="Novelty test: an image's novelty is its mean cosine distance to this many "
+                   "nearest reference images.")
+@click.option("--tail", type=float, default=_DEFAULTS.tail, show_default=True,
+              help="Novelty test: an image is an outlier beyond the reference's 1 - TAIL "
+                   "quantile of novelty.")
 @click.option("--tolerance", type=float, default=_DEFAULTS.tolerance, show_default=True,
               help="An accuracy drop smaller than this is not harmful.")
 @click.option("--cache-dir", type=click.Path(file_okay=False), default=None,

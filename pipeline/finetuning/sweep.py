@@ -254,11 +254,41 @@ class _Runner:
                              "it again") from None
         # Older sweep folders kept the progress setting (which decides nothing) in theirs.
         saved.get("fingerprint", {}).get("settings", {}).pop("progress", None)
-        if saved.get("fingerprint") != fingerprint:
+        if _nested(saved.get("fingerprint", {}), fingerprint) != fingerprint:
             raise SweepError(f"{record.parent} is a run of another sweep (other data or "
                              "settings); remove it to start over", path=record.parent,
                              reason="another-run")
         return {**saved["row"], **settings, "resumed": True}
+
+
+# A backbone's request as a fingerprint holds it (BackboneSpec.request's keys).
+_BACKBONE_KEYS = ("backbone", "weights", "layer", "pool", "image_size")
+
+
+def _nested(saved: dict, current: dict) -> dict:
+    """A fingerprint written before the options were nested by concern, as it reads today.
+
+    Such a record holds the flat ``FinetuneConfig`` under ``config`` and, in ``settings``,
+    the backbone's request, the extraction options and the rest, side by side. Each goes to
+    its place; what the old record does not name (a setting that did not exist yet, such as
+    ``--decode``, or a default it did not write down) is taken as today's, as the old code
+    ran without it. ``offline`` only said where weights came from, so it decides nothing.
+    A record already nested is returned as it is.
+    """
+    if "config" not in saved:
+        return saved
+    settings = {k: v for k, v in saved.get("settings", {}).items() if k != "offline"}
+    backbone = {**current.get("backbone", {}),
+                **{k: settings.pop(k) for k in _BACKBONE_KEYS if k in settings}}
+    extract = {k: settings.pop(k) for k in list(settings) if k in current["options"]["extract"]}
+    options = json.loads(json.dumps(current["options"]))  # a deep copy, in JSON's types
+    for concern, values in options.items():
+        # The one seed of the old config also drew the splits (the extraction's seed now).
+        flat = (saved["config"] if concern != "extract" else
+                {**{k: v for k, v in saved["config"].items() if k == "seed"}, **extract})
+        values.update({k: flat[k] for k in values if k in flat})
+    return {"data": saved.get("data"), "backbone": backbone, "options": options,
+            "settings": settings}
 
 
 def _row(settings: dict, result, folder: Path) -> dict:

@@ -27,9 +27,14 @@ class DriftOptions(Options):
     # The reference images the new set is compared with. Held-out splits by default: a head's
     # outputs on its own training images are over-confident, which would look like a shift.
     reference: tuple[str, ...] = ("val", "test")
-    # Permutations of the MMD test; its p-value is at least 1 / (permutations + 1).
+    # Permutations of the MMD and the novelty tests; a p-value is at least
+    # 1 / (permutations + 1).
     permutations: int = 200
     folds: int = 5  # of the cross-fitted domain classifier
+    # The novelty test: an image's novelty is its mean cosine distance to this many nearest
+    # reference images; an outlier is beyond the reference's 1 - tail quantile of novelty.
+    neighbours: int = 3
+    tail: float = 0.05
     # An accuracy drop smaller than this is not called harmful, however significant.
     tolerance: float = 0.02
     # A .head or .net to judge instead of the best row's model of a results folder (with a
@@ -47,6 +52,8 @@ class DriftOptions(Options):
                                          + ", ".join(SPLITS))],
         "permutations": [Between(1, None, integer=True)],
         "folds": [Between(2, None, integer=True)],
+        "neighbours": [Between(1, None, integer=True)],
+        "tail": [Between(0, 1, open="both")],
         "tolerance": [Between(0, 1)],
         "device": [OneOf(("auto", "cuda", "mps", "cpu"))],
         "gallery": [Between(0, None, integer=True)],

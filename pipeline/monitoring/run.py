@@ -1,12 +1,15 @@
 """The drift stage: is the new data different, does it hurt, and what to retrain.
 
-Three measures on the features say whether the new set differs from the reference, each with an
-effect size, its 95% interval and a p-value: the domain classifier
-(:mod:`~pipeline.monitoring.classifier`), the MMD test (:mod:`~pipeline.monitoring.kernel`) and
-the shift of the classes the deployed model predicts (:mod:`~pipeline.monitoring.outputs`). The
-set counts as shifted when the smallest of the three Holm-adjusted p-values is below the level,
-so the three together raise a false alarm at most that often. On a cache of several layers the
-first two run on each layer too: where in the network the shift appears.
+Four measures say whether the new set differs from the reference, each with an effect size,
+its 95% interval and a p-value: the domain classifier (:mod:`~pipeline.monitoring.classifier`)
+and the MMD test (:mod:`~pipeline.monitoring.kernel`) compare the features' distributions, the
+novelty test (:mod:`~pipeline.monitoring.novelty`) counts new images unlike any reference image
+(a minority, such as a class never seen, that barely moves a distribution), and the shift of the
+classes the deployed model predicts (:mod:`~pipeline.monitoring.outputs`) looks at its outputs.
+The set counts as shifted when the smallest of the four Holm-adjusted p-values is below the
+level, so the four together raise a false alarm at most that often. On a cache of several
+layers the three feature measures run on each layer too: where in the network the shift
+appears.
 
 Whether it hurts is the model's accuracy: measured where the new set has labels, expected by
 ATC (:mod:`~pipeline.monitoring.harm`) where it has none; beside it the shift of the softmax
@@ -31,6 +34,7 @@ from pipeline.metrics.significance import mcnemar_test
 from pipeline.monitoring.classifier import ClassifierTest, domain_classifier
 from pipeline.monitoring.harm import accuracy_change, atc_estimate, atc_threshold
 from pipeline.monitoring.kernel import MMDTest, mmd_test
+from pipeline.monitoring.novelty import NoveltyTest, novelty_test
 from pipeline.monitoring.options import SPLITS, DriftOptions
 from pipeline.monitoring.outputs import (
     LabelShiftTest,
@@ -87,6 +91,7 @@ class DriftResult(Result):
     gallery: list[dict] = field(default_factory=list)  # the most different new images
     gallery_root: str = ""
     seconds: float = 0.0
+    novelty: dict = field(default_factory=dict)  # new images unlike any reference image
 
     def to_json(self) -> dict:
         return to_plain(asdict(self))
@@ -148,7 +153,7 @@ def drift(new: str | os.PathLike, *, against: str | os.PathLike,
         raise DataError(f"{display(str(new))} has {len(new_set.X)} readable image(s); drift "
                         f"compares distributions and needs at least {MIN_IMAGES}")
     splits = {s: reference.take(reference.split == s) for s in SPLITS}
-    sample, copies = _reference_sample(reference, new_set, options.reference)
+    sample, bank, copies = _reference_sample(reference, new_set, options.reference)
     if copies:
         notes.append(f"{copies} reference image(s) identical to images of NEW were left out of "
                      "the reference sample")
@@ -156,10 +161,10 @@ def drift(new: str | os.PathLike, *, against: str | os.PathLike,
     if model.note:
         notes.append(model.note)
 
-    shift = measure_shift(sample, new_set, model, options)
+    shift = measure_shift(sample, new_set, model, options, bank=bank)
     classifier, mmd, predicted = shift.classifier, shift.mmd, shift.predicted
     family, shifted, proba_new = shift.family, shift.shifted, shift.proba_new
-    layers = _layer_rows(sample, new_set, options) if len(reference.layers) > 1 else []
+    layers = _layer_rows(sample, bank, new_set, options) if len(reference.layers) > 1 else []
 
     y_new, unseen = _new_labels(new_set, model.classes)
     if unseen:
@@ -190,13 +195,13 @@ def drift(new: str | os.PathLike, *, against: str | os.PathLike,
         harmful, action, unfreeze, "", _plain(classifier), _plain(mmd),
         {**_plain(predicted), "p_holm": float(family[2])}, _plain(shift.outputs), atc,
         accuracy, refit, layers, unseen, notes,
-        _gallery(new_set, shift.scores, proba_new, model, options),
-        str(new_set.root))
+        _gallery(new_set, shift, proba_new, model, options),
+        str(new_set.root), novelty={**_plain(shift.novelty), "p_holm": float(family[3])})
     result.domain_classifier["p_holm"], result.mmd["p_holm"] = float(family[0]), float(family[1])
     # Each measure names its statistic the same way, beside its own name for it.
     for measure, key in ((result.domain_classifier, "auc"), (result.mmd, "mmd2"),
                          (result.label_shift, "total_variation"),
-                         (result.softmax, "confidence_change")):
+                         (result.novelty, "excess"), (result.softmax, "confidence_change")):
         measure["statistic"] = measure[key]
     result.sentence = sentence(result)
     result.seconds = time.perf_counter() - started
@@ -205,23 +210,31 @@ def drift(new: str | os.PathLike, *, against: str | os.PathLike,
 
 @dataclass
 class Shift:
-    """The three measures of one comparison, and the model's outputs on either side."""
+    """The four measures of one comparison, and the model's outputs on either side."""
 
     classifier: ClassifierTest
     scores: np.ndarray  # each new row's out-of-fold probability of being new
     mmd: MMDTest
     predicted: LabelShiftTest
     outputs: SoftmaxShift
-    family: np.ndarray  # Holm-adjusted p-values: classifier, MMD, predicted classes
+    novelty: NoveltyTest
+    novelty_scores: np.ndarray  # each new row's distance to its nearest reference rows
+    family: np.ndarray  # Holm-adjusted p-values: classifier, MMD, predicted classes, novelty
     shifted: bool
     proba_sample: np.ndarray
     proba_new: np.ndarray
 
 
-def measure_shift(sample: Rows, new: Rows, model: Model, options: DriftOptions) -> Shift:
+def measure_shift(sample: Rows, new: Rows, model: Model, options: DriftOptions, *,
+                  bank: Rows | None = None) -> Shift:
     """Whether ``new`` differs from the reference ``sample``: the domain classifier, the MMD
-    test and the predicted classes of ``model``, one decision at ``options.level`` over the
-    three Holm-adjusted p-values; the softmax shift beside them."""
+    test, the predicted classes of ``model`` and the novelty test, one decision at
+    ``options.level`` over the four Holm-adjusted p-values; the softmax shift beside them.
+
+    ``bank`` holds more reference rows (the training split) for the novelty test alone: the
+    frozen backbone's features do not know which images trained the head, and a larger
+    reference makes each image's nearest neighbours, and so the test, sharper.
+    """
     classifier, scores = domain_classifier(sample.X, new.X, folds=options.folds,
                                            seed=options.seed)
     mmd = mmd_test(sample.X, new.X, permutations=options.permutations, seed=options.seed)
@@ -229,27 +242,41 @@ def measure_shift(sample: Rows, new: Rows, model: Model, options: DriftOptions) 
     predicted = label_shift(proba_sample.argmax(1), proba_new.argmax(1), model.classes,
                             seed=options.seed)
     outputs = softmax_shift(proba_sample, proba_new, model.classes)
-    family = holm([classifier.p_value, mmd.p_value, predicted.p_value])
-    return Shift(classifier, scores, mmd, predicted, outputs, family,
+    novelty, novelty_scores = _novelty(sample.X, None if bank is None else bank.X, new.X,
+                                       options)
+    family = holm([classifier.p_value, mmd.p_value, predicted.p_value, novelty.p_value])
+    return Shift(classifier, scores, mmd, predicted, outputs, novelty, novelty_scores, family,
                  bool(family.min() < options.level), proba_sample, proba_new)
+
+
+def _novelty(X: np.ndarray, bank: np.ndarray | None, Y: np.ndarray, options: DriftOptions
+             ) -> tuple[NoveltyTest, np.ndarray]:
+    reference = X if bank is None or not len(bank) else np.concatenate([X, bank])
+    return novelty_test(reference, Y, neighbours=options.neighbours, tail=options.tail,
+                        permutations=options.permutations, seed=options.seed)
 
 
 def _plain(value) -> dict:
     return to_plain(asdict(value))
 
 
-def _reference_sample(reference: Rows, new: Rows, splits: tuple[str, ...]) -> tuple[Rows, int]:
-    """The reference rows of ``splits``, less exact copies of new images (same content hash):
-    a copy on both sides makes the two sets look more alike than they are."""
+def _reference_sample(reference: Rows, new: Rows, splits: tuple[str, ...]
+                      ) -> tuple[Rows, Rows, int]:
+    """The reference rows of ``splits``, the training split's other rows (the novelty test's
+    larger reference; a split left out of ``splits``, such as a test split NEW was made
+    from, stays out), both less exact copies of new images (same content hash: a copy on both
+    sides makes the two sets look more alike than they are), and the copies in ``splits``."""
     mask = np.isin(reference.split, splits)
     known = new.hashes[new.hashes != b""]
-    copies = mask & (reference.hashes != b"") & np.isin(reference.hashes, known)
+    copied = (reference.hashes != b"") & np.isin(reference.hashes, known)
+    copies = mask & copied
     sample = reference.take(mask & ~copies)
     if len(sample.X) < MIN_IMAGES:
         raise DataError(f"the reference split(s) {', '.join(splits)} hold {len(sample.X)} "
                         f"image(s) other than NEW's; drift needs at least {MIN_IMAGES}: choose "
                         "others with --reference")
-    return sample, int(copies.sum())
+    bank = reference.take((reference.split == "train") & ~mask & ~copied)
+    return sample, bank, int(copies.sum())
 
 
 def _proba(model: Model, rows: Rows, options: DriftOptions) -> np.ndarray:
@@ -290,23 +317,28 @@ def _drops(change: dict, options: DriftOptions) -> bool:
     return bool(change["p_drop"] < options.level and -change["difference"] >= options.tolerance)
 
 
-def _layer_rows(sample: Rows, new: Rows, options: DriftOptions) -> list[dict]:
-    """The domain classifier and MMD on each layer's columns; a layer is shifted where either
-    Holm-adjusted p-value (over every layer's two tests) is below the level."""
+def _layer_rows(sample: Rows, bank: Rows, new: Rows, options: DriftOptions) -> list[dict]:
+    """The domain classifier, the MMD and the novelty test on each layer's columns; a layer is
+    shifted where one Holm-adjusted p-value (over every layer's three tests) is below the
+    level."""
     rows = []
     for depth, (name, start, stop) in enumerate(sample.layers):
         X, Y = sample.X[:, start:stop], new.X[:, start:stop]
         classifier, _ = domain_classifier(X, Y, folds=options.folds, seed=options.seed)
         mmd = mmd_test(X, Y, permutations=options.permutations, seed=options.seed)
+        novelty, _ = _novelty(X, bank.X[:, start:stop], Y, options)
         rows.append({"layer": name, "depth": depth, "features": stop - start,
                      "auc": classifier.auc, "auc_ci_low": classifier.ci_low,
                      "auc_ci_high": classifier.ci_high, "p_classifier": classifier.p_value,
                      "proxy_a_distance": classifier.proxy_a_distance, "mmd2": mmd.mmd2,
                      "mmd2_ci_low": mmd.ci_low, "mmd2_ci_high": mmd.ci_high,
-                     "p_mmd": mmd.p_value})
-    adjusted = holm([p for r in rows for p in (r["p_classifier"], r["p_mmd"])])
-    for i, row in enumerate(rows):
-        row["p_holm"] = float(min(adjusted[2 * i], adjusted[2 * i + 1]))
+                     "p_mmd": mmd.p_value, "outlier_share": novelty.outlier_share,
+                     "novelty_excess": novelty.excess, "novelty_ci_low": novelty.ci_low,
+                     "novelty_ci_high": novelty.ci_high, "p_novelty": novelty.p_value})
+    tests = ("p_classifier", "p_mmd", "p_novelty")
+    adjusted = holm([r[t] for r in rows for t in tests]).reshape(len(rows), len(tests))
+    for row, row_adjusted in zip(rows, adjusted):
+        row["p_holm"] = float(row_adjusted.min())
         row["shifted"] = bool(row["p_holm"] < options.level)
     return rows
 
@@ -372,11 +404,16 @@ def _unfreeze(layers: list[dict], reference: Rows) -> int:
     return max(1, len(layers) - 1 - min(shifted))
 
 
-def _gallery(new: Rows, scores: np.ndarray, proba: np.ndarray, model: Model,
+def _gallery(new: Rows, shift: Shift, proba: np.ndarray, model: Model,
              options: DriftOptions) -> list[dict]:
-    """The new images the domain classifier finds most unlike the reference."""
+    """The new images most unlike the reference, by the measure more sure of a difference:
+    the domain classifier's score, or the novelty (distance to the nearest reference images)
+    where the novelty test's p-value is the smaller (a few novel images among many)."""
+    by_novelty = shift.novelty.p_value < shift.classifier.p_value
+    scores = shift.novelty_scores if by_novelty else shift.scores
     order = np.argsort(-scores, kind="stable")[:options.gallery]
     return [{"path": str(new.paths[i]), "score": float(scores[i]),
+             "measure": "novelty" if by_novelty else "domain classifier",
              "predicted": model.classes[int(proba[i].argmax())]} for i in order]
 
 
@@ -387,11 +424,13 @@ def _p(p: float) -> str:
 
 
 def evidence(result: DriftResult) -> str:
-    """The three measures in a clause."""
-    c, m, g = result.domain_classifier, result.mmd, result.label_shift
+    """The four measures in a clause."""
+    c, m, g, v = result.domain_classifier, result.mmd, result.label_shift, result.novelty
     return (f"domain classifier AUC {c['auc']:.3f} [{c['ci_low']:.3f}, {c['ci_high']:.3f}], "
             f"{_p(c['p_value'])}; MMD² {m['mmd2']:.4f} [{m['ci_low']:.4f}, {m['ci_high']:.4f}], "
-            f"{_p(m['p_value'])}; predicted classes G = {g['g']:.1f}, {_p(g['p_value'])}")
+            f"{_p(m['p_value'])}; predicted classes G = {g['g']:.1f}, {_p(g['p_value'])}; "
+            f"novel images {v['excess']:+.1%} [{v['ci_low']:+.1%}, {v['ci_high']:+.1%}], "
+            f"{_p(v['p_value'])}")
 
 
 def accuracy_clause(result: DriftResult) -> str:
@@ -452,6 +491,7 @@ def markdown(result: DriftResult) -> str:
         return f"[{low:.{digits}f}, {high:.{digits}f}]"
 
     c, m, g, s = result.domain_classifier, result.mmd, result.label_shift, result.softmax
+    v = result.novelty
     measures = [
         {"measure": "domain classifier AUC", "statistic": f"{c['auc']:.3f}",
          "95% interval": interval(c["ci_low"], c["ci_high"]), "p": f"{c['p_value']:.3g}",
@@ -465,6 +505,12 @@ def markdown(result: DriftResult) -> str:
          "statistic": f"{g['total_variation']:.3f}",
          "95% interval": interval(g["ci_low"], g["ci_high"]), "p": f"{g['p_value']:.3g}",
          "p (Holm)": f"{g['p_holm']:.3g}"},
+        {"measure": f"novelty: excess share of new images beyond the reference's "
+                    f"{1 - v['tail']:.0%} quantile of distance to {v['neighbours']} nearest "
+                    f"({v['outliers']} of {v['n_new']}, {v['outlier_share']:.3f} against "
+                    f"{v['expected_share']:.3f} without a shift)",
+         "statistic": f"{v['excess']:+.3f}", "95% interval": interval(v["ci_low"], v["ci_high"]),
+         "p": f"{v['p_value']:.3g}", "p (Holm)": f"{v['p_holm']:.3g}"},
         {"measure": "softmax: mean confidence change (KS per class, Holm)",
          "statistic": f"{s['confidence_change']:+.3f}",
          "95% interval": interval(s["ci_low"], s["ci_high"]), "p": f"{s['p_value']:.3g}",
@@ -480,7 +526,8 @@ def markdown(result: DriftResult) -> str:
         parts += ["", "## Where in the network", "", markdown_table([
             {"layer": r["layer"], "AUC": f"{r['auc']:.3f}",
              "AUC interval": interval(r["auc_ci_low"], r["auc_ci_high"]),
-             "MMD²": f"{r['mmd2']:.5f}", "p (Holm)": f"{r['p_holm']:.3g}",
+             "MMD²": f"{r['mmd2']:.5f}", "novel": f"{r['novelty_excess']:+.3f}",
+             "p (Holm)": f"{r['p_holm']:.3g}",
              "shifted": "yes" if r["shifted"] else "no"} for r in result.layers])]
     parts += ["", "## Predicted classes", "", markdown_table([
         {"class": r["class"], "reference": f"{r['reference_share']:.3f}",
@@ -513,12 +560,15 @@ def markdown(result: DriftResult) -> str:
 
 
 def gallery_figure(result: DriftResult):
-    """The most different new images, each with its domain score and predicted class."""
+    """The most different new images, each with its score and predicted class."""
     from pipeline.report.tiles import tile_sheet
 
+    measure = result.gallery[0].get("measure", "domain classifier") if result.gallery else ""
+    what = ("novelty: mean cosine distance to the nearest reference images"
+            if measure == "novelty" else "domain classifier score")
     return tile_sheet([g["path"] for g in result.gallery],
                       [f"{g['score']:.2f} {g['predicted'][:18]}" for g in result.gallery],
                       result.gallery_root,
-                      "New images most unlike the reference (domain classifier score)",
+                      f"New images most unlike the reference ({what})",
                       columns=6, size=128, tile_inches=(2.2, 2.5), caption_size=7,
                       empty="no new image")

@@ -94,7 +94,7 @@ def _run_records(rows: Sequence[dict], folder: Path, out: Path) -> list[dict]:
 
 def drift_sections(folder: Path) -> list[dict]:
     """Each ``drift.json`` (``pipeline drift``) under ``folder``: its folder, sentence, the
-    three measures' rows and its gallery, for the page's drift section."""
+    measures' rows and its gallery, for the page's drift section."""
     sections = []
     for path in results_files(folder, "drift.json"):
         try:
@@ -102,8 +102,10 @@ def drift_sections(folder: Path) -> list[dict]:
             measures = [(name, body[key]) for name, key in (
                 ("domain classifier AUC", "domain_classifier"), ("MMD²", "mmd"),
                 ("predicted classes (total variation)", "label_shift"))]
-            rows = [{"measure": name, "statistic": m.get("auc", m.get("mmd2",
-                                                                      m.get("total_variation"))),
+            if body.get("novelty"):  # a drift.json from before the novelty test has none
+                measures.append(("novel images (excess outlier share)", body["novelty"]))
+            rows = [{"measure": name, "statistic": m.get("statistic", m.get("auc", m.get(
+                         "mmd2", m.get("total_variation")))),
                      "low": m["ci_low"], "high": m["ci_high"], "p": m["p_value"]}
                     for name, m in measures]
             sentence, shifted, harmful = body["sentence"], body["shifted"], body["harmful"]

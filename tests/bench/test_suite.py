@@ -93,3 +93,18 @@ def test_the_bench_measures_the_engines_installed_for_the_device(monkeypatch):
     monkeypatch.setattr(engines.OnnxRuntimeEngine, "installed", lambda self: True)
     assert engine_bench.bench_engines_here(torch.device("cpu")) == ["eager", "torch", "onnxruntime"]
     assert engine_bench.bench_engines_here(torch.device("cuda")) == ["eager", "torch"]
+
+
+def test_the_drift_bench_fits_the_growth_of_the_mmd_time(monkeypatch):
+    from pipeline.bench import drift
+
+    # seconds as 3 N²: the fitted exponent is 2 and 50,000 rows take 3 x 50,000² s
+    monkeypatch.setattr("pipeline.bench.children.in_child", lambda mode, rows: {
+        "rows": rows, "dim": 8, "permutations": 20, "seconds": 3.0 * rows ** 2, "p_value": 0.01,
+        "peak_rss_mb": 100})
+    result = drift.bench_drift(sizes=(10, 20, 40))
+    assert abs(result["exponent"] - 2.0) < 1e-9
+    assert abs(result["target_seconds_extrapolated"] - 3.0 * 50_000 ** 2) < 1e-3 * 3 * 50_000 ** 2
+    from pipeline.bench.children import mmd_once
+
+    assert mmd_once(rows=60, dim=8, permutations=20)["p_value"] < 0.5

@@ -158,3 +158,34 @@ def test_the_command_sweeps_when_given_several_values(tmp_path):
     assert "Traceback" not in refused.output
     bad = CliRunner().invoke(main, [*args, "--lr", "0.1,fast"])
     assert bad.exit_code == 2 and "such as 0.1,0.01" in bad.output
+
+
+def _as_written_before_nesting(fingerprint: dict) -> dict:
+    """A run record's fingerprint in the form sweeps wrote before the options were nested by
+    concern (measured on such a folder: the flat FinetuneConfig under "config"; the backbone's
+    request, some extraction options and the rest side by side in "settings")."""
+    options = fingerprint["options"]
+    config = {k: v for concern in ("optim", "network", "training", "activations")
+              for k, v in options[concern].items()}
+    backbone = {k: v for k, v in fingerprint["backbone"].items()
+                if k in ("backbone", "weights", "image_size")}
+    extract = {k: options["extract"][k] for k in ("workers", "cache_dir", "split_fractions",
+                                                  "device", "compile", "engine")}
+    return {"data": fingerprint["data"], "config": config,
+            "settings": {**backbone, **extract, "offline": None, **fingerprint["settings"]}}
+
+
+def test_a_run_recorded_before_the_options_were_nested_is_read_back(fake_finetune, tmp_path):
+    factors = {"lr": [1e-3]}
+    sweep("data", factors, workdir=tmp_path, options=_options(epochs=3))
+    record = tmp_path / "runs" / run_name({"lr": 1e-3}) / "sweep-run.json"
+    saved = json.loads(record.read_text())
+    saved["fingerprint"] = _as_written_before_nesting(saved["fingerprint"])
+    record.write_text(json.dumps(saved))
+    again = sweep("data", factors, workdir=tmp_path, options=_options(epochs=3))
+    assert again.rows[0]["resumed"] and len(fake_finetune) == 1
+    # an old record of other settings is still another sweep's
+    saved["fingerprint"]["config"]["epochs"] = 4
+    record.write_text(json.dumps(saved))
+    with pytest.raises(SweepError, match="another sweep"):
+        sweep("data", factors, workdir=tmp_path, options=_options(epochs=3))

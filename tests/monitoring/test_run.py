@@ -37,8 +37,11 @@ def test_a_folder_against_a_cache_gives_every_measure(tiny, tmp_path):
     assert result.new_classes == {"c": 6}
     assert any("never seen: c" in note for note in result.notes)
     assert any("fitted on the reference's training split" in note for note in result.notes)
-    for measure in (result.domain_classifier, result.mmd, result.label_shift):
-        assert {"p_value", "ci_low", "ci_high", "p_holm"} <= set(measure)
+    for measure in (result.domain_classifier, result.mmd, result.label_shift, result.novelty):
+        assert {"p_value", "ci_low", "ci_high", "p_holm", "statistic"} <= set(measure)
+    # The sample and the training split (less its copies of NEW's images).
+    assert 32 < result.novelty["n_reference"] <= 64
+    assert result.novelty["statistic"] == result.novelty["excess"]
     assert 1 / 31 <= result.mmd["p_value"] <= 1
     assert result.accuracy is not None and result.atc is not None
     assert result.sentence and isinstance(result.shifted, bool)
@@ -49,6 +52,23 @@ def test_a_folder_against_a_cache_gives_every_measure(tiny, tmp_path):
     assert body["sentence"] == result.sentence
     assert len(body["gallery"]) == 4
     assert result.sentence in (tmp_path / "drift.md").read_text()
+    assert "novelty: excess share" in (tmp_path / "drift.md").read_text()
+    assert body["novelty"]["p_holm"] >= body["novelty"]["p_value"]
+
+
+def test_a_cache_of_every_block_measures_each_layer_with_the_novelty_test_too(tiny, tmp_path):
+    reference = tiny["root"] / "ref"
+    cache = extract_tiny(reference, tmp_path, layer="blocks").cache_path
+    result = drift(tiny["new"], against=cache, options=FAST)
+    assert len(result.layers) > 1
+    from pipeline.monitoring.outputs import holm
+
+    tests = ("p_classifier", "p_mmd", "p_novelty")
+    adjusted = holm([r[t] for r in result.layers for t in tests]).reshape(-1, 3)
+    for row, row_adjusted in zip(result.layers, adjusted):
+        assert {"outlier_share", "novelty_excess", "novelty_ci_low", "novelty_ci_high"} <= set(row)
+        assert row["novelty_ci_low"] <= row["novelty_excess"] <= row["novelty_ci_high"]
+        assert row["p_holm"] == pytest.approx(row_adjusted.min())
 
 
 def test_a_results_folder_judges_its_best_rows_head(tiny):

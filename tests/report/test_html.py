@@ -195,7 +195,8 @@ def test_a_drift_json_in_the_run_folder_adds_a_drift_section(tmp_path):
     (drift / "drift.json").write_text(json.dumps({
         "sentence": sentence, "shifted": True, "harmful": True,
         "domain_classifier": {**measure, "auc": 0.9}, "mmd": {**measure, "mmd2": 0.0123},
-        "label_shift": {**measure, "total_variation": 0.2}}))
+        "label_shift": {**measure, "total_variation": 0.2},
+        "novelty": {**measure, "excess": 0.0789, "statistic": 0.0789}}))
     plots.curve_plot({"x": ([0, 1], [0, 1], None, None)}, drift / "drift_gallery.png", "g",
                      "x", "y")
     (tmp_path / "other" / "drift").mkdir(parents=True)
@@ -205,5 +206,6 @@ def test_a_drift_json_in_the_run_folder_adds_a_drift_section(tmp_path):
     text = Path(result.files["report_html"]).read_text()
     assert "<h2>Drift: drift</h2>" in text and sentence in text
     assert "0.0123" in text and "[0.1000, 0.3000]" in text
+    assert "novel images (excess outlier share)" in text and "0.0789" in text
     assert "New images most unlike the reference" in text
     assert "Drift: other" not in text
