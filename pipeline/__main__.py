@@ -1,6 +1,6 @@
 """``python -m pipeline`` runs the command line."""
 
-from pipeline.cli.main import main
+from pipeline.cli.main import run
 
 if __name__ == "__main__":
-    main()
+    run()

@@ -7,6 +7,8 @@ options dataclasses (:mod:`pipeline.core.options`).
 
 from __future__ import annotations
 
+import gc
+
 import click
 
 from pipeline.cli import advise as advise_commands
@@ -47,3 +49,21 @@ main.add_command(cache_commands.cache_group)
 main.add_command(backbones_commands.blocks_command)
 main.add_command(backbones_commands.list_backbones)
 main.add_command(backbones_commands.layers)
+
+
+def run() -> None:
+    """The ``pipeline`` program: :func:`main`, then an exit without the interpreter's last
+    full garbage collection.
+
+    Python collects every object once more as it exits: with torch, timm and torchvision
+    loaded, about a second (measured 2026-12-07 on this 2-core CPU: a script that only
+    imports torch and timm ran 3.4 s and exited 1.0 s later; 0.2 s with the objects frozen),
+    longer than many a command's own work. Everything a command writes is closed by the
+    time it returns; ``gc.freeze`` moves the objects out of the collector's reach, so the
+    exit skips that pass. Only for the program's own process: :func:`main` run in-process
+    (click's CliRunner, a script) leaves its caller's collector alone.
+    """
+    try:
+        main()
+    finally:
+        gc.freeze()

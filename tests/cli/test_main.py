@@ -110,6 +110,33 @@ def test_python_dash_m_runs_the_cli():
     assert done.returncode == 0 and "extract" in done.stdout
 
 
+def test_the_program_freezes_its_objects_before_exiting_with_the_commands_code(monkeypatch):
+    """run() (the `pipeline` program) leaves the exit code and error line of main alone and
+    freezes the objects, so the exit skips its last full collection; main does not."""
+    import gc
+    import importlib
+
+    cli = importlib.import_module("pipeline.cli.main")  # the module: pipeline.cli.main is main
+
+    frozen = []
+    monkeypatch.setattr(gc, "freeze", lambda: frozen.append(True))
+
+    def fails():
+        raise SystemExit(3)
+
+    monkeypatch.setattr(cli, "main", fails)
+    with pytest.raises(SystemExit) as exit_:
+        cli.run()
+    assert exit_.value.code == 3 and frozen == [True]
+    monkeypatch.undo()
+    frozen.clear()
+    monkeypatch.setattr(gc, "freeze", lambda: frozen.append(True))
+    assert CliRunner().invoke(main, ["--help"]).exit_code == 0 and frozen == []
+    done = subprocess.run([sys.executable, "-m", "pipeline", "cache", "info", "/no/such.h5"],
+                          capture_output=True, text=True)
+    assert done.returncode == 1 and done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
+
+
 def _cache(tmp_path, image_folder):
     out = _run("extract", image_folder, *TINY_ARGS, "--cache-dir", tmp_path / "c", "--json")
     return json.loads(out.stdout)["cache_path"]
