@@ -105,6 +105,7 @@ def test_the_drift_bench_fits_the_growth_of_the_mmd_time(monkeypatch):
     result = drift.bench_drift(sizes=(10, 20, 40))
     assert abs(result["exponent"] - 2.0) < 1e-9
     assert abs(result["target_seconds_extrapolated"] - 3.0 * 50_000 ** 2) < 1e-3 * 3 * 50_000 ** 2
+    assert abs(result["target_seconds_quadratic"] - 3.0 * 50_000 ** 2) < 1e-3 * 3 * 50_000 ** 2
     from pipeline.bench.children import mmd_once
 
     assert mmd_once(rows=60, dim=8, permutations=20)["p_value"] < 0.5
