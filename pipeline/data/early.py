@@ -89,7 +89,8 @@ class EarlyDecodes:
             image, digest, seconds = future.result()
         except (CancelledError, BrokenProcessPool):  # not started, or the process could not run
             return None
-        self.seconds, self.taken = self.seconds + seconds, self.taken + 1
+        with self._lock:  # decoding threads take images side by side
+            self.seconds, self.taken = self.seconds + seconds, self.taken + 1
         return image, digest
 
     def ready(self) -> int:
