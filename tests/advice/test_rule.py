@@ -12,7 +12,8 @@ import pytest
 
 from pipeline.advice.rule import SMALL_PER_CLASS, advise_cache, gap_margin, strategy
 from pipeline.core.errors import DataError
-from tests.auditing.conftest import digest, write_cache
+from tests.auditing.conftest import digest
+from tests.conftest import write_cache
 
 LAYERS = [["layer1", 0, 16], ["layer2", 16, 32], ["layer3", 32, 48], ["bottleneck", 48, 64]]
 
@@ -29,8 +30,8 @@ def layered_cache(path, per_class: int, signal: str, classes: int = 3, seed: int
         strength = 2.5 if name == signal else 0.35
         X[:, start:stop] += strength * rng.normal(size=(classes, 16))[y]
     paths = [f"{i:05d}.png" for i in range(len(y))]
-    write_cache(path, X, paths, [digest(i) for i in range(len(y))], y, split,
-                [f"c{c}" for c in range(classes)])
+    write_cache(path, X, paths=paths, digests=[digest(i) for i in range(len(y))], labels=y,
+                split=split, classes=[f"c{c}" for c in range(classes)])
     with h5py.File(path, "r+") as f:
         spec = json.loads(f.attrs["spec"])
         f.attrs.update(spec=json.dumps({**spec, "layer": layer}), layers=json.dumps(LAYERS))

@@ -3,41 +3,12 @@
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import h5py
 import numpy as np
 
-from pipeline.store.cache import SHA_DTYPE, write_strings
-from pipeline.store.integrity import FORMAT, FORMAT_VERSION
-
-
-def write_cache(path: Path, X: np.ndarray, paths: list[str], digests: list[bytes],
-                labels: np.ndarray | None = None, split: list[str] | None = None,
-                classes: list[str] | None = None, data_root: str = "") -> Path:
-    """A complete cache file of our format holding exactly these rows."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with h5py.File(path, "w") as f:
-        f.create_dataset("features", data=X.astype(np.float32),
-                         chunks=(min(len(X), 256), X.shape[1]), fletcher32=True)
-        f.create_dataset("valid", data=np.ones(len(X), bool))
-        write_strings(f, "paths", paths)
-        f.create_dataset("content_sha256", data=np.array(digests, dtype=SHA_DTYPE))
-        if labels is not None:
-            f.create_dataset("labels", data=np.asarray(labels, np.int64))
-            write_strings(f, "split", split)
-            write_strings(f, "classes", classes)
-        f.create_dataset("failed_index", data=np.zeros(0, np.int64))
-        write_strings(f, "failed_reason", [])
-        spec = {"backbone": "synthetic", "dataset": {"fingerprint": "synthetic"},
-            "splits": {"source": {}}}
-        f.attrs.update(format=FORMAT, format_version=FORMAT_VERSION, key="synthetic0000",
-                       spec=json.dumps(spec), complete=True, rows_done=len(X),
-                       labelled=labels is not None, data_root=data_root,
-                       request="{}", versions="{}", timings="{}", created="2026-12-06")
-    return path
+from tests.conftest import write_cache
 
 
 def digest(i: int) -> bytes:
@@ -103,6 +74,6 @@ def planted_cache(path: Path, n: int = 3000, dim: int = 64, classes: int = 5,
         paths.append("noise/static.png")
         digests.append(digest(rows))
         planted.noise = rows
-    write_cache(path, np.concatenate(rows_X), paths, digests, labels, split,
-                [f"c{c}" for c in range(classes)])
+    write_cache(path, np.concatenate(rows_X), paths=paths, digests=digests, labels=labels,
+                split=split, classes=[f"c{c}" for c in range(classes)])
     return planted

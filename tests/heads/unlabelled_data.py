@@ -3,51 +3,11 @@ our format with planted cluster structure, built in milliseconds."""
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 
-import h5py
 import numpy as np
 
-from pipeline.store.cache import SHA_DTYPE, write_strings
-from pipeline.store.integrity import FORMAT, FORMAT_VERSION
-
-SPEC = {"backbone": "synthetic", "family": "synthetic", "weights": "random",
-        "weights_sha256": None, "layer": "bottleneck", "pool": "avg",
-        "preprocessing": {"crop": 8}, "image_size": 8, "autocast": None}
-
-
-def digest(text: str) -> bytes:
-    return hashlib.sha256(text.encode()).hexdigest().encode()
-
-
-def write_cache(path: Path, X: np.ndarray, *, labels=None, split=None, classes=None,
-                key: str = "labelled0000", spec: dict | None = None, prefix: str = "img",
-                digests: list[bytes] | None = None) -> Path:
-    """A complete cache file of our format holding exactly these rows."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    paths = [f"{prefix}/{i:06d}.png" for i in range(len(X))]
-    with h5py.File(path, "w") as f:
-        f.create_dataset("features", data=X.astype(np.float32),
-                         chunks=(max(1, min(len(X), 256)), X.shape[1]), fletcher32=True)
-        f.create_dataset("valid", data=np.ones(len(X), bool))
-        write_strings(f, "paths", paths)
-        f.create_dataset("content_sha256", data=np.array(
-            digests if digests is not None else [digest(p) for p in paths], dtype=SHA_DTYPE))
-        if labels is not None:
-            f.create_dataset("labels", data=np.asarray(labels, np.int64))
-            write_strings(f, "split", split)
-            write_strings(f, "classes", classes)
-        f.create_dataset("failed_index", data=np.zeros(0, np.int64))
-        write_strings(f, "failed_reason", [])
-        full = {**SPEC, **(spec or {}), "dataset": {"fingerprint": key},
-                "splits": {"source": {}}}
-        f.attrs.update(format=FORMAT, format_version=FORMAT_VERSION, key=key,
-                       spec=json.dumps(full), complete=True, rows_done=len(X),
-                       labelled=labels is not None, data_root="", request="{}",
-                       versions="{}", timings="{}", created="2026-12-07")
-    return path
+from tests.conftest import write_cache
 
 
 def clusters(n: int, means: np.ndarray, spread: float, rng, weights=None):
@@ -71,7 +31,8 @@ def planted_pair(folder: Path, *, shots: int = 2, classes: int = 4, dim: int = 2
     y = np.concatenate([train_y, val_y, test_y])
     split = ["train"] * len(train_y) + ["val"] * val_n + ["test"] * test_n
     names = [f"c{i}" for i in range(classes)]
-    cache = write_cache(folder / "labelled.h5", X, labels=y, split=split, classes=names)
+    cache = write_cache(folder / "labelled.h5", X, labels=y, split=split, classes=names,
+                        key="labelled0000")
     pool_X, pool_y = clusters(pool_n, means, pool_spread or spread, rng, pool_weights)
     pool = write_cache(folder / "pool.h5", pool_X, key="pool00000000", prefix="pool")
     labelled_pool = write_cache(folder / "pool_labelled.h5", pool_X, labels=pool_y,
