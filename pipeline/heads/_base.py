@@ -24,7 +24,7 @@ from pipeline.core.devices import resolve_device
 
 # Below this many samples a holdout leaves too little to fit on or to judge by; the training
 # data itself then selects (sklearn's estimator checks fit on a single sample).
-_MIN_HOLDOUT_SAMPLES = 10
+MIN_HOLDOUT_SAMPLES = 10
 ADAM_BETAS = (0.9, 0.999)  # torch.optim.AdamW defaults, so both torch heads behave alike
 ADAM_EPS = 1e-8
 # Torch features: float32 stays float32 (cached features are often large), anything else float64.
@@ -59,7 +59,7 @@ def seed_from(random_state) -> int:
 def _holdout(X, y, fraction, seed):
     """A seeded stratified holdout, or the training data itself where no holdout can work."""
     n_classes = len(np.unique(y))
-    if not fraction or len(y) < _MIN_HOLDOUT_SAMPLES:
+    if not fraction or len(y) < MIN_HOLDOUT_SAMPLES:
         return X, y, X, y, False
     try:
         X_fit, X_sel, y_fit, y_sel = train_test_split(

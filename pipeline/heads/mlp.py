@@ -62,7 +62,47 @@ def _evaluate(module, X, y, batch_size) -> float:
     return float(total) / len(y)
 
 
-class MLPHead(TorchHead):
+class MLPOutputs:
+    """What a head trained as an :func:`mlp_module` answers once fitted (MLPHead and the
+    distilled StudentHead alike): the epoch it kept, its probabilities, its logit module.
+    Expects ``module_``, ``mean_``, ``scale_`` and ``best_epoch_``."""
+
+    def _keep_best(self, module: nn.Sequential, stopping: EarlyStopping) -> None:
+        """``module_``: ``module`` with the weights of the best validation epoch."""
+        self.n_epochs_ = len(self.loss_curve_)
+        if stopping.best_state is None:  # no epoch ran or every loss was NaN: keep the last
+            self.best_epoch_ = self.n_epochs_ - 1
+        else:
+            module.load_state_dict(stopping.best_state)
+            self.best_epoch_ = int(stopping.best_epoch)
+        self.module_ = module.cpu().eval()
+
+    def predict_proba(self, X) -> np.ndarray:
+        """Class probabilities (float64, rows sum to 1), columns in the order of ``classes_``."""
+        check_is_fitted(self)
+        X = validate_data(self, X, reset=False, dtype=FLOATS)
+        # In float64 so a row's result does not depend on which rows share its batch: float32
+        # matrix kernels vary with the batch size by more than sklearn's invariance checks allow.
+        Z = torch.from_numpy(standardise(X, self.mean_, self.scale_, np.float64))
+        module = copy.deepcopy(self.module_).double()
+        with torch.inference_mode():
+            logits = torch.cat([module(rows) for rows in Z.split(_PREDICT_ROWS)])
+            return torch.softmax(logits, dim=1).numpy()
+
+    def logit_module(self) -> nn.Sequential:
+        """A float32 copy of ``module_`` that takes raw features: the standardisation folded
+        into its first linear layer, so logits are ``logit_module()(X)`` (and export writes
+        every such head alike)."""
+        check_is_fitted(self)
+        return folded_module(self.module_, self.mean_, self.scale_)
+
+    def chosen_params(self) -> dict[str, object]:
+        """The epoch whose weights were kept (early stopping on validation loss)."""
+        check_is_fitted(self)
+        return {"best_epoch": self.best_epoch_}
+
+
+class MLPHead(MLPOutputs, TorchHead):
     """A small PyTorch MLP on standardised features, early-stopped on validation loss.
 
     Each hidden layer is Linear, ReLU, Dropout; a Linear layer gives the class logits. Training
@@ -178,33 +218,4 @@ class MLPHead(TorchHead):
             val_loss = _evaluate(module, *val, self.batch_size)
             self.validation_loss_curve_.append(val_loss)
             stopping.step(val_loss, module.state_dict())
-        self.n_epochs_ = len(self.loss_curve_)
-        if stopping.best_state is None:  # no epoch ran or every loss was NaN: keep the last
-            self.best_epoch_ = self.n_epochs_ - 1
-        else:
-            module.load_state_dict(stopping.best_state)
-            self.best_epoch_ = int(stopping.best_epoch)
-        self.module_ = module.cpu().eval()
-
-    def predict_proba(self, X) -> np.ndarray:
-        """Class probabilities (float64, rows sum to 1), columns in the order of ``classes_``."""
-        check_is_fitted(self)
-        X = validate_data(self, X, reset=False, dtype=FLOATS)
-        # In float64 so a row's result does not depend on which rows share its batch: float32
-        # matrix kernels vary with the batch size by more than sklearn's invariance checks allow.
-        Z = torch.from_numpy(standardise(X, self.mean_, self.scale_, np.float64))
-        module = copy.deepcopy(self.module_).double()
-        with torch.inference_mode():
-            logits = torch.cat([module(rows) for rows in Z.split(_PREDICT_ROWS)])
-            return torch.softmax(logits, dim=1).numpy()
-
-    def logit_module(self) -> nn.Sequential:
-        """A float32 copy of ``module_`` that takes raw features: the standardisation folded
-        into its first linear layer, so logits are ``logit_module()(X)``."""
-        check_is_fitted(self)
-        return folded_module(self.module_, self.mean_, self.scale_)
-
-    def chosen_params(self) -> dict[str, object]:
-        """The epoch whose weights were kept (early stopping on validation loss)."""
-        check_is_fitted(self)
-        return {"best_epoch": self.best_epoch_}
+        self._keep_best(module, stopping)

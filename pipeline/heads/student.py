@@ -17,15 +17,13 @@ and it takes ``sample_weight`` (self-training's confidence weights).
 
 from __future__ import annotations
 
-import copy
 from numbers import Real
 
 import numpy as np
 import torch
 from sklearn.model_selection import train_test_split
 from sklearn.utils._param_validation import Interval
-from sklearn.utils.validation import _check_sample_weight, check_is_fitted, validate_data
-from torch import nn
+from sklearn.utils.validation import _check_sample_weight, validate_data
 from torch.nn import functional as F
 
 from pipeline.core.devices import resolve_device
@@ -33,6 +31,7 @@ from pipeline.core.early_stopping import EarlyStopping
 from pipeline.heads._base import (
     ADAM_BETAS,
     FLOATS,
+    MIN_HOLDOUT_SAMPLES,
     TORCH_CONSTRAINTS,
     FeatureScaler,
     TorchHead,
@@ -42,14 +41,11 @@ from pipeline.heads._base import (
     selection_split,
     standardise,
 )
-from pipeline.heads.mlp import mlp_module
-from pipeline.heads.protocol import folded_module
+from pipeline.heads.mlp import MLPOutputs, mlp_module
 
 __all__ = ["UNLABELLED", "StudentHead"]
 
 UNLABELLED = -1  # the label of a row that only the teacher teaches
-_PREDICT_ROWS = 8192  # rows per forward pass at predict time: bounded memory
-_MIN_HOLDOUT_SAMPLES = 10  # fewer labelled rows select on themselves (as pipeline.heads does)
 
 
 def distillation_loss(logits, y, teacher, weight, temperature: float, alpha: float):
@@ -70,7 +66,7 @@ def distillation_loss(logits, y, teacher, weight, temperature: float, alpha: flo
     return (per_row * weight).sum() / weight.sum()
 
 
-class StudentHead(TorchHead):
+class StudentHead(MLPOutputs, TorchHead):
     """An MLP (or, with ``hidden_sizes=()``, a linear model) on standardised features, trained
     on true labels, a teacher's soft predictions, or both.
 
@@ -228,43 +224,14 @@ class StudentHead(TorchHead):
                 val_loss = float(F.cross_entropy(module(val[0]), val[1]))
             self.validation_loss_curve_.append(val_loss)
             stopping.step(val_loss, module.state_dict())
-        self.n_epochs_ = len(self.loss_curve_)
-        if stopping.best_state is None:  # no epoch ran or every loss was NaN: keep the last
-            self.best_epoch_ = self.n_epochs_ - 1
-        else:
-            module.load_state_dict(stopping.best_state)
-            self.best_epoch_ = int(stopping.best_epoch)
-        self.module_ = module.cpu().eval()
-
-    def logit_module(self) -> nn.Sequential:
-        """A float32 copy of ``module_`` that takes raw features (the standardisation folded
-        into its first linear layer), so that export writes the student as it does an MLP."""
-        check_is_fitted(self)
-        return folded_module(self.module_, self.mean_, self.scale_)
-
-    def chosen_params(self) -> dict[str, object]:
-        """The epoch whose weights were kept (early stopping on validation loss)."""
-        check_is_fitted(self)
-        return {"best_epoch": self.best_epoch_}
-
-    def predict_proba(self, X) -> np.ndarray:
-        """Class probabilities at temperature 1 (float64), columns in the order of
-        ``classes_``."""
-        check_is_fitted(self)
-        X = validate_data(self, X, reset=False, dtype=FLOATS)
-        # float64, as MLPHead: a row's result does not depend on which rows share its batch
-        Z = torch.from_numpy(standardise(X, self.mean_, self.scale_, np.float64))
-        module = copy.deepcopy(self.module_).double()
-        with torch.inference_mode():
-            logits = torch.cat([module(rows) for rows in Z.split(_PREDICT_ROWS)])
-            return torch.softmax(logits, dim=1).numpy()
+        self._keep_best(module, stopping)
 
 
 def _holdout_rows(y: np.ndarray, fraction: float, seed: int) -> np.ndarray:
     """Labelled rows held out for early stopping (stratified where every class can give one);
     none where too few are labelled to spare any (they then select on themselves)."""
     rows = np.flatnonzero(y != UNLABELLED)
-    if len(rows) < _MIN_HOLDOUT_SAMPLES:
+    if len(rows) < MIN_HOLDOUT_SAMPLES:  # fewer labelled rows select on themselves
         return np.zeros(0, np.int64)
     try:
         _, held = train_test_split(rows, test_size=fraction, random_state=seed,
