@@ -49,7 +49,7 @@ _EXPORTS = {
     "StudentHead": "pipeline.heads.student",
     "distill": "pipeline.distillation.run",
     "drift": "pipeline.monitoring.run",
-    "DriftResult": "pipeline.monitoring.run",
+    "DriftResult": "pipeline.monitoring.result",
     "DriftOptions": "pipeline.monitoring.options",
     "DistillResult": "pipeline.distillation.run",
     "HeadsResult": "pipeline.heads.compare",
