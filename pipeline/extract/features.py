@@ -6,13 +6,12 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from importlib.metadata import version
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from pipeline.core import distributed, distribution
+from pipeline.core import distributed
 from pipeline.core.atomic import write_json
 from pipeline.core.contract import Result, to_plain
 from pipeline.core.devices import (
@@ -21,7 +20,6 @@ from pipeline.core.devices import (
     default_workers,
     device_type,
 )
-from pipeline.core.errors import DataError
 from pipeline.core.options import (
     DEFAULT_BACKBONE,
     DEFAULT_CACHE_DIR,
@@ -40,26 +38,21 @@ from pipeline.data.images import (
     fingerprint_splits,
     load_image_set,
 )
-from pipeline.data.layouts import display
 from pipeline.data.shards import split_address
+from pipeline.extract.batches import extraction_reads, feature_dim
+from pipeline.extract.rows import ExtractionRun, engine_record, library_versions
+from pipeline.extract.sharded import extract_sharded
 from pipeline.models import engines
-from pipeline.models.backbones import BackboneSpec, resolve_backbone
+from pipeline.models.backbones import BackboneSpec, build_feature_model, resolve_backbone
+from pipeline.models.families import family_of
 from pipeline.store import locks, run_record
 from pipeline.store.cache import stored_duplicates, stored_summary
 from pipeline.store.integrity import CacheDamaged, failure_reason, quarantine, verify_cache
-from pipeline.store.paths import PARTIAL, cache_key, cache_path, shard_path, shard_paths
-from pipeline.store.writer import FeatureWriter, assemble_shards, check_disk
+from pipeline.store.paths import PARTIAL, cache_key, cache_path
+from pipeline.store.writer import FeatureWriter, check_disk
 
 if TYPE_CHECKING:
     import torch
-from pipeline.extract.batches import (
-    FeatureBatch,
-    extraction_reads,
-    feature_batches,
-    feature_dim,
-)
-from pipeline.models.backbones import build_feature_model
-from pipeline.models.families import family_of
 
 __all__ = ["DEFAULT_CACHE_DIR", "DTYPES", "ExtractOptions", "ExtractResult", "example_images",
            "extract_features", "feature_key_spec"]
@@ -70,15 +63,6 @@ SUMMARY = "extract.json"
 
 # Images of the data set an engine's features are checked on against eager torch's.
 _CHECK_IMAGES = 4
-
-
-# Features wait in memory until they fill a chunk of the cache (at most 256 KiB) or this many
-# seconds have passed, then go to disk in one write: each write costs about 0.7 ms whatever
-# its size (h5py's calls, the rows_done stamp), and in the main thread it holds up the
-# decoding threads; a chunk at a time (31 writes on the demo instead of 213), onnxruntime's
-# loop ran 209-213 img/s against 204-208 a batch at a time (2026-12-04, two runs each). A
-# kill loses at most that much work; an error or Ctrl-C writes what is waiting first.
-_WRITE_EVERY_S = 2.0
 
 
 @dataclass
@@ -247,12 +231,18 @@ def extract_features(
                 "layers": layers}
         if not ctx.is_main:  # one bar or log per job, not one per rank
             progress = False
-        run = _Run(model, spec, images, run_on, batch_size, workers, opts.strict, progress,
-                   on_batch, engines.get_engine(prepared.engine).decodes_ahead(run_on.type),
-                   prepared.streams, opts.decode, early)
+        run = ExtractionRun(model, spec, images, run_on, batch_size, workers, opts.strict,
+                            progress, on_batch,
+                            engines.get_engine(prepared.engine).decodes_ahead(run_on.type),
+                            prepared.streams, opts.decode, early)
         if ctx.distributed:
-            result = _extract_sharded(run, ctx, final, key_spec, key, dim, dtype, meta, started,
-                                      prepared, opts)
+            shards = extract_sharded(run, ctx, final, key_spec, key, dim, dtype, meta, started,
+                                     prepared, opts)
+            images_n, dim, failures = stored_summary(final)
+            result = ExtractResult(final, False, images_n, len(failures), dim,
+                                   time.perf_counter() - started, key,
+                                   sum(sh["resumed_from"] for sh in shards), failures,
+                                   ctx.world_size)
         else:
             with locks.writing(final, opts.lock_timeout, lambda text: note(text, progress)):
                 if final.exists():  # another run finished it while this one waited
@@ -286,7 +276,7 @@ def _early_decodes(images: ImageSet, spec: BackboneSpec, opts: ExtractOptions,
     return EarlyDecodes([images.absolute(i) for i in first], **extraction_reads(spec, opts.decode))
 
 
-def _extract_locked(run: _Run, final: Path, key_spec: dict, key: str, dim: int, dtype: str,
+def _extract_locked(run: ExtractionRun, final: Path, key_spec: dict, key: str, dim: int, dtype: str,
                     meta: dict, started: float, prepared: engines.Prepared) -> ExtractResult:
     """Write (or resume) the cache ``final``, its writer lock held."""
     check_disk(final.parent, _cache_bytes(final, len(run.images), dim, dtype),
@@ -306,8 +296,8 @@ def _extract_locked(run: _Run, final: Path, key_spec: dict, key: str, dim: int, 
                                    # images a helper process decoded while this one started
                                    "decoded_early": run.early.taken if run.early else 0,
                                    "resumed_from": resumed_from, "device": str(run.device),
-                                   "engine": _engine_record(prepared)},
-                       "versions": _versions(prepared.engine)})
+                                   "engine": engine_record(prepared)},
+                       "versions": library_versions(prepared.engine)})
     finally:
         writer.close()
     return ExtractResult(final, False, len(run.images), len(failures), dim, seconds, key,
@@ -380,13 +370,6 @@ def _with_engine(result: ExtractResult, prepared: engines.Prepared) -> ExtractRe
     return result
 
 
-def _engine_record(prepared: engines.Prepared) -> dict:
-    """What the cache records of the engine that computed it."""
-    return {"name": prepared.engine, "version": engines.get_engine(prepared.engine).version(),
-            "prepare_seconds": prepared.seconds, "exported": prepared.exported,
-            "check_difference": prepared.difference, "note": prepared.note}
-
-
 def _prepare_engine(spec: BackboneSpec, images: ImageSet, device: torch.device, engine: str,
                     strict: bool, export: Path, ctx: distributed.Context, streams: int = 1,
                     decode: str = "draft") -> tuple[engines.Prepared, int, list | None]:
@@ -430,84 +413,6 @@ def example_images(spec: BackboneSpec, images: ImageSet, decode: str = "draft") 
     return torch.stack(found)
 
 
-def _extract_sharded(run: _Run, ctx: distributed.Context, final: Path, key_spec: dict, key: str,
-                     dim: int, dtype: str, meta: dict, started: float,
-                     prepared: engines.Prepared, opts: ExtractOptions) -> ExtractResult:
-    """Each rank writes its shard; rank 0 assembles them into the cache one process writes.
-    Each holds the writer lock of the file it writes (:mod:`pipeline.store.locks`)."""
-    def wait_note(text: str) -> None:
-        note(text, run.progress)
-
-    with locks.writing(shard_path(final, ctx.rank, ctx.world_size), opts.lock_timeout,
-                       wait_note):
-        shard = _extract_shard(run, ctx, final, key_spec, key, dim, dtype, meta)
-    shards = distributed.all_gather(shard)  # also waits until every shard is complete
-    if ctx.is_main:
-        with locks.writing(final, opts.lock_timeout, wait_note):
-            if not final.exists():  # else another job assembled it while this one waited
-                _assemble(final, shards, key_spec, key, dim, dtype, meta, run.device, started,
-                          prepared)
-    distributed.barrier()
-    if not final.exists():
-        raise distributed.DistributedError(
-            f"{final} was assembled by rank 0 but this rank cannot see it; the cache folder "
-            f"{final.parent} must be one every rank sees at the same path (a shared file "
-            "system)", path=final)
-    images_n, dim, failures = stored_summary(final)
-    return ExtractResult(final, False, images_n, len(failures), dim,
-                         time.perf_counter() - started, key,
-                         sum(s["resumed_from"] for s in shards), failures, ctx.world_size)
-
-
-def _extract_shard(run: _Run, ctx, final, key_spec, key, dim, dtype, meta) -> dict:
-    """Write (or finish, or find complete) this rank's shard file; what this run did there."""
-    rows = distributed.shard_indices(len(run.images), ctx)
-    path = shard_path(final, ctx.rank, ctx.world_size)
-    info = {"rank": ctx.rank, "path": str(path), "rows": len(rows), "resumed_from": len(rows),
-            "seconds": 0.0, "forward_seconds": 0.0}
-    if path.exists():
-        return info
-    started = time.perf_counter()
-    shard_meta = {**meta, "paths": [meta["paths"][i] for i in rows], "labels":
-                  meta["labels"][rows], "split": meta["split"][rows], "index": rows}
-    shard_spec = {**key_spec, "shard": {"rank": ctx.rank, "world_size": ctx.world_size}}
-    writer = FeatureWriter(path, shard_spec, f"{key}/shard-{ctx.rank}-of-{ctx.world_size}", dim,
-                           dtype, shard_meta)
-    info["resumed_from"] = writer.rows_done
-    try:
-        info["forward_seconds"] = run.rows(writer, rows, desc=f"rank {ctx.rank}")
-        info["seconds"] = time.perf_counter() - started
-        writer.finish({"timings": info})
-    finally:
-        writer.close()
-    return info
-
-
-def _assemble(final, shards, key_spec, key, dim, dtype, meta, device, started,
-              prepared: engines.Prepared) -> None:
-    for s in shards:
-        if not Path(s["path"]).exists():
-            raise distributed.DistributedError(
-                f"rank {s['rank']}'s shard {s['path']} is not visible to rank 0; the cache "
-                f"folder {final.parent} must be one every rank sees at the same path (a shared "
-                "file system)", path=Path(s["path"]), rank=s["rank"])
-    writer = FeatureWriter(final, key_spec, key, dim, dtype, meta)
-    try:
-        assembling = time.perf_counter()
-        assemble_shards(writer, [Path(s["path"]) for s in shards])
-        timings = {"seconds": time.perf_counter() - started,
-                   "forward_seconds": sum(s["forward_seconds"] for s in shards),
-                   "resumed_from": sum(s["resumed_from"] for s in shards),
-                   "assemble_seconds": time.perf_counter() - assembling,
-                   "device": str(device), "world_size": len(shards), "shards": shards,
-                   "engine": _engine_record(prepared)}
-        writer.finish({"timings": timings, "versions": _versions(prepared.engine)})
-    finally:
-        writer.close()
-    for old in shard_paths(final):  # this run's shards, and any left by another world size
-        old.unlink()
-
-
 def feature_key_spec(spec: BackboneSpec, images: ImageSet, dtype: str, hash_contents: bool,
                      amp: str | None, stamps: list[str] | None = None,
                      engine: str = "torch", decode: str = "draft") -> dict:
@@ -549,70 +454,3 @@ def _shared_stamps(images: ImageSet, hash_contents: bool, ctx: distributed.Conte
     for rank, part in enumerate(distributed.all_gather(mine)):
         stamps[rank::ctx.world_size] = part
     return stamps
-
-
-@dataclass
-class _Run:
-    """One extraction's model and loading settings, to feed any list of images through."""
-
-    model: torch.nn.Module
-    spec: BackboneSpec
-    images: ImageSet
-    device: torch.device
-    batch_size: int | None
-    workers: int
-    strict: bool
-    progress: bool | str | None
-    on_batch: Callable[[int, int], None] | None
-    decode_ahead: bool | None = None  # see feature_batches
-    streams: int = 1  # batches run at once (see feature_batches)
-    decode: str = "draft"  # how JPEGs are decoded (pipeline.data.decode)
-    early: EarlyDecodes | None = None  # the first images, decoded while the network loaded
-
-    def rows(self, writer: FeatureWriter, indices: np.ndarray, desc: str = "extract") -> float:
-        """Write the features of ``indices[writer.rows_done:]``; returns seconds in forward.
-
-        Batches are written together once they fill a chunk of the file or every
-        :data:`_WRITE_EVERY_S` seconds; whatever waits is written before an error (an
-        unreadable image under ``strict``, Ctrl-C) leaves.
-        """
-        forward_s, waiting, rows, written_at = 0.0, [], 0, time.perf_counter()
-        try:
-            for batch in feature_batches(self.model, self.spec, self.images, self.device,
-                                         indices[writer.rows_done:], self.batch_size,
-                                         self.workers, self.progress, desc,
-                                         done=writer.rows_done, decode_ahead=self.decode_ahead,
-                                         streams=self.streams, decode=self.decode,
-                                         early=self.early):
-                if self.strict and batch.failures:
-                    i, reason = batch.failures[0]
-                    raise DataError(f"{display(self.images.paths[i])}: unreadable image "
-                                    f"({reason}), and strict mode stops at the first",
-                                    path=self.images.paths[i], why=reason,
-                                    reason="strict-unreadable")
-                waiting.append(batch)
-                forward_s, rows = forward_s + batch.forward_s, rows + len(batch.index)
-                if rows >= writer.chunk_rows or time.perf_counter() - written_at >= _WRITE_EVERY_S:
-                    batches, waiting, rows = waiting, [], 0
-                    self._write(writer, batches, len(indices))
-                    written_at = time.perf_counter()
-        finally:
-            if waiting:
-                self._write(writer, waiting, len(indices))
-        return forward_s
-
-    def _write(self, writer: FeatureWriter, batches: list[FeatureBatch], total: int) -> None:
-        writer.write(writer.rows_done, np.concatenate([b.features for b in batches]),
-                     np.concatenate([b.valid for b in batches]),
-                     [f for b in batches for f in b.failures],
-                     np.concatenate([b.digests for b in batches]))
-        if self.on_batch is not None:
-            self.on_batch(writer.rows_done, total)
-
-
-def _versions(engine: str = "torch") -> dict:
-    names = ("torch", "torchvision", "timm", "h5py", "numpy", "pillow")
-    out = {"pipeline": distribution.version(), **{n: version(n) for n in names}}
-    if engine != "torch":
-        out[engines.get_engine(engine).distribution] = engines.get_engine(engine).version()
-    return out

@@ -18,6 +18,7 @@ from pipeline.core.distributed import Context
 from pipeline.core.errors import CacheError, DataError
 from pipeline.data.images import file_stamps, fingerprint_files, load_image_set
 from pipeline.extract import features as extract
+from pipeline.extract import rows as extraction_rows
 from pipeline.extract.features import feature_key_spec
 from pipeline.models import backbones
 from pipeline.models.backbones import build_classifier, resolve_backbone
@@ -196,7 +197,7 @@ def test_features_wait_at_most_a_few_seconds_for_their_chunk(tmp_path, monkeypat
         return original(self, start, features, *args, **kwargs)
 
     monkeypatch.setattr(FeatureWriter, "write", spy)
-    monkeypatch.setattr(extract, "_WRITE_EVERY_S", 0.0)  # every batch is late
+    monkeypatch.setattr(extraction_rows, "WRITE_EVERY_S", 0.0)  # every batch is late
     root = make_folder(tmp_path / "d", classes=("a", "b"), per_class=6)
     _extract(root, tmp_path / "c", batch_size=4, split_fractions=(1.0, 0.0, 0.0))
     assert written == [4, 4, 4]
