@@ -243,7 +243,7 @@ def _in_process(run: Callable, files: ImageFiles, indices: Sequence[int], batch_
     While threads decode on the CPU, torch runs on one thread (:func:`_one_torch_thread`)."""
     batches = [indices[start:start + batch_size]
                for start in range(0, len(indices), batch_size)]
-    early = getattr(files, "early", None)
+    early = files.early
     while batches and early is not None and all(early.holds(i) for i in batches[0]):
         x, index, errors, digests = _collated([files[i] for i in batches.pop(0)])
         yield (*_timed(run, x), index, errors, digests)
@@ -268,8 +268,7 @@ def _in_process(run: Callable, files: ImageFiles, indices: Sequence[int], batch_
 
 
 def _early_seconds(files: ImageFiles) -> float:
-    early = getattr(files, "early", None)
-    return 0.0 if early is None else early.seconds
+    return 0.0 if files.early is None else files.early.seconds
 
 
 def _decoded_by_threads(files: ImageFiles, batches: Sequence[Sequence[int]], threads: int,

@@ -108,4 +108,8 @@ def test_the_drift_bench_fits_the_growth_of_the_mmd_time(monkeypatch):
     assert abs(result["target_seconds_quadratic"] - 3.0 * 50_000 ** 2) < 1e-3 * 3 * 50_000 ** 2
     from pipeline.bench.children import mmd_once
 
-    assert mmd_once(rows=60, dim=8, permutations=20)["p_value"] < 0.5
+    once = mmd_once(rows=60, dim=8, permutations=20)
+    # what the bench prints beside each time: the sizes it ran, and a p-value of the test's
+    # resolution (the MMD itself is tested in tests/monitoring/test_kernel.py)
+    assert (once["rows"], once["dim"], once["permutations"]) == (60, 8, 20)
+    assert 1 / 21 <= once["p_value"] <= 1 and once["seconds"] > 0
